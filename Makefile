@@ -1,0 +1,53 @@
+# Two commands on a fresh machine: `make demo` and `make test` (see README).
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+PY     := $(BIN)/python
+# A stamp per extras set: reinstall only when pyproject.toml changes.
+STAMP  := $(VENV)/.installed
+
+.PHONY: demo test lint format bench-search venv redis clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+
+$(STAMP)-%: pyproject.toml | $(PY)
+	$(PY) -m pip install --quiet -e ".[$*]"
+	@touch $@
+
+venv: $(STAMP)-test,dev,bench,data
+
+demo: $(STAMP)-data
+	$(BIN)/embedstore demo
+
+test: $(STAMP)-test,dev,bench,data redis
+	$(BIN)/pytest
+
+lint: $(STAMP)-test,dev,bench,data
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: $(STAMP)-test,dev,bench,data
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+bench-search: $(STAMP)-bench
+	$(PY) benchmarks/search.py --n $${N:-100000}
+
+# Tests start their own redis-server on a free loopback port; make sure the binary exists.
+redis:
+	@command -v redis-server >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "redis-server missing: installing Debian's redis-server"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends redis-server >/dev/null; \
+	  else \
+	    echo "redis-server is missing and this is not a root Debian shell. Install it, e.g.:"; \
+	    echo "  sudo apt-get install redis-server   # Debian/Ubuntu"; \
+	    echo "  brew install redis                  # macOS"; \
+	    exit 1; \
+	  fi; }
+	@redis-server --version
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache data build *.egg-info
