@@ -1,0 +1,600 @@
+"""The store contract: one typed facade, validated once, over two adapters.
+
+:class:`VectorStore` holds every public method and every input check; an
+adapter (``EdgeStore``, ``QdrantServerStore``) only implements the ``_``-prefixed
+primitives, which receive input that is already valid. So both adapters refuse
+the same inputs with the same errors, and a whole batch is checked before
+anything is written.
+"""
+
+from __future__ import annotations
+
+import abc
+import json
+import threading
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from retrieval.errors import (
+    CollectionExistsError,
+    CollectionNotFoundError,
+    EmptyBatchError,
+    InvalidInputError,
+    InvalidPayloadError,
+    PointNotFoundError,
+    SchemaMismatchError,
+    StoreUnavailableError,
+)
+from retrieval.filters import Filter, FilterLike, HasId, as_filter
+from retrieval.schema import (
+    EXTERNAL_ID_KEY,
+    FULL_VECTOR,
+    INDEXED_KEYWORD_FIELDS,
+    PREFIX_VECTOR,
+    CollectionSpec,
+    ExternalId,
+    check_collection_name,
+    check_ids,
+    check_payload,
+    check_vectors,
+    normalise,
+    point_id,
+    prepare_payloads,
+    prepare_vectors,
+)
+from retrieval.types import CollectionInfo, Hit, Record, ScrollPage, WithVectors
+
+MAX_TOP_K = 10_000
+PAYLOAD_INDEX_KINDS = ("keyword", "integer", "float", "bool")
+
+
+class VectorStore(abc.ABC):
+    """A collection store with a 128D-prefix shortlist and a 512D rerank.
+
+    Use it as a context manager, or call :meth:`close` (which flushes).
+    """
+
+    backend: str = "abstract"
+
+    def __init__(self, *, shortlist: int = 100, write_batch_size: int = 512) -> None:
+        if not isinstance(shortlist, int) or shortlist < 1:
+            raise InvalidInputError(f"shortlist must be a positive int, got {shortlist!r}")
+        if not isinstance(write_batch_size, int) or write_batch_size < 1:
+            raise InvalidInputError(f"write_batch_size must be a positive int, got {write_batch_size!r}")
+        self.shortlist = shortlist
+        self.write_batch_size = write_batch_size
+        self._closed = False
+        self._state_lock = threading.RLock()
+
+    # ------------------------------------------------------------------ lifecycle
+    def __enter__(self) -> VectorStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Flush and release the store. Idempotent."""
+        with self._state_lock:
+            if self._closed:
+                return
+            try:
+                self._close()
+            finally:
+                self._closed = True
+
+    def flush(self) -> None:
+        """Make every acknowledged write durable (and, on Edge, indexed)."""
+        self._check_open()
+        self._flush()
+
+    def optimize(self, collection: str) -> None:
+        """Build pending indexes now (Edge); a no-op where the server does it in the background."""
+        self._require(collection)
+        self._optimize(collection)
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise StoreUnavailableError(f"this {self.backend} store is closed")
+
+    def _require(self, collection: str) -> str:
+        self._check_open()
+        check_collection_name(collection)
+        if not self._collection_exists(collection):
+            raise CollectionNotFoundError(collection)
+        return collection
+
+    # ---------------------------------------------------------------- collections
+    def create_collection(self, name: str, spec: CollectionSpec | None = None, *, exist_ok: bool = False) -> bool:
+        """Create ``name`` with the embedstore schema. Returns True if it was created.
+
+        With ``exist_ok`` an existing collection is accepted after checking that
+        its layout (vector names, sizes, distance, schema version) matches.
+        """
+        self._check_open()
+        check_collection_name(name)
+        spec = spec or CollectionSpec()
+        with self._state_lock:
+            if self._collection_exists(name):
+                if not exist_ok:
+                    raise CollectionExistsError(name)
+                found = self._collection_layout(name)
+                if found != spec.layout():
+                    raise SchemaMismatchError(
+                        f"collection {name!r} has layout {found}, this version of embedstore writes "
+                        f"{spec.layout()}; migrate it or use another collection name"
+                    )
+                return False
+            self._create_collection(name, spec)
+            for key in INDEXED_KEYWORD_FIELDS:
+                self._create_payload_index(name, key, "keyword")
+            return True
+
+    def ensure_collection(self, name: str, spec: CollectionSpec | None = None) -> bool:
+        """Create ``name`` unless it exists with a matching layout. Returns True if created."""
+        return self.create_collection(name, spec, exist_ok=True)
+
+    def collection_exists(self, name: str) -> bool:
+        self._check_open()
+        check_collection_name(name)
+        return self._collection_exists(name)
+
+    def list_collections(self) -> list[str]:
+        self._check_open()
+        return sorted(self._list_collections())
+
+    def drop_collection(self, name: str, *, missing_ok: bool = False) -> None:
+        self._check_open()
+        check_collection_name(name)
+        with self._state_lock:
+            if not self._collection_exists(name):
+                if missing_ok:
+                    return
+                raise CollectionNotFoundError(name)
+            self._drop_collection(name)
+
+    def collection_info(self, name: str) -> CollectionInfo:
+        return self._collection_info(self._require(name))
+
+    def create_payload_index(self, collection: str, key: str, kind: str = "keyword") -> None:
+        """Index another payload field (needed to facet on it)."""
+        self._require(collection)
+        if not isinstance(key, str) or not key:
+            raise InvalidInputError(f"payload index key must be a non-empty string, got {key!r}")
+        if kind not in PAYLOAD_INDEX_KINDS:
+            raise InvalidInputError(f"payload index kind must be one of {PAYLOAD_INDEX_KINDS}, got {kind!r}")
+        self._create_payload_index(collection, key, kind)
+
+    # --------------------------------------------------------------------- writes
+    def upsert(
+        self,
+        collection: str,
+        ids: Sequence[ExternalId],
+        vectors: Any,
+        payloads: Sequence[Mapping[str, Any] | None] | None = None,
+    ) -> int:
+        """Insert or replace points; returns how many were written.
+
+        ``vectors`` is (n, 512), any real dtype; it is L2-normalised and its
+        128D prefix renormalised into ``mrl128``. The whole batch is validated
+        first, so a bad item means nothing is written. A payload replaces the
+        point's whole payload (use :meth:`set_payload` to merge fields).
+        """
+        self._require(collection)
+        ext = check_ids(ids)
+        checked = check_vectors(vectors, ext)
+        if checked.shape[0] != len(ext):
+            raise InvalidInputError(f"got {len(ext)} ids but {checked.shape[0]} vectors")
+        bodies = prepare_payloads(payloads, ext)
+        pids = [point_id(e) for e in ext]
+        step = self.write_batch_size
+        for start in range(0, len(pids), step):
+            stop = start + step
+            full, prefix = normalise(checked[start:stop])  # per batch: memory stays O(batch)
+            try:
+                self._upsert(collection, pids[start:stop], full, prefix, bodies[start:stop])
+            except StoreUnavailableError as exc:
+                raise StoreUnavailableError(
+                    f"{exc}; {start} of {len(pids)} points were written before the failure "
+                    "(upsert is idempotent: retrying the whole batch is safe)"
+                ) from exc
+        self._after_write(collection, len(pids))
+        return len(pids)
+
+    def set_payload(
+        self,
+        collection: str,
+        updates: Mapping[ExternalId, Mapping[str, Any]] | Iterable[tuple[ExternalId, Mapping[str, Any]]],
+        *,
+        missing_ok: bool = False,
+    ) -> int:
+        """Merge a different payload into each point: ``{id: {field: value}}``.
+
+        Fields not named are kept. Every id must exist (unless ``missing_ok``, in
+        which case unknown ids are skipped) and every payload must be valid;
+        otherwise nothing is written. Returns the number of points updated.
+        """
+        self._require(collection)
+        pairs = list(updates.items()) if isinstance(updates, Mapping) else list(updates)
+        if not pairs:
+            raise EmptyBatchError("empty set_payload: no updates given")
+        ext = check_ids([p[0] for p in pairs], what="set_payload batch")
+        bodies = []
+        for i, (e, (_, body)) in enumerate(zip(ext, pairs, strict=True)):
+            clean = check_payload(body, index=i, item_id=e)
+            if not clean:
+                raise InvalidPayloadError("empty payload update", index=i, item_id=e)
+            if EXTERNAL_ID_KEY in clean and str(clean[EXTERNAL_ID_KEY]) != e:
+                raise InvalidPayloadError(
+                    f"payload key {EXTERNAL_ID_KEY!r} is reserved and cannot be changed", index=i, item_id=e
+                )
+            bodies.append(clean)
+        pids = [point_id(e) for e in ext]
+        present = self._existing(collection, pids, ext, missing_ok)
+        todo = [(pid, body) for pid, body in zip(pids, bodies, strict=True) if pid in present]
+        step = self.write_batch_size
+        for start in range(0, len(todo), step):
+            self._set_payloads(collection, todo[start : start + step])
+        return len(todo)
+
+    def delete_payload_keys(
+        self, collection: str, ids: Sequence[ExternalId], keys: Sequence[str], *, missing_ok: bool = False
+    ) -> int:
+        """Remove payload ``keys`` from the points ``ids``. Returns points touched."""
+        self._require(collection)
+        ext = check_ids(ids)
+        keys = list(keys)
+        if not keys or not all(isinstance(k, str) and k for k in keys):
+            raise InvalidInputError(f"keys must be a non-empty list of field names, got {keys!r}")
+        if EXTERNAL_ID_KEY in keys:
+            raise InvalidPayloadError(f"payload key {EXTERNAL_ID_KEY!r} is reserved and cannot be deleted")
+        pids = [point_id(e) for e in ext]
+        present = self._existing(collection, pids, ext, missing_ok)
+        todo = [p for p in pids if p in present]
+        step = self.write_batch_size
+        for start in range(0, len(todo), step):
+            self._delete_payload_keys(collection, todo[start : start + step], keys)
+        return len(todo)
+
+    def delete(self, collection: str, ids: Sequence[ExternalId], *, missing_ok: bool = False) -> int:
+        """Delete points by external id. Returns how many were deleted."""
+        self._require(collection)
+        ext = check_ids(ids)
+        pids = [point_id(e) for e in ext]
+        present = self._existing(collection, pids, ext, missing_ok)
+        todo = [p for p in pids if p in present]
+        step = self.write_batch_size
+        for start in range(0, len(todo), step):
+            self._delete(collection, todo[start : start + step])
+        self._after_write(collection, 0)
+        return len(todo)
+
+    def _existing(self, collection: str, pids: list[str], ext: list[str], missing_ok: bool) -> set[str]:
+        present: set[str] = set()
+        step = 4096
+        for start in range(0, len(pids), step):
+            present.update(self._existing_ids(collection, pids[start : start + step]))
+        if not missing_ok and len(present) < len(pids):
+            missing = [e for e, p in zip(ext, pids, strict=True) if p not in present]
+            raise PointNotFoundError(collection, missing)
+        return present
+
+    # ---------------------------------------------------------------------- reads
+    def search(
+        self,
+        collection: str,
+        vector: Any,
+        *,
+        top_k: int = 10,
+        shortlist: int | None = None,
+        filter: FilterLike = None,
+        with_payload: bool = True,
+        with_vectors: WithVectors = False,
+        exact: bool = False,
+        score_threshold: float | None = None,
+    ) -> list[Hit]:
+        """Top-k neighbours of one 512D vector.
+
+        Default path: shortlist ``shortlist`` candidates on the HNSW-indexed
+        ``mrl128`` prefix, rerank them on ``full512`` (one Qdrant prefetch query).
+        ``exact=True`` scores every point on ``full512`` instead: the ground truth.
+        """
+        vec = np.asarray(vector)
+        if vec.ndim != 1:
+            raise InvalidInputError(f"search takes one vector of shape (512,), got shape {vec.shape}; use search_batch")
+        return self.search_batch(
+            collection,
+            vec[None, :],
+            top_k=top_k,
+            shortlist=shortlist,
+            filter=filter,
+            with_payload=with_payload,
+            with_vectors=with_vectors,
+            exact=exact,
+            score_threshold=score_threshold,
+        )[0]
+
+    def search_batch(
+        self,
+        collection: str,
+        vectors: Any,
+        *,
+        top_k: int = 10,
+        shortlist: int | None = None,
+        filter: FilterLike = None,
+        with_payload: bool = True,
+        with_vectors: WithVectors = False,
+        exact: bool = False,
+        score_threshold: float | None = None,
+    ) -> list[list[Hit]]:
+        """:meth:`search` for many query vectors in one planned batch (same order out)."""
+        self._require(collection)
+        if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= MAX_TOP_K:
+            raise InvalidInputError(f"top_k must be an int in 1..{MAX_TOP_K}, got {top_k!r}")
+        if shortlist is None:
+            shortlist = max(self.shortlist, top_k)
+        elif isinstance(shortlist, bool) or not isinstance(shortlist, int) or shortlist < top_k:
+            raise InvalidInputError(f"shortlist must be an int >= top_k ({top_k}), got {shortlist!r}")
+        if score_threshold is not None and not np.isfinite(score_threshold):
+            raise InvalidInputError(f"score_threshold must be finite, got {score_threshold!r}")
+        _check_with_vectors(with_vectors)
+        full, prefix = prepare_vectors(vectors, what="query vector")
+        flt = self._resolve_filter(filter)
+        return self._query(
+            collection,
+            full,
+            prefix,
+            top_k=top_k,
+            shortlist=shortlist,
+            filter=flt,
+            with_payload=with_payload,
+            with_vectors=with_vectors,
+            exact=exact,
+            score_threshold=score_threshold,
+        )
+
+    def retrieve(
+        self,
+        collection: str,
+        ids: Sequence[ExternalId],
+        *,
+        with_payload: bool = True,
+        with_vectors: WithVectors = False,
+        missing_ok: bool = False,
+    ) -> list[Record]:
+        """Points by external id, in the order asked. Unknown ids raise unless ``missing_ok``."""
+        self._require(collection)
+        ext = check_ids(ids)
+        _check_with_vectors(with_vectors)
+        pids = [point_id(e) for e in ext]
+        found = {r.point_id: r for r in self._retrieve(collection, pids, with_payload, with_vectors)}
+        if not missing_ok and len(found) < len(pids):
+            raise PointNotFoundError(collection, [e for e, p in zip(ext, pids, strict=True) if p not in found])
+        return [found[p] for p in pids if p in found]
+
+    def scroll(
+        self,
+        collection: str,
+        *,
+        filter: FilterLike = None,
+        limit: int = 256,
+        offset: str | None = None,
+        with_payload: bool = True,
+        with_vectors: WithVectors = False,
+    ) -> ScrollPage:
+        """One page of points in id order; pass ``page.next_offset`` back for the next page."""
+        self._require(collection)
+        if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= 100_000:
+            raise InvalidInputError(f"limit must be an int in 1..100000, got {limit!r}")
+        if offset is not None and not isinstance(offset, str):
+            raise InvalidInputError(f"offset must be a next_offset string from a previous page, got {offset!r}")
+        _check_with_vectors(with_vectors)
+        return self._scroll(collection, self._resolve_filter(filter), limit, offset, with_payload, with_vectors)
+
+    def iter_records(
+        self,
+        collection: str,
+        *,
+        filter: FilterLike = None,
+        page_size: int = 1024,
+        with_payload: bool = True,
+        with_vectors: WithVectors = False,
+    ) -> Iterator[Record]:
+        """Every matching point, fetched page by page (memory bounded by ``page_size``)."""
+        offset: str | None = None
+        while True:
+            page = self.scroll(
+                collection,
+                filter=filter,
+                limit=page_size,
+                offset=offset,
+                with_payload=with_payload,
+                with_vectors=with_vectors,
+            )
+            yield from page.records
+            if page.next_offset is None:
+                return
+            offset = page.next_offset
+
+    def count(self, collection: str, filter: FilterLike = None) -> int:
+        """Exact number of points matching ``filter`` (all points without one)."""
+        self._require(collection)
+        return self._count(collection, self._resolve_filter(filter))
+
+    def facet(self, collection: str, key: str, *, filter: FilterLike = None, limit: int = 1000) -> dict[Any, int]:
+        """Exact counts of the values of an indexed payload field, most common first."""
+        self._require(collection)
+        if not isinstance(key, str) or not key:
+            raise InvalidInputError(f"facet key must be a non-empty string, got {key!r}")
+        indexed = self._payload_indexes(collection)
+        if key not in indexed:
+            raise InvalidInputError(
+                f"cannot facet on {key!r}: it has no payload index (indexed: {sorted(indexed)}); "
+                "call create_payload_index first"
+            )
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+            raise InvalidInputError(f"facet limit must be a positive int, got {limit!r}")
+        counts = self._facet(collection, key, self._resolve_filter(filter), limit)
+        return dict(sorted(counts.items(), key=lambda kv: (-kv[1], str(kv[0]))))
+
+    def _resolve_filter(self, spec: FilterLike) -> Filter | None:
+        return as_filter(spec)
+
+    # ------------------------------------------------------- adapter primitives
+    # Inputs are already validated; point ids are UUID strings; vectors are
+    # float32 and unit-norm.
+    @abc.abstractmethod
+    def _collection_exists(self, name: str) -> bool: ...
+
+    @abc.abstractmethod
+    def _list_collections(self) -> list[str]: ...
+
+    @abc.abstractmethod
+    def _create_collection(self, name: str, spec: CollectionSpec) -> None: ...
+
+    @abc.abstractmethod
+    def _collection_layout(self, name: str) -> dict[str, Any]: ...
+
+    @abc.abstractmethod
+    def _drop_collection(self, name: str) -> None: ...
+
+    @abc.abstractmethod
+    def _collection_info(self, name: str) -> CollectionInfo: ...
+
+    @abc.abstractmethod
+    def _create_payload_index(self, name: str, key: str, kind: str) -> None: ...
+
+    @abc.abstractmethod
+    def _payload_indexes(self, name: str) -> set[str]: ...
+
+    @abc.abstractmethod
+    def _upsert(
+        self, name: str, pids: list[str], full: np.ndarray, prefix: np.ndarray, payloads: list[dict[str, Any]]
+    ) -> None: ...
+
+    @abc.abstractmethod
+    def _existing_ids(self, name: str, pids: list[str]) -> set[str]: ...
+
+    @abc.abstractmethod
+    def _set_payloads(self, name: str, updates: list[tuple[str, dict[str, Any]]]) -> None: ...
+
+    @abc.abstractmethod
+    def _delete_payload_keys(self, name: str, pids: list[str], keys: list[str]) -> None: ...
+
+    @abc.abstractmethod
+    def _delete(self, name: str, pids: list[str]) -> None: ...
+
+    @abc.abstractmethod
+    def _query(
+        self,
+        name: str,
+        full: np.ndarray,
+        prefix: np.ndarray,
+        *,
+        top_k: int,
+        shortlist: int,
+        filter: Filter | None,
+        with_payload: bool,
+        with_vectors: WithVectors,
+        exact: bool,
+        score_threshold: float | None,
+    ) -> list[list[Hit]]: ...
+
+    @abc.abstractmethod
+    def _retrieve(self, name: str, pids: list[str], with_payload: bool, with_vectors: WithVectors) -> list[Record]: ...
+
+    @abc.abstractmethod
+    def _scroll(
+        self,
+        name: str,
+        filter: Filter | None,
+        limit: int,
+        offset: str | None,
+        with_payload: bool,
+        with_vectors: WithVectors,
+    ) -> ScrollPage: ...
+
+    @abc.abstractmethod
+    def _count(self, name: str, filter: Filter | None) -> int: ...
+
+    @abc.abstractmethod
+    def _facet(self, name: str, key: str, filter: Filter | None, limit: int) -> dict[Any, int]: ...
+
+    def _after_write(self, name: str, n_written: int) -> None:  # noqa: B027 - optional hook
+        """Called after a successful write batch (Edge uses it to schedule optimize)."""
+
+    def _optimize(self, name: str) -> None:  # noqa: B027 - optional hook
+        """Build pending indexes now; servers do this in the background."""
+
+    @abc.abstractmethod
+    def _flush(self) -> None: ...
+
+    @abc.abstractmethod
+    def _close(self) -> None: ...
+
+
+def _check_with_vectors(value: WithVectors) -> None:
+    if value not in (True, False, FULL_VECTOR, PREFIX_VECTOR):
+        raise InvalidInputError(f"with_vectors must be a bool, {FULL_VECTOR!r} or {PREFIX_VECTOR!r}, got {value!r}")
+
+
+def vector_names(with_vectors: WithVectors) -> list[str]:
+    """Which stored vectors to fetch for a ``with_vectors`` value."""
+    if with_vectors is True:
+        return [FULL_VECTOR]
+    if with_vectors is False:
+        return []
+    return [str(with_vectors)]
+
+
+def has_id_point_ids(cond: HasId) -> list[str]:
+    return [point_id(i) for i in cond.ids]
+
+
+def group_by_payload(updates: list[tuple[str, dict[str, Any]]]) -> list[tuple[dict[str, Any], list[str]]]:
+    """Group per-point payload updates so points that get the same payload share one operation.
+
+    Labeling write-back is mostly a few distinct payloads ({"pseudo_status": "quarantined"}, ...)
+    over many points, so this turns n operations into a handful. Order of first appearance is kept.
+    """
+    groups: dict[str, tuple[dict[str, Any], list[str]]] = {}
+    for pid, body in updates:
+        key = json.dumps(body, sort_keys=True)
+        groups.setdefault(key, (body, []))[1].append(pid)
+    return list(groups.values())
+
+
+def _vector_out(raw: Any, with_vectors: WithVectors) -> np.ndarray | None:
+    names = vector_names(with_vectors)
+    if not names or not raw:
+        return None
+    return np.asarray(raw[names[0]], dtype=np.float32)
+
+
+def hit_from(p: Any, with_payload: bool, with_vectors: WithVectors) -> Hit:
+    """A Hit from a qdrant-edge or qdrant-client scored point (same attribute names)."""
+    payload = p.payload or {}
+    return Hit(
+        id=str(payload.get(EXTERNAL_ID_KEY, p.id)),
+        point_id=str(p.id),
+        score=float(p.score),
+        payload=payload if with_payload else None,
+        vector=_vector_out(p.vector, with_vectors),
+    )
+
+
+def record_from(r: Any, with_payload: bool, with_vectors: WithVectors) -> Record:
+    """A Record from a qdrant-edge or qdrant-client record."""
+    payload = r.payload or {}
+    return Record(
+        id=str(payload.get(EXTERNAL_ID_KEY, r.id)),
+        point_id=str(r.id),
+        payload=payload if with_payload else None,
+        vector=_vector_out(r.vector, with_vectors),
+    )

@@ -1,0 +1,50 @@
+"""Store settings, read from the environment (prefix ``EMBEDSTORE_``) or a ``.env`` file.
+
+================================  =========================================
+``EMBEDSTORE_BACKEND``            ``edge`` (embedded, default) or ``server``
+``EMBEDSTORE_PATH``               Edge store directory (``./data/store``)
+``EMBEDSTORE_URL``                Qdrant server URL (backend ``server``)
+``EMBEDSTORE_API_KEY``            Qdrant API key
+``EMBEDSTORE_COLLECTION``         default collection (``items``)
+``EMBEDSTORE_SHORTLIST``          candidates taken on ``mrl128`` before the rerank (100)
+``EMBEDSTORE_PREFER_GRPC``        talk gRPC to the server (true)
+``EMBEDSTORE_SHARD_NUMBER``       shards for new server collections (1)
+``EMBEDSTORE_REPLICATION_FACTOR`` replicas for new server collections (1)
+================================  =========================================
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from retrieval.schema import check_collection_name
+
+
+class StoreSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="EMBEDSTORE_", env_file=".env", extra="ignore")
+
+    backend: Literal["edge", "server"] = "edge"
+    path: Path = Path("./data/store")
+    url: str | None = None
+    api_key: SecretStr | None = None
+    collection: str = "items"
+    shortlist: int = Field(100, ge=1, le=10_000)
+    prefer_grpc: bool = True
+    timeout: int = Field(60, ge=1)
+    shard_number: int = Field(1, ge=1)
+    replication_factor: int = Field(1, ge=1)
+
+    @field_validator("collection")
+    @classmethod
+    def _collection_name(cls, value: str) -> str:
+        return check_collection_name(value)
+
+    @model_validator(mode="after")
+    def _server_needs_url(self) -> StoreSettings:
+        if self.backend == "server" and not self.url:
+            raise ValueError("EMBEDSTORE_BACKEND=server needs EMBEDSTORE_URL (e.g. http://localhost:6333)")
+        return self

@@ -1,0 +1,271 @@
+"""The collection schema both adapters write, and the input checks they share.
+
+A point is one item: a 512D Matryoshka vector stored twice, as
+
+* ``full512``: the whole vector, L2-normalised; rerank only (no HNSW graph,
+  ``m=0``), may live on disk;
+* ``mrl128``: its first 128 dims, renormalised; HNSW-indexed and kept in RAM.
+
+plus a JSON payload. Point ids are UUIDv5 of the caller's external id, so
+re-ingesting an item overwrites it instead of duplicating it; the external id
+is also kept in the payload (``external_id``) so results can be reported in the
+caller's own ids.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from retrieval.errors import (
+    DimensionError,
+    DuplicateIdError,
+    EmptyBatchError,
+    InvalidCollectionNameError,
+    InvalidInputError,
+    InvalidPayloadError,
+    InvalidVectorError,
+)
+
+SCHEMA_VERSION = 1
+FULL_VECTOR = "full512"
+PREFIX_VECTOR = "mrl128"
+FULL_DIM = 512
+PREFIX_DIM = 128
+
+EXTERNAL_ID_KEY = "external_id"
+#: Payload fields that get a keyword index on both adapters. Values must be
+#: strings (or null): a keyword index silently skips ints, which would make
+#: facets and filtered counts lie.
+INDEXED_KEYWORD_FIELDS: tuple[str, ...] = ("label", "pseudo_label", "pseudo_status", "split")
+
+#: Fixed namespace for point ids. Changing it would orphan every stored point.
+POINT_ID_NAMESPACE = uuid.UUID("6f1b5a52-2b7c-5d0e-9a57-3e2c1d9b8a10")
+
+_COLLECTION_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+ExternalId = str | int
+
+
+@dataclass(frozen=True)
+class CollectionSpec:
+    """How a collection is built. Stored with it, checked by ``ensure_collection``.
+
+    ``shard_number`` and ``replication_factor`` only mean something on a Qdrant
+    server or cluster; the embedded store is a single shard.
+    """
+
+    hnsw_m: int = 16
+    hnsw_ef_construct: int = 100  # Qdrant's default
+    full_on_disk: bool = True
+    shard_number: int = 1
+    replication_factor: int = 1
+    schema_version: int = SCHEMA_VERSION
+
+    def __post_init__(self) -> None:
+        for name in ("hnsw_m", "hnsw_ef_construct", "shard_number", "replication_factor"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise InvalidInputError(f"CollectionSpec.{name} must be a positive int, got {value!r}")
+
+    def layout(self) -> dict[str, Any]:
+        """The parts of the spec that must match for data to be readable."""
+        return {
+            "schema_version": self.schema_version,
+            "vectors": {PREFIX_VECTOR: PREFIX_DIM, FULL_VECTOR: FULL_DIM},
+            "distance": "cosine",
+        }
+
+
+def check_collection_name(name: str) -> str:
+    if not isinstance(name, str) or not _COLLECTION_RE.match(name):
+        raise InvalidCollectionNameError(f"collection name must match [A-Za-z0-9_-]{{1,64}}, got {name!r}")
+    return name
+
+
+def point_id(external_id: ExternalId) -> str:
+    """The store's point id (UUIDv5) for a caller's external id.
+
+    External ids are strings; ints are accepted and mean ``str(i)``, so ``7``
+    and ``"7"`` are the same item.
+    """
+    return str(uuid.uuid5(POINT_ID_NAMESPACE, _external_str(external_id)))
+
+
+def _external_str(external_id: ExternalId, index: int | None = None) -> str:
+    if isinstance(external_id, bool) or not isinstance(external_id, (str, int)):
+        raise InvalidInputError(f"external id must be a str or int, got {type(external_id).__name__}", index=index)
+    text = str(external_id)
+    if not text or len(text) > 1024:
+        raise InvalidInputError("external id must be 1..1024 characters", index=index, item_id=external_id)
+    return text
+
+
+def check_ids(ids: Sequence[ExternalId], *, what: str = "batch") -> list[str]:
+    """Validate a batch of external ids; return them as strings. Rejects duplicates."""
+    if isinstance(ids, (str, bytes)):
+        raise InvalidInputError(f"ids must be a sequence of ids, not a single {type(ids).__name__}")
+    ids = list(ids)
+    if not ids:
+        raise EmptyBatchError(f"empty {what}: no ids given")
+    out: list[str] = []
+    seen: dict[str, int] = {}
+    for i, ext in enumerate(ids):
+        text = _external_str(ext, i)
+        if text in seen:
+            raise DuplicateIdError(f"duplicate id in one {what} (first at item {seen[text]})", index=i, item_id=ext)
+        seen[text] = i
+        out.append(text)
+    return out
+
+
+def check_vectors(vectors: Any, ids: Sequence[Any] | None = None, *, what: str = "vector") -> np.ndarray:
+    """Validate a batch of 512D vectors; return it as a float32 array (no copy if it already is one).
+
+    Refuses the whole batch, naming the first bad item, on a wrong shape, NaN or
+    infinity (also values that overflow float32), an all-zero vector, or a vector
+    whose 128D prefix is all zeros (the prefix would have no direction to search
+    by). Works in bounded chunks, so checking a million vectors needs no
+    million-row temporaries.
+    """
+
+    def name(i: int) -> Any:
+        return ids[i] if ids is not None and i < len(ids) else None
+
+    if isinstance(vectors, np.ndarray):
+        arr = vectors
+    else:
+        rows = list(vectors)
+        if not rows:
+            raise EmptyBatchError(f"empty batch: no {what}s given")
+        for i, row in enumerate(rows):
+            length = np.shape(row)
+            if length != (FULL_DIM,):
+                raise DimensionError(f"{what} must have {FULL_DIM} dims, got shape {length}", index=i, item_id=name(i))
+        arr = np.asarray(rows)
+    if arr.ndim == 1:
+        raise DimensionError(f"expected a batch of {what}s with shape (n, {FULL_DIM}), got a single shape {arr.shape}")
+    if arr.ndim != 2 or arr.shape[1] != FULL_DIM:
+        raise DimensionError(f"{what}s must have shape (n, {FULL_DIM}), got {arr.shape}")
+    if arr.shape[0] == 0:
+        raise EmptyBatchError(f"empty batch: no {what}s given")
+    if not np.issubdtype(arr.dtype, np.number) or np.issubdtype(arr.dtype, np.complexfloating):
+        raise InvalidVectorError(f"{what}s must be real numbers, got dtype {arr.dtype}")
+    with np.errstate(over="ignore", invalid="ignore"):
+        arr32 = np.asarray(arr, dtype=np.float32)
+    step = 16_384
+    for start in range(0, arr32.shape[0], step):
+        block = arr32[start : start + step]
+        finite = np.isfinite(block).all(axis=1)
+        if not finite.all():
+            i = start + int(np.flatnonzero(~finite)[0])
+            raise InvalidVectorError(f"{what} contains NaN or infinity (in float32)", index=i, item_id=name(i))
+        for bad, msg in (
+            (~block.any(axis=1), f"{what} is all zeros (cosine needs a direction)"),
+            (
+                ~block[:, :PREFIX_DIM].any(axis=1),
+                f"{what}'s first {PREFIX_DIM} dims are all zeros (no prefix to shortlist on)",
+            ),
+        ):
+            if bad.any():
+                i = start + int(np.flatnonzero(bad)[0])
+                raise InvalidVectorError(msg, index=i, item_id=name(i))
+    return arr32
+
+
+def normalise(block: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(full512, mrl128) of checked float32 vectors, each L2-normalised (norms taken in float64)."""
+    norms = np.sqrt(np.einsum("ij,ij->i", block, block, dtype=np.float64))
+    prefix = block[:, :PREFIX_DIM]
+    prefix_norms = np.sqrt(np.einsum("ij,ij->i", prefix, prefix, dtype=np.float64))
+    return (
+        (block / norms[:, None]).astype(np.float32, copy=False),
+        (prefix / prefix_norms[:, None]).astype(np.float32, copy=False),
+    )
+
+
+def prepare_vectors(
+    vectors: Any, ids: Sequence[Any] | None = None, *, what: str = "vector"
+) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`check_vectors` then :func:`normalise`: (full512, mrl128), both unit-norm float32."""
+    return normalise(check_vectors(vectors, ids, what=what))
+
+
+def prepare_payloads(payloads: Sequence[Mapping[str, Any] | None] | None, ids: Sequence[str]) -> list[dict[str, Any]]:
+    """Check payloads (JSON objects, finite numbers, string keyword fields); add ``external_id``."""
+    if payloads is None:
+        payloads = [None] * len(ids)
+    payloads = list(payloads)
+    if len(payloads) != len(ids):
+        raise InvalidInputError(f"got {len(ids)} ids but {len(payloads)} payloads")
+    out = []
+    for i, (ext, payload) in enumerate(zip(ids, payloads, strict=True)):
+        body = check_payload(payload, index=i, item_id=ext)
+        given = body.get(EXTERNAL_ID_KEY)
+        if given is not None and str(given) != ext:
+            raise InvalidPayloadError(
+                f"payload key {EXTERNAL_ID_KEY!r} is reserved and must equal the id, got {given!r}",
+                index=i,
+                item_id=ext,
+            )
+        body[EXTERNAL_ID_KEY] = ext
+        out.append(body)
+    return out
+
+
+def check_payload(
+    payload: Mapping[str, Any] | None, *, index: int | None = None, item_id: Any = None
+) -> dict[str, Any]:
+    """A copy of ``payload`` if it is a JSON object the store accepts, else InvalidPayloadError."""
+    if payload is None:
+        return {}
+    if not isinstance(payload, Mapping):
+        raise InvalidPayloadError(
+            f"payload must be a JSON object (dict), got {type(payload).__name__}", index=index, item_id=item_id
+        )
+    body: dict[str, Any] = {}
+    for key, value in payload.items():
+        if not isinstance(key, str) or not key:
+            raise InvalidPayloadError(
+                f"payload keys must be non-empty strings, got {key!r}", index=index, item_id=item_id
+            )
+        value = _plain(value, f"payload[{key!r}]", index, item_id)
+        if key in INDEXED_KEYWORD_FIELDS and value is not None and not isinstance(value, str):
+            raise InvalidPayloadError(
+                f"payload field {key!r} is keyword-indexed and must be a string or null, "
+                f"got {type(value).__name__} {value!r}",
+                index=index,
+                item_id=item_id,
+            )
+        body[key] = value
+    return body
+
+
+def _plain(value: Any, where: str, index: int | None, item_id: Any) -> Any:
+    """``value`` as plain JSON types (numpy scalars and tuples converted), or InvalidPayloadError."""
+    if isinstance(value, np.generic):
+        value = value.item()
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise InvalidPayloadError(f"{where} is {value}; JSON has no NaN or infinity", index=index, item_id=item_id)
+        return value
+    if isinstance(value, Mapping):
+        out = {}
+        for k, v in value.items():
+            if not isinstance(k, str):
+                raise InvalidPayloadError(f"{where} has a non-string key {k!r}", index=index, item_id=item_id)
+            out[k] = _plain(v, f"{where}[{k!r}]", index, item_id)
+        return out
+    if isinstance(value, (list, tuple)):
+        return [_plain(v, f"{where}[{j}]", index, item_id) for j, v in enumerate(value)]
+    raise InvalidPayloadError(
+        f"{where} has type {type(value).__name__}, which is not a JSON value", index=index, item_id=item_id
+    )
