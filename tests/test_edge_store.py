@@ -1,0 +1,158 @@
+"""What only the embedded adapter has: a directory it owns, durability across reopen, optimize policy."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import threading
+
+import numpy as np
+import pytest
+from qdrant_client import QdrantClient
+from qdrant_client import models as qm
+
+from retrieval import (
+    EdgeStore,
+    QdrantServerStore,
+    SchemaMismatchError,
+    StoreLockedError,
+)
+from tests.conftest import clustered, make_edge
+
+
+def test_second_opener_gets_a_clear_error_naming_the_holder(tmp_path):
+    with make_edge(tmp_path) as first:
+        first.create_collection("c")
+        with pytest.raises(StoreLockedError) as err:
+            EdgeStore(tmp_path)
+        msg = str(err.value)
+        assert str(tmp_path) in msg and f"pid {os.getpid()}" not in msg and "this same process" in msg
+    # released on close: a new owner can open it
+    with EdgeStore(tmp_path) as again:
+        assert again.list_collections() == ["c"]
+
+
+def test_lock_held_by_another_process_names_its_pid(tmp_path):
+    script = textwrap.dedent(
+        f"""
+        import sys, time
+        from retrieval import EdgeStore
+        s = EdgeStore({str(tmp_path)!r})
+        print("ready", flush=True)
+        sys.stdin.readline()
+        s.close()
+        """
+    )
+    child = subprocess.Popen(
+        [sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=os.getcwd()
+    )
+    try:
+        assert child.stdout.readline().strip() == "ready"
+        with pytest.raises(StoreLockedError, match=f"pid {child.pid} on host"):
+            EdgeStore(tmp_path)
+    finally:
+        child.communicate("\n", timeout=60)
+    assert child.returncode == 0
+    EdgeStore(tmp_path).close()  # the child's exit released it
+
+
+def test_lock_is_released_when_the_holder_dies(tmp_path):
+    code = f"from retrieval import EdgeStore; s = EdgeStore({str(tmp_path)!r}); import os; os._exit(0)"
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+    EdgeStore(tmp_path).close()
+
+
+def test_reopen_after_close_keeps_points_payload_and_index(tmp_path):
+    x, labels = clustered(2500, seed=4)
+    ids = [f"p{i}" for i in range(len(x))]
+    with make_edge(tmp_path) as s:
+        s.create_collection("c")
+        s.upsert("c", ids, x, [{"label": f"c{v}"} for v in labels])
+        s.set_payload("c", {"p1": {"pseudo_label": "c9"}})
+        before = [h.id for h in s.search("c", x[10], top_k=10)]
+    with make_edge(tmp_path) as s:
+        info = s.collection_info("c")
+        assert info.points_count == 2500 and info.indexed_vectors_count > 0
+        assert info.spec["pending_optimize"] == 0
+        assert s.retrieve("c", ["p1"])[0].payload["pseudo_label"] == "c9"
+        assert [h.id for h in s.search("c", x[10], top_k=10)] == before
+        assert s.facet("c", "label") == {
+            f"c{v}": int(n) for v, n in zip(*np.unique(labels, return_counts=True), strict=True)
+        }
+
+
+def test_auto_optimize_after_enough_pending_writes(tmp_path):
+    x, _ = clustered(1200, seed=2)
+    with make_edge(tmp_path, optimize_min_pending=1000) as s:
+        s.create_collection("c")
+        s.upsert("c", [f"a{i}" for i in range(600)], x[:600])
+        assert s.collection_info("c").spec["pending_optimize"] == 600
+        s.upsert("c", [f"b{i}" for i in range(600)], x[600:])
+        info = s.collection_info("c")
+        assert info.spec["pending_optimize"] == 0 and info.indexed_vectors_count > 0
+
+
+def test_no_auto_optimize_when_disabled_but_flush_optimizes(tmp_path):
+    x, _ = clustered(1200, seed=2)
+    with make_edge(tmp_path, optimize_min_pending=100, auto_optimize=False) as s:
+        s.create_collection("c")
+        s.upsert("c", [f"a{i}" for i in range(1200)], x)
+        assert s.collection_info("c").spec["pending_optimize"] == 1200
+        s.flush()
+        assert s.collection_info("c").spec["pending_optimize"] == 0
+
+
+def test_ensure_collection_refuses_a_foreign_layout(tmp_path):
+    with make_edge(tmp_path) as s:
+        s.create_collection("c")
+    meta = tmp_path / "collections" / "c" / "meta.json"
+    body = json.loads(meta.read_text())
+    body["layout"]["vectors"]["full512"] = 768
+    meta.write_text(json.dumps(body))
+    with make_edge(tmp_path) as s, pytest.raises(SchemaMismatchError, match="768"):
+        s.ensure_collection("c")
+
+
+def test_server_adapter_refuses_a_foreign_collection():
+    client = QdrantClient(location=":memory:")
+    client.create_collection("foreign", vectors_config=qm.VectorParams(size=384, distance=qm.Distance.DOT))
+    store = QdrantServerStore(client=client)
+    with pytest.raises(SchemaMismatchError, match="single unnamed vector"):
+        store.ensure_collection("foreign")
+
+
+def test_concurrent_searches_and_writes_from_threads(tmp_path):
+    """The gRPC service calls the store from a thread pool: searches and writes must interleave safely."""
+    x, _ = clustered(2000, seed=6)
+    ids = [f"p{i}" for i in range(2000)]
+    errors: list[BaseException] = []
+    with make_edge(tmp_path) as s:
+        s.create_collection("c")
+        s.upsert("c", ids[:1000], x[:1000])
+
+        def reader() -> None:
+            try:
+                for i in range(60):
+                    hits = s.search("c", x[i], top_k=5)
+                    assert hits and hits[0].id == ids[i]
+            except BaseException as exc:
+                errors.append(exc)
+
+        def writer() -> None:
+            try:
+                for start in range(1000, 2000, 100):
+                    s.upsert("c", ids[start : start + 100], x[start : start + 100])
+                    s.set_payload("c", {ids[start]: {"pseudo_status": "review"}})
+            except BaseException as exc:
+                errors.append(exc)
+
+        threads = [threading.Thread(target=reader) for _ in range(3)] + [threading.Thread(target=writer)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=120)
+        assert not errors, errors
+        assert s.count("c") == 2000 and s.count("c", {"pseudo_status": "review"}) == 10
