@@ -30,7 +30,7 @@ from retrieval.errors import (
     StoreUnavailableError,
 )
 from retrieval.factory import collection_spec, open_store
-from retrieval.filters import Filter, HasId, IsEmpty, Match, MatchAny, Range, as_filter
+from retrieval.filters import Filter, FilterLike, HasId, IsEmpty, Match, MatchAny, Range, as_filter
 from retrieval.schema import (
     EXTERNAL_ID_KEY,
     FULL_DIM,
@@ -60,6 +60,7 @@ __all__ = [
     "EdgeStore",
     "EmptyBatchError",
     "Filter",
+    "FilterLike",
     "HasId",
     "Hit",
     "InvalidCollectionNameError",

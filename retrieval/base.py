@@ -162,6 +162,26 @@ class VectorStore(abc.ABC):
     def collection_info(self, name: str) -> CollectionInfo:
         return self._collection_info(self._require(name))
 
+    def collection_metadata(self, name: str) -> dict[str, Any]:
+        """The caller's key-value metadata of a collection (e.g. its embedding version)."""
+        return dict(self._get_metadata(self._require(name)))
+
+    def update_collection_metadata(self, name: str, values: Mapping[str, Any]) -> dict[str, Any]:
+        """Merge ``values`` into the collection's metadata (a None value removes the key); returns the result."""
+        self._require(name)
+        if not isinstance(values, Mapping) or not values:
+            raise InvalidInputError("metadata update must be a non-empty dict")
+        body = check_payload(values)  # same rules as a payload: JSON values, string keys
+        with self._state_lock:
+            merged = dict(self._get_metadata(name))
+            for key, value in body.items():
+                if value is None:
+                    merged.pop(key, None)
+                else:
+                    merged[key] = value
+            self._set_metadata(name, merged)
+        return merged
+
     def create_payload_index(self, collection: str, key: str, kind: str = "keyword") -> None:
         """Index another payload field (needed to facet on it)."""
         self._require(collection)
@@ -469,6 +489,12 @@ class VectorStore(abc.ABC):
 
     @abc.abstractmethod
     def _create_payload_index(self, name: str, key: str, kind: str) -> None: ...
+
+    @abc.abstractmethod
+    def _get_metadata(self, name: str) -> dict[str, Any]: ...
+
+    @abc.abstractmethod
+    def _set_metadata(self, name: str, metadata: dict[str, Any]) -> None: ...
 
     @abc.abstractmethod
     def _payload_indexes(self, name: str) -> set[str]: ...

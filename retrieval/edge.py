@@ -223,6 +223,16 @@ class EdgeStore(VectorStore):
             payload_indexes=tuple(sorted(info.payload_schema)),
         )
 
+    def _get_metadata(self, name: str) -> dict[str, Any]:
+        return self._meta(name).get("user", {})
+
+    def _set_metadata(self, name: str, metadata: dict[str, Any]) -> None:
+        meta = self._meta(name)
+        meta["user"] = metadata
+        tmp = self._dir(name) / "meta.json.tmp"
+        tmp.write_text(json.dumps(meta, indent=2))
+        os.replace(tmp, self._dir(name) / "meta.json")
+
     def _create_payload_index(self, name: str, key: str, kind: str) -> None:
         with self._write_lock, _edge_errors(f"indexing {key!r} in {name!r}"):
             self._shard(name).update(qe.UpdateOperation.create_field_index(key, _KINDS[kind]))

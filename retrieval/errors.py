@@ -30,7 +30,7 @@ class InvalidInputError(StoreError, ValueError):
             where.append(f"item {index}")
         if item_id is not None:
             where.append(f"id {item_id!r}")
-        prefix = f"{' '.join(where)}: " if where else ""
+        prefix = f"{', '.join(where)}: " if where else ""
         super().__init__(prefix + message)
 
 

@@ -54,6 +54,7 @@ _KINDS = {
     "bool": qm.PayloadSchemaType.BOOL,
 }
 _META_KEY = "embedstore"
+_USER_KEY = "embedstore_user"
 
 try:  # grpc is a dependency of qdrant-client; keep the import soft all the same
     import grpc
@@ -221,6 +222,15 @@ class QdrantServerStore(VectorStore):
             },
             payload_indexes=tuple(sorted(self._payload_indexes(name))),
         )
+
+    def _get_metadata(self, name: str) -> dict[str, Any]:
+        with self._call(f"reading collection {name!r}", name):
+            info = self.client.get_collection(name)
+        return dict((info.config.metadata or {}).get(_USER_KEY) or {})
+
+    def _set_metadata(self, name: str, metadata: dict[str, Any]) -> None:
+        with self._call(f"updating metadata of {name!r}", name):
+            self.client.update_collection(name, metadata={_USER_KEY: metadata})
 
     def _create_payload_index(self, name: str, key: str, kind: str) -> None:
         with self._call(f"indexing {key!r} in {name!r}", name):

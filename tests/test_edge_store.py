@@ -72,12 +72,14 @@ def test_reopen_after_close_keeps_points_payload_and_index(tmp_path):
         s.create_collection("c")
         s.upsert("c", ids, x, [{"label": f"c{v}"} for v in labels])
         s.set_payload("c", {"p1": {"pseudo_label": "c9"}})
+        s.update_collection_metadata("c", {"embedding_version": "mrl-abc"})
         before = [h.id for h in s.search("c", x[10], top_k=10)]
     with make_edge(tmp_path) as s:
         info = s.collection_info("c")
         assert info.points_count == 2500 and info.indexed_vectors_count > 0
         assert info.spec["pending_optimize"] == 0
         assert s.retrieve("c", ["p1"])[0].payload["pseudo_label"] == "c9"
+        assert s.collection_metadata("c") == {"embedding_version": "mrl-abc"}
         assert [h.id for h in s.search("c", x[10], top_k=10)] == before
         assert s.facet("c", "label") == {
             f"c{v}": int(n) for v, n in zip(*np.unique(labels, return_counts=True), strict=True)

@@ -296,6 +296,20 @@ def test_collection_lifecycle(store):
     store.drop_collection("t_life", missing_ok=True)
 
 
+def test_collection_metadata_merges_and_persists(store, collection):
+    assert store.collection_metadata(collection) == {}
+    assert store.update_collection_metadata(collection, {"embedding_version": "mrl-1", "n": 3}) == {
+        "embedding_version": "mrl-1",
+        "n": 3,
+    }
+    store.update_collection_metadata(collection, {"embedding_version": "mrl-2", "n": None})
+    assert store.collection_metadata(collection) == {"embedding_version": "mrl-2"}
+    with pytest.raises(InvalidInputError):
+        store.update_collection_metadata(collection, {})
+    with pytest.raises(InvalidPayloadError):
+        store.update_collection_metadata(collection, {"x": float("nan")})
+
+
 @pytest.mark.parametrize(
     "call",
     [
@@ -308,6 +322,7 @@ def test_collection_lifecycle(store):
         lambda s: s.facet("t_none", "label"),
         lambda s: s.delete("t_none", ["a"]),
         lambda s: s.collection_info("t_none"),
+        lambda s: s.collection_metadata("t_none"),
     ],
 )
 def test_unknown_collection_is_a_clear_error(store, call):
