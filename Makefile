@@ -16,19 +16,19 @@ $(STAMP)-%: pyproject.toml | $(PY)
 	$(PY) -m pip install --quiet -e ".[$*]"
 	@touch $@
 
-venv: $(STAMP)-test,dev,bench,data
+venv: $(STAMP)-test,dev,bench,data,embed
 
-demo: $(STAMP)-data
+demo: $(STAMP)-data,embed
 	$(BIN)/embedstore demo
 
-test: $(STAMP)-test,dev,bench,data redis
+test: $(STAMP)-test,dev,bench,data,embed redis
 	$(BIN)/pytest
 
-lint: $(STAMP)-test,dev,bench,data
+lint: $(STAMP)-test,dev,bench,data,embed
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-format: $(STAMP)-test,dev,bench,data
+format: $(STAMP)-test,dev,bench,data,embed
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 

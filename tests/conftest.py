@@ -57,3 +57,37 @@ def exact_topk(x: np.ndarray, q: np.ndarray, k: int) -> np.ndarray:
     xn = x / np.linalg.norm(x, axis=1, keepdims=True)
     qn = q / np.linalg.norm(q, axis=1, keepdims=True)
     return np.argsort(-(qn @ xn.T), axis=1)[:, :k]
+
+
+# ------------------------------------------------------------------ embedder
+@pytest.fixture(scope="session")
+def image_encoder():
+    from embedder.encoders import EfficientNetEncoder
+
+    return EfficientNetEncoder(backend="onnx", threads=2)
+
+
+@pytest.fixture(scope="session")
+def text_encoder():
+    from embedder.encoders import SentenceTransformerEncoder
+
+    return SentenceTransformerEncoder(threads=2)
+
+
+@pytest.fixture(scope="session")
+def emoji_items():
+    from embedder.datasets import emoji_items as load
+
+    return load()
+
+
+@pytest.fixture(scope="session")
+def emoji_features(emoji_items, image_encoder, text_encoder, tmp_path_factory):
+    """Raw features of the real emoji dataset (computed once per session, cached on disk for this run)."""
+    from embedder.features import FeatureCache
+    from embedder.model import Embedder
+    from embedder.training import features_for
+
+    embedder = Embedder(image_encoder, text_encoder)
+    cache = FeatureCache(tmp_path_factory.mktemp("features"))
+    return features_for(emoji_items, embedder, cache_name="emoji", cache=cache, progress=False)

@@ -1,0 +1,45 @@
+"""Errors of the embedder: one hierarchy, each naming the offending item where there is one."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class EmbedderError(Exception):
+    """Base class of every error raised by :mod:`embedder`."""
+
+
+class InvalidItemError(EmbedderError, ValueError):
+    """An item cannot be embedded (empty, corrupt image, unreadable file, ...). Nothing was embedded."""
+
+    def __init__(self, message: str, *, index: int | None = None, item_id: Any = None) -> None:
+        self.index = index
+        self.item_id = item_id
+        where = []
+        if index is not None:
+            where.append(f"item {index}")
+        if item_id is not None:
+            where.append(f"id {item_id!r}")
+        super().__init__((f"{', '.join(where)}: " if where else "") + message)
+
+
+class ModelUnavailableError(EmbedderError, RuntimeError):
+    """Model weights or packages cannot be had here (offline, not installed, bad path)."""
+
+
+class ProjectionNotFittedError(EmbedderError, RuntimeError):
+    """No trained Matryoshka projection is available where one is required."""
+
+
+class EmbeddingVersionMismatchError(EmbedderError, RuntimeError):
+    """A collection was written with another embedding version than the one in use."""
+
+    def __init__(self, collection: str, stored: str, current: str) -> None:
+        self.collection = collection
+        self.stored = stored
+        self.current = current
+        super().__init__(
+            f"collection {collection!r} holds embedding version {stored!r} but this embedder is {current!r}; "
+            f"vectors from different projections are not comparable: run `embedstore reindex --collection "
+            f"{collection}` to re-embed it, or load projection {stored!r}"
+        )

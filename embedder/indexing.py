@@ -1,0 +1,184 @@
+"""Items into the store and queries against it, with the embedding version enforced.
+
+A collection's vectors are only comparable if one projection made them all.
+The first embedder write records the projection's version in the collection
+metadata (``embedding_version``) and every point records it in its payload;
+writing or searching with another version raises
+:class:`EmbeddingVersionMismatchError` (FAILED_PRECONDITION over gRPC) until
+:func:`reindex` has re-embedded the collection.
+
+Payload written per item: ``label`` (+ ``label_source``, default ``human``,
+when the item has a label), ``text``, ``image_uri`` (when the image came from a
+path), ``embedding_version``, and the item's own payload fields.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from embedder.errors import EmbeddingVersionMismatchError, InvalidItemError
+from embedder.model import Embedder, Item, check_items
+from retrieval import FilterLike, Hit, VectorStore
+
+VERSION_KEY = "embedding_version"
+
+
+def stored_version(store: VectorStore, collection: str) -> str | None:
+    return store.collection_metadata(collection).get(VERSION_KEY)
+
+
+def require_version(store: VectorStore, collection: str, embedder: Embedder, *, claim: bool = False) -> str:
+    """The embedder's version, checked against the collection's (recorded here first when ``claim``)."""
+    current = embedder.version
+    stored = stored_version(store, collection)
+    if stored is None:
+        if claim:
+            store.update_collection_metadata(collection, {VERSION_KEY: current})
+        return current
+    if stored != current:
+        raise EmbeddingVersionMismatchError(collection, stored, current)
+    return current
+
+
+def item_payload(item: Item, version: str) -> dict[str, Any]:
+    payload: dict[str, Any] = dict(item.payload)
+    if item.label is not None:
+        payload["label"] = str(item.label)
+        payload.setdefault("label_source", "human")
+    if item.has_text:
+        payload["text"] = item.text
+    if isinstance(item.image, (str, Path)):
+        payload.setdefault("image_uri", str(item.image))
+    payload[VERSION_KEY] = version
+    return payload
+
+
+@dataclass
+class IndexReport:
+    written: int = 0
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (item id, why)
+
+
+def index_items(
+    store: VectorStore,
+    collection: str,
+    embedder: Embedder,
+    items: Sequence[Item],
+    *,
+    batch_size: int = 256,
+    skip_bad: bool = False,
+    progress: bool = False,
+) -> IndexReport:
+    """Embed ``items`` and upsert them (idempotent: same ids, same points).
+
+    A bad item (unreadable image, empty item) fails the run naming it, or with
+    ``skip_bad`` is left out and listed in the report: never silently dropped.
+    """
+    store.ensure_collection(collection)
+    version = require_version(store, collection, embedder, claim=True)
+    report = IndexReport()
+    starts: Any = range(0, len(items), batch_size)
+    if progress:
+        from rich.progress import track
+
+        starts = track(starts, description=f"indexing {len(items)} items into {collection}")
+    for start in starts:
+        batch = list(items[start : start + batch_size])
+        if skip_bad:
+            batch = _drop_bad(embedder, batch, report)
+            if not batch:
+                continue
+        vectors = embedder.embed(batch)
+        store.upsert(collection, [it.id for it in batch], vectors, [item_payload(it, version) for it in batch])
+        report.written += len(batch)
+    return report
+
+
+def _drop_bad(embedder: Embedder, batch: list[Item], report: IndexReport) -> list[Item]:
+    good = []
+    for item in batch:
+        try:
+            check_items([item])
+            embedder.decode([item])
+        except InvalidItemError as exc:
+            report.skipped.append((item.id, str(exc)))
+            continue
+        good.append(item)
+    return good
+
+
+def search_items(
+    store: VectorStore,
+    collection: str,
+    embedder: Embedder,
+    query: Item | str,
+    *,
+    top_k: int = 10,
+    filter: FilterLike = None,
+    **kw: Any,
+) -> list[Hit]:
+    """Neighbours of a query item (or text) in ``collection``, refused on a version mismatch."""
+    require_version(store, collection, embedder)
+    item = Item(id="query", text=query) if isinstance(query, str) else query
+    vector = embedder.embed([item])[0]
+    return store.search(collection, vector, top_k=top_k, filter=filter, **kw)
+
+
+@dataclass
+class ReindexReport:
+    reembedded: int = 0
+    already_current: int = 0
+    missing_source: list[str] = field(default_factory=list)
+    version: str = ""
+
+
+def reindex(
+    store: VectorStore,
+    collection: str,
+    embedder: Embedder,
+    *,
+    batch_size: int = 256,
+    progress: Callable[[int], None] | None = None,
+) -> ReindexReport:
+    """Re-embed every point of ``collection`` with ``embedder`` from its stored ``text`` / ``image_uri``.
+
+    Resumable: points already at the new version are skipped, and the
+    collection's version is switched only once every point carries it. Points
+    with no stored source cannot be re-embedded; they are listed and the
+    version is not switched (delete or re-ingest them, then run again).
+    """
+    version = embedder.version
+    report = ReindexReport(version=version)
+    pending: list[tuple[str, Item, dict[str, Any]]] = []
+
+    def flush() -> None:
+        if not pending:
+            return
+        vectors = embedder.embed([p[1] for p in pending])
+        payloads = [{**p[2], VERSION_KEY: version} for p in pending]
+        store.upsert(collection, [p[0] for p in pending], vectors, payloads)
+        report.reembedded += len(pending)
+        if progress:
+            progress(len(pending))
+        pending.clear()
+
+    for record in store.iter_records(collection, page_size=batch_size, with_payload=True):
+        payload = dict(record.payload or {})
+        payload.pop("external_id", None)
+        if payload.get(VERSION_KEY) == version:
+            report.already_current += 1
+            continue
+        text, uri = payload.get("text"), payload.get("image_uri")
+        if not text and not uri:
+            report.missing_source.append(record.id)
+            continue
+        pending.append((record.id, Item(id=record.id, text=text, image=uri), payload))
+        if len(pending) >= batch_size:
+            flush()
+    flush()
+    if not report.missing_source:
+        store.update_collection_metadata(collection, {VERSION_KEY: version})
+    return report

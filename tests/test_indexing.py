@@ -1,0 +1,78 @@
+"""Items into the store with the embedding version enforced; reindex."""
+
+from __future__ import annotations
+
+import pytest
+
+from embedder.errors import EmbeddingVersionMismatchError, InvalidItemError
+from embedder.indexing import VERSION_KEY, index_items, reindex, search_items
+from embedder.model import Embedder, Item
+from embedder.projection import TrainConfig, fit_projection
+from tests.conftest import make_edge
+
+
+@pytest.fixture(scope="module")
+def two_embedders(image_encoder, text_encoder, emoji_items, emoji_features):
+    labels = [it.label for it in emoji_items]
+    sig = Embedder(image_encoder, text_encoder).encoder_signatures()
+    a = fit_projection(emoji_features, labels, TrainConfig(epochs=3, seed=1), encoders=sig, progress=False)
+    b = fit_projection(emoji_features, labels, TrainConfig(epochs=3, seed=2), encoders=sig, progress=False)
+    assert a.version != b.version
+    return Embedder(image_encoder, text_encoder, a), Embedder(image_encoder, text_encoder, b)
+
+
+def test_index_records_the_version_and_search_finds_items(tmp_path, two_embedders, emoji_items):
+    emb, _ = two_embedders
+    items = emoji_items[:60]
+    with make_edge(tmp_path) as store:
+        report = index_items(store, "emoji", emb, items)
+        assert report.written == 60 and not report.skipped
+        assert store.collection_metadata("emoji")[VERSION_KEY] == emb.version
+        rec = store.retrieve("emoji", [items[0].id])[0]
+        assert rec.payload[VERSION_KEY] == emb.version
+        assert rec.payload["label"] == items[0].label and rec.payload["label_source"] == "human"
+        assert rec.payload["text"] == items[0].text and rec.payload["image_uri"].endswith(".png")
+        hits = search_items(store, "emoji", emb, Item("q", image=items[3].image, text=items[3].text), top_k=3)
+        assert hits[0].id == items[3].id
+        again = index_items(store, "emoji", emb, items[:10])  # idempotent: same ids, same points
+        assert again.written == 10 and store.count("emoji") == 60
+
+
+def test_other_versions_are_refused_until_reindex(tmp_path, two_embedders, emoji_items):
+    old, new = two_embedders
+    items = emoji_items[:40]
+    with make_edge(tmp_path) as store:
+        index_items(store, "emoji", old, items)
+        with pytest.raises(EmbeddingVersionMismatchError, match="reindex"):
+            index_items(store, "emoji", new, items[:2])
+        with pytest.raises(EmbeddingVersionMismatchError):
+            search_items(store, "emoji", new, "grinning face")
+        report = reindex(store, "emoji", new)
+        assert report.reembedded == 40 and not report.missing_source
+        assert store.collection_metadata("emoji")[VERSION_KEY] == new.version
+        assert {r.payload[VERSION_KEY] for r in store.iter_records("emoji")} == {new.version}
+        hits = search_items(store, "emoji", new, Item("q", image=items[5].image, text=items[5].text), top_k=1)
+        assert hits[0].id == items[5].id
+        assert reindex(store, "emoji", new).already_current == 40  # resumable / idempotent
+
+
+def test_reindex_lists_points_without_a_source(tmp_path, two_embedders, emoji_items):
+    old, new = two_embedders
+    with make_edge(tmp_path) as store:
+        index_items(store, "emoji", old, emoji_items[:5])
+        store.delete_payload_keys("emoji", [emoji_items[0].id], ["text", "image_uri"])
+        report = reindex(store, "emoji", new)
+        assert report.missing_source == [emoji_items[0].id] and report.reembedded == 4
+        assert store.collection_metadata("emoji")[VERSION_KEY] == old.version  # not switched
+
+
+def test_bad_items_fail_the_run_or_are_reported(tmp_path, two_embedders, emoji_items):
+    emb, _ = two_embedders
+    items = [*emoji_items[:3], Item("broken", image=b"not an image"), Item("empty")]
+    with make_edge(tmp_path) as store:
+        with pytest.raises(InvalidItemError, match=r"id .empty.: item has neither"):
+            index_items(store, "emoji", emb, items)
+        assert store.count("emoji") == 0  # the failing batch wrote nothing
+        report = index_items(store, "emoji", emb, items, skip_bad=True)
+        assert report.written == 3
+        assert [s[0] for s in report.skipped] == ["broken", "empty"]

@@ -1,0 +1,136 @@
+"""Matryoshka projection: nesting, missing modalities, training, artefacts and versions."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from embedder.errors import EmbedderError, ProjectionNotFittedError
+from embedder.evaluate import knn_accuracy, stratified_split
+from embedder.projection import (
+    FeatureSpace,
+    ProjectionArtifact,
+    RawFeatures,
+    TrainConfig,
+    fit_projection,
+    nested_views,
+)
+
+
+def synthetic_raw(n: int = 300, seed: int = 0, n_classes: int = 4) -> tuple[RawFeatures, list[str]]:
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, n_classes, n)
+    img_c, txt_c = rng.normal(size=(n_classes, 1280)), rng.normal(size=(n_classes, 384))
+    image = (img_c[y] + rng.normal(scale=2.0, size=(n, 1280))).astype(np.float32)
+    text = (txt_c[y] + rng.normal(scale=2.0, size=(n, 384))).astype(np.float32)
+    has_image = rng.random(n) > 0.2
+    has_text = ~has_image | (rng.random(n) > 0.3)
+    image[~has_image] = 0
+    text[~has_text] = 0
+    return RawFeatures(image, text, has_image, has_text), [f"c{v}" for v in y]
+
+
+def untrained(space: FeatureSpace, seed: int = 0) -> ProjectionArtifact:
+    rng = np.random.default_rng(seed)
+    w = rng.normal(scale=1 / np.sqrt(space.in_dim), size=(512, space.in_dim)).astype(np.float32)
+    return ProjectionArtifact(space=space, weight=w, bias=np.zeros(512, np.float32))
+
+
+def test_nested_views_are_renormalised_prefixes_of_one_vector():
+    raw, _ = synthetic_raw(50)
+    art = untrained(FeatureSpace.fit(raw))
+    z = art.space.fuse(raw) @ art.weight.T + art.bias
+    for m in (128, 256, 512):
+        v = art.project(raw, m)
+        np.testing.assert_allclose(np.linalg.norm(v, axis=1), 1.0, atol=1e-5)
+        np.testing.assert_allclose(v, z[:, :m] / np.linalg.norm(z[:, :m], axis=1, keepdims=True), atol=1e-5)
+    full = art.project(raw, 512)
+    # the 128 view is the normalised prefix of the (unnormalised) 512 output
+    np.testing.assert_allclose(nested_views(full * 3.0, (128,))[128], art.project(raw, 128), atol=1e-5)
+    with pytest.raises(EmbedderError, match="dims must be one of"):
+        art.project(raw, 100)
+
+
+def test_missing_modality_is_a_zero_slot_plus_flag():
+    raw, _ = synthetic_raw(100)
+    space = FeatureSpace.fit(raw)
+    x = space.fuse(raw)
+    assert x.shape == (100, 1280 + 384 + 2)
+    img_only = ~raw.has_text
+    assert np.all(x[img_only, 1280:1664] == 0) and np.all(x[img_only, -1] == 0) and np.all(x[img_only, -2] == 1)
+    both = raw.has_image & raw.has_text
+    # each present block has unit expected squared norm: neither modality dominates by size
+    assert 0.5 < np.mean(np.sum(x[both, :1280] ** 2, axis=1)) < 2.0
+    assert 0.5 < np.mean(np.sum(x[both, 1280:1664] ** 2, axis=1)) < 2.0
+    art = untrained(space)
+    v = art.project(raw)
+    assert np.isfinite(v).all()
+
+
+def test_training_is_seeded_and_reproducible():
+    raw, labels = synthetic_raw(200)
+    cfg = TrainConfig(epochs=8, seed=3)
+    a = fit_projection(raw, labels, cfg, progress=False)
+    b = fit_projection(raw, labels, cfg, progress=False)
+    assert np.array_equal(a.weight, b.weight) and a.version == b.version
+    c = fit_projection(raw, labels, TrainConfig(epochs=8, seed=4), progress=False)
+    assert c.version != a.version
+    assert a.training["n_labeled"] == 200 and a.training["classes"] == ["c0", "c1", "c2", "c3"]
+    assert len(a.training["history"]) == a.training["epochs_run"] <= 8
+
+
+def test_training_works_without_labels_and_refuses_tiny_data():
+    raw, _ = synthetic_raw(120)
+    art = fit_projection(raw, None, TrainConfig(epochs=3), progress=False)
+    assert art.training["n_labeled"] == 0
+    with pytest.raises(EmbedderError, match="at least 20"):
+        fit_projection(raw.take(np.arange(10)), None, progress=False)
+    with pytest.raises(ValueError, match="nested_dims"):
+        TrainConfig(nested_dims=(256, 128, 512))
+
+
+def test_save_load_round_trip_and_tamper_detection(tmp_path):
+    raw, labels = synthetic_raw(120)
+    art = fit_projection(raw, labels, TrainConfig(epochs=3), encoders={"image": {"model": "m"}}, progress=False)
+    art.save(tmp_path / "p")
+    meta = json.loads((tmp_path / "p" / "projection.json").read_text())
+    assert meta["version"] == art.version and meta["nested_dims"] == [128, 256, 512]
+    assert meta["training"]["data_sha256"] and meta["encoders"] == {"image": {"model": "m"}}
+    loaded = ProjectionArtifact.load(tmp_path / "p")
+    assert loaded.version == art.version
+    np.testing.assert_array_equal(loaded.project(raw), art.project(raw))
+    meta["version"] = "mrl-000000000000"
+    (tmp_path / "p" / "projection.json").write_text(json.dumps(meta))
+    with pytest.raises(EmbedderError, match="do not match the recorded version"):
+        ProjectionArtifact.load(tmp_path / "p")
+    with pytest.raises(ProjectionNotFittedError, match="fit-projection"):
+        ProjectionArtifact.load(tmp_path / "nothing")
+
+
+def test_features_from_other_encoders_are_refused():
+    raw, _ = synthetic_raw(30)
+    art = untrained(FeatureSpace.fit(raw))
+    other = RawFeatures(raw.image, np.zeros((30, 768), np.float32), raw.has_image, raw.has_text)
+    with pytest.raises(EmbedderError, match="encoders differ"):
+        art.project(other)
+
+
+def test_short_training_on_real_emoji_beats_the_untrained_projection(emoji_items, emoji_features):
+    raw = RawFeatures(*(np.asarray(a) for a in (emoji_features.image, emoji_features.text,
+                                                emoji_features.has_image, emoji_features.has_text)))  # fmt: skip
+    labels = [it.label for it in emoji_items]
+    train, test = stratified_split(labels, 0.25, seed=0)
+    train_labels = [labels[i] if i in set(train.tolist()) else None for i in range(len(labels))]
+    art = fit_projection(raw, train_labels, TrainConfig(epochs=25, seed=0), progress=False)
+    base = untrained(art.space)
+    ytr, yte = [labels[i] for i in train], [labels[i] for i in test]
+
+    def acc(a: ProjectionArtifact, m: int) -> float:
+        v = a.project(raw, m)
+        return knn_accuracy(v[train], ytr, v[test], yte)
+
+    trained128, untrained128 = acc(art, 128), acc(base, 128)
+    assert trained128 > untrained128 + 0.05, (trained128, untrained128)
+    assert trained128 >= 0.97 * acc(art, 512)
