@@ -13,6 +13,7 @@ import abc
 import json
 import threading
 from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -47,6 +48,21 @@ from retrieval.schema import (
 from retrieval.types import CollectionInfo, Hit, Record, ScrollPage, WithVectors
 
 MAX_TOP_K = 10_000
+
+
+@dataclass(frozen=True, slots=True)
+class QueryPlan:
+    """A validated search request, as the adapters receive it."""
+
+    top_k: int
+    shortlist: int
+    filter: Filter | None
+    with_payload: bool
+    with_vectors: WithVectors
+    exact: bool
+    score_threshold: float | None
+
+
 PAYLOAD_INDEX_KINDS = ("keyword", "integer", "float", "bool")
 
 
@@ -366,18 +382,8 @@ class VectorStore(abc.ABC):
         _check_with_vectors(with_vectors)
         full, prefix = prepare_vectors(vectors, what="query vector")
         flt = self._resolve_filter(filter)
-        return self._query(
-            collection,
-            full,
-            prefix,
-            top_k=top_k,
-            shortlist=shortlist,
-            filter=flt,
-            with_payload=with_payload,
-            with_vectors=with_vectors,
-            exact=exact,
-            score_threshold=score_threshold,
-        )
+        plan = QueryPlan(top_k, shortlist, flt, with_payload, with_vectors, exact, score_threshold)
+        return self._query(collection, full, prefix, plan)
 
     def retrieve(
         self,
@@ -517,20 +523,7 @@ class VectorStore(abc.ABC):
     def _delete(self, name: str, pids: list[str]) -> None: ...
 
     @abc.abstractmethod
-    def _query(
-        self,
-        name: str,
-        full: np.ndarray,
-        prefix: np.ndarray,
-        *,
-        top_k: int,
-        shortlist: int,
-        filter: Filter | None,
-        with_payload: bool,
-        with_vectors: WithVectors,
-        exact: bool,
-        score_threshold: float | None,
-    ) -> list[list[Hit]]: ...
+    def _query(self, name: str, full: np.ndarray, prefix: np.ndarray, plan: QueryPlan) -> list[list[Hit]]: ...
 
     @abc.abstractmethod
     def _retrieve(self, name: str, pids: list[str], with_payload: bool, with_vectors: WithVectors) -> list[Record]: ...

@@ -29,7 +29,15 @@ import numpy as np
 import qdrant_edge as qe
 
 from retrieval._lock import DirectoryLock
-from retrieval.base import VectorStore, group_by_payload, has_id_point_ids, hit_from, record_from, vector_names
+from retrieval.base import (
+    QueryPlan,
+    VectorStore,
+    group_by_payload,
+    has_id_point_ids,
+    hit_from,
+    record_from,
+    vector_names,
+)
 from retrieval.errors import (
     DimensionError,
     InvalidFilterError,
@@ -290,52 +298,41 @@ class EdgeStore(VectorStore):
             self._shard(name).update(qe.UpdateOperation.delete_points(pids))
 
     # ------------------------------------------------------------------- reads
-    def _query(
-        self,
-        name: str,
-        full: np.ndarray,
-        prefix: np.ndarray,
-        *,
-        top_k: int,
-        shortlist: int,
-        filter: Filter | None,
-        with_payload: bool,
-        with_vectors: WithVectors,
-        exact: bool,
-        score_threshold: float | None,
-    ) -> list[list[Hit]]:
-        flt = _to_edge_filter(filter) if filter is not None else None
-        payload_sel: Any = True if with_payload else qe.PayloadSelector.Include([EXTERNAL_ID_KEY])
-        vec_sel: Any = vector_names(with_vectors) or False
+    def _query(self, name: str, full: np.ndarray, prefix: np.ndarray, plan: QueryPlan) -> list[list[Hit]]:
+        flt = _to_edge_filter(plan.filter) if plan.filter is not None else None
+        payload_sel: Any = True if plan.with_payload else qe.PayloadSelector.Include([EXTERNAL_ID_KEY])
+        vec_sel: Any = vector_names(plan.with_vectors) or False
         requests = []
         full_rows, prefix_rows = full.tolist(), prefix.tolist()  # lists cross into Rust faster than numpy rows
         for i in range(full.shape[0]):
-            if exact:
+            if plan.exact:
                 requests.append(
                     qe.QueryRequest(
-                        limit=top_k,
+                        limit=plan.top_k,
                         query=qe.Query.Nearest(full_rows[i], using=FULL_VECTOR),
                         params=qe.SearchParams(exact=True),
                         filter=flt,
                         with_payload=payload_sel,
                         with_vector=vec_sel,
-                        score_threshold=score_threshold,
+                        score_threshold=plan.score_threshold,
                     )
                 )
             else:
                 requests.append(
                     qe.QueryRequest(
-                        limit=top_k,
+                        limit=plan.top_k,
                         prefetches=[
                             qe.Prefetch(
-                                limit=shortlist, query=qe.Query.Nearest(prefix_rows[i], using=PREFIX_VECTOR), filter=flt
+                                limit=plan.shortlist,
+                                query=qe.Query.Nearest(prefix_rows[i], using=PREFIX_VECTOR),
+                                filter=flt,
                             )
                         ],
                         query=qe.Query.Nearest(full_rows[i], using=FULL_VECTOR),
                         filter=flt,
                         with_payload=payload_sel,
                         with_vector=vec_sel,
-                        score_threshold=score_threshold,
+                        score_threshold=plan.score_threshold,
                     )
                 )
         with _edge_errors(f"query on {name!r}"):
@@ -344,7 +341,7 @@ class EdgeStore(VectorStore):
                 results = [shard.query(requests[0])]
             else:
                 results = shard.query_batch(qe.QueryBatchRequest(requests))
-        return [[hit_from(p, with_payload, with_vectors) for p in points] for points in results]
+        return [[hit_from(p, plan.with_payload, plan.with_vectors) for p in points] for points in results]
 
     def _retrieve(self, name: str, pids: list[str], with_payload: bool, with_vectors: WithVectors) -> list[Record]:
         with _edge_errors(f"retrieve from {name!r}"):

@@ -10,6 +10,16 @@ from __future__ import annotations
 from typing import Any
 
 
+def located(message: str, index: int | None = None, item_id: Any = None) -> str:
+    """``message`` prefixed with where the offending item is: ``item 3, id 'x': ...``."""
+    where = []
+    if index is not None:
+        where.append(f"item {index}")
+    if item_id is not None:
+        where.append(f"id {item_id!r}")
+    return f"{', '.join(where)}: {message}" if where else message
+
+
 class StoreError(Exception):
     """Base class of every error raised by :mod:`retrieval`."""
 
@@ -25,13 +35,7 @@ class InvalidInputError(StoreError, ValueError):
     def __init__(self, message: str, *, index: int | None = None, item_id: Any = None) -> None:
         self.index = index
         self.item_id = item_id
-        where = []
-        if index is not None:
-            where.append(f"item {index}")
-        if item_id is not None:
-            where.append(f"id {item_id!r}")
-        prefix = f"{', '.join(where)}: " if where else ""
-        super().__init__(prefix + message)
+        super().__init__(located(message, index, item_id))
 
 
 class EmptyBatchError(InvalidInputError):

@@ -20,6 +20,7 @@ from qdrant_client import models as qm
 from qdrant_client.http.exceptions import ResponseHandlingException, UnexpectedResponse
 
 from retrieval.base import (
+    QueryPlan,
     VectorStore,
     group_by_payload,
     has_id_point_ids,
@@ -284,56 +285,43 @@ class QdrantServerStore(VectorStore):
             )
 
     # ------------------------------------------------------------------- reads
-    def _query(
-        self,
-        name: str,
-        full: np.ndarray,
-        prefix: np.ndarray,
-        *,
-        top_k: int,
-        shortlist: int,
-        filter: Filter | None,
-        with_payload: bool,
-        with_vectors: WithVectors,
-        exact: bool,
-        score_threshold: float | None,
-    ) -> list[list[Hit]]:
-        flt = _to_qdrant_filter(filter) if filter is not None else None
-        payload_sel: Any = True if with_payload else qm.PayloadSelectorInclude(include=[EXTERNAL_ID_KEY])
-        vec_sel: Any = vector_names(with_vectors) or False
+    def _query(self, name: str, full: np.ndarray, prefix: np.ndarray, plan: QueryPlan) -> list[list[Hit]]:
+        flt = _to_qdrant_filter(plan.filter) if plan.filter is not None else None
+        payload_sel: Any = True if plan.with_payload else qm.PayloadSelectorInclude(include=[EXTERNAL_ID_KEY])
+        vec_sel: Any = vector_names(plan.with_vectors) or False
         requests = []
         for i in range(full.shape[0]):
-            if exact:
+            if plan.exact:
                 requests.append(
                     qm.QueryRequest(
                         query=full[i].tolist(),
                         using=FULL_VECTOR,
                         params=qm.SearchParams(exact=True),
-                        limit=top_k,
+                        limit=plan.top_k,
                         filter=flt,
                         with_payload=payload_sel,
                         with_vector=vec_sel,
-                        score_threshold=score_threshold,
+                        score_threshold=plan.score_threshold,
                     )
                 )
             else:
                 requests.append(
                     qm.QueryRequest(
                         prefetch=[
-                            qm.Prefetch(query=prefix[i].tolist(), using=PREFIX_VECTOR, limit=shortlist, filter=flt)
+                            qm.Prefetch(query=prefix[i].tolist(), using=PREFIX_VECTOR, limit=plan.shortlist, filter=flt)
                         ],
                         query=full[i].tolist(),
                         using=FULL_VECTOR,
-                        limit=top_k,
+                        limit=plan.top_k,
                         filter=flt,
                         with_payload=payload_sel,
                         with_vector=vec_sel,
-                        score_threshold=score_threshold,
+                        score_threshold=plan.score_threshold,
                     )
                 )
         with self._call(f"query on {name!r}", name):
             responses = self.client.query_batch_points(name, requests=requests, consistency=self.read_consistency)
-        return [[hit_from(p, with_payload, with_vectors) for p in r.points] for r in responses]
+        return [[hit_from(p, plan.with_payload, plan.with_vectors) for p in r.points] for r in responses]
 
     def _retrieve(self, name: str, pids: list[str], with_payload: bool, with_vectors: WithVectors) -> list[Record]:
         with self._call(f"retrieve from {name!r}", name):
