@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from retrieval.errors import located
+
 
 class EmbedderError(Exception):
     """Base class of every error raised by :mod:`embedder`."""
@@ -15,12 +17,7 @@ class InvalidItemError(EmbedderError, ValueError):
     def __init__(self, message: str, *, index: int | None = None, item_id: Any = None) -> None:
         self.index = index
         self.item_id = item_id
-        where = []
-        if index is not None:
-            where.append(f"item {index}")
-        if item_id is not None:
-            where.append(f"id {item_id!r}")
-        super().__init__((f"{', '.join(where)}: " if where else "") + message)
+        super().__init__(located(message, index, item_id))
 
 
 class ModelUnavailableError(EmbedderError, RuntimeError):
