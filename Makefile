@@ -6,7 +6,7 @@ PY     := $(BIN)/python
 # A stamp per extras set: reinstall only when pyproject.toml changes.
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint format bench-search venv redis clean
+.PHONY: demo test lint format bench-search bench-embed venv redis clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,9 @@ format: $(STAMP)-test,dev,bench,data,embed
 
 bench-search: $(STAMP)-bench
 	$(PY) benchmarks/search.py --n $${N:-100000}
+
+bench-embed: $(STAMP)-test,dev,bench,data,embed
+	$(PY) benchmarks/embed.py
 
 # Tests start their own redis-server on a free loopback port; make sure the binary exists.
 redis:

@@ -32,3 +32,31 @@ def test_search_benchmark_writes_the_documented_format(tmp_path):
         "build_s <= 0.5 x full512 HNSW",
         "ram_mb <= 0.5 x full512 HNSW",
     }
+
+
+def test_embed_benchmark_rows_have_the_documented_format(
+    emoji_items, image_encoder, text_encoder, emoji_features, tmp_path
+):
+    import importlib.util
+
+    from embedder.features import FeatureCache
+    from embedder.model import Embedder
+    from embedder.projection import TrainConfig, fit_projection
+
+    spec = importlib.util.spec_from_file_location("embed_bench", ROOT / "benchmarks" / "embed.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    embedder = Embedder(image_encoder, text_encoder)
+    embedder.projection = fit_projection(
+        emoji_features, [it.label for it in emoji_items], TrainConfig(epochs=2),
+        encoders=embedder.encoder_signatures(), progress=False,
+    )  # fmt: skip
+    tp = bench.throughput(embedder, emoji_items[:40], naive_n=3)
+    assert [r["path"] for r in tp] == ["image", "text", "mixed", "image_naive_lite0_loop"]
+    assert all(r["items_per_s"] > 0 and r["raw_items_per_s"] > 0 for r in tp)
+    subset = emoji_items[::5]
+    q = bench.quality(embedder, "emoji-subset", subset, seeds=[0], epochs=3, cache=FeatureCache(tmp_path))
+    assert {r["dims"] for r in q} == {"128", "256", "512", "raw", "pca128", "untrained128"}
+    assert all(0.0 <= r["knn_acc"] <= 1.0 and 0.0 <= r["probe_acc"] <= 1.0 for r in q)
+    targets = bench.check_targets(q, tp)
+    assert "emoji-subset: knn_acc 128 >= 0.97 x 512" in targets and "image: >= 2 x naive Lite0 loop" in targets
