@@ -89,35 +89,147 @@ def index_cmd(
         console.print(f"[yellow]skipped[/] {item_id}: {why}")
 
 
+ServerOpt = Annotated[
+    str, typer.Option("--server", envvar="EMBEDSTORE_SERVER", help="gRPC server address (host:port).")
+]
+TokenOpt = Annotated[
+    Optional[str],  # noqa: UP045
+    typer.Option("--token", envvar="EMBEDSTORE_TOKEN", help="Bearer token, if the server wants one."),
+]
+
+
+def _client(server: str, token: str | None):
+    from embedder.client import Client
+
+    return Client(server, token=token)
+
+
 @app.command("search")
 def search_cmd(
-    text: Annotated[Optional[str], typer.Option(help="Query text.")] = None,  # noqa: UP045
+    text: Annotated[Optional[str], typer.Argument(help="Query text.")] = None,  # noqa: UP045
     image: Annotated[Optional[Path], typer.Option(help="Query image file.")] = None,  # noqa: UP045
     top_k: Annotated[int, typer.Option(help="Neighbours to return.")] = 10,
-    path: PathOpt = None,
     collection: CollectionOpt = None,
     filter: Annotated[Optional[str], typer.Option("--filter", help="JSON payload filter.")] = None,  # noqa: UP045
+    server: ServerOpt = "localhost:50051",
+    token: TokenOpt = None,
+    local: Annotated[bool, typer.Option("--local", help="Search the store in-process, not via the server.")] = False,
+    path: PathOpt = None,
 ) -> None:
-    """Nearest items to a text and/or image query."""
+    """Nearest items to a text and/or image query (through the gRPC server, or --local)."""
+    from embedder.client import ServiceError
     from embedder.errors import EmbedderError
     from embedder.indexing import search_items
     from embedder.model import Item
 
     if text is None and image is None:
-        _fail(ValueError("give --text and/or --image"))
-    settings = _settings(path, collection=collection)
+        _fail(ValueError("give a query text and/or --image"))
     try:
         flt = json.loads(filter) if filter else None
-        with open_store(settings) as store:
-            hits = search_items(store, settings.collection, _embedder(), Item("query", image=image, text=text),
-                                top_k=top_k, filter=flt)  # fmt: skip
     except json.JSONDecodeError as exc:
         _fail(ValueError(f"--filter is not JSON: {exc}"))
-    except (EmbedderError, StoreError) as exc:
+    rows: list[tuple[float, str, dict]] = []
+    try:
+        if local:
+            settings = _settings(path, collection=collection)
+            with open_store(settings) as store:
+                query = Item("query", image=image, text=text)
+                hits = search_items(store, settings.collection, _embedder(), query, top_k=top_k, filter=flt)
+            rows = [(h.score, h.id, h.payload or {}) for h in hits]
+        else:
+            with _client(server, token) as client:
+                found = client.search(text, image, top_k=top_k, filter=flt, collection=collection or "")
+            rows = [(h.score, h.id, h.payload or {}) for h in found]
+    except (EmbedderError, StoreError, ServiceError) as exc:
         _fail(exc)
-    for h in hits:
-        p = h.payload or {}
-        console.print(f"{h.score:.3f}  {h.id}  label={p.get('label')!s}  {str(p.get('text', ''))[:60]}")
+    for score, item_id, p in rows:
+        console.print(f"{score:.3f}  {item_id}  label={p.get('label')!s}  {str(p.get('text', ''))[:60]}")
+
+
+@app.command("inspect")
+def inspect_cmd(
+    point_id: Annotated[str, typer.Argument(help="The point's external id.")],
+    k: Annotated[int, typer.Option("-k", help="Neighbours to show.")] = 10,
+    collection: CollectionOpt = None,
+    server: ServerOpt = "localhost:50051",
+    token: TokenOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+) -> None:
+    """A point's label / pseudo-label beside its nearest neighbours, and how far they agree."""
+    import dataclasses
+
+    from rich.table import Table
+
+    from embedder.client import ServiceError
+
+    try:
+        with _client(server, token) as client:
+            view = client.inspect(point_id, k=k, collection=collection or "")
+    except ServiceError as exc:
+        _fail(exc)
+    if as_json:
+        console.print_json(json.dumps(dataclasses.asdict(view), default=str))
+        return
+    st = view.point.state
+    conf = "" if st.pseudo_confidence is None else f"{st.pseudo_confidence:.3f}"
+    console.print(
+        f"[bold]{view.point.id}[/]  label={st.label}  source={st.label_source}  "
+        f"pseudo={st.pseudo_label} ({st.pseudo_status} {conf})  text={str(view.point.payload.get('text', ''))[:60]!r}"
+    )
+    table = Table("similarity", "id", "label", "pseudo-label", "status", "confidence", "text")
+    for n in view.neighbours:
+        ns = n.point.state
+        table.add_row(
+            f"{n.similarity:.3f}",
+            n.point.id,
+            ns.label or "",
+            ns.pseudo_label or "",
+            ns.pseudo_status or "",
+            "" if ns.pseudo_confidence is None else f"{ns.pseudo_confidence:.3f}",
+            str(n.point.payload.get("text", ""))[:40],
+        )
+    console.print(table)
+    a = view.agreement
+    console.print(
+        f"agreement with {a.label!r}: {a.weighted:.2f} weighted, {a.unweighted:.2f} unweighted over "
+        f"{a.labelled_neighbours} labelled neighbours; majority {a.majority_label!r} ({a.majority_share:.2f})"
+    )
+
+
+@app.command("serve")
+def serve_cmd(
+    host: Annotated[Optional[str], typer.Option(help="Interface (EMBEDSTORE_GRPC_HOST).")] = None,  # noqa: UP045
+    port: Annotated[Optional[int], typer.Option(help="Port (EMBEDSTORE_GRPC_PORT).")] = None,  # noqa: UP045
+    metrics_port: Annotated[Optional[int], typer.Option(help="Prometheus port, 0 = off.")] = None,  # noqa: UP045
+    path: PathOpt = None,
+    collection: CollectionOpt = None,
+) -> None:
+    """Serve Embed, Upsert, Search and InspectNeighbours over gRPC until SIGINT/SIGTERM."""
+    import asyncio
+    import logging
+
+    from embedder.config import EmbedderSettings, ServerSettings
+    from embedder.errors import EmbedderError
+    from embedder.model import Embedder
+    from embedder.service.server import EmbedstoreServer
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        overrides = {"host": host, "port": port, "metrics_port": metrics_port}
+        server_settings = ServerSettings(**{k: v for k, v in overrides.items() if v is not None})
+    except ValueError as exc:
+        _fail(exc)
+    store_settings = _settings(path, collection=collection)
+    server = EmbedstoreServer(
+        server_settings,
+        embedder_factory=lambda: Embedder.from_settings(EmbedderSettings()),
+        store_factory=lambda: open_store(store_settings),
+        collection=store_settings.collection,
+    )
+    try:
+        asyncio.run(server.serve())
+    except (EmbedderError, StoreError, OSError) as exc:
+        _fail(exc)
 
 
 @app.command("reindex")

@@ -15,10 +15,10 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import Field, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
 class EmbedderSettings(BaseSettings):
@@ -38,3 +38,60 @@ class EmbedderSettings(BaseSettings):
         if value % 32:
             raise ValueError(f"image size must be a multiple of 32, got {value}")
         return value
+
+
+class ServerSettings(BaseSettings):
+    """gRPC server settings (environment prefix ``EMBEDSTORE_GRPC_``).
+
+    ===================================  ==================================================
+    ``EMBEDSTORE_GRPC_HOST``             interface to bind (``127.0.0.1``; ``0.0.0.0`` in containers)
+    ``EMBEDSTORE_GRPC_PORT``             port (50051; 0 picks a free one)
+    ``EMBEDSTORE_GRPC_TOKENS``           comma-separated bearer tokens; empty = no auth
+    ``EMBEDSTORE_GRPC_TLS_CERT`` / _KEY  PEM certificate chain and private key: TLS on
+    ``EMBEDSTORE_GRPC_MAX_MESSAGE_MB``   largest request/response message (64)
+    ``EMBEDSTORE_GRPC_MAX_CONCURRENT``   RPCs in flight before RESOURCE_EXHAUSTED (256)
+    ``EMBEDSTORE_GRPC_MAX_BATCH``        items per model call (64)
+    ``EMBEDSTORE_GRPC_MAX_DELAY_MS``     how long an idle batcher waits to fill a batch (2)
+    ``EMBEDSTORE_GRPC_MAX_QUEUE``        items waiting to be embedded before RESOURCE_EXHAUSTED (4096)
+    ``EMBEDSTORE_GRPC_METRICS_PORT``     Prometheus /metrics port (9464; 0 = off)
+    ``EMBEDSTORE_GRPC_GRACE_S``          seconds in-flight calls get to finish on shutdown (10)
+    ===================================  ==================================================
+    """
+
+    model_config = SettingsConfigDict(env_prefix="EMBEDSTORE_GRPC_", env_file=".env", extra="ignore")
+
+    host: str = "127.0.0.1"
+    port: int = Field(50051, ge=0, le=65535)
+    tokens: Annotated[list[SecretStr], NoDecode] = Field(default_factory=list)
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    max_message_mb: int = Field(64, ge=1, le=2047)
+    max_concurrent: int = Field(256, ge=1)
+    max_batch: int = Field(64, ge=1, le=4096)
+    max_delay_ms: float = Field(2.0, ge=0, le=1000)
+    max_queue: int = Field(4096, ge=1)
+    metrics_port: int = Field(9464, ge=0, le=65535)
+    grace_s: float = Field(10.0, ge=0)
+    store_workers: int = Field(4, ge=1, le=64)
+
+    @field_validator("tokens", mode="before")
+    @classmethod
+    def _split_tokens(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [t.strip() for t in value.split(",") if t.strip()]
+        return value
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> ServerSettings:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("TLS needs both EMBEDSTORE_GRPC_TLS_CERT and EMBEDSTORE_GRPC_TLS_KEY")
+        for path in (self.tls_cert, self.tls_key):
+            if path is not None and not Path(path).is_file():
+                raise ValueError(f"TLS file {path} does not exist")
+        if self.max_queue < self.max_batch:
+            raise ValueError("EMBEDSTORE_GRPC_MAX_QUEUE must be >= EMBEDSTORE_GRPC_MAX_BATCH")
+        return self
+
+    @property
+    def max_message_bytes(self) -> int:
+        return self.max_message_mb * 1024 * 1024

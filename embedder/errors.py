@@ -15,6 +15,7 @@ class InvalidItemError(EmbedderError, ValueError):
     """An item cannot be embedded (empty, corrupt image, unreadable file, ...). Nothing was embedded."""
 
     def __init__(self, message: str, *, index: int | None = None, item_id: Any = None) -> None:
+        self.reason = message
         self.index = index
         self.item_id = item_id
         super().__init__(located(message, index, item_id))

@@ -131,7 +131,10 @@ class Embedder:
     def raw_features(self, items: Sequence[Item]) -> RawFeatures:
         """Encoder outputs for ``items`` (validated and decoded first: a bad item fails the batch)."""
         check_items(items)
-        pictures = self.decode(items)
+        return self.encode_decoded(items, self.decode(items))
+
+    def encode_decoded(self, items: Sequence[Item], pictures: Sequence[Image.Image | None]) -> RawFeatures:
+        """Encoder outputs for checked ``items`` whose images :meth:`decode` already produced."""
         n = len(items)
         has_image = np.array([p is not None for p in pictures], dtype=bool)
         has_text = np.array([it.has_text for it in items], dtype=bool)
@@ -161,12 +164,7 @@ class Embedder:
             starts = track(starts, description=f"encoding {len(items)} items")
         for start in starts:
             chunks.append(self.raw_features(items[start : start + batch_size]))
-        return RawFeatures(
-            np.concatenate([c.image for c in chunks]),
-            np.concatenate([c.text for c in chunks]),
-            np.concatenate([c.has_image for c in chunks]),
-            np.concatenate([c.has_text for c in chunks]),
-        )
+        return RawFeatures.concat(chunks)
 
     def embed(self, items: Sequence[Item], dims: int = 512) -> np.ndarray:
         """(n, dims) unit-norm Matryoshka vectors; ``dims`` in {128, 256, 512}."""

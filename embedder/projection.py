@@ -63,6 +63,15 @@ class RawFeatures:
     def take(self, idx: Any) -> RawFeatures:
         return RawFeatures(self.image[idx], self.text[idx], self.has_image[idx], self.has_text[idx])
 
+    @classmethod
+    def concat(cls, parts: Sequence[RawFeatures]) -> RawFeatures:
+        return cls(
+            np.concatenate([p.image for p in parts]),
+            np.concatenate([p.text for p in parts]),
+            np.concatenate([p.has_image for p in parts]),
+            np.concatenate([p.has_text for p in parts]),
+        )
+
     def raw_concat(self) -> np.ndarray:
         """The plain concatenation [image | text] (zeros where missing): the 'raw' baseline."""
         return np.concatenate([self.image, self.text], axis=1).astype(np.float32)
@@ -193,6 +202,14 @@ class ProjectionArtifact:
             raise EmbedderError(f"dims must be one of {self.nested_dims}, got {dims}")
         z = self.space.fuse(raw) @ self.weight.T + self.bias
         return nested_views(z, (dims,))[dims]
+
+    def project_views(self, raw: RawFeatures, dims: Sequence[int]) -> dict[int, np.ndarray]:
+        """Unit-norm views for several prefix lengths from one projection (e.g. a batch of mixed requests)."""
+        bad = [d for d in dims if d not in self.nested_dims]
+        if bad:
+            raise EmbedderError(f"dims must be in {self.nested_dims}, got {bad}")
+        z = self.space.fuse(raw) @ self.weight.T + self.bias
+        return nested_views(z, tuple(sorted(set(dims))))
 
     # ------------------------------------------------------------ persistence
     def save(self, directory: str | Path) -> Path:

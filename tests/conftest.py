@@ -91,3 +91,14 @@ def emoji_features(emoji_items, image_encoder, text_encoder, tmp_path_factory):
     embedder = Embedder(image_encoder, text_encoder)
     cache = FeatureCache(tmp_path_factory.mktemp("features"))
     return features_for(emoji_items, embedder, cache_name="emoji", cache=cache, progress=False)
+
+
+@pytest.fixture(scope="session")
+def fitted_projection(image_encoder, text_encoder, emoji_items, emoji_features):
+    """A real Matryoshka projection fitted (briefly) on the real emoji features."""
+    from embedder.model import Embedder
+    from embedder.projection import TrainConfig, fit_projection
+
+    sig = Embedder(image_encoder, text_encoder).encoder_signatures()
+    labels = [it.label for it in emoji_items]
+    return fit_projection(emoji_features, labels, TrainConfig(epochs=3, seed=1), encoders=sig, progress=False)

@@ -1,0 +1,1 @@
+"""The gRPC service: servicers, micro-batching, interceptors, server assembly."""

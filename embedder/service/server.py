@@ -1,0 +1,299 @@
+"""Assembling the gRPC server: servicers, health, reflection, auth, TLS, limits, metrics, shutdown.
+
+Lifecycle: :meth:`EmbedstoreServer.start` binds the port and answers health
+checks at once (NOT_SERVING), then loads the models and opens the store in a
+thread; every service turns SERVING when both are ready (calls before that get
+UNAVAILABLE). :meth:`EmbedstoreServer.stop` turns health NOT_SERVING, stops
+accepting calls, lets in-flight calls finish for ``grace_s`` seconds, then
+stops the batcher and flushes and closes the store.
+
+Auth: with tokens configured, every call needs ``authorization: Bearer <token>``
+metadata, except the health service (load balancers and orchestrators probe it
+without credentials). Reflection needs the token like any other service
+(``grpcurl -H 'authorization: Bearer …'``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import logging
+import signal
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
+from grpc_reflection.v1alpha import reflection
+
+from embedder.config import ServerSettings
+from embedder.model import Embedder
+from embedder.service.batcher import MicroBatcher
+from embedder.service.servicers import EmbeddingServicer, LabelingServicer, Metrics, Runtime, StoreServicer
+from embedstore.v1 import embedding_pb2, embedding_pb2_grpc, labeling_pb2, labeling_pb2_grpc, store_pb2, store_pb2_grpc
+from retrieval import VectorStore
+
+log = logging.getLogger("embedstore.server")
+
+SERVICES = (
+    embedding_pb2.DESCRIPTOR.services_by_name["EmbeddingService"].full_name,
+    store_pb2.DESCRIPTOR.services_by_name["StoreService"].full_name,
+    labeling_pb2.DESCRIPTOR.services_by_name["LabelingService"].full_name,
+)
+HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
+
+
+class AuthInterceptor(grpc.aio.ServerInterceptor):
+    """Bearer-token check on every call outside the health service (UNAUTHENTICATED otherwise)."""
+
+    def __init__(self, tokens: list[str], metrics: Metrics | None = None) -> None:
+        self._tokens = [t.encode() for t in tokens]
+        self._metrics = metrics
+
+    def _allowed(self, details: grpc.HandlerCallDetails) -> bool:
+        if details.method.startswith(f"/{HEALTH_SERVICE}/"):
+            return True
+        header = ""
+        for key, value in details.invocation_metadata or ():
+            if key == "authorization":
+                header = value if isinstance(value, str) else value.decode()
+        if not header.lower().startswith("bearer "):
+            return False
+        given = header[7:].strip().encode()
+        return any(hmac.compare_digest(given, t) for t in self._tokens)  # no early exit on a match
+
+    async def intercept_service(
+        self, continuation: Callable[[grpc.HandlerCallDetails], Any], details: grpc.HandlerCallDetails
+    ) -> Any:
+        handler = await continuation(details)
+        if handler is None or self._allowed(details):
+            return handler
+        if self._metrics is not None:
+            self._metrics.requests.labels(details.method.rsplit("/", 1)[-1], "UNAUTHENTICATED").inc()
+        return _denying(handler)
+
+
+def _denying(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+    message = "missing or invalid bearer token (send metadata 'authorization: Bearer <token>')"
+
+    async def deny(_request: Any, context: grpc.aio.ServicerContext) -> Any:
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+
+    kinds = {
+        (False, False): grpc.unary_unary_rpc_method_handler,
+        (False, True): grpc.unary_stream_rpc_method_handler,
+        (True, False): grpc.stream_unary_rpc_method_handler,
+        (True, True): grpc.stream_stream_rpc_method_handler,
+    }
+    make = kinds[(handler.request_streaming, handler.response_streaming)]
+    return make(
+        deny, request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer
+    )
+
+
+class EmbedstoreServer:
+    """The embedstore gRPC server (grpc.aio).
+
+    ``embedder_factory`` and ``store_factory`` run in a thread after the port
+    is bound, so health answers NOT_SERVING while models load.
+    """
+
+    def __init__(
+        self,
+        settings: ServerSettings,
+        *,
+        embedder_factory: Callable[[], Embedder],
+        store_factory: Callable[[], VectorStore],
+        collection: str = "items",
+    ) -> None:
+        self.settings = settings
+        self._embedder_factory = embedder_factory
+        self._store_factory = store_factory
+        self.metrics = Metrics()
+        self.rt = Runtime(
+            metrics=self.metrics,
+            default_collection=collection,
+            store_pool=ThreadPoolExecutor(settings.store_workers, thread_name_prefix="store"),
+            max_message_bytes=settings.max_message_bytes,
+            max_batch=settings.max_batch,
+        )
+        self.health = health_aio.HealthServicer()
+        self.port: int | None = None
+        self.metrics_port: int | None = None
+        self.load_error: BaseException | None = None
+        self._server: grpc.aio.Server | None = None
+        self._loading: asyncio.Task[None] | None = None
+        self._metrics_http: Any = None
+        self._stopped = False
+
+    # ------------------------------------------------------------------ start
+    async def start(self) -> int:
+        """Bind and start serving (health NOT_SERVING until loaded); returns the bound port."""
+        s = self.settings
+        interceptors = [AuthInterceptor([t.get_secret_value() for t in s.tokens], self.metrics)] if s.tokens else []
+        self._server = grpc.aio.server(
+            interceptors=interceptors,
+            options=[
+                ("grpc.max_receive_message_length", s.max_message_bytes),
+                ("grpc.max_send_message_length", s.max_message_bytes),
+                ("grpc.so_reuseport", 0),
+            ],
+            maximum_concurrent_rpcs=s.max_concurrent,
+        )
+        embedding_pb2_grpc.add_EmbeddingServiceServicer_to_server(EmbeddingServicer(self.rt), self._server)
+        store_pb2_grpc.add_StoreServiceServicer_to_server(StoreServicer(self.rt), self._server)
+        labeling_pb2_grpc.add_LabelingServiceServicer_to_server(LabelingServicer(self.rt), self._server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
+        reflection.enable_server_reflection((*SERVICES, HEALTH_SERVICE, reflection.SERVICE_NAME), self._server)
+        for name in ("", *SERVICES):
+            await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        address = f"{s.host}:{s.port}"
+        if s.tls_cert is not None and s.tls_key is not None:
+            creds = grpc.ssl_server_credentials([(s.tls_key.read_bytes(), s.tls_cert.read_bytes())])
+            self.port = self._server.add_secure_port(address, creds)
+        else:
+            self.port = self._server.add_insecure_port(address)
+        if not self.port:
+            raise OSError(f"cannot bind gRPC port {address}")
+        await self._server.start()
+        if s.metrics_port:
+            from prometheus_client import start_http_server
+
+            self._metrics_http, _ = start_http_server(s.metrics_port, addr=s.host, registry=self.metrics.registry)
+            self.metrics_port = self._metrics_http.server_port
+        self._loading = asyncio.get_running_loop().create_task(self._load())
+        log.info("embedstore gRPC listening on %s:%s (%s)", s.host, self.port, "TLS" if s.tls_cert else "plaintext")
+        return self.port
+
+    async def _load(self) -> None:
+        try:
+            embedder = await asyncio.to_thread(self._embedder_factory)
+            store = await asyncio.to_thread(self._store_factory)
+            await asyncio.to_thread(store.ensure_collection, self.rt.default_collection)
+        except BaseException as exc:  # stays NOT_SERVING; serve() reports it
+            self.load_error = exc
+            log.error("loading failed: %s", exc)
+            return
+        batcher = MicroBatcher(
+            embedder,
+            max_batch=self.settings.max_batch,
+            max_delay_ms=self.settings.max_delay_ms,
+            max_queue=self.settings.max_queue,
+            on_batch=self.metrics.batch_size.observe,
+        )
+        batcher.start()
+        self.metrics.queue.set_function(lambda: batcher.queued_items)
+        self.rt.embedder, self.rt.batcher, self.rt.store = embedder, batcher, store
+        self.rt.ready = True
+        for name in ("", *SERVICES):
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        log.info("embedstore ready (embedding version %s)", embedder.projection.version if embedder.projection else "-")
+
+    async def wait_ready(self, timeout: float = 120.0) -> None:
+        """Wait until models and store are loaded; re-raises a loading failure."""
+        if self._loading is None:
+            raise RuntimeError("start() was not called")
+        await asyncio.wait_for(asyncio.shield(self._loading), timeout)
+        if self.load_error is not None:
+            raise self.load_error
+
+    # ------------------------------------------------------------------- stop
+    async def stop(self, grace: float | None = None) -> None:
+        """Graceful shutdown: NOT_SERVING, drain in-flight calls, stop batching, flush and close the store."""
+        if self._stopped:
+            return
+        self._stopped = True
+        grace = self.settings.grace_s if grace is None else grace
+        await self.health.enter_graceful_shutdown()
+        if self._server is not None:
+            await self._server.stop(grace)
+        if self._loading is not None and not self._loading.done():
+            self._loading.cancel()
+            with contextlib.suppress(BaseException):
+                await self._loading
+        self.rt.ready = False
+        if self.rt.batcher is not None:
+            await self.rt.batcher.stop()
+        if self.rt.store is not None and not self.rt.store.closed:
+            store = self.rt.store
+            await asyncio.to_thread(lambda: (store.flush(), store.close()))
+        self.rt.store_pool.shutdown(wait=True)
+        if self._metrics_http is not None:
+            self._metrics_http.shutdown()
+            self._metrics_http.server_close()
+        log.info("embedstore stopped")
+
+    async def serve(self) -> None:
+        """Start, run until SIGINT/SIGTERM, then shut down gracefully. A loading failure ends it with that error."""
+        await self.start()
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.add_signal_handler(sig, stop.set)
+        assert self._loading is not None
+        waiter = asyncio.ensure_future(stop.wait())
+        await asyncio.wait({self._loading, waiter}, return_when=asyncio.FIRST_COMPLETED)
+        try:
+            if self.load_error is None:
+                await waiter
+        finally:
+            waiter.cancel()
+            await self.stop()
+        if self.load_error is not None:
+            raise self.load_error
+
+
+class BackgroundServer:
+    """An :class:`EmbedstoreServer` on its own event-loop thread (tests, benchmarks, notebooks).
+
+    ``with BackgroundServer(server) as bg:`` starts it and waits until ready;
+    leaving the block shuts it down gracefully.
+    """
+
+    def __init__(self, server: EmbedstoreServer, *, ready_timeout: float = 120.0, wait: bool = True) -> None:
+        import threading
+
+        self.server = server
+        self._ready_timeout = ready_timeout
+        self._wait = wait
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="embedstore-grpc", daemon=True)
+
+    @property
+    def port(self) -> int:
+        assert self.server.port is not None
+        return self.server.port
+
+    @property
+    def target(self) -> str:
+        return f"{self.server.settings.host}:{self.port}"
+
+    def run(self, coro: Any, timeout: float | None = None) -> Any:
+        """Run a coroutine on the server's loop and wait for its result."""
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
+
+    def start(self) -> BackgroundServer:
+        self._thread.start()
+        self.run(self.server.start())
+        if self._wait:
+            self.run(self.server.wait_ready(self._ready_timeout))
+        return self
+
+    def stop(self, grace: float | None = None) -> None:
+        if self._thread.is_alive():
+            try:
+                self.run(self.server.stop(grace))
+            finally:
+                self._loop.call_soon_threadsafe(self._loop.stop)
+                self._thread.join(10)
+                self._loop.close()
+
+    def __enter__(self) -> BackgroundServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -1,0 +1,470 @@
+"""The three gRPC services, their status-code mapping and their metrics.
+
+Every RPC runs through :func:`_rpc`, which maps the project's exceptions to
+gRPC status codes in one place (see ``STATUS``), counts the call by method
+and status, and times it. Model work goes through the :class:`MicroBatcher`;
+store calls run in a thread pool: nothing blocks the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import grpc
+import numpy as np
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from embedder.errors import (
+    EmbedderError,
+    EmbeddingVersionMismatchError,
+    InvalidItemError,
+    ModelUnavailableError,
+    ProjectionNotFittedError,
+)
+from embedder.indexing import VERSION_KEY, item_payload, require_version
+from embedder.model import Embedder, Item
+from embedder.service import convert
+from embedder.service.batcher import MicroBatcher, Overloaded
+from embedstore.v1 import (
+    embedding_pb2,
+    embedding_pb2_grpc,
+    labeling_pb2,
+    labeling_pb2_grpc,
+    store_pb2,
+    store_pb2_grpc,
+)
+from labeling.inspect import MAX_K, inspect_neighbours
+from retrieval import FULL_DIM, VectorStore
+from retrieval.base import MAX_TOP_K
+from retrieval.errors import (
+    CollectionNotFoundError,
+    InvalidInputError,
+    PointNotFoundError,
+    SchemaMismatchError,
+    StoreError,
+    StoreLockedError,
+    StoreUnavailableError,
+)
+from retrieval.schema import check_collection_name
+
+log = logging.getLogger("embedstore.service")
+DIMENSIONS = (128, 256, 512)
+MAX_ITEMS_PER_CALL = 4096
+
+# First match wins: subclasses before their bases.
+STATUS: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
+    (convert.BadRequest, grpc.StatusCode.INVALID_ARGUMENT),
+    (InvalidItemError, grpc.StatusCode.INVALID_ARGUMENT),
+    (InvalidInputError, grpc.StatusCode.INVALID_ARGUMENT),
+    (PointNotFoundError, grpc.StatusCode.NOT_FOUND),
+    (CollectionNotFoundError, grpc.StatusCode.NOT_FOUND),
+    (ProjectionNotFittedError, grpc.StatusCode.FAILED_PRECONDITION),
+    (EmbeddingVersionMismatchError, grpc.StatusCode.FAILED_PRECONDITION),
+    (SchemaMismatchError, grpc.StatusCode.FAILED_PRECONDITION),
+    (Overloaded, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (StoreUnavailableError, grpc.StatusCode.UNAVAILABLE),
+    (StoreLockedError, grpc.StatusCode.UNAVAILABLE),
+    (ModelUnavailableError, grpc.StatusCode.UNAVAILABLE),
+    (StoreError, grpc.StatusCode.INTERNAL),
+    (EmbedderError, grpc.StatusCode.INTERNAL),
+)
+
+
+def status_of(exc: BaseException) -> grpc.StatusCode:
+    for kind, code in STATUS:
+        if isinstance(exc, kind):
+            return code
+    return grpc.StatusCode.INTERNAL
+
+
+class NotReady(Exception):
+    """The server is still loading models or opening the store."""
+
+
+class Metrics:
+    """Prometheus instruments in their own registry (one per server, so tests can run several)."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "embedstore_grpc_requests", "RPCs handled, by method and status", ["method", "code"], registry=self.registry
+        )
+        self.latency = Histogram(
+            "embedstore_grpc_request_seconds",
+            "RPC latency by method",
+            ["method"],
+            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+            registry=self.registry,
+        )
+        self.batch_size = Histogram(
+            "embedstore_embed_batch_size",
+            "Items per model call",
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512),
+            registry=self.registry,
+        )
+        self.items = Counter("embedstore_embedded_items", "Items embedded", registry=self.registry)
+        self.queue = Gauge("embedstore_embed_queue_items", "Items waiting to be embedded", registry=self.registry)
+
+
+@dataclass
+class Runtime:
+    """What the servicers share: set up by the server, ready once models and store are loaded."""
+
+    metrics: Metrics
+    default_collection: str
+    store_pool: ThreadPoolExecutor
+    max_message_bytes: int
+    max_batch: int
+    embedder: Embedder | None = None
+    batcher: MicroBatcher | None = None
+    store: VectorStore | None = None
+    ready: bool = False
+    write_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+    def require(self) -> tuple[Embedder, MicroBatcher, VectorStore]:
+        if not self.ready or self.embedder is None or self.batcher is None or self.store is None:
+            raise NotReady("the server is starting (loading models and opening the store); retry shortly")
+        return self.embedder, self.batcher, self.store
+
+    async def in_store(self, fn: Callable[..., Any], *args: Any, **kw: Any) -> Any:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self.store_pool, functools.partial(fn, *args, **kw))
+
+    def collection(self, name: str) -> str:
+        if not name:
+            return self.default_collection
+        try:
+            return check_collection_name(name)
+        except InvalidInputError as exc:
+            raise convert.BadRequest(f"collection: {exc}") from exc
+
+
+T = TypeVar("T")
+
+
+def _rpc(method: str) -> Callable[[Callable[..., Awaitable[T]]], Callable[..., Awaitable[T]]]:
+    """Status mapping, metrics and logging for a unary-response RPC."""
+
+    def wrap(fn: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
+        @functools.wraps(fn)
+        async def handler(self: Any, request: Any, context: grpc.aio.ServicerContext) -> T:
+            rt: Runtime = self.rt
+            start = time.perf_counter()
+            code = grpc.StatusCode.OK
+            try:
+                return await fn(self, request, context)
+            except NotReady as exc:
+                code = grpc.StatusCode.UNAVAILABLE
+                await context.abort(code, str(exc))
+            except asyncio.CancelledError:
+                code = grpc.StatusCode.CANCELLED
+                raise
+            except Exception as exc:
+                if isinstance(exc, grpc.aio.AbortError):
+                    code = context.code() or grpc.StatusCode.UNKNOWN
+                    raise
+                code = status_of(exc)
+                if code == grpc.StatusCode.INTERNAL:
+                    log.exception("%s failed", method)
+                await context.abort(code, str(exc))
+            finally:
+                rt.metrics.requests.labels(method, code.name).inc()
+                rt.metrics.latency.labels(method).observe(time.perf_counter() - start)
+            raise AssertionError("unreachable")  # abort always raises
+
+        return handler
+
+    return wrap
+
+
+def _dims(value: int) -> int:
+    dims = value or 512
+    if dims not in DIMENSIONS:
+        raise convert.BadRequest(f"dimensions must be one of {DIMENSIONS} (or 0 for 512), got {value}")
+    return dims
+
+
+def _items(messages: Any, what: str = "items") -> list[Item]:
+    if len(messages) == 0:
+        raise convert.BadRequest(f"no {what} given")
+    if len(messages) > MAX_ITEMS_PER_CALL:
+        raise convert.BadRequest(f"{len(messages)} {what} in one call; the limit is {MAX_ITEMS_PER_CALL}")
+    return [convert.item(m) for m in messages]
+
+
+# ------------------------------------------------------------------ embedding
+class EmbeddingServicer(embedding_pb2_grpc.EmbeddingServiceServicer):
+    def __init__(self, rt: Runtime, stream_window: int = 256) -> None:
+        self.rt = rt
+        self.stream_window = stream_window
+
+    @_rpc("Embed")
+    async def Embed(self, request: embedding_pb2.EmbedRequest, context: Any) -> embedding_pb2.EmbedResponse:
+        embedder, batcher, _ = self.rt.require()
+        dims = _dims(request.dimensions)
+        items = _items(request.items)
+        vectors = await batcher.embed(items, dims)
+        self.rt.metrics.items.inc(len(items))
+        response = embedding_pb2.EmbedResponse(dimensions=dims, embedding_version=embedder.version)
+        for row in vectors:
+            convert.fill_vector(response.embeddings.add(), row)
+        return response
+
+    async def EmbedStream(
+        self, request_iterator: AsyncIterator[embedding_pb2.EmbedStreamRequest], context: Any
+    ) -> AsyncIterator[embedding_pb2.EmbedStreamResponse]:
+        """Reads items while earlier ones are being embedded (a window of ``stream_window`` in flight)."""
+        metrics = self.rt.metrics
+        start = time.perf_counter()
+        code = grpc.StatusCode.OK
+        try:
+            _, batcher, _ = self.rt.require()
+        except NotReady as exc:
+            metrics.requests.labels("EmbedStream", "UNAVAILABLE").inc()
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+        window: asyncio.Queue[tuple[int, str, asyncio.Future[Any] | BaseException] | None] = asyncio.Queue(
+            self.stream_window
+        )
+
+        async def submit(seq: int, req: embedding_pb2.EmbedStreamRequest) -> Any:
+            dims = _dims(req.dimensions)
+            try:
+                return (await batcher.embed([convert.item(req.item)], dims))[0]
+            except InvalidItemError as exc:  # name the item by its position in the stream
+                raise InvalidItemError(exc.reason, index=seq, item_id=req.item.id or None) from exc
+
+        async def reader() -> None:
+            seq = 0
+            async for req in request_iterator:
+                task: asyncio.Future[Any] | BaseException
+                try:
+                    task = asyncio.ensure_future(submit(seq, req))
+                except Exception as exc:
+                    task = exc
+                await window.put((seq, req.item.id, task))
+                seq += 1
+            await window.put(None)
+
+        reading = asyncio.ensure_future(reader())
+        try:
+            while True:
+                entry = await window.get()
+                if entry is None:
+                    break
+                seq, item_id, task = entry
+                response = embedding_pb2.EmbedStreamResponse(sequence=seq, id=item_id)
+                try:
+                    if isinstance(task, BaseException):
+                        raise task
+                    convert.fill_vector(response.embedding, await task)
+                    metrics.items.inc()
+                except (convert.BadRequest, EmbedderError, InvalidInputError) as exc:
+                    if isinstance(exc, Overloaded | ProjectionNotFittedError):
+                        raise
+                    response.error.status = status_of(exc).name
+                    response.error.message = str(exc)
+                yield response
+            await reading
+        except asyncio.CancelledError:
+            code = grpc.StatusCode.CANCELLED
+            raise
+        except Exception as exc:
+            code = status_of(exc)
+            await context.abort(code, str(exc))
+        finally:
+            reading.cancel()
+            with contextlib.suppress(BaseException):
+                await reading
+            metrics.requests.labels("EmbedStream", code.name).inc()
+            metrics.latency.labels("EmbedStream").observe(time.perf_counter() - start)
+
+    @_rpc("Info")
+    async def Info(self, request: embedding_pb2.InfoRequest, context: Any) -> embedding_pb2.InfoResponse:
+        embedder, _, _ = self.rt.require()
+        version = embedder.projection.version if embedder.projection is not None else ""
+        return embedding_pb2.InfoResponse(
+            embedding_version=version,
+            dimensions=list(DIMENSIONS) if version else [],
+            encoders_json=json.dumps(embedder.encoder_signatures(), sort_keys=True),
+            max_batch=self.rt.max_batch,
+            max_message_bytes=self.rt.max_message_bytes,
+        )
+
+
+# ---------------------------------------------------------------------- store
+class StoreServicer(store_pb2_grpc.StoreServiceServicer):
+    def __init__(self, rt: Runtime) -> None:
+        self.rt = rt
+
+    @_rpc("Upsert")
+    async def Upsert(self, request: store_pb2.UpsertRequest, context: Any) -> store_pb2.UpsertResponse:
+        embedder, batcher, store = self.rt.require()
+        collection = self.rt.collection(request.collection)
+        points = list(request.points)
+        if not points:
+            raise convert.BadRequest("no points given")
+        if len(points) > MAX_ITEMS_PER_CALL:
+            raise convert.BadRequest(f"{len(points)} points in one call; the limit is {MAX_ITEMS_PER_CALL}")
+        to_embed: list[int] = []
+        vectors = np.zeros((len(points), FULL_DIM), dtype=np.float32)
+        payloads: list[dict[str, Any]] = []
+        for i, p in enumerate(points):
+            where = f"point {i}" + (f", id {p.id!r}" if p.id else "")
+            if not p.id:
+                raise convert.BadRequest(f"{where}: id is required")
+            has_item = p.HasField("item") and (bool(p.item.image) or bool(p.item.text))
+            has_vector = p.HasField("vector") and len(p.vector.values) > 0
+            if has_item == has_vector:
+                raise convert.BadRequest(f"{where}: give exactly one of item (image/text) or vector")
+            payload = convert.struct_to_dict(p.payload, p.HasField("payload")) or {}
+            if p.label:
+                payload["label"] = p.label
+                payload.setdefault("label_source", "human")
+            if has_vector:
+                vectors[i] = convert.vector(p.vector, dim=FULL_DIM, what=where + ": vector")
+            else:
+                to_embed.append(i)
+            payloads.append(payload)
+        version = ""
+        if to_embed:
+            await self.rt.in_store(store.ensure_collection, collection)
+            version = await self.rt.in_store(require_version, store, collection, embedder)
+            items = [convert.item(points[i].item) for i in to_embed]
+            for item, i in zip(items, to_embed, strict=True):
+                item.id = points[i].id
+            try:
+                embedded = await batcher.embed(items, 512)
+            except InvalidItemError as exc:  # name the point's index in the request, not in the embedded subset
+                raise InvalidItemError(exc.reason, index=to_embed[exc.index or 0], item_id=exc.item_id) from exc
+            self.rt.metrics.items.inc(len(items))
+            for row, item, i in zip(embedded, items, to_embed, strict=True):
+                vectors[i] = row
+                payloads[i] = item_payload(Item(item.id, text=item.text), version) | payloads[i]
+                payloads[i][VERSION_KEY] = version
+        if context.time_remaining() is not None and context.time_remaining() <= 0:
+            raise asyncio.CancelledError  # the caller has gone: write nothing
+        async with self.rt.write_lock:  # claim the version and write as one step per server
+            await self.rt.in_store(store.ensure_collection, collection)
+            if to_embed:
+                await self.rt.in_store(require_version, store, collection, embedder, claim=True)
+            written = await self.rt.in_store(store.upsert, collection, [p.id for p in points], vectors, payloads)
+        return store_pb2.UpsertResponse(written=written, embedding_version=version)
+
+    @_rpc("Search")
+    async def Search(self, request: store_pb2.SearchRequest, context: Any) -> store_pb2.SearchResponse:
+        embedder, batcher, store = self.rt.require()
+        collection = self.rt.collection(request.collection)
+        top_k = request.top_k or 10
+        if top_k > MAX_TOP_K:
+            raise convert.BadRequest(f"top_k must be in 1..{MAX_TOP_K}, got {top_k}")
+        shortlist = request.shortlist or None
+        flt = convert.struct_to_dict(request.filter, request.HasField("filter"))
+        kind = request.query.WhichOneof("kind") if request.HasField("query") else None
+        exclude: str | None = None
+        if kind == "vector":
+            query = convert.vector(request.query.vector, dim=FULL_DIM, what="query vector")
+        elif kind == "item":
+            item = convert.item(request.query.item)
+            await self.rt.in_store(require_version, store, collection, embedder)
+            query = (await batcher.embed([item], 512))[0]
+        elif kind == "point_id":
+            if not request.query.point_id:
+                raise convert.BadRequest("query.point_id is empty")
+            exclude = request.query.point_id
+            record = (await self.rt.in_store(store.retrieve, collection, [exclude], with_vectors=True))[0]
+            query = record.vector
+            top_k += 1
+            if shortlist is not None:
+                shortlist = max(shortlist, top_k)
+        else:
+            raise convert.BadRequest("query must set one of item, vector or point_id")
+        if shortlist is not None and shortlist < top_k:
+            raise convert.BadRequest(f"shortlist ({shortlist}) must be >= top_k ({top_k})")
+        hits = await self.rt.in_store(
+            store.search,
+            collection,
+            query,
+            top_k=top_k,
+            shortlist=shortlist,
+            filter=flt,
+            with_payload=request.with_payload,
+        )
+        if exclude is not None:
+            hits = [h for h in hits if h.id != exclude][: top_k - 1]
+        response = store_pb2.SearchResponse()
+        for h in hits:
+            convert.hit_to_proto(h, response.hits.add(), request.with_payload)
+        return response
+
+    @_rpc("Get")
+    async def Get(self, request: store_pb2.GetRequest, context: Any) -> store_pb2.GetResponse:
+        _, _, store = self.rt.require()
+        collection = self.rt.collection(request.collection)
+        if not request.ids:
+            raise convert.BadRequest("no ids given")
+        records = await self.rt.in_store(
+            store.retrieve,
+            collection,
+            list(request.ids),
+            with_payload=request.with_payload,
+            with_vectors=request.with_vectors,
+            missing_ok=request.allow_missing,
+        )
+        response = store_pb2.GetResponse()
+        for r in records:
+            convert.record_to_proto(r, response.points.add())
+        return response
+
+    @_rpc("Delete")
+    async def Delete(self, request: store_pb2.DeleteRequest, context: Any) -> store_pb2.DeleteResponse:
+        _, _, store = self.rt.require()
+        collection = self.rt.collection(request.collection)
+        if not request.ids:
+            raise convert.BadRequest("no ids given")
+        async with self.rt.write_lock:
+            deleted = await self.rt.in_store(
+                store.delete, collection, list(request.ids), missing_ok=request.allow_missing
+            )
+        return store_pb2.DeleteResponse(deleted=deleted)
+
+    @_rpc("Count")
+    async def Count(self, request: store_pb2.CountRequest, context: Any) -> store_pb2.CountResponse:
+        _, _, store = self.rt.require()
+        collection = self.rt.collection(request.collection)
+        flt = convert.struct_to_dict(request.filter, request.HasField("filter"))
+        count = await self.rt.in_store(store.count, collection, flt)
+        response = store_pb2.CountResponse(count=count)
+        if request.facet:
+            facets = await self.rt.in_store(store.facet, collection, request.facet, filter=flt)
+            for value, n in facets.items():
+                response.facets[str(value)] = n
+        return response
+
+
+# ------------------------------------------------------------------- labeling
+class LabelingServicer(labeling_pb2_grpc.LabelingServiceServicer):
+    def __init__(self, rt: Runtime) -> None:
+        self.rt = rt
+
+    @_rpc("InspectNeighbours")
+    async def InspectNeighbours(
+        self, request: labeling_pb2.InspectNeighboursRequest, context: Any
+    ) -> labeling_pb2.InspectNeighboursResponse:
+        _, _, store = self.rt.require()
+        collection = self.rt.collection(request.collection)
+        if not request.point_id:
+            raise convert.BadRequest("point_id is empty")
+        k = request.k or 10
+        if k > MAX_K:
+            raise convert.BadRequest(f"k must be in 1..{MAX_K}, got {k}")
+        result = await self.rt.in_store(inspect_neighbours, store, collection, request.point_id, k)
+        return convert.inspection_to_proto(result)

@@ -1,0 +1,1 @@
+"""embedstore gRPC API (generated from protos/embedstore/v1/*.proto)."""

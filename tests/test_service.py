@@ -1,0 +1,474 @@
+"""The gRPC service end to end: a real server on an ephemeral loopback port, real clients, real models and store."""
+
+from __future__ import annotations
+
+import datetime as dt
+import io
+import socket
+import threading
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import numpy as np
+import pytest
+from PIL import Image
+
+from embedder.client import (
+    Client,
+    DeadlineExceeded,
+    FailedPrecondition,
+    InvalidArgument,
+    MessageTooLarge,
+    NotFound,
+    ResourceExhausted,
+    Unauthenticated,
+    Unavailable,
+)
+from embedder.config import ServerSettings
+from embedder.model import Embedder, Item
+from embedder.service.server import SERVICES, BackgroundServer, EmbedstoreServer
+from tests.conftest import make_edge
+
+
+class SlowEmbedder(Embedder):
+    """A real embedder whose model call takes at least ``delay`` seconds (deadlines, drains, overload)."""
+
+    delay = 0.0
+
+    def encode_decoded(self, items, pictures):
+        time.sleep(self.delay)
+        return super().encode_decoded(items, pictures)
+
+
+def png(color=(200, 30, 30), size=48, mode="RGB") -> bytes:
+    buf = io.BytesIO()
+    Image.new(mode, (size, size), color).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def make_server(tmp_path, embedder, *, load_gate: threading.Event | None = None, **settings) -> EmbedstoreServer:
+    settings.setdefault("port", 0)
+    settings.setdefault("metrics_port", 0)
+    settings.setdefault("max_delay_ms", 2.0)
+
+    def embedder_factory():
+        if load_gate is not None:
+            assert load_gate.wait(30)
+        return embedder
+
+    return EmbedstoreServer(
+        ServerSettings(host="127.0.0.1", **settings),
+        embedder_factory=embedder_factory,
+        store_factory=lambda: make_edge(tmp_path / "store"),
+        collection="items",
+    )
+
+
+@pytest.fixture(scope="module")
+def embedder(image_encoder, text_encoder, fitted_projection):
+    return Embedder(image_encoder, text_encoder, fitted_projection)
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory, embedder, emoji_items):
+    """One server for the read-mostly tests, loaded with 120 real emoji items."""
+    tmp = tmp_path_factory.mktemp("served")
+    with BackgroundServer(make_server(tmp, embedder, metrics_port=free_port())) as bg, Client(bg.target) as client:
+        items = [Item(it.id, image=it.image, text=it.text, label=it.label, payload={"split": "train"})
+                 for it in emoji_items[:120]]  # fmt: skip
+        assert client.upsert(items) == 120
+        yield bg, client, items
+
+
+# ------------------------------------------------------------------ every RPC
+def test_embed_matches_in_process_and_truncates(served, embedder, emoji_items):
+    _, client, _ = served
+    items = [Item("a", image=emoji_items[0].image, text=emoji_items[0].text), Item("b", text="a red apple"),
+             Item("c", image=emoji_items[1].image)]  # fmt: skip
+    local = embedder.embed(items, 512)
+    for dims in (128, 256, 512):
+        remote = client.embed(items, dimensions=dims)
+        assert remote.shape == (3, dims)
+        np.testing.assert_allclose(np.linalg.norm(remote, axis=1), 1.0, atol=1e-5)
+        want = local[:, :dims] / np.linalg.norm(local[:, :dims], axis=1, keepdims=True)
+        np.testing.assert_allclose(remote, want, atol=1e-5)
+    info = client.info()
+    assert info["embedding_version"] == embedder.version and info["dimensions"] == [128, 256, 512]
+
+
+def test_embed_stream_many_items_in_order_with_inband_errors(served, embedder, emoji_items):
+    _, client, _ = served
+    items = [Item(f"s{i}", image=it.image, text=it.text) for i, it in enumerate(emoji_items[:150])]
+    items[40] = Item("bad", image=b"not an image at all")
+    results = list(client.embed_stream(items, dimensions=256))
+    assert [r.sequence for r in results] == list(range(150))
+    assert [r.id for r in results] == [it.id for it in items]
+    assert results[40].vector is None and results[40].error[0] == "INVALID_ARGUMENT"
+    assert "item 40" in results[40].error[1]
+    good = [i for i in range(150) if i != 40]
+    local = embedder.embed([items[i] for i in good], 256)
+    np.testing.assert_allclose(np.stack([results[i].vector for i in good]), local, atol=1e-5)
+
+
+def test_search_by_text_image_vector_and_point(served, embedder):
+    _, client, items = served
+    target = items[7]
+    by_both = client.search(text=target.text, image=target.image, top_k=5)
+    assert by_both[0].id == target.id and by_both[0].payload["label"] == target.label
+    assert "external_id" not in by_both[0].payload
+    image_only = embedder.embed([Item("q", image=target.image)])[0]
+    by_image = client.search(image=target.image, top_k=3)
+    assert [h.id for h in by_image] == [h.id for h in client.search(vector=image_only, top_k=3)]
+    vec = embedder.embed([target])[0]
+    by_vec = client.search(vector=vec, top_k=4, with_payload=False)
+    assert by_vec[0].id == target.id and by_vec[0].payload is None and by_vec[0].score == pytest.approx(1.0, abs=1e-4)
+    by_point = client.search(point_id=target.id, top_k=4)
+    assert len(by_point) == 4 and target.id not in [h.id for h in by_point]
+    assert [h.id for h in by_point] == [h.id for h in by_vec[1:4]] or len({h.id for h in by_point}) == 4
+    only = client.search(text=target.text, top_k=10, filter={"label": items[0].label})
+    assert only and all(h.payload["label"] == items[0].label for h in only)
+    assert client.search(text="x", top_k=3, shortlist=50)
+
+
+def test_get_count_facet_delete(served):
+    _, client, items = served
+    points = client.get([items[0].id, items[1].id], with_vectors=True)
+    assert [p.id for p in points] == [items[0].id, items[1].id]
+    assert points[0].vector.shape == (512,) and points[0].payload["split"] == "train"
+    assert points[0].payload["embedding_version"]
+    assert client.count().count == 120
+    facets = client.count(facet="label").facets
+    assert sum(facets.values()) == 120 and facets == dict(sorted(facets.items(), key=lambda kv: (-kv[1], kv[0])))
+    label = items[0].label
+    assert client.count({"label": label}).count == facets[label]
+    assert client.get(["nope", items[2].id], allow_missing=True)[0].id == items[2].id
+    client.upsert_vectors(["tmp1", "tmp2"], np.random.default_rng(0).normal(size=(2, 512)), [{"k": 1}, None])
+    assert client.get(["tmp1"])[0].payload == {"k": 1}
+    assert client.delete(["tmp1", "tmp2"]) == 2
+    assert client.count().count == 120
+
+
+def test_inspect_neighbours(served):
+    _, client, items = served
+    view = client.inspect(items[5].id, k=6)
+    assert view.point.id == items[5].id and view.point.state.label == items[5].label
+    assert view.point.state.label_source == "human" and view.point.state.effective_label == items[5].label
+    assert len(view.neighbours) == 6 and items[5].id not in [n.point.id for n in view.neighbours]
+    sims = [n.similarity for n in view.neighbours]
+    assert sims == sorted(sims, reverse=True)
+    same = [n for n in view.neighbours if n.point.state.effective_label == items[5].label]
+    assert view.agreement.unweighted == pytest.approx(len(same) / 6)
+    assert view.agreement.labelled_neighbours == 6
+    with pytest.raises(NotFound, match="nope"):
+        client.inspect("nope")
+
+
+def test_pseudo_labels_show_in_inspection(tmp_path, embedder):
+    rng = np.random.default_rng(1)
+    base = rng.normal(size=512)
+    vecs = base + 0.05 * rng.normal(size=(5, 512))
+    with BackgroundServer(make_server(tmp_path, embedder)) as bg, Client(bg.target) as client:
+        payloads = [
+            {"pseudo_label": "cat", "pseudo_confidence": 0.91, "pseudo_status": "accepted"},
+            {"pseudo_label": "dog", "pseudo_status": "quarantined", "pseudo_confidence": 0.55},
+            None,
+            None,
+            None,
+        ]
+        client.upsert_vectors([f"p{i}" for i in range(5)], vecs, payloads, labels=[None, None, "cat", "cat", "dog"])
+        view = client.inspect("p1", k=4)
+        st = view.point.state
+        assert (st.pseudo_label, st.pseudo_status, st.effective_label) == ("dog", "quarantined", None)
+        assert st.pseudo_confidence == pytest.approx(0.55)
+        assert view.agreement.label == "dog" and view.agreement.labelled_neighbours == 4
+        assert view.agreement.majority_label == "cat" and view.agreement.unweighted == pytest.approx(0.25)
+        accepted = next(n for n in view.neighbours if n.point.id == "p0").point.state
+        assert accepted.effective_label == "cat" and accepted.pseudo_confidence == pytest.approx(0.91)
+
+
+# ----------------------------------------------------------------- bad inputs
+@pytest.mark.parametrize(
+    ("call", "match"),
+    [
+        (lambda c, it: c.embed([Item("e")]), "item 0, id 'e'.*neither"),
+        (lambda c, it: c.embed([Item("ok", text="fine"), Item("x", image=b"\x89PNG broken")]), "item 1, id 'x'"),
+        (lambda c, it: c.embed(["text"], dimensions=100), "dimensions"),
+        (lambda c, it: c.upsert([Item("n1", text="fine"), Item("n2", image=b"garbage")]), "item 1, id 'n2'"),
+        (lambda c, it: c.upsert_vectors(["v1"], np.ones((1, 256))), "256 dimensions, expected 512"),
+        (lambda c, it: c.upsert_vectors(["v1", "v2"], np.array([np.ones(512), np.full(512, np.nan)])), "point 1.*NaN"),
+        (lambda c, it: c.search(vector=np.ones(100)), "100 dimensions"),
+        (lambda c, it: c.search(text="x", filter={"label": {"bogus": 1}}), "bogus"),
+        (lambda c, it: c.search(text="x", top_k=20_000), "top_k"),
+        (lambda c, it: c.count(facet="unindexed_field"), "unindexed_field"),
+        (lambda c, it: c.get([]), "no ids"),
+    ],
+)
+def test_bad_input_is_invalid_argument_and_stores_nothing(served, call, match):
+    _, client, items = served
+    with pytest.raises(InvalidArgument, match=match):
+        call(client, items)
+    assert client.count().count == 120
+    assert not client.get(["n1", "v1"], allow_missing=True)
+
+
+def test_unknown_ids_are_not_found(served):
+    _, client, items = served
+    with pytest.raises(NotFound, match="missing-1"):
+        client.get([items[0].id, "missing-1"])
+    with pytest.raises(NotFound):
+        client.delete(["missing-2"])
+    with pytest.raises(NotFound):
+        client.search(point_id="missing-3")
+    with pytest.raises(NotFound, match="nocoll"):
+        client.count(collection="nocoll")
+
+
+def test_no_projection_and_version_mismatch_are_failed_precondition(tmp_path, image_encoder, text_encoder, embedder):
+    bare = Embedder(image_encoder, text_encoder)
+    with BackgroundServer(make_server(tmp_path / "a", bare)) as bg, Client(bg.target) as client:
+        with pytest.raises(FailedPrecondition, match="fit-projection"):
+            client.embed(["hello"])
+        assert client.upsert_vectors(["raw"], np.ones((1, 512))) == 1  # raw vectors need no projection
+    store_dir = tmp_path / "b"
+    with BackgroundServer(make_server(store_dir, embedder)) as bg, Client(bg.target) as client:
+        client.upsert([Item("t1", text="hello")])
+        bg.server.rt.store.update_collection_metadata("items", {"embedding_version": "mrl-other"})
+        with pytest.raises(FailedPrecondition, match="reindex"):
+            client.search(text="hello")
+        with pytest.raises(FailedPrecondition, match="reindex"):
+            client.upsert([Item("t2", text="again")])
+        assert client.count().count == 1
+
+
+# ------------------------------------------------------ health, reflection, auth
+def test_health_goes_serving_after_load_and_not_serving_on_shutdown(tmp_path, embedder):
+    gate = threading.Event()
+    bg = BackgroundServer(make_server(tmp_path, embedder, load_gate=gate), wait=False).start()
+    try:
+        with Client(bg.target) as client:
+            assert client.health() == "NOT_SERVING"
+            assert all(client.health(s) == "NOT_SERVING" for s in SERVICES)
+            with pytest.raises(Unavailable, match="starting"):
+                client.embed(["too early"])
+            gate.set()
+            client.wait_ready(30)
+            assert all(client.health(s) == "SERVING" for s in SERVICES)
+            from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+            stub = health_pb2_grpc.HealthStub(client._channel)
+            watch = stub.Watch(health_pb2.HealthCheckRequest(service=SERVICES[0]), timeout=20)
+            seen = [next(watch).status]
+            stopper = threading.Thread(target=bg.stop)
+            stopper.start()
+            try:
+                for msg in watch:
+                    seen.append(msg.status)
+            except grpc.RpcError:
+                pass
+            stopper.join(20)
+        serving, not_serving = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
+        assert seen[0] == serving and not_serving in seen[1:]
+    finally:
+        gate.set()
+        bg.stop()
+
+
+def test_reflection_lists_the_services(served):
+    from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+
+    _, client, _ = served
+    db = ProtoReflectionDescriptorDatabase(client._channel)
+    names = set(db.get_services())
+    assert set(SERVICES) <= names and "grpc.health.v1.Health" in names
+    assert db.FindFileContainingSymbol("embedstore.v1.StoreService").name == "embedstore/v1/store.proto"
+
+
+def test_auth_on_and_off(tmp_path, embedder, served):
+    _, open_client, _ = served
+    assert open_client.count().count == 120  # auth off: no token needed
+    with BackgroundServer(make_server(tmp_path, embedder, tokens="s3cret,other")) as bg:
+        with Client(bg.target) as anon:
+            assert anon.health() == "SERVING"  # probes need no token
+            with pytest.raises(Unauthenticated, match="bearer"):
+                anon.embed(["hi"])
+        with Client(bg.target, token="wrong") as bad, pytest.raises(Unauthenticated):
+            bad.count()
+        with Client(bg.target, token="other") as good:
+            assert good.embed(["hi"]).shape == (1, 512)
+            assert list(good.embed_stream(["a", "b"]))[1].vector.shape == (512,)
+        with Client(bg.target, token="s3cret") as good:
+            assert good.count().count == 0
+
+
+def test_tls(tmp_path, embedder):
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = dt.datetime.now(dt.UTC)
+    cert = (
+        x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+        .serial_number(x509.random_serial_number()).not_valid_before(now - dt.timedelta(minutes=1))
+        .not_valid_after(now + dt.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
+        .sign(key, hashes.SHA256())
+    )  # fmt: skip
+    cert_path, key_path = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    with BackgroundServer(make_server(tmp_path, embedder, tls_cert=cert_path, tls_key=key_path)) as bg:
+        with Client(f"localhost:{bg.port}", root_certificates=cert_path) as client:
+            assert client.embed(["over tls"]).shape == (1, 512)
+        with Client(f"localhost:{bg.port}", timeout=2) as plain, pytest.raises(Unavailable):
+            plain.count()
+
+
+# ------------------------------------------------------------ limits and load
+def test_deadline_exceeded_writes_nothing(tmp_path, image_encoder, text_encoder, fitted_projection):
+    slow = SlowEmbedder(image_encoder, text_encoder, fitted_projection)
+    slow.delay = 0.6
+    with BackgroundServer(make_server(tmp_path, slow)) as bg, Client(bg.target) as client:
+        with pytest.raises(DeadlineExceeded):
+            client.embed(["slow"], timeout=0.2)
+        with pytest.raises(DeadlineExceeded):
+            client.upsert([Item("late", text="slow write")], timeout=0.2)
+        time.sleep(1.0)  # the model call finishes server-side after the caller gave up
+        assert client.count().count == 0
+        slow.delay = 0.0
+        assert client.embed(["fast again"]).shape == (1, 512)
+
+
+def test_oversize_messages_get_a_clear_error(tmp_path, embedder):
+    big = png(size=900, mode="RGB")
+    noise = np.random.default_rng(0).integers(0, 255, size=(700, 700, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(noise).save(buf, format="PNG")
+    big = buf.getvalue()
+    assert len(big) > 1024 * 1024
+    with BackgroundServer(make_server(tmp_path, embedder, max_message_mb=1)) as bg:
+        with Client(bg.target, max_message_mb=1) as client, pytest.raises(MessageTooLarge, match="smaller batches"):
+            client.embed([big])
+        with Client(bg.target, max_message_mb=8) as client, pytest.raises(MessageTooLarge, match="larger than max"):
+            client.embed([big])
+
+
+def test_overload_is_resource_exhausted(tmp_path, image_encoder, text_encoder, fitted_projection):
+    slow = SlowEmbedder(image_encoder, text_encoder, fitted_projection)
+    slow.delay = 0.5
+    server = make_server(tmp_path, slow, max_concurrent=2, max_batch=1, max_queue=2)
+    with BackgroundServer(server) as bg, Client(bg.target) as client, ThreadPoolExecutor(6) as pool:
+        futures = [pool.submit(client.embed, [f"t{i}"]) for i in range(6)]
+        outcomes = []
+        for f in futures:
+            try:
+                outcomes.append(f.result().shape)
+            except ResourceExhausted as exc:
+                outcomes.append(exc.code)
+        assert grpc.StatusCode.RESOURCE_EXHAUSTED in outcomes and (1, 512) in outcomes
+
+
+def test_concurrent_clients_get_their_own_results(served, embedder):
+    bg, _, items = served
+    texts = [f"query number {i} about {items[i].text}" for i in range(40)]
+    local = embedder.embed([Item(str(i), text=t) for i, t in enumerate(texts)], 128)
+    with Client(bg.target) as c:
+        stored = {p.id: p.vector for p in c.get([it.id for it in items[:40]], with_vectors=True)}
+
+    def one(i: int):
+        with Client(bg.target) as c:
+            vec = c.embed([texts[i]], dimensions=128)[0]
+            hits = c.search(vector=stored[items[i].id], top_k=1)
+            return i, vec, hits[0].id
+
+    with ThreadPoolExecutor(16) as pool:
+        results = list(pool.map(one, range(40)))
+    for i, vec, hit in results:
+        np.testing.assert_allclose(vec, local[i], atol=1e-5)
+        assert hit == items[i].id
+    metrics = urllib.request.urlopen(f"http://127.0.0.1:{bg.server.metrics_port}/metrics", timeout=5).read().decode()
+    assert 'embedstore_grpc_requests_total{code="OK",method="Search"}' in metrics
+    assert "embedstore_embed_batch_size_count" in metrics
+    batches = bg.server.metrics.batch_size.collect()[0].samples
+    count = next(s.value for s in batches if s.name.endswith("_count"))
+    total = next(s.value for s in batches if s.name.endswith("_sum"))
+    assert total > count  # some model calls served more than one item: requests were batched together
+
+
+def test_graceful_shutdown_drains_in_flight_calls_and_closes_the_store(tmp_path, image_encoder, text_encoder,
+                                                                       fitted_projection):  # fmt: skip
+    slow = SlowEmbedder(image_encoder, text_encoder, fitted_projection)
+    slow.delay = 0.8
+    bg = BackgroundServer(make_server(tmp_path, slow)).start()
+    client = Client(bg.target)
+    try:
+        with ThreadPoolExecutor(1) as pool:
+            pending = pool.submit(client.upsert, [Item("drained", text="in flight at shutdown")])
+            time.sleep(0.3)
+            bg.stop(grace=10)
+            assert pending.result(5) == 1
+        assert bg.server.rt.store.closed
+    finally:
+        client.close()
+        bg.stop()
+    with make_edge(tmp_path / "store") as store:  # flushed: the write survived the shutdown
+        assert store.retrieve("items", ["drained"])[0].payload["text"] == "in flight at shutdown"
+
+
+# -------------------------------------------------------------------- the CLI
+def test_cli_search_and_inspect_use_the_server(served):
+    from typer.testing import CliRunner
+
+    from embedder.cli import app
+
+    bg, _, items = served
+    runner = CliRunner()
+    result = runner.invoke(app, ["search", items[3].text, "--image", str(items[3].image), "--server", bg.target,
+                                 "--top-k", "3"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert items[3].id in result.output.splitlines()[0]
+    result = runner.invoke(app, ["inspect", items[3].id, "-k", "4", "--server", bg.target])
+    assert result.exit_code == 0, result.output
+    assert items[3].id in result.output and "agreement with" in result.output
+    result = runner.invoke(app, ["inspect", "no-such-point", "--server", bg.target])
+    assert result.exit_code == 2 and "no-such-point" in result.output
+    result = runner.invoke(app, ["search", "x", "--server", "127.0.0.1:1"])
+    assert result.exit_code == 2 and "error" in result.output
+
+
+# ---------------------------------------------------------------- the batcher
+def test_batcher_batches_concurrent_calls_and_isolates_a_bad_item(embedder):
+    import asyncio
+
+    from embedder.errors import InvalidItemError
+    from embedder.service.batcher import MicroBatcher, Overloaded
+
+    async def main():
+        sizes: list[int] = []
+        batcher = MicroBatcher(embedder, max_batch=16, max_delay_ms=50, max_queue=16, on_batch=sizes.append)
+        batcher.start()
+        calls = [batcher.embed([Item(str(i), text=f"text {i}")], 128) for i in range(10)]
+        calls.append(batcher.embed([Item("ok", text="fine"), Item("bad", image=b"junk")], 512))
+        results = await asyncio.gather(*calls, return_exceptions=True)
+        with pytest.raises(Overloaded, match="queue is full"):
+            await asyncio.gather(*[batcher.embed([Item(str(i), text="x")] * 8) for i in range(3)])
+        await batcher.stop()
+        return sizes, results
+
+    sizes, results = asyncio.run(main())
+    assert sizes[0] == 12  # ten calls and a two-item call in one model call
+    local = embedder.embed([Item(str(i), text=f"text {i}") for i in range(10)], 128)
+    np.testing.assert_allclose(np.vstack(results[:10]), local, atol=1e-5)
+    assert isinstance(results[10], InvalidItemError) and results[10].index == 1 and "id 'bad'" in str(results[10])
