@@ -6,7 +6,7 @@ PY     := $(BIN)/python
 # A stamp per extras set: reinstall only when pyproject.toml changes.
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint format bench-search bench-embed venv redis clean
+.PHONY: demo test lint format protos bench-search bench-embed bench-grpc venv redis clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -32,11 +32,18 @@ format: $(STAMP)-test,dev,bench,data,embed
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
+# Regenerate embedstore.v1 from protos/embedstore/v1/*.proto (a test checks it is fresh).
+protos: $(STAMP)-test,dev,bench,data,embed
+	$(PY) protos/generate.py
+
 bench-search: $(STAMP)-bench
 	$(PY) benchmarks/search.py --n $${N:-100000}
 
 bench-embed: $(STAMP)-test,dev,bench,data,embed
 	$(PY) benchmarks/embed.py
+
+bench-grpc: $(STAMP)-test,dev,bench,data,embed
+	$(PY) benchmarks/grpc_load.py --n $${N:-100000}
 
 # Tests start their own redis-server on a free loopback port; make sure the binary exists.
 redis:

@@ -55,6 +55,8 @@ class ServerSettings(BaseSettings):
     ``EMBEDSTORE_GRPC_MAX_QUEUE``        items waiting to be embedded before RESOURCE_EXHAUSTED (4096)
     ``EMBEDSTORE_GRPC_METRICS_PORT``     Prometheus /metrics port (9464; 0 = off)
     ``EMBEDSTORE_GRPC_GRACE_S``          seconds in-flight calls get to finish on shutdown (10)
+    ``EMBEDSTORE_GRPC_STORE_WORKERS``    threads for store writes and large reads (4)
+    ``EMBEDSTORE_GRPC_INLINE_READS``     small reads (top_k/ids <= 100) on the event loop (true)
     ===================================  ==================================================
     """
 
@@ -73,6 +75,7 @@ class ServerSettings(BaseSettings):
     metrics_port: int = Field(9464, ge=0, le=65535)
     grace_s: float = Field(10.0, ge=0)
     store_workers: int = Field(4, ge=1, le=64)
+    inline_reads: bool = True
 
     @field_validator("tokens", mode="before")
     @classmethod

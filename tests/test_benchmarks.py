@@ -60,3 +60,21 @@ def test_embed_benchmark_rows_have_the_documented_format(
     assert all(0.0 <= r["knn_acc"] <= 1.0 and 0.0 <= r["probe_acc"] <= 1.0 for r in q)
     targets = bench.check_targets(q, tp)
     assert "emoji-subset: knn_acc 128 >= 0.97 x 512" in targets and "image: >= 2 x naive Lite0 loop" in targets
+
+
+def test_grpc_benchmark_writes_the_documented_format(tmp_path, emoji_items):
+    out = tmp_path / "grpc.json"
+    subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "grpc_load.py"), "--n", "2000", "--seconds", "0.5",
+         "--embed-items", "64", "--epochs", "2", "--out", str(out)],
+        check=True, cwd=ROOT, timeout=600, capture_output=True,
+    )  # fmt: skip
+    result = json.loads(out.read_text())
+    assert result["n"] == 2000
+    for row in result["rows"]:
+        assert {"rpc", "clients", "qps", "p50_ms", "p99_ms"} <= set(row), row
+        assert row["qps"] > 0 and row["p50_ms"] > 0
+    search = {(r["rpc"], r["clients"]) for r in result["rows"] if r["rpc"] == "Search"}
+    assert search == {("Search", 1), ("Search", 8), ("Search", 32)}
+    assert isinstance(result["search_overhead_p50_ms"], float)
+    assert result["embed_stream_vs_inprocess"] > 0

@@ -472,3 +472,38 @@ def test_batcher_batches_concurrent_calls_and_isolates_a_bad_item(embedder):
     local = embedder.embed([Item(str(i), text=f"text {i}") for i in range(10)], 128)
     np.testing.assert_allclose(np.vstack(results[:10]), local, atol=1e-5)
     assert isinstance(results[10], InvalidItemError) and results[10].index == 1 and "id 'bad'" in str(results[10])
+
+
+def test_unreachable_store_is_unavailable(tmp_path, embedder):
+    from retrieval import QdrantServerStore, StoreUnavailableError
+
+    with BackgroundServer(make_server(tmp_path, embedder)) as bg, Client(bg.target) as client:
+        real = bg.server.rt.store
+        bg.server.rt.store = QdrantServerStore(f"http://127.0.0.1:{free_port()}", timeout=2)  # nothing listens there
+        try:
+            with pytest.raises(Unavailable, match="unreachable"):
+                client.count()
+            with pytest.raises(Unavailable, match="unreachable"):
+                client.search(vector=np.ones(512))
+            with pytest.raises(Unavailable, match="unreachable"):
+                client.upsert_vectors(["u1"], np.ones((1, 512)))
+        finally:
+            bg.server.rt.store.close()
+            bg.server.rt.store = real
+        assert client.count().count == 0
+
+    failing = EmbedstoreServer(
+        ServerSettings(host="127.0.0.1", port=0, metrics_port=0),
+        embedder_factory=lambda: embedder,
+        store_factory=lambda: QdrantServerStore(f"http://127.0.0.1:{free_port()}", timeout=2),
+    )
+    bg = BackgroundServer(failing, wait=False).start()
+    try:
+        with pytest.raises(StoreUnavailableError):
+            bg.run(failing.wait_ready(30))
+        with Client(bg.target) as client:
+            assert client.health() == "NOT_SERVING"
+            with pytest.raises(Unavailable, match=r"could not load.*unreachable"):
+                client.count()
+    finally:
+        bg.stop()

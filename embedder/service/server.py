@@ -119,6 +119,7 @@ class EmbedstoreServer:
             store_pool=ThreadPoolExecutor(settings.store_workers, thread_name_prefix="store"),
             max_message_bytes=settings.max_message_bytes,
             max_batch=settings.max_batch,
+            inline_reads=settings.inline_reads,
         )
         self.health = health_aio.HealthServicer()
         self.port: int | None = None
@@ -175,6 +176,7 @@ class EmbedstoreServer:
             await asyncio.to_thread(store.ensure_collection, self.rt.default_collection)
         except BaseException as exc:  # stays NOT_SERVING; serve() reports it
             self.load_error = exc
+            self.rt.load_failure = str(exc)
             log.error("loading failed: %s", exc)
             return
         batcher = MicroBatcher(

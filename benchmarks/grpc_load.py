@@ -1,0 +1,371 @@
+"""gRPC load benchmark: Search and Embed through the server against the same work in-process.
+
+    python benchmarks/grpc_load.py            # 100k points, 1/8/32 Search clients, Embed unary + stream
+    python benchmarks/grpc_load.py --n 20000 --seconds 3   # quicker
+
+What runs, in one process tree on this machine, side by side:
+
+1. A Qdrant Edge store with ``n`` synthetic clustered 512D vectors (see
+   retrieval.synthetic: the structure of a Matryoshka embedding, not real
+   data) is built, and ``store.search`` is timed in-process (shortlist 100 on
+   mrl128, rerank on full512, top 10, with payload): the baseline.
+2. The store is closed and ``embedstore serve``'s server starts on it in a
+   child process (real Lite0 + MiniLM encoders, a projection fitted on the
+   real emoji set). Search by vector is driven by 1, 8 and 32 concurrent
+   grpc.aio clients for a fixed time; QPS, p50 and p99 are recorded.
+3. Embed on real emoji items (image + text): in-process ``Embedder.embed`` in
+   batches of 64, against gRPC unary batches of 64 (1 and 4 clients) and one
+   EmbedStream carrying every item.
+
+Targets (issue 4): gRPC Search p50 overhead <= 0.5 ms over the in-process call;
+EmbedStream >= 0.9 x in-process Embed throughput. Results:
+benchmarks/results/grpc.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import multiprocessing as mp
+import os
+import platform
+import shutil
+import socket
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+COLLECTION = "bench"
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _pcts(lat: list[float]) -> tuple[float, float]:
+    arr = np.asarray(lat) * 1000
+    return round(float(np.percentile(arr, 50)), 3), round(float(np.percentile(arr, 99)), 3)
+
+
+# ------------------------------------------------------------------ set-up
+def build_store(path: Path, n: int) -> np.ndarray:
+    from retrieval import EdgeStore
+    from retrieval.synthetic import clustered_vectors
+
+    x, labels = clustered_vectors(n, n_clusters=100, seed=0, centres_seed=0)
+    with EdgeStore(path) as store:
+        store.create_collection(COLLECTION)
+        step = 4096
+        for s in range(0, n, step):
+            ids = [f"p{i}" for i in range(s, min(n, s + step))]
+            payloads = [{"label": f"c{labels[i]}", "split": "train"} for i in range(s, min(n, s + step))]
+            store.upsert(COLLECTION, ids, x[s : s + step], payloads)
+        store.optimize(COLLECTION)
+    q, _ = clustered_vectors(2000, n_clusters=100, seed=1, centres_seed=0)
+    return q
+
+
+def fit_projection_dir(out: Path, epochs: int = 40) -> tuple[Path, list[Any]]:
+    from embedder.datasets import load_items
+    from embedder.encoders import EfficientNetEncoder, SentenceTransformerEncoder
+    from embedder.features import FeatureCache
+    from embedder.model import Embedder
+    from embedder.projection import TrainConfig, fit_projection
+    from embedder.training import features_for
+
+    items = load_items("emoji")
+    embedder = Embedder(EfficientNetEncoder(backend="onnx", threads=2), SentenceTransformerEncoder(threads=2))
+    raw = features_for(items, embedder, cache_name="emoji", cache=FeatureCache(), progress=False)
+    artifact = fit_projection(
+        raw, [it.label for it in items], TrainConfig(epochs=epochs, seed=0), encoders=embedder.encoder_signatures()
+    )
+    artifact.save(out)
+    return out, items
+
+
+def _serve(store_path: str, projection_dir: str, port: int) -> None:
+    from embedder.config import ServerSettings
+    from embedder.encoders import EfficientNetEncoder, SentenceTransformerEncoder
+    from embedder.model import Embedder
+    from embedder.projection import ProjectionArtifact
+    from embedder.service.server import EmbedstoreServer
+    from retrieval import EdgeStore
+
+    def make_embedder() -> Embedder:
+        return Embedder(
+            EfficientNetEncoder(backend="onnx", threads=2),
+            SentenceTransformerEncoder(threads=2),
+            ProjectionArtifact.load(projection_dir),
+        )
+
+    server = EmbedstoreServer(
+        ServerSettings(host="127.0.0.1", port=port, metrics_port=0, max_concurrent=1024),
+        embedder_factory=make_embedder,
+        store_factory=lambda: EdgeStore(store_path),
+        collection=COLLECTION,
+    )
+    asyncio.run(server.serve())
+
+
+# ----------------------------------------------------------------- search
+def inprocess_search(store_path: Path, queries: np.ndarray, seconds: float) -> dict[str, Any]:
+    from retrieval import EdgeStore
+
+    with EdgeStore(store_path) as store:
+        for q in queries[:200]:
+            store.search(COLLECTION, q, top_k=10, with_payload=True)
+        lat: list[float] = []
+        end = time.perf_counter() + seconds
+        i = 0
+        while time.perf_counter() < end:
+            t0 = time.perf_counter()
+            store.search(COLLECTION, queries[i % len(queries)], top_k=10, with_payload=True)
+            lat.append(time.perf_counter() - t0)
+            i += 1
+    p50, p99 = _pcts(lat)
+    return {"rpc": "Search (in-process store call)", "clients": 1, "qps": round(len(lat) / seconds, 1),
+            "p50_ms": p50, "p99_ms": p99}  # fmt: skip
+
+
+async def grpc_search(target: str, queries: np.ndarray, clients: int, seconds: float) -> dict[str, Any]:
+    import grpc
+
+    from embedstore.v1 import store_pb2_grpc
+
+    requests = _search_requests(queries)
+    channels = [grpc.aio.insecure_channel(target) for _ in range(min(clients, 4))]
+    stubs = [store_pb2_grpc.StoreServiceStub(c) for c in channels]
+    lat: list[float] = []
+    state = {"measure": False, "end": 0.0}
+
+    async def worker(w: int) -> None:
+        stub = stubs[w % len(stubs)]
+        i = w
+        while True:
+            now = time.perf_counter()
+            if state["end"] and now > state["end"]:
+                return
+            t0 = time.perf_counter()
+            await stub.Search(requests[i % len(requests)])
+            if state["measure"]:
+                lat.append(time.perf_counter() - t0)
+            i += clients
+
+    tasks = [asyncio.ensure_future(worker(w)) for w in range(clients)]
+    await asyncio.sleep(1.0)  # warm-up
+    state["measure"] = True
+    start = time.perf_counter()
+    state["end"] = start + seconds
+    await asyncio.gather(*tasks)
+    elapsed = time.perf_counter() - start
+    for c in channels:
+        await c.close()
+    p50, p99 = _pcts(lat)
+    return {"rpc": "Search", "clients": clients, "qps": round(len(lat) / elapsed, 1), "p50_ms": p50, "p99_ms": p99}
+
+
+def _search_requests(queries: np.ndarray) -> list[Any]:
+    from embedstore.v1 import store_pb2
+
+    requests = []
+    for q in queries:
+        r = store_pb2.SearchRequest(collection=COLLECTION, top_k=10, with_payload=True)
+        r.query.vector.values.extend(q.tolist())
+        requests.append(r)
+    return requests
+
+
+def sync_search(target: str, queries: np.ndarray, seconds: float) -> dict[str, Any]:
+    """One blocking client (grpc's sync stub, as embedder.client.Client uses), requests built beforehand."""
+    import grpc
+
+    from embedstore.v1 import store_pb2_grpc
+
+    requests = _search_requests(queries)
+    with grpc.insecure_channel(target) as channel:
+        stub = store_pb2_grpc.StoreServiceStub(channel)
+        for r in requests[:200]:
+            stub.Search(r)
+        lat: list[float] = []
+        start = time.perf_counter()
+        end = start + seconds
+        i = 0
+        while time.perf_counter() < end:
+            t0 = time.perf_counter()
+            stub.Search(requests[i % len(requests)])
+            lat.append(time.perf_counter() - t0)
+            i += 1
+        elapsed = time.perf_counter() - start
+    p50, p99 = _pcts(lat)
+    return {"rpc": "Search (sync client)", "clients": 1, "qps": round(len(lat) / elapsed, 1), "p50_ms": p50,
+            "p99_ms": p99}  # fmt: skip
+
+
+def grpc_floor(target: str, seconds: float) -> dict[str, Any]:
+    """An empty grpc.health.v1 Check on the same server and client stack: what any gRPC call costs here."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with grpc.insecure_channel(target) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        request = health_pb2.HealthCheckRequest()
+        for _ in range(200):
+            stub.Check(request)
+        lat: list[float] = []
+        start = time.perf_counter()
+        while time.perf_counter() < start + seconds:
+            t0 = time.perf_counter()
+            stub.Check(request)
+            lat.append(time.perf_counter() - t0)
+        elapsed = time.perf_counter() - start
+    p50, p99 = _pcts(lat)
+    return {"rpc": "Health.Check (empty call: the gRPC floor)", "clients": 1, "qps": round(len(lat) / elapsed, 1),
+            "p50_ms": p50, "p99_ms": p99}  # fmt: skip
+
+
+# ------------------------------------------------------------------ embed
+def embed_rows(target: str, projection_dir: Path, items: list[Any], batch: int) -> list[dict[str, Any]]:
+    from concurrent.futures import ThreadPoolExecutor
+
+    from embedder.client import Client
+    from embedder.encoders import EfficientNetEncoder, SentenceTransformerEncoder
+    from embedder.model import Embedder, Item
+    from embedder.projection import ProjectionArtifact
+
+    wire = [Item(it.id, image=Path(it.image).read_bytes(), text=it.text) for it in items]
+    chunks = [wire[s : s + batch] for s in range(0, len(wire), batch)]
+    rows = []
+
+    local = Embedder(
+        EfficientNetEncoder(backend="onnx", threads=2),
+        SentenceTransformerEncoder(threads=2),
+        ProjectionArtifact.load(projection_dir),
+    )
+    local.embed(chunks[0])
+    lat = []
+    t0 = time.perf_counter()
+    for c in chunks:
+        t1 = time.perf_counter()
+        local.embed(c)
+        lat.append(time.perf_counter() - t1)
+    inproc = len(wire) / (time.perf_counter() - t0)
+    p50, p99 = _pcts(lat)
+    rows.append({"rpc": f"Embed (in-process, batches of {batch})", "clients": 1,
+                 "qps": round(len(chunks) / sum(lat), 2), "p50_ms": p50, "p99_ms": p99,
+                 "items_per_s": round(inproc, 1)})  # fmt: skip
+    del local
+
+    with Client(target, timeout=600) as client:
+        client.embed(chunks[0])
+        for clients in (1, 4):
+            lat = []
+
+            def call(c: list[Any], lat: list[float] = lat) -> None:
+                t1 = time.perf_counter()
+                client.embed(c)
+                lat.append(time.perf_counter() - t1)
+
+            t0 = time.perf_counter()
+            with ThreadPoolExecutor(clients) as pool:
+                list(pool.map(call, chunks))
+            elapsed = time.perf_counter() - t0
+            p50, p99 = _pcts(lat)
+            rows.append({"rpc": f"Embed (unary, batches of {batch})", "clients": clients,
+                         "qps": round(len(chunks) / elapsed, 2), "p50_ms": p50, "p99_ms": p99,
+                         "items_per_s": round(len(wire) / elapsed, 1)})  # fmt: skip
+        t0 = time.perf_counter()
+        results = list(client.embed_stream(wire))
+        elapsed = time.perf_counter() - t0
+        assert len(results) == len(wire) and all(r.error is None for r in results)
+        rows.append({"rpc": "EmbedStream (one stream, every item)", "clients": 1, "qps": round(1 / elapsed, 3),
+                     "p50_ms": round(elapsed * 1000, 1), "p99_ms": round(elapsed * 1000, 1),
+                     "items_per_s": round(len(wire) / elapsed, 1)})  # fmt: skip
+    return rows
+
+
+# ------------------------------------------------------------------- main
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n", type=int, default=100_000, help="stored points")
+    parser.add_argument("--seconds", type=float, default=5.0, help="measured seconds per Search row")
+    parser.add_argument("--embed-items", type=int, default=768, help="emoji items pushed through Embed")
+    parser.add_argument(
+        "--epochs", type=int, default=40, help="projection training epochs (its quality is not measured here)"
+    )
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "grpc.json")
+    args = parser.parse_args(argv)
+
+    work = Path(tempfile.mkdtemp(prefix="embedstore-grpc-"))
+    proc = None
+    try:
+        print(f"building a {args.n}-point Edge store ...", flush=True)
+        queries = build_store(work / "store", args.n)
+        print("fitting a projection on the real emoji features ...", flush=True)
+        projection_dir, items = fit_projection_dir(work / "projection", args.epochs)
+        rows = [inprocess_search(work / "store", queries, args.seconds)]
+        print(rows[-1], flush=True)
+
+        port = _free_port()
+        target = f"127.0.0.1:{port}"
+        proc = mp.get_context("spawn").Process(
+            target=_serve, args=(str(work / "store"), str(projection_dir), port), daemon=True
+        )
+        proc.start()
+        from embedder.client import Client
+
+        with Client(target) as client:
+            client.wait_ready(300)
+            assert client.count(collection=COLLECTION).count == args.n
+        rows.append(grpc_floor(target, args.seconds))
+        print(rows[-1], flush=True)
+        rows.append(sync_search(target, queries, args.seconds))
+        print(rows[-1], flush=True)
+        for clients in (1, 8, 32):
+            rows.append(asyncio.run(grpc_search(target, queries, clients, args.seconds)))
+            print(rows[-1], flush=True)
+        for row in embed_rows(target, projection_dir, items[: args.embed_items], 64):
+            rows.append(row)
+            print(row, flush=True)
+    finally:
+        if proc is not None and proc.is_alive():
+            proc.terminate()  # SIGTERM: the server drains and closes the store
+            proc.join(30)
+        shutil.rmtree(work, ignore_errors=True)
+
+    inproc = rows[0]["p50_ms"]
+    grpc1 = next(r for r in rows if r["rpc"] == "Search (sync client)")["p50_ms"]
+    embed_local = next(r for r in rows if r["rpc"].startswith("Embed (in-process"))["items_per_s"]
+    embed_stream = next(r for r in rows if r["rpc"].startswith("EmbedStream"))["items_per_s"]
+    result = {
+        "n": args.n,
+        "rows": rows,
+        "search_overhead_p50_ms": round(grpc1 - inproc, 3),
+        "grpc_floor_p50_ms": next(r for r in rows if r["rpc"].startswith("Health.Check"))["p50_ms"],
+        "embed_stream_vs_inprocess": round(embed_stream / embed_local, 3),
+        "targets": {
+            "search overhead p50 <= 0.5 ms": grpc1 - inproc <= 0.5,
+            "EmbedStream >= 0.9 x in-process": embed_stream / embed_local >= 0.9,
+        },
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
+        "data": "synthetic clustered 512D vectors for Search; real emoji items (image + text) for Embed",
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps({k: result[k] for k in ("search_overhead_p50_ms", "embed_stream_vs_inprocess", "targets")}))
+    print(f"saved {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
