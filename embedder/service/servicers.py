@@ -425,17 +425,22 @@ class StoreServicer(store_pb2_grpc.StoreServiceServicer):
             convert.hit_to_proto(h, response.hits.add(), request.with_payload)
         return response
 
-    @_rpc("Get")
-    async def Get(self, request: store_pb2.GetRequest, context: Any) -> store_pb2.GetResponse:
+    def _by_ids(self, request: Any) -> tuple[VectorStore, str, list[str]]:
+        """The store, collection and ids of a Get/Delete request (refused when no ids are given)."""
         _, _, store = self.rt.require()
         collection = self.rt.collection(request.collection)
         if not request.ids:
             raise convert.BadRequest("no ids given")
+        return store, collection, list(request.ids)
+
+    @_rpc("Get")
+    async def Get(self, request: store_pb2.GetRequest, context: Any) -> store_pb2.GetResponse:
+        store, collection, ids = self._by_ids(request)
         records = await self.rt.read(
-            len(request.ids) <= SMALL_READ,
+            len(ids) <= SMALL_READ,
             store.retrieve,
             collection,
-            list(request.ids),
+            ids,
             with_payload=request.with_payload,
             with_vectors=request.with_vectors,
             missing_ok=request.allow_missing,
@@ -447,14 +452,9 @@ class StoreServicer(store_pb2_grpc.StoreServiceServicer):
 
     @_rpc("Delete")
     async def Delete(self, request: store_pb2.DeleteRequest, context: Any) -> store_pb2.DeleteResponse:
-        _, _, store = self.rt.require()
-        collection = self.rt.collection(request.collection)
-        if not request.ids:
-            raise convert.BadRequest("no ids given")
+        store, collection, ids = self._by_ids(request)
         async with self.rt.write_lock:
-            deleted = await self.rt.in_store(
-                store.delete, collection, list(request.ids), missing_ok=request.allow_missing
-            )
+            deleted = await self.rt.in_store(store.delete, collection, ids, missing_ok=request.allow_missing)
         return store_pb2.DeleteResponse(deleted=deleted)
 
     @_rpc("Count")
