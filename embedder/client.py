@@ -26,6 +26,7 @@ import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from embedder.model import Item
+from embedder.service.convert import dict_to_struct, struct_to_dict
 from embedstore.v1 import (
     embedding_pb2,
     embedding_pb2_grpc,
@@ -161,21 +162,8 @@ def _item_message(item: ItemLike) -> types_pb2.Item:
     raise InvalidArgument(f"cannot send {type(item).__name__} as an item: give an Item, a str, bytes or a Path")
 
 
-def _to_dict(message: Any, present: bool) -> dict[str, Any] | None:
-    from embedder.service.convert import struct_to_dict
-
-    return struct_to_dict(message, present)
-
-
-def _struct(values: Mapping[str, Any] | None, out: Any) -> None:
-    from embedder.service.convert import dict_to_struct
-
-    dict_to_struct(values, out)
-
-
-def _vector(values: Any, what: str = "vector") -> types_pb2.Vector:
-    arr = np.asarray(values, dtype=np.float32).ravel()
-    return types_pb2.Vector(values=arr.tolist())
+def _vector(values: Any) -> types_pb2.Vector:
+    return types_pb2.Vector(values=np.asarray(values, dtype=np.float32).ravel().tolist())
 
 
 def _label_state(m: labeling_pb2.LabelState) -> LabelState:
@@ -189,7 +177,7 @@ def _label_state(m: labeling_pb2.LabelState) -> LabelState:
 
 
 def _inspected(m: labeling_pb2.InspectedPoint) -> InspectedPoint:
-    return InspectedPoint(m.id, _label_state(m.state), _to_dict(m.payload, True) or {})
+    return InspectedPoint(m.id, _label_state(m.state), struct_to_dict(m.payload, True) or {})
 
 
 # ----------------------------------------------------------------------- client
@@ -313,7 +301,7 @@ class Client:
         request = store_pb2.UpsertRequest(collection=collection or self.collection)
         for item in items:
             point = request.points.add(id=str(item.id), item=_item_message(item), label=item.label or "")
-            _struct(item.payload, point.payload)
+            dict_to_struct(item.payload, point.payload)
         return int(self._call(self._store.Upsert, request, timeout).written)
 
     def upsert_vectors(
@@ -336,7 +324,7 @@ class Client:
             if labels is not None and labels[i]:
                 point.label = str(labels[i])
             if payloads is not None:
-                _struct(payloads[i], point.payload)
+                dict_to_struct(payloads[i], point.payload)
         return int(self._call(self._store.Upsert, request, timeout).written)
 
     def search(
@@ -369,10 +357,10 @@ class Client:
                 types_pb2.Item(text=text or "", image=_image_bytes(image) if image is not None else b"")
             )
         if filter:
-            _struct(filter, request.filter)
+            dict_to_struct(filter, request.filter)
         response = self._call(self._store.Search, request, timeout)
         return [
-            ScoredPoint(h.id, h.score, _to_dict(h.payload, h.HasField("payload")) if with_payload else None)
+            ScoredPoint(h.id, h.score, struct_to_dict(h.payload, h.HasField("payload")) if with_payload else None)
             for h in response.hits
         ]
 
@@ -396,7 +384,7 @@ class Client:
         return [
             Point(
                 p.id,
-                _to_dict(p.payload, p.HasField("payload")) if with_payload else None,
+                struct_to_dict(p.payload, p.HasField("payload")) if with_payload else None,
                 np.asarray(p.vector.values, dtype=np.float32) if with_vectors else None,
             )
             for p in response.points
@@ -413,7 +401,7 @@ class Client:
     ) -> CountResult:
         request = store_pb2.CountRequest(collection=collection or self.collection, facet=facet or "")
         if filter:
-            _struct(filter, request.filter)
+            dict_to_struct(filter, request.filter)
         response = self._call(self._store.Count, request)
         facets = sorted(response.facets.items(), key=lambda kv: (-kv[1], kv[0]))
         return CountResult(int(response.count), dict(facets))

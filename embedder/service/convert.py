@@ -89,9 +89,10 @@ def vector(message: types_pb2.Vector, *, dim: int, what: str) -> np.ndarray:
     return values
 
 
-def item(message: types_pb2.Item, index: int | None = None) -> Item:
+def item(message: types_pb2.Item, item_id: str | None = None) -> Item:
+    """The wire Item as an :class:`Item` (``item_id`` overrides the message's id, e.g. an UpsertPoint's)."""
     return Item(
-        id=message.id,
+        id=message.id if item_id is None else item_id,
         image=bytes(message.image) if message.image else None,
         text=message.text if message.text else None,
     )

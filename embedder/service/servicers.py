@@ -249,9 +249,7 @@ class EmbeddingServicer(embedding_pb2_grpc.EmbeddingServiceServicer):
         except NotReady as exc:
             metrics.requests.labels("EmbedStream", "UNAVAILABLE").inc()
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
-        window: asyncio.Queue[tuple[int, str, asyncio.Future[Any] | BaseException] | None] = asyncio.Queue(
-            self.stream_window
-        )
+        window: asyncio.Queue[tuple[int, str, asyncio.Future[Any]] | None] = asyncio.Queue(self.stream_window)
 
         async def submit(seq: int, req: embedding_pb2.EmbedStreamRequest) -> Any:
             dims = _dims(req.dimensions)
@@ -263,12 +261,7 @@ class EmbeddingServicer(embedding_pb2_grpc.EmbeddingServiceServicer):
         async def reader() -> None:
             seq = 0
             async for req in request_iterator:
-                task: asyncio.Future[Any] | BaseException
-                try:
-                    task = asyncio.ensure_future(submit(seq, req))
-                except Exception as exc:
-                    task = exc
-                await window.put((seq, req.item.id, task))
+                await window.put((seq, req.item.id, asyncio.ensure_future(submit(seq, req))))
                 seq += 1
             await window.put(None)
 
@@ -281,8 +274,6 @@ class EmbeddingServicer(embedding_pb2_grpc.EmbeddingServiceServicer):
                 seq, item_id, task = entry
                 response = embedding_pb2.EmbedStreamResponse(sequence=seq, id=item_id)
                 try:
-                    if isinstance(task, BaseException):
-                        raise task
                     convert.fill_vector(response.embedding, await task)
                     metrics.items.inc()
                 except (convert.BadRequest, EmbedderError, InvalidInputError) as exc:
@@ -356,9 +347,7 @@ class StoreServicer(store_pb2_grpc.StoreServiceServicer):
         if to_embed:
             await self.rt.in_store(store.ensure_collection, collection)
             version = await self.rt.in_store(require_version, store, collection, embedder)
-            items = [convert.item(points[i].item) for i in to_embed]
-            for item, i in zip(items, to_embed, strict=True):
-                item.id = points[i].id
+            items = [convert.item(points[i].item, points[i].id) for i in to_embed]
             try:
                 embedded = await batcher.embed(items, 512)
             except InvalidItemError as exc:  # name the point's index in the request, not in the embedded subset
