@@ -9,11 +9,13 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 
+from embedder.label_cli import label_app
 from retrieval import StoreError, StoreSettings, open_store
 
 app = typer.Typer(help="embedstore: an embedding store for self-correcting pseudo-labeling.", no_args_is_help=True)
 store_app = typer.Typer(help="Inspect and manage the vector store.", no_args_is_help=True)
 app.add_typer(store_app, name="store")
+app.add_typer(label_app, name="label")
 console = Console()
 
 PathOpt = Annotated[Optional[Path], typer.Option("--path", help="Edge store directory (EMBEDSTORE_PATH).")]  # noqa: UP045

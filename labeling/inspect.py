@@ -24,6 +24,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any
 
+from labeling.runs import load_registry, resolve
 from retrieval import EXTERNAL_ID_KEY, VectorStore
 from retrieval.errors import InvalidInputError
 
@@ -138,6 +139,7 @@ def inspect_neighbours(
     """
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= MAX_K:
         raise InvalidInputError(f"k must be an int in 1..{MAX_K}, got {k!r}")
+    unapplied = load_registry(store, collection).unapplied
     record = store.retrieve(collection, [point_id], with_payload=True, with_vectors=True)[0]
     hits = store.search(
         collection,
@@ -146,6 +148,8 @@ def inspect_neighbours(
         shortlist=None if shortlist is None else max(shortlist, k + 1),
         with_payload=True,
     )
-    neighbours = [Neighbour(_inspected(h.id, h.payload), float(h.score)) for h in hits if h.id != record.id][:k]
-    point = _inspected(record.id, record.payload)
+    neighbours = [
+        Neighbour(_inspected(h.id, resolve(h.payload, unapplied)), float(h.score)) for h in hits if h.id != record.id
+    ][:k]
+    point = _inspected(record.id, resolve(record.payload, unapplied))
     return Inspection(point, neighbours, agreement(point.state.judged_label, neighbours))

@@ -1,0 +1,243 @@
+"""``embedstore label ...``: labeling jobs, runs, rollback, review queue, human answers, suspicious labels."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from retrieval import StoreError, StoreLockedError, StoreSettings, open_store
+
+label_app = typer.Typer(help="Self-training labeling jobs against the store.", no_args_is_help=True)
+console = Console()
+
+PathOpt = Annotated[Optional[Path], typer.Option("--path", help="Edge store directory (EMBEDSTORE_PATH).")]  # noqa: UP045
+CollectionOpt = Annotated[Optional[str], typer.Option("--collection", "-c", help="Collection (EMBEDSTORE_COLLECTION).")]  # noqa: UP045
+RunsDirOpt = Annotated[
+    Path, typer.Option("--runs-dir", help="Where run directories are written.", envvar="EMBEDSTORE_RUNS_DIR")
+]
+
+
+def _settings(path: Path | None, collection: str | None) -> StoreSettings:
+    base = StoreSettings()
+    update: dict[str, Any] = {}
+    if path is not None:
+        update["path"] = path
+    if collection is not None:
+        update["collection"] = collection
+    return StoreSettings.model_validate({**base.model_dump(), **update}) if update else base
+
+
+def _fail(exc: Exception) -> None:
+    msg = str(exc)
+    if isinstance(exc, StoreLockedError):
+        msg += (
+            ". The embedded store has one owner process: if `embedstore serve` holds it, stop the server or run "
+            "the job through it (gRPC LabelingService.RunLabelingJob)"
+        )
+    console.print(f"[red]error:[/] {msg}")
+    raise typer.Exit(code=2)
+
+
+def _open(path: Path | None, collection: str | None) -> tuple[Any, str]:
+    settings = _settings(path, collection)
+    return open_store(settings), settings.collection
+
+
+@label_app.command("run")
+def run_cmd(
+    path: PathOpt = None,
+    collection: CollectionOpt = None,
+    runs_dir: RunsDirOpt = Path("./data/runs"),
+    config: Annotated[Optional[Path], typer.Option(help="JSON file of LabelingConfig fields.")] = None,  # noqa: UP045
+    threshold: Annotated[Optional[float], typer.Option(help="State Gate: calibrated P to accept (0.8).")] = None,  # noqa: UP045
+    max_iterations: Annotated[Optional[int], typer.Option(help="At most 10.")] = None,  # noqa: UP045
+    learner: Annotated[Optional[str], typer.Option(help="xgboost (default) or random_forest.")] = None,  # noqa: UP045
+    calibration: Annotated[
+        Optional[str], typer.Option(help="auto, platt, beta, isotonic, temperature or none.")  # noqa: UP045
+    ] = None,
+    k: Annotated[Optional[int], typer.Option("-k", help="Neighbours per point (15).")] = None,  # noqa: UP045
+    prefix_dims: Annotated[Optional[int], typer.Option(help="Embedding prefix as features: 128, 256, 512.")] = None,  # noqa: UP045
+    truth_field: Annotated[
+        Optional[str], typer.Option(help="Payload field with known truth: reported, never trained on.")  # noqa: UP045
+    ] = None,
+    allow_sparse_seed: Annotated[bool, typer.Option(help="Run below the 5% seed rule (recorded).")] = False,
+    mixup: Annotated[Optional[bool], typer.Option("--mixup/--no-mixup")] = None,  # noqa: UP045
+    breaker: Annotated[Optional[bool], typer.Option("--breaker/--no-breaker")] = None,  # noqa: UP045
+    veto: Annotated[Optional[bool], typer.Option("--veto/--no-veto", help="Neighbourhood veto in the gate.")] = None,  # noqa: UP045
+    review_count: Annotated[Optional[int], typer.Option(help="Most uncertain points sent to review.")] = None,  # noqa: UP045
+    seed: Annotated[Optional[int], typer.Option()] = None,  # noqa: UP045
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+    progress: Annotated[bool, typer.Option("--progress/--no-progress")] = True,
+) -> None:
+    """Run a labeling job: neighbourhood features, XGBoost, calibration, State Gate, <= 10 iterations, write-back."""
+    from pydantic import ValidationError
+
+    from labeling.config import LabelingConfig
+    from labeling.errors import LabelingError
+    from labeling.job import run_job
+    from labeling.present import print_report, rich_events
+
+    fields: dict[str, Any] = json.loads(config.read_text()) if config else {}
+    given = {
+        "threshold": threshold,
+        "max_iterations": max_iterations,
+        "learner": learner,
+        "calibration": calibration,
+        "k": k,
+        "prefix_dims": prefix_dims,
+        "truth_field": truth_field,
+        "mixup": mixup,
+        "breaker": breaker,
+        "neighbourhood_veto": veto,
+        "review_count": review_count,
+        "seed": seed,
+    }
+    fields.update({key: v for key, v in given.items() if v is not None})
+    if allow_sparse_seed:
+        fields["allow_sparse_seed"] = True
+    try:
+        cfg = LabelingConfig(**fields)
+    except ValidationError as exc:
+        _fail(ValueError(f"invalid labeling config: {exc}"))
+    try:
+        store, name = _open(path, collection)
+        with store, rich_events(console, enabled=progress and not as_json) as events:
+            result = run_job(store, name, cfg, runs_dir=runs_dir, events=events)
+    except (LabelingError, StoreError) as exc:
+        _fail(exc)
+    if as_json:
+        console.print_json(json.dumps(result.report, default=str))
+    else:
+        print_report(result.report, console)
+
+
+@label_app.command("runs")
+def runs_cmd(path: PathOpt = None, collection: CollectionOpt = None) -> None:
+    """List the labeling runs of a collection (newest last) and which is active."""
+    from labeling.runs import load_registry
+
+    try:
+        store, name = _open(path, collection)
+        with store:
+            reg = load_registry(store, name)
+    except StoreError as exc:
+        _fail(exc)
+    table = Table("run", "status", "model", "points", "accepted", "quarantined", "review", "held-out F1", "created")
+    for r in reg.runs:
+        mark = " (active)" if r.run_id == reg.active else (" (pending)" if r.run_id == reg.pending else "")
+        f1 = r.summary.get("heldout_macro_f1")
+        table.add_row(
+            r.run_id + mark,
+            r.status,
+            r.model,
+            str(r.points),
+            str(r.counts.get("accepted", "")),
+            str(r.counts.get("quarantined", "")),
+            str(r.counts.get("review", "")),
+            "" if f1 is None else f"{f1:.3f}",
+            r.created_at,
+        )
+    console.print(table)
+
+
+@label_app.command("rollback")
+def rollback_cmd(
+    run_id: Annotated[str, typer.Argument(help="The active run to undo.")],
+    path: PathOpt = None,
+    collection: CollectionOpt = None,
+) -> None:
+    """Restore the labels the run replaced; the run before it becomes active again."""
+    from labeling.errors import LabelingError
+    from labeling.runs import load_registry, rollback_run
+
+    try:
+        store, name = _open(path, collection)
+        with store:
+            n = rollback_run(store, name, run_id)
+            active = load_registry(store, name).active
+    except (LabelingError, StoreError) as exc:
+        _fail(exc)
+    console.print(f"rolled back {run_id}: {n} points restored; active run is now {active or 'none'}")
+
+
+@label_app.command("review")
+def review_cmd(
+    export: Annotated[Path, typer.Option("--export", help="JSONL file to write the review queue to.")],
+    limit: Annotated[Optional[int], typer.Option(help="At most this many items.")] = None,  # noqa: UP045
+    path: PathOpt = None,
+    collection: CollectionOpt = None,
+) -> None:
+    """Export the points sent to review (most uncertain first): id, text, image ref, top classes, empty label."""
+    from labeling.review import export_review
+
+    try:
+        store, name = _open(path, collection)
+        with store:
+            n = export_review(store, name, export, limit=limit)
+    except StoreError as exc:
+        _fail(exc)
+    console.print(f"wrote {n} review items to {export}; fill in 'label' and run `embedstore label import {export}`")
+
+
+@label_app.command("import")
+def import_cmd(
+    file: Annotated[Path, typer.Argument(help="JSONL or CSV with id and label.")],
+    overwrite_human: Annotated[bool, typer.Option(help="Replace different existing human labels.")] = False,
+    source: Annotated[str, typer.Option(help="label_source to record.")] = "human",
+    path: PathOpt = None,
+    collection: CollectionOpt = None,
+) -> None:
+    """Write human answers as ground truth (all-or-nothing; never silently over another human label)."""
+    from labeling.errors import LabelingError
+    from labeling.review import import_labels
+
+    try:
+        store, name = _open(path, collection)
+        with store:
+            res = import_labels(store, name, file, source=source, overwrite_human=overwrite_human)
+    except (LabelingError, StoreError) as exc:
+        _fail(exc)
+    console.print(
+        f"wrote {res.written} labels as ground truth ({res.unchanged} already so, {res.skipped_unanswered} unanswered)"
+    )
+
+
+@label_app.command("suspicious")
+def suspicious_cmd(
+    k: Annotated[int, typer.Option("-k", help="Neighbours to compare with.")] = 10,
+    limit: Annotated[int, typer.Option(help="How many to list.")] = 20,
+    path: PathOpt = None,
+    collection: CollectionOpt = None,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Accepted pseudo-labels that their neighbourhood contradicts most."""
+    import dataclasses
+
+    from labeling.review import suspicious
+
+    try:
+        store, name = _open(path, collection)
+        with store:
+            found = suspicious(store, name, k=k, limit=limit)
+    except StoreError as exc:
+        _fail(exc)
+    if as_json:
+        console.print_json(json.dumps([dataclasses.asdict(s) for s in found]))
+        return
+    table = Table("id", "pseudo-label", "confidence", "agreement", "neighbours say", "labelled", "text")
+    for s in found:
+        table.add_row(
+            s.id,
+            s.pseudo_label,
+            "" if s.pseudo_confidence is None else f"{s.pseudo_confidence:.3f}",
+            f"{s.agreement:.2f}",
+            f"{s.majority_label} ({s.majority_share:.2f})",
+            str(s.labelled_neighbours),
+            (s.text or "")[:40],
+        )
+    console.print(table)

@@ -1,0 +1,149 @@
+"""Settings of a labeling job: every knob in one validated object.
+
+Defaults follow the article's regime (XGBoost eta 0.05, max_depth 6, lambda 1.5,
+alpha 0.5, subsample 0.8; a State Gate at calibrated P >= 0.8; at most 10
+iterations) plus the guards that keep self-training from confirming its own
+mistakes (held-out/out-of-fold calibration, a neighbourhood check in the gate,
+per-class caps, cross-fitted re-scoring, a collapse breaker).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+MAX_ITERATIONS = 10  # the article's hard cap; a config asking for more is refused
+
+CalibrationMethod = Literal["auto", "platt", "beta", "isotonic", "temperature", "none"]
+LearnerName = Literal["xgboost", "random_forest"]
+EvalMode = Literal["auto", "holdout", "cv"]
+UncertaintyScore = Literal["margin", "entropy"]
+
+
+class XGBoostParams(BaseModel):
+    """The article's XGBoost regime (all configurable)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    eta: float = Field(0.05, gt=0, le=1)
+    max_depth: int = Field(6, ge=1, le=16)
+    reg_lambda: float = Field(1.5, ge=0)
+    reg_alpha: float = Field(0.5, ge=0)
+    subsample: float = Field(0.8, gt=0, le=1)
+    colsample_bytree: float = Field(0.8, gt=0, le=1)
+    min_child_weight: float = Field(1.0, ge=0)
+    max_rounds: int = Field(400, ge=1, le=10_000)
+    early_stopping_rounds: int = Field(30, ge=1)
+    max_bin: int = Field(128, ge=8, le=1024)
+    #: ``None``: aucpr for binary (the article), mlogloss for multiclass.
+    eval_metric: str | None = None
+    #: Optional monotone constraints by feature index: {index: +1 | -1}.
+    monotone_constraints: dict[int, Literal[-1, 1]] | None = None
+    n_jobs: int = Field(2, ge=1)
+
+
+class ForestParams(BaseModel):
+    """Random Forest, the article's comparison learner."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    n_estimators: int = Field(300, ge=1, le=5000)
+    max_depth: int | None = Field(None, ge=1)
+    min_samples_leaf: int = Field(1, ge=1)
+    max_features: Literal["sqrt", "log2"] | float = "sqrt"
+    n_jobs: int = Field(2, ge=1)
+
+
+class LabelingConfig(BaseModel):
+    """One labeling job. Validated on construction; unknown keys are refused."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    # ---- data
+    label_field: str = "label"
+    source_field: str = "label_source"
+    #: A payload field with known truth, read only to *report* pseudo-label precision (never trained on).
+    truth_field: str | None = None
+    prefix_dims: Literal[128, 256, 512] = 128
+    page_size: int = Field(1024, ge=16, le=100_000)
+
+    # ---- guards
+    min_seed_fraction: float = Field(0.05, ge=0, le=1)
+    min_class_examples: int = Field(5, ge=2)
+    allow_sparse_seed: bool = False
+    drift_auc_threshold: float = Field(0.70, gt=0.5, le=1.0)
+    #: Gate threshold used instead of ``threshold`` when drift is detected (gates harder).
+    drift_threshold: float = Field(0.90, gt=0, le=1)
+    #: Per-class caps are multiplied by this when drift is detected.
+    drift_cap_factor: float = Field(0.5, gt=0, le=1)
+    drift_max_per_side: int = Field(2000, ge=50)
+
+    # ---- evaluation split (no calibration/gate/breaker score from a model that saw that label)
+    eval_mode: EvalMode = "auto"
+    holdout_fraction: float = Field(0.2, gt=0, lt=0.9)
+    cv_folds: int = Field(4, ge=2, le=20)
+    #: ``auto`` uses out-of-fold scores when the smallest class has fewer ground-truth examples than this.
+    cv_below_per_class: int = Field(50, ge=2)
+
+    # ---- neighbourhood features
+    k: int = Field(15, ge=1, le=200)
+    shortlist: int | None = Field(None, ge=1)
+    pseudo_feature_weight: float = Field(0.5, ge=0, le=1)
+    neighbourhood_features: bool = True
+
+    # ---- learner
+    learner: LearnerName = "xgboost"
+    xgboost: XGBoostParams = XGBoostParams()
+    forest: ForestParams = ForestParams()
+    balance_classes: bool = True
+
+    # ---- calibration
+    calibration: CalibrationMethod = "auto"
+    calibration_bins: int = Field(10, ge=2, le=100)
+
+    # ---- State Gate
+    threshold: float = Field(0.8, gt=0, le=1)
+    neighbourhood_veto: bool = True
+    veto_min_labelled: int = Field(2, ge=1)
+    veto_majority: float = Field(0.5, ge=0, lt=1)
+    #: A class may get at most ``cap_factor`` x (its ground-truth share) x (pool size) accepted labels.
+    cap_factor: float = Field(1.0, gt=0)
+
+    # ---- Mixup
+    mixup: bool = True
+    mixup_alpha: float = Field(0.4, gt=0)
+    mixup_fraction: float = Field(0.5, ge=0, le=4)
+
+    # ---- loop
+    max_iterations: int = Field(MAX_ITERATIONS, ge=1)
+    stop_change: float = Field(0.01, ge=0, le=1)
+    breaker: bool = True
+    breaker_tolerance: float = Field(0.01, ge=0, le=1)
+    #: The breaker trips on a drop larger than max(tolerance, breaker_z x the paired-bootstrap standard error
+    #: of the F1 difference), so the noise of a small held-out slice does not stop a healthy run.
+    breaker_z: float = Field(1.5, ge=0)
+
+    # ---- active learning
+    review_count: int = Field(50, ge=0)
+    uncertainty: UncertaintyScore = "margin"
+
+    seed: int = 0
+
+    @field_validator("max_iterations")
+    @classmethod
+    def _hard_cap(cls, value: int) -> int:
+        if value > MAX_ITERATIONS:
+            raise ValueError(f"max_iterations is capped at {MAX_ITERATIONS} (the article's rule), got {value}")
+        return value
+
+    @field_validator("label_field", "source_field")
+    @classmethod
+    def _field_name(cls, value: str) -> str:
+        if not value or not isinstance(value, str):
+            raise ValueError("payload field names must be non-empty strings")
+        return value
+
+    def describe(self) -> dict[str, object]:
+        """The config as plain JSON (recorded in every run report)."""
+        return self.model_dump(mode="json")

@@ -1,0 +1,327 @@
+"""A labeling job against the store: read, guard, measure drift, self-train, write back as a unit, report.
+
+``run_job(store, collection, config)`` is what ``embedstore label run`` and the
+gRPC ``RunLabelingJob`` call. Stages (each reported through ``events``):
+
+``read`` (paged scroll) -> ``guards`` (seed size, classes) -> ``drift`` (classifier
+two-sample test; gates harder when the pool has drifted) -> ``neighbours`` (kNN
+graph from the store, batched) -> ``train`` (the loop of :mod:`labeling.selftrain`)
+-> ``report`` (run directory: ``report.json``, ``reliability.png``,
+``iterations.png``) -> ``write`` (per-point payload, as a unit: :mod:`labeling.runs`).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from labeling.calibration import macro_f1
+from labeling.config import LabelingConfig
+from labeling.drift import c2st
+from labeling.errors import LabelingError
+from labeling.gate import ACCEPTED, STATUS_NAMES
+from labeling.plots import iteration_curves, reliability_diagram
+from labeling.runs import RUN_FIELD, BatchHook, RunRecord, apply_run, new_run_id, utcnow
+from labeling.selftrain import LabelingInput, LabelingOutcome, LearnerFactory, SelfTrainer, check_seed
+from labeling.snapshot import neighbour_graph, read_snapshot
+from retrieval import VectorStore
+
+DEFAULT_RUNS_DIR = Path("./data/runs")
+
+
+@dataclass
+class JobEvent:
+    """A progress event: a stage and how far it is (``total`` 0 = unknown), or a message."""
+
+    stage: str
+    done: int = 0
+    total: int = 0
+    message: str = ""
+    data: dict[str, Any] = field(default_factory=dict)
+
+
+Events = Callable[[JobEvent], None]
+
+
+@dataclass
+class JobResult:
+    run_id: str
+    collection: str
+    run_dir: Path
+    report: dict[str, Any]
+    outcome: LabelingOutcome
+    written: int
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, (np.floating, float)):
+        f = float(obj)
+        return None if not np.isfinite(f) else round(f, 6)
+    if isinstance(obj, np.integer):
+        return int(obj)
+    if isinstance(obj, np.bool_):
+        return bool(obj)
+    return obj
+
+
+def run_job(
+    store: VectorStore,
+    collection: str,
+    config: LabelingConfig | None = None,
+    *,
+    runs_dir: Path | str = DEFAULT_RUNS_DIR,
+    events: Events | None = None,
+    learner_factory: LearnerFactory | None = None,
+    on_write_batch: BatchHook | None = None,
+) -> JobResult:
+    """Run one labeling job on ``collection`` and write its pseudo-labels back (see the module docstring)."""
+    cfg = config or LabelingConfig()
+    emit = events or (lambda e: None)
+    run_id = new_run_id()
+    t_job = time.perf_counter()
+    timings: dict[str, float] = {}
+
+    def advance(stage: str, done: int, total: int) -> None:
+        emit(JobEvent(stage, done, total))
+
+    # ---- read
+    t0 = time.perf_counter()
+    snap = read_snapshot(
+        store,
+        collection,
+        label_field=cfg.label_field,
+        source_field=cfg.source_field,
+        truth_field=cfg.truth_field,
+        prefix_dims=cfg.prefix_dims,
+        page_size=cfg.page_size,
+        advance=advance,
+    )
+    timings["read"] = time.perf_counter() - t0
+    if snap.n < 10:
+        raise LabelingError(f"collection {collection!r} has {snap.n} points; a labeling job needs at least 10")
+
+    # ---- guards
+    classes = sorted({lab for lab in snap.labels if lab is not None})
+    index = {c: i for i, c in enumerate(classes)}
+    y = np.array([index[lab] if lab is not None else -1 for lab in snap.labels], np.int64)
+    warnings = check_seed(y, classes, cfg)
+    for w in warnings:
+        emit(JobEvent("guards", message=w))
+    n_gt = int((y >= 0).sum())
+
+    # ---- drift
+    t0 = time.perf_counter()
+    drift = c2st(
+        snap.x[y >= 0],
+        snap.x[y < 0],
+        threshold=cfg.drift_auc_threshold,
+        max_per_side=cfg.drift_max_per_side,
+        seed=cfg.seed,
+    )
+    timings["drift"] = time.perf_counter() - t0
+    gate_threshold, cap_factor = cfg.threshold, 1.0
+    if drift.drifted:
+        gate_threshold, cap_factor = max(cfg.threshold, cfg.drift_threshold), cfg.drift_cap_factor
+        msg = (
+            f"DRIFT: the unlabeled pool differs from the ground-truth seed (classifier two-sample AUC "
+            f"{drift.auc:.3f} > {cfg.drift_auc_threshold}, z = {drift.z:.1f}). Pseudo-labels are least reliable "
+            f"exactly here: gating harder (threshold {gate_threshold:.2f}, class caps x{cap_factor:g}). "
+            "Label a sample of the new region to fix the cause."
+        )
+        warnings.append(msg)
+        emit(JobEvent("drift", message=msg))
+    emit(JobEvent("drift", 1, 1, data=drift.as_dict()))
+
+    # ---- neighbours
+    t0 = time.perf_counter()
+    graph = None
+    if cfg.neighbourhood_features or cfg.neighbourhood_veto:
+        graph = neighbour_graph(
+            store, collection, snap.ids, k=cfg.k, shortlist=cfg.shortlist, page_size=cfg.page_size, advance=advance
+        )
+    timings["neighbours"] = time.perf_counter() - t0
+
+    # ---- train
+    truth = None
+    if snap.truth is not None:
+        truth = np.array([-1 if t is None else index.get(t, -2) for t in snap.truth], np.int64)
+
+    def on_progress(kind: str, data: dict[str, Any]) -> None:
+        if kind == "model":
+            emit(JobEvent("train", message=f"iteration {data['iteration']}: model {data['model']}/{data['models']}"))
+        else:
+            stats = data["stats"]
+            emit(JobEvent("iteration", stats.iteration, cfg.max_iterations, data={"stats": stats, **data}))
+
+    t0 = time.perf_counter()
+    trainer = SelfTrainer(cfg, learner_factory=learner_factory, progress=on_progress)
+    outcome = trainer.run(
+        LabelingInput(snap.x, y, classes, graph, truth), gate_threshold=gate_threshold, cap_factor=cap_factor
+    )
+    timings["train"] = time.perf_counter() - t0
+
+    # ---- report (before the write: a failed write still leaves the evidence)
+    run_dir = Path(runs_dir) / collection / run_id
+    run_dir.mkdir(parents=True, exist_ok=True)
+    model_name = f"{cfg.learner}+{outcome.calibration.method}"
+    dec = outcome.decision
+    final = _final_metrics(outcome, classes, truth)
+    report: dict[str, Any] = {
+        "run_id": run_id,
+        "collection": collection,
+        "backend": store.backend,
+        "created_at": utcnow(),
+        "model": model_name,
+        "config": cfg.describe(),
+        "allow_sparse_seed": cfg.allow_sparse_seed,
+        "warnings": warnings,
+        "seed": {
+            "points": snap.n,
+            "ground_truth": n_gt,
+            "fraction": n_gt / snap.n,
+            "per_class": {c: int((y == i).sum()) for i, c in enumerate(classes)},
+            "sources": _counts([s for s, lab in zip(snap.sources, snap.labels, strict=True) if lab is not None]),
+        },
+        "drift": drift.as_dict(),
+        "eval_mode": outcome.eval_mode,
+        "models_per_iteration": outcome.n_models,
+        "gate_threshold": outcome.gate_threshold,
+        "iterations": [asdict(s) for s in outcome.iterations],
+        "chosen_iteration": outcome.chosen_iteration,
+        "stop_reason": outcome.stop_reason,
+        "breaker_tripped": outcome.breaker_tripped,
+        "calibration": {
+            "method": outcome.calibration.method,
+            "cv_log_loss": outcome.calibration.cv_log_loss,
+            "before": asdict(outcome.calibration.before),
+            "after": asdict(outcome.calibration.after),
+            "first_iteration": {
+                "method": outcome.first_calibration.method,
+                "before": asdict(outcome.first_calibration.before),
+                "after": asdict(outcome.first_calibration.after),
+            },
+        },
+        "final": final,
+        "timings_s": timings,
+    }
+    plots = {
+        "reliability": reliability_diagram(
+            outcome.calibration.reliability_before,
+            outcome.calibration.reliability_after,
+            run_dir / "reliability.png",
+            title=f"{collection} run {run_id}: held-out reliability, iteration {outcome.chosen_iteration} "
+            f"({outcome.calibration.method})",
+        ),
+        "iterations": iteration_curves(
+            report["iterations"],
+            run_dir / "iterations.png",
+            threshold=outcome.gate_threshold,
+            chosen=outcome.chosen_iteration,
+        ),
+    }
+    report["plots"] = {k: str(v) for k, v in plots.items()}
+    _save(run_dir / "report.json", report)
+    emit(JobEvent("report", 1, 1, message=str(run_dir)))
+
+    # ---- write back, as a unit
+    rows = []
+    top_n = min(3, len(classes))
+    for j, row in enumerate(outcome.pool):
+        status = int(dec.status[j])
+        top = outcome.top_classes(j, classes, top_n)
+        rows.append(
+            (
+                snap.ids[row],
+                {
+                    "pseudo_label": classes[int(dec.label[j])],
+                    "pseudo_confidence": round(float(dec.confidence[j]), 4),
+                    "pseudo_status": STATUS_NAMES[status],
+                    "pseudo_iteration": int(outcome.since[j]) if status == ACCEPTED else outcome.chosen_iteration,
+                    "pseudo_top": [[c, round(p, 4)] for c, p in top],
+                    "review_score": round(float(dec.uncertainty[j]), 4),
+                    "labeling_model": model_name,
+                },
+            )
+        )
+    store.create_payload_index(collection, RUN_FIELD)
+    record = RunRecord(
+        run_id=run_id,
+        status="writing",
+        created_at=report["created_at"],
+        model=model_name,
+        counts=final["counts"],
+        run_dir=str(run_dir),
+        allow_sparse_seed=cfg.allow_sparse_seed,
+        summary={
+            "heldout_macro_f1": final["heldout_macro_f1"],
+            "heldout_ece": final["heldout_ece"],
+            "iterations": len(outcome.iterations),
+            "chosen_iteration": outcome.chosen_iteration,
+            "breaker_tripped": outcome.breaker_tripped,
+            "drifted": drift.drifted,
+        },
+    )
+    t0 = time.perf_counter()
+    n_batches = max(1, -(-len(rows) // store.write_batch_size))
+
+    def on_batch(b: int) -> None:
+        emit(JobEvent("write", b + 1, n_batches))
+        if on_write_batch is not None:
+            on_write_batch(b)
+
+    written = apply_run(store, collection, record, rows, batch_size=store.write_batch_size, on_batch=on_batch)
+    timings["write"] = time.perf_counter() - t0
+    timings["total"] = time.perf_counter() - t_job
+    report["written"] = written
+    report["timings_s"] = timings
+    _save(run_dir / "report.json", report)
+    emit(JobEvent("done", 1, 1, message=run_id))
+    return JobResult(run_id, collection, run_dir, report, outcome, written)
+
+
+def _counts(values: list[Any]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for v in values:
+        out[str(v)] = out.get(str(v), 0) + 1
+    return out
+
+
+def _final_metrics(outcome: LabelingOutcome, classes: list[str], truth: np.ndarray | None) -> dict[str, Any]:
+    dec = outcome.decision
+    acc = dec.status == ACCEPTED
+    out: dict[str, Any] = {
+        "counts": dec.counts(),
+        "quarantine_reasons": dec.reasons(),
+        "accepted_by_class": {c: int(((dec.label == i) & acc).sum()) for i, c in enumerate(classes)},
+        "coverage": float(acc.mean()),
+        "mean_accepted_confidence": float(dec.confidence[acc].mean()) if acc.any() else None,
+        "heldout_macro_f1": outcome.calibration.after.macro_f1,
+        "heldout_ece": outcome.calibration.after.ece,
+        "pseudo_precision": None,
+        "pool_macro_f1_vs_truth": None,
+    }
+    if truth is not None:
+        t = truth[outcome.pool]
+        known = t != -1
+        if (acc & known).any():
+            out["pseudo_precision"] = float((dec.label[acc & known] == t[acc & known]).mean())
+        if known.any():
+            out["pool_macro_f1_vs_truth"] = macro_f1(outcome.probs.argmax(axis=1)[known], t[known], len(classes))
+            out["truth_known"] = int(known.sum())
+    return out
+
+
+def _save(path: Path, report: dict[str, Any]) -> None:
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(_jsonable(report), indent=2, default=str))
+    tmp.replace(path)

@@ -1,0 +1,169 @@
+"""Learners behind one small contract (scikit-learn style): ``fit`` then ``predict_proba``.
+
+Training targets are *soft*: an (n, C) matrix whose rows sum to 1 (one-hot for
+ground truth and hard pseudo-labels, a convex mixture for Mixup rows), with a
+weight per row. XGBoost learns binary soft labels natively (``binary:logistic``
+takes labels in [0, 1]); for multiclass, and for the Random Forest, a soft row
+becomes one weighted row per class it puts mass on - the same cross-entropy
+gradient, in a form the learner accepts.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import numpy as np
+
+from labeling.config import ForestParams, LabelingConfig, XGBoostParams
+
+
+class Learner(Protocol):
+    name: str
+    n_classes: int
+
+    def fit(
+        self, x: np.ndarray, y: np.ndarray, w: np.ndarray, eval_set: tuple[np.ndarray, np.ndarray] | None = None
+    ) -> Learner: ...
+
+    def predict_proba(self, x: np.ndarray) -> np.ndarray: ...
+
+
+def expand_soft(x: np.ndarray, y: np.ndarray, w: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Soft targets (n, C) -> hard rows: one row per (row, class with mass), weight ``w * mass``."""
+    rows, cls = np.nonzero(y > 0)
+    return x[rows], cls.astype(np.int32), (w[rows] * y[rows, cls]).astype(np.float32)
+
+
+def check_targets(x: np.ndarray, y: np.ndarray, w: np.ndarray, n_classes: int) -> None:
+    if x.ndim != 2 or y.shape != (x.shape[0], n_classes) or w.shape != (x.shape[0],):
+        raise ValueError(f"fit needs x (n, d), y (n, {n_classes}), w (n,); got {x.shape}, {y.shape}, {w.shape}")
+    if x.shape[0] == 0:
+        raise ValueError("fit needs at least one training row")
+    if not np.all(np.isfinite(x)) or np.any(w < 0) or np.any(y < 0):
+        raise ValueError("training features must be finite, weights and targets non-negative")
+
+
+class XGBoostLearner:
+    """XGBoost with the article's regime; early stopping on the evaluation slice when one is given."""
+
+    name = "xgboost"
+
+    def __init__(self, n_classes: int, params: XGBoostParams | None = None, *, seed: int = 0) -> None:
+        if n_classes < 2:
+            raise ValueError(f"need at least 2 classes, got {n_classes}")
+        self.n_classes = n_classes
+        self.params = params or XGBoostParams()
+        self.seed = seed
+        self.booster_ = None
+        self.best_rounds_: int | None = None
+
+    def _train_params(self, n_features: int) -> dict[str, object]:
+        p = self.params
+        binary = self.n_classes == 2
+        params: dict[str, object] = {
+            "eta": p.eta,
+            "max_depth": p.max_depth,
+            "lambda": p.reg_lambda,
+            "alpha": p.reg_alpha,
+            "subsample": p.subsample,
+            "colsample_bytree": p.colsample_bytree,
+            "min_child_weight": p.min_child_weight,
+            "max_bin": p.max_bin,
+            "tree_method": "hist",
+            "nthread": p.n_jobs,
+            "seed": self.seed,
+            "objective": "binary:logistic" if binary else "multi:softprob",
+            "eval_metric": p.eval_metric or ("aucpr" if binary else "mlogloss"),
+        }
+        if not binary:
+            params["num_class"] = self.n_classes
+        if p.monotone_constraints:
+            bad = [i for i in p.monotone_constraints if not 0 <= i < n_features]
+            if bad:
+                raise ValueError(f"monotone_constraints name feature indexes {bad} outside 0..{n_features - 1}")
+            cons = [0] * n_features
+            for i, sign in p.monotone_constraints.items():
+                cons[i] = sign
+            params["monotone_constraints"] = "(" + ",".join(map(str, cons)) + ")"
+        return params
+
+    def fit(
+        self, x: np.ndarray, y: np.ndarray, w: np.ndarray, eval_set: tuple[np.ndarray, np.ndarray] | None = None
+    ) -> XGBoostLearner:
+        import xgboost as xgb
+
+        check_targets(x, y, w, self.n_classes)
+        if self.n_classes == 2:
+            dtrain = xgb.DMatrix(x, label=y[:, 1], weight=w)  # soft labels in [0, 1]
+        else:
+            xe, ye, we = expand_soft(x, y, w)
+            dtrain = xgb.DMatrix(xe, label=ye, weight=we)
+        evals = []
+        if eval_set is not None and len(eval_set[1]):
+            evals = [(xgb.DMatrix(eval_set[0], label=eval_set[1]), "eval")]
+        booster = xgb.train(
+            self._train_params(x.shape[1]),
+            dtrain,
+            num_boost_round=self.params.max_rounds,
+            evals=evals,
+            early_stopping_rounds=self.params.early_stopping_rounds if evals else None,
+            verbose_eval=False,
+        )
+        self.booster_ = booster
+        self.best_rounds_ = int(booster.best_iteration) + 1 if evals else self.params.max_rounds
+        return self
+
+    def predict_proba(self, x: np.ndarray) -> np.ndarray:
+        import xgboost as xgb
+
+        if self.booster_ is None:
+            raise RuntimeError("XGBoostLearner is not fitted")
+        p = self.booster_.predict(xgb.DMatrix(x), iteration_range=(0, self.best_rounds_ or 0))
+        if self.n_classes == 2:
+            p = np.column_stack([1.0 - p, p])
+        return np.asarray(p, np.float64)
+
+
+class RandomForestLearner:
+    """scikit-learn's Random Forest (the article's comparison); ignores the evaluation slice."""
+
+    name = "random_forest"
+
+    def __init__(self, n_classes: int, params: ForestParams | None = None, *, seed: int = 0) -> None:
+        if n_classes < 2:
+            raise ValueError(f"need at least 2 classes, got {n_classes}")
+        self.n_classes = n_classes
+        self.params = params or ForestParams()
+        self.seed = seed
+        self.model_ = None
+
+    def fit(
+        self, x: np.ndarray, y: np.ndarray, w: np.ndarray, eval_set: tuple[np.ndarray, np.ndarray] | None = None
+    ) -> RandomForestLearner:
+        from sklearn.ensemble import RandomForestClassifier
+
+        check_targets(x, y, w, self.n_classes)
+        xe, ye, we = expand_soft(x, y, w)
+        p = self.params
+        self.model_ = RandomForestClassifier(
+            n_estimators=p.n_estimators,
+            max_depth=p.max_depth,
+            min_samples_leaf=p.min_samples_leaf,
+            max_features=p.max_features,
+            n_jobs=p.n_jobs,
+            random_state=self.seed,
+        ).fit(xe, ye, sample_weight=we)
+        return self
+
+    def predict_proba(self, x: np.ndarray) -> np.ndarray:
+        if self.model_ is None:
+            raise RuntimeError("RandomForestLearner is not fitted")
+        out = np.zeros((x.shape[0], self.n_classes))
+        out[:, self.model_.classes_] = self.model_.predict_proba(x)  # a class absent from training keeps p = 0
+        return out
+
+
+def make_learner(config: LabelingConfig, n_classes: int, seed: int) -> Learner:
+    if config.learner == "xgboost":
+        return XGBoostLearner(n_classes, config.xgboost, seed=seed)
+    return RandomForestLearner(n_classes, config.forest, seed=seed)

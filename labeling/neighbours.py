@@ -1,0 +1,139 @@
+"""Neighbourhood features from the k-nearest-neighbour graph of the store.
+
+The graph (each point's ``k`` nearest neighbours and their similarities, the
+point itself left out by id) is pulled once per job from the store's
+shortlist/rerank path in batches; the label features are recomputed from it
+every iteration as the accepted pseudo-labels change.
+
+Per point and class ``c`` (``C`` classes), with ``s_j`` = max(similarity, 0) of neighbour ``j``
+and ``v_jc`` its vote for ``c`` (1 for ground truth, ``pseudo_weight x confidence`` for an
+accepted pseudo-label, 0 otherwise):
+
+* ``share_c = sum_j s_j v_jc / sum_j s_j sum_c' v_jc'`` - the similarity-weighted class
+  distribution of the labelled neighbours (0 when none is labelled);
+* ``max_sim_c`` / ``mean_sim_c`` - the largest and mean similarity of neighbours whose
+  label (ground truth or accepted) is ``c`` (0 when none);
+* ``labelled_mass = sum_j s_j sum_c v_jc / sum_j s_j`` - how much of the neighbourhood is
+  labelled at all, and ``mean_sim`` - how dense the neighbourhood is.
+
+Leak-free by construction: a point is never its own neighbour, so its own label
+never feeds its own features; and the job hides the labels a model is evaluated
+on from that model's features (see :mod:`labeling.selftrain`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True, slots=True)
+class NeighbourGraph:
+    """``index[i]`` holds the snapshot rows of point ``i``'s neighbours (``-1``: none), ``sims[i]`` their similarity."""
+
+    index: np.ndarray  # (n, k) int32
+    sims: np.ndarray  # (n, k) float32
+
+    def __post_init__(self) -> None:
+        if self.index.shape != self.sims.shape or self.index.ndim != 2:
+            raise ValueError(f"graph index {self.index.shape} and sims {self.sims.shape} must be the same (n, k)")
+
+    @property
+    def n(self) -> int:
+        return int(self.index.shape[0])
+
+    @property
+    def k(self) -> int:
+        return int(self.index.shape[1])
+
+    @classmethod
+    def exact(cls, x: np.ndarray, k: int, *, chunk: int = 2048) -> NeighbourGraph:
+        """Exact cosine kNN in memory (for tests and small arrays; the job uses the store)."""
+        xn = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+        n = xn.shape[0]
+        k = min(k, n - 1)
+        index = np.empty((n, k), np.int32)
+        sims = np.empty((n, k), np.float32)
+        for start in range(0, n, chunk):
+            s = xn[start : start + chunk] @ xn.T
+            rows = np.arange(s.shape[0])
+            s[rows, start + rows] = -np.inf  # never your own neighbour
+            top = np.argpartition(-s, k, axis=1)[:, :k]
+            order = np.argsort(-np.take_along_axis(s, top, axis=1), axis=1)
+            top = np.take_along_axis(top, order, axis=1)
+            index[start : start + chunk] = top
+            sims[start : start + chunk] = np.take_along_axis(s, top, axis=1)
+        return cls(index, sims)
+
+
+def votes(
+    n_classes: int,
+    gt: np.ndarray,
+    pseudo: np.ndarray,
+    pseudo_conf: np.ndarray,
+    pseudo_weight: float,
+) -> np.ndarray:
+    """The (n, C) vote matrix: one-hot ground truth (``gt >= 0``), weighted accepted pseudo-labels (``pseudo >= 0``)."""
+    n = gt.shape[0]
+    v = np.zeros((n, n_classes), np.float32)
+    g = gt >= 0
+    v[np.flatnonzero(g), gt[g]] = 1.0
+    p = (pseudo >= 0) & ~g
+    v[np.flatnonzero(p), pseudo[p]] = pseudo_weight * pseudo_conf[p]
+    return v
+
+
+def feature_names(classes: list[str]) -> list[str]:
+    return (
+        [f"share[{c}]" for c in classes]
+        + [f"max_sim[{c}]" for c in classes]
+        + [f"mean_sim[{c}]" for c in classes]
+        + ["labelled_mass", "mean_sim"]
+    )
+
+
+def neighbourhood_features(graph: NeighbourGraph, v: np.ndarray, *, chunk: int = 65_536) -> np.ndarray:
+    """(n, 3C + 2) features of every point from its neighbours' votes ``v`` (see the module docstring)."""
+    n, c = v.shape
+    if graph.n != n:
+        raise ValueError(f"graph has {graph.n} points but the vote matrix {n}")
+    out = np.zeros((n, 3 * c + 2), np.float32)
+    vpad = np.vstack([v, np.zeros((1, c), np.float32)])  # row -1 -> a neighbour with no vote
+    for start in range(0, n, chunk):
+        idx = graph.index[start : start + chunk]
+        s = np.where(idx >= 0, np.maximum(graph.sims[start : start + chunk], 0.0), 0.0).astype(np.float32)
+        nv = vpad[idx]  # (m, k, C)
+        weighted = (s[:, :, None] * nv).sum(axis=1)  # (m, C)
+        labelled = weighted.sum(axis=1)
+        share = np.divide(weighted, labelled[:, None], out=np.zeros_like(weighted), where=labelled[:, None] > 0)
+        present = nv > 0
+        sims_c = np.where(present, s[:, :, None], 0.0)
+        count_c = present.sum(axis=1)
+        max_c = sims_c.max(axis=1)
+        mean_c = np.divide(sims_c.sum(axis=1), count_c, out=np.zeros_like(max_c), where=count_c > 0)
+        total = s.sum(axis=1)
+        mass = np.divide(labelled, total, out=np.zeros_like(total), where=total > 0)
+        valid = (idx >= 0).sum(axis=1)
+        mean_sim = np.divide(total, valid, out=np.zeros_like(total), where=valid > 0)
+        out[start : start + chunk] = np.hstack([share, max_c, mean_c, mass[:, None], mean_sim[:, None]])
+    return out
+
+
+def neighbour_vote(graph: NeighbourGraph, v: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """For ``rows``: the similarity-weighted vote distribution of their labelled neighbours, and how many are labelled.
+
+    Returns ``(distribution (m, C), labelled_count (m,), majority_class (m,))``; rows without a labelled
+    neighbour get a zero distribution and majority ``-1``.
+    """
+    c = v.shape[1]
+    idx = graph.index[rows]
+    s = np.where(idx >= 0, np.maximum(graph.sims[rows], 0.0), 0.0)
+    vpad = np.vstack([v, np.zeros((1, c), np.float32)])
+    nv = vpad[idx]
+    w = (s[:, :, None] * (nv > 0)).sum(axis=1)  # presence-weighted: a labelled neighbour votes with its similarity
+    total = w.sum(axis=1)
+    dist = np.divide(w, total[:, None], out=np.zeros_like(w), where=total[:, None] > 0)
+    count = (nv > 0).any(axis=2).sum(axis=1)
+    majority = np.where(total > 0, dist.argmax(axis=1), -1)
+    return dist, count, majority

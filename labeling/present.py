@@ -1,0 +1,122 @@
+"""Console presentation of a labeling job (Rich): live progress bars per stage, and the per-iteration table."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from labeling.job import Events, JobEvent
+
+_STAGES = {
+    "read": "reading the collection",
+    "neighbours": "kNN graph from the store",
+    "iteration": "self-training iterations",
+    "write": "writing pseudo-labels",
+}
+
+
+@contextmanager
+def rich_events(console: Console, *, enabled: bool = True) -> Iterator[Events]:
+    """An ``events`` callback that draws one progress bar per stage and prints warnings and messages."""
+    if not enabled:
+        yield lambda e: None
+        return
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("{task.fields[note]}"),
+        console=console,
+        transient=False,
+    ) as progress:
+        tasks: dict[str, Any] = {}
+
+        def on_event(e: JobEvent) -> None:
+            if e.message and e.stage in ("guards", "drift"):
+                progress.console.print(f"[yellow bold]warning:[/] {e.message}")
+            if e.stage not in _STAGES:
+                if e.stage == "train" and "iteration" in tasks:
+                    progress.update(tasks["iteration"], note=e.message)
+                return
+            if e.stage not in tasks:
+                tasks[e.stage] = progress.add_task(_STAGES[e.stage], total=e.total or None, note="")
+            note = ""
+            if e.stage == "iteration" and "stats" in e.data:
+                s = e.data["stats"]
+                note = f"held-out F1 {s.heldout_after.macro_f1:.3f}, accepted {s.counts.get('accepted', 0)}"
+                if e.data.get("breaker"):
+                    note = "collapse breaker tripped"
+            progress.update(tasks[e.stage], completed=e.done, total=e.total or None, note=note)
+
+        yield on_event
+
+
+def _f(v: Any, fmt: str = "{:.3f}") -> str:
+    return "" if v is None else fmt.format(v)
+
+
+def iteration_table(report: dict[str, Any]) -> Table:
+    has_truth = any(r.get("pseudo_precision") is not None for r in report["iterations"])
+    cols = ["iter", "held-out F1", "ECE raw", "ECE cal", "calibration", "accepted", "revoked", "review", "mean conf"]
+    if has_truth:
+        cols.append("precision*")
+    table = Table(
+        *cols, title=f"run {report['run_id']} ({report['eval_mode']}, {report['models_per_iteration']} models)"
+    )
+    for r in report["iterations"]:
+        written = r["iteration"] == report["chosen_iteration"]
+        row = [
+            f"{r['iteration']}{' *' if written else ''}",
+            _f(r["heldout_after"]["macro_f1"]),
+            _f(r["heldout_before"]["ece"]),
+            _f(r["heldout_after"]["ece"]),
+            r["calibration_method"],
+            str(r["counts"].get("accepted", "")) if r["counts"].get("accepted") is not None else "",
+            str(r["revoked"]),
+            str(r["counts"].get("review", "")),
+            _f(r.get("mean_accepted_confidence")),
+        ]
+        if has_truth:
+            row.append(_f(r.get("pseudo_precision")))
+        table.add_row(*row)
+    if has_truth:
+        table.caption = (
+            "* precision of accepted pseudo-labels against the known truth (evaluation only); iter * = written"
+        )
+    else:
+        table.caption = "iter * = the iteration whose labels were written"
+    return table
+
+
+def print_report(report: dict[str, Any], console: Console) -> None:
+    console.print(iteration_table(report))
+    f = report["final"]
+    console.print(f"[bold]stopped:[/] {report['stop_reason']}")
+    console.print(
+        f"[bold]written[/] {report.get('written', 0)} points: {f['counts']}  coverage {f['coverage']:.1%}  "
+        f"mean accepted confidence {_f(f['mean_accepted_confidence'])}"
+    )
+    if f.get("pseudo_precision") is not None:
+        console.print(
+            f"[bold]accepted pseudo-labels correct[/] (vs known truth): {f['pseudo_precision']:.3f}; "
+            f"macro-F1 of all pool proposals vs truth {f['pool_macro_f1_vs_truth']:.3f}"
+        )
+    cal = report["calibration"]
+    console.print(
+        f"[bold]calibration[/] ({cal['method']}, held-out, out-of-fold): ECE {cal['before']['ece']:.3f} -> "
+        f"{cal['after']['ece']:.3f}, Brier {cal['before']['brier']:.3f} -> {cal['after']['brier']:.3f}"
+    )
+    d = report["drift"]
+    console.print(
+        f"[bold]drift[/] (seed vs pool, C2ST AUC): {_f(d['auc'])} (threshold {d['threshold']}, "
+        f"{'DRIFTED' if d['drifted'] else 'ok'})"
+    )
+    for w in report.get("warnings", []):
+        console.print(f"[yellow]warning:[/] {w}")
+    console.print(f"[bold]report and plots:[/] {report['plots']['reliability'].rsplit('/', 1)[0]}/")

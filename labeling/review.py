@@ -1,0 +1,267 @@
+"""People in the loop: the review queue (export), human answers (import as ground truth), and suspicious labels.
+
+* ``export_review`` writes the points a run sent to review (``pseudo_status = review``),
+  most uncertain first, as JSON lines: id, text, image reference, top classes, and an
+  empty ``label`` for the person to fill in.
+* ``import_labels`` reads such a file (JSON lines or CSV with ``id`` and ``label``)
+  and writes each answer as ground truth (``label``, ``label_source = human``,
+  ``labeled_at``). The whole file is validated first; nothing is written when any
+  row is bad. A point that already has a *human* label with a different value is
+  never silently overwritten: the import refuses, naming the conflicts, unless
+  ``overwrite_human`` is set.
+* ``suspicious`` ranks accepted pseudo-labels by how strongly their neighbourhood
+  contradicts them (kNN label-quality in the spirit of cleanlab: the point's own
+  vote left out, similarity-weighted share of its labelled neighbours agreeing).
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as _dt
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from labeling.errors import ReviewFileError
+from labeling.inspect import REVIEW, LabelState, Neighbour, _inspected, agreement
+from labeling.runs import load_registry, resolve
+from retrieval import Filter, Match, VectorStore
+
+IMAGE_KEYS = ("image", "image_url", "image_path", "thumbnail")
+
+
+@dataclass(frozen=True)
+class ReviewItem:
+    id: str
+    text: str | None
+    image: str | None
+    pseudo_label: str | None
+    pseudo_confidence: float | None
+    review_score: float | None
+    top: list[tuple[str, float]]
+    labeling_run: str | None
+
+    def as_row(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "text": self.text,
+            "image": self.image,
+            "pseudo_label": self.pseudo_label,
+            "pseudo_confidence": self.pseudo_confidence,
+            "review_score": self.review_score,
+            "top": [[c, p] for c, p in self.top],
+            "labeling_run": self.labeling_run,
+            "label": None,
+        }
+
+
+def _image_ref(payload: dict[str, Any]) -> str | None:
+    for key in IMAGE_KEYS:
+        v = payload.get(key)
+        if isinstance(v, str) and v:
+            return v
+    return None
+
+
+def review_queue(store: VectorStore, collection: str, *, limit: int | None = None) -> list[ReviewItem]:
+    """Points whose current run sent them to review, most uncertain first."""
+    unapplied = load_registry(store, collection).unapplied
+    items = []
+    for rec in store.iter_records(collection, filter=Filter(must=[Match("pseudo_status", REVIEW)])):
+        p = resolve(rec.payload, unapplied)
+        st = LabelState.from_payload(p)
+        if st.pseudo_status != REVIEW or st.label is not None:
+            continue  # a partial run's view, or already answered by a person
+        items.append(
+            ReviewItem(
+                id=rec.id,
+                text=p.get("text") if isinstance(p.get("text"), str) else None,
+                image=_image_ref(p),
+                pseudo_label=st.pseudo_label,
+                pseudo_confidence=st.pseudo_confidence,
+                review_score=p.get("review_score"),
+                top=[(str(c), float(q)) for c, q in (p.get("pseudo_top") or [])],
+                labeling_run=p.get("labeling_run"),
+            )
+        )
+    items.sort(key=lambda it: -(it.review_score or 0.0))
+    return items[:limit] if limit is not None else items
+
+
+def export_review(store: VectorStore, collection: str, path: str | Path, *, limit: int | None = None) -> int:
+    """Write the review queue as JSON lines to ``path``; returns how many items."""
+    items = review_queue(store, collection, limit=limit)
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w", encoding="utf-8") as fh:
+        for it in items:
+            fh.write(json.dumps(it.as_row(), ensure_ascii=False) + "\n")
+    tmp.replace(path)
+    return len(items)
+
+
+def read_answers(path: str | Path) -> tuple[list[tuple[str, str]], int]:
+    """(id, label) pairs from a JSONL or CSV answer file, and how many rows had no label (not answered)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ReviewFileError(f"answer file {path} does not exist")
+    rows: list[dict[str, Any]] = []
+    if path.suffix.lower() == ".csv":
+        with path.open(newline="", encoding="utf-8") as fh:
+            rows = list(csv.DictReader(fh))
+    else:
+        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ReviewFileError(f"{path}:{n}: not valid JSON ({exc.msg})") from exc
+            if not isinstance(row, dict):
+                raise ReviewFileError(f"{path}:{n}: each line must be a JSON object with 'id' and 'label'")
+            rows.append(row)
+    out: list[tuple[str, str]] = []
+    seen: dict[str, str] = {}
+    unanswered = 0
+    for n, row in enumerate(rows, 1):
+        pid = row.get("id")
+        label = row.get("label")
+        if pid is None or str(pid).strip() == "":
+            raise ReviewFileError(f"{path}: row {n} has no 'id'")
+        if label is None or (isinstance(label, str) and not label.strip()):
+            unanswered += 1
+            continue
+        if not isinstance(label, (str, int)) or isinstance(label, bool):
+            raise ReviewFileError(f"{path}: row {n} (id {pid}): label must be a string, got {label!r}")
+        pid, label = str(pid), str(label).strip()
+        if pid in seen and seen[pid] != label:
+            raise ReviewFileError(
+                f"{path}: id {pid} is answered twice with different labels ({seen[pid]!r}, {label!r})"
+            )
+        if pid not in seen:
+            out.append((pid, label))
+        seen[pid] = label
+    return out, unanswered
+
+
+@dataclass(frozen=True)
+class ImportResult:
+    written: int
+    unchanged: int
+    skipped_unanswered: int
+
+
+def import_labels(
+    store: VectorStore,
+    collection: str,
+    path: str | Path,
+    *,
+    source: str = "human",
+    overwrite_human: bool = False,
+) -> ImportResult:
+    """Write answers from ``path`` as ground truth (see the module docstring). All-or-nothing."""
+    answers, unanswered = read_answers(path)
+    if not answers:
+        raise ReviewFileError(f"{path}: no answered rows (fill in 'label' for the items you reviewed)")
+    result = submit_labels(store, collection, answers, source=source, overwrite_human=overwrite_human)
+    return ImportResult(result.written, result.unchanged, unanswered)
+
+
+def submit_labels(
+    store: VectorStore,
+    collection: str,
+    answers: list[tuple[str, str]],
+    *,
+    source: str = "human",
+    overwrite_human: bool = False,
+) -> ImportResult:
+    """Write (id, label) answers as ground truth, validated as a whole first."""
+    ids = [a[0] for a in answers]
+    found = {r.id: r.payload or {} for r in store.retrieve(collection, ids, missing_ok=True)}
+    missing = [i for i in ids if i not in found]
+    if missing:
+        raise ReviewFileError(f"{len(missing)} id(s) are not in collection {collection!r}: {missing[:10]}")
+    conflicts = []
+    updates = []
+    unchanged = 0
+    now = _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
+    for pid, label in answers:
+        p = found[pid]
+        old, old_src = p.get("label"), p.get("label_source")
+        if old == label:
+            unchanged += 1
+            continue
+        if old not in (None, "") and old_src == "human" and not overwrite_human:
+            conflicts.append(f"{pid}: {old!r} -> {label!r}")
+            continue
+        updates.append((pid, {"label": label, "label_source": source, "labeled_at": now}))
+    if conflicts:
+        raise ReviewFileError(
+            f"{len(conflicts)} answer(s) would overwrite a different human label (nothing was written): "
+            f"{conflicts[:10]}; pass --overwrite-human to replace them"
+        )
+    written = store.set_payload(collection, updates) if updates else 0
+    return ImportResult(written=written, unchanged=unchanged, skipped_unanswered=0)
+
+
+@dataclass(frozen=True)
+class Suspect:
+    id: str
+    pseudo_label: str
+    pseudo_confidence: float | None
+    agreement: float
+    majority_label: str | None
+    majority_share: float
+    labelled_neighbours: int
+    text: str | None
+
+
+def suspicious(
+    store: VectorStore, collection: str, *, k: int = 10, limit: int = 50, batch: int = 256, min_labelled: int = 2
+) -> list[Suspect]:
+    """Accepted pseudo-labels their neighbourhood contradicts most (lowest weighted agreement first)."""
+    unapplied = load_registry(store, collection).unapplied
+    out: list[Suspect] = []
+    page: list[Any] = []
+
+    def score(records: list[Any]) -> None:
+        hits = store.search_batch(collection, np.vstack([r.vector for r in records]), top_k=k + 1, with_payload=True)
+        for rec, found in zip(records, hits, strict=True):
+            me = _inspected(rec.id, resolve(rec.payload, unapplied))
+            if me.state.pseudo_status != "accepted" or me.state.label is not None:
+                continue
+            nbrs = [
+                Neighbour(_inspected(h.id, resolve(h.payload, unapplied)), float(h.score))
+                for h in found
+                if h.id != rec.id
+            ][:k]
+            a = agreement(me.state.pseudo_label, nbrs)
+            if a.labelled_neighbours < min_labelled:
+                continue
+            out.append(
+                Suspect(
+                    id=rec.id,
+                    pseudo_label=str(me.state.pseudo_label),
+                    pseudo_confidence=me.state.pseudo_confidence,
+                    agreement=a.weighted,
+                    majority_label=a.majority_label,
+                    majority_share=a.majority_share,
+                    labelled_neighbours=a.labelled_neighbours,
+                    text=me.payload.get("text") if isinstance(me.payload.get("text"), str) else None,
+                )
+            )
+
+    for rec in store.iter_records(
+        collection, filter=Filter(must=[Match("pseudo_status", "accepted")]), with_vectors=True
+    ):
+        page.append(rec)
+        if len(page) >= batch:
+            score(page)
+            page = []
+    if page:
+        score(page)
+    out.sort(key=lambda s: (s.agreement, -(s.pseudo_confidence or 0.0)))
+    return out[:limit]

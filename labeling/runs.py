@@ -1,0 +1,257 @@
+"""Labeling runs as units: the run registry, write-back, rollback, and the consistent view of a partial write.
+
+The registry lives in the collection's metadata under ``labeling``::
+
+    {"active": RUN_ID | None, "pending": RUN_ID | None, "runs": [RunRecord, ...]}
+
+**Write-back protocol.** A run is first *announced* (``pending`` = the run, status
+``writing``), then its per-point payload is merged in batches, then it is
+*committed* (``active`` = the run, ``pending`` cleared, status ``applied``). Each
+point written keeps the fields it had before in ``pseudo_prev`` (one level of undo).
+
+* A crash mid-write leaves ``pending`` set. Points not yet reached still carry the
+  previous run's labels; points already written carry ``labeling_run`` = the pending
+  run and the previous labels in ``pseudo_prev``. :func:`resolve` (used by every
+  reader here) shows ``pseudo_prev`` for points of a run that is not applied, so
+  readers see the previous run, whole.
+* Re-running replaces it cleanly: the next run marks the unfinished one
+  ``abandoned`` and takes each point's true previous state from ``pseudo_prev``
+  where the abandoned run had reached it. Writing the same run twice is a no-op
+  (idempotent): a point already carrying this run keeps its ``pseudo_prev``.
+* ``rollback RUN`` (the active run only) restores ``pseudo_prev`` on every point the
+  run wrote (or removes the pseudo fields where there was nothing before), and the
+  run before it becomes active again. A crash mid-rollback is finished by running
+  the rollback again.
+
+Ground-truth fields (``label``, ``label_source``) are never written here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import uuid
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from labeling.errors import RunNotFoundError, RunStateError
+from retrieval import Filter, Match, VectorStore
+
+REGISTRY_KEY = "labeling"
+MAX_RUNS_KEPT = 100
+RUN_FIELD = "labeling_run"
+PREV_FIELD = "pseudo_prev"
+#: Fields a labeling run writes on a point (besides ``pseudo_prev``).
+PSEUDO_FIELDS = (
+    "pseudo_label",
+    "pseudo_confidence",
+    "pseudo_status",
+    "pseudo_iteration",
+    "pseudo_top",
+    "review_score",
+    RUN_FIELD,
+    "labeling_model",
+)
+WRITING, APPLIED, ABANDONED, ROLLING_BACK, ROLLED_BACK = (
+    "writing",
+    "applied",
+    "abandoned",
+    "rolling_back",
+    "rolled_back",
+)
+
+BatchHook = Callable[[int], None]
+
+
+def new_run_id() -> str:
+    now = _dt.datetime.now(_dt.UTC).strftime("%Y%m%dT%H%M%S")
+    return f"{now}-{uuid.uuid4().hex[:6]}"
+
+
+def utcnow() -> str:
+    return _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
+
+
+@dataclass
+class RunRecord:
+    run_id: str
+    status: str
+    created_at: str
+    model: str
+    previous: str | None = None
+    finished_at: str | None = None
+    points: int = 0
+    counts: dict[str, int] = field(default_factory=dict)
+    run_dir: str | None = None
+    allow_sparse_seed: bool = False
+    undo: bool = True  # False once a later run was rolled back onto this one (one level of undo per point)
+    summary: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> RunRecord:
+        known = {k: d[k] for k in cls.__dataclass_fields__ if k in d}
+        return cls(**known)
+
+
+@dataclass
+class Registry:
+    active: str | None = None
+    pending: str | None = None
+    runs: list[RunRecord] = field(default_factory=list)
+
+    def get(self, run_id: str) -> RunRecord:
+        for r in self.runs:
+            if r.run_id == run_id:
+                return r
+        raise RunNotFoundError(run_id, [r.run_id for r in self.runs])
+
+    @property
+    def unapplied(self) -> set[str]:
+        """Runs whose partial writes readers must see through (written, but never committed)."""
+        return {r.run_id for r in self.runs if r.status in (WRITING, ABANDONED)}
+
+
+def load_registry(store: VectorStore, collection: str) -> Registry:
+    raw = store.collection_metadata(collection).get(REGISTRY_KEY) or {}
+    return Registry(
+        active=raw.get("active"),
+        pending=raw.get("pending"),
+        runs=[RunRecord.from_dict(r) for r in raw.get("runs", [])],
+    )
+
+
+def save_registry(store: VectorStore, collection: str, reg: Registry) -> None:
+    runs = reg.runs[-MAX_RUNS_KEPT:]
+    body = {"active": reg.active, "pending": reg.pending, "runs": [asdict(r) for r in runs]}
+    store.update_collection_metadata(collection, {REGISTRY_KEY: body})
+
+
+def resolve(payload: dict[str, Any] | None, unapplied: set[str]) -> dict[str, Any]:
+    """The payload as readers should see it: a point written by an unapplied run shows its previous labels."""
+    p = dict(payload or {})
+    if p.get(RUN_FIELD) in unapplied:
+        prev = p.get(PREV_FIELD) or {}
+        for key in PSEUDO_FIELDS:
+            p.pop(key, None)
+        p.update(prev)
+    p.pop(PREV_FIELD, None)
+    return p
+
+
+def _previous_state(payload: dict[str, Any], run_id: str, unapplied: set[str]) -> dict[str, Any] | None:
+    cur_run = payload.get(RUN_FIELD)
+    if cur_run == run_id or cur_run in unapplied:
+        return payload.get(PREV_FIELD)  # already written by this run, or by an unfinished one: keep the true prev
+    fields = {k: payload[k] for k in PSEUDO_FIELDS if k in payload}
+    return fields or None
+
+
+def apply_run(
+    store: VectorStore,
+    collection: str,
+    record: RunRecord,
+    rows: Sequence[tuple[str, dict[str, Any]]],
+    *,
+    batch_size: int = 512,
+    on_batch: BatchHook | None = None,
+) -> int:
+    """Write a run's per-point fields as a unit (see the module docstring). Returns points written."""
+    reg = load_registry(store, collection)
+    if reg.pending and reg.pending != record.run_id:
+        with contextlib.suppress(RunNotFoundError):
+            reg.get(reg.pending).status = ABANDONED
+    existing = {r.run_id for r in reg.runs}
+    if record.run_id not in existing:
+        record.previous = reg.active
+        reg.runs.append(record)
+    rec = reg.get(record.run_id)
+    rec.status = WRITING
+    reg.pending = record.run_id
+    save_registry(store, collection, reg)
+    unapplied = reg.unapplied - {record.run_id}
+
+    written = 0
+    for b, start in enumerate(range(0, len(rows), batch_size)):
+        chunk = rows[start : start + batch_size]
+        current = {r.id: r.payload or {} for r in store.retrieve(collection, [i for i, _ in chunk], missing_ok=True)}
+        updates = []
+        for point, fields in chunk:
+            if point not in current:
+                continue  # deleted since the snapshot
+            prev = _previous_state(current[point], record.run_id, unapplied)
+            updates.append((point, {**fields, RUN_FIELD: record.run_id, PREV_FIELD: prev}))
+        if updates:
+            written += store.set_payload(collection, updates, missing_ok=True)
+        if on_batch is not None:
+            on_batch(b)
+    store.flush()
+    reg = load_registry(store, collection)
+    rec = reg.get(record.run_id)
+    rec.status = APPLIED
+    rec.finished_at = utcnow()
+    rec.points = written
+    rec.counts = record.counts
+    rec.summary = record.summary
+    rec.run_dir = record.run_dir
+    reg.active = record.run_id
+    reg.pending = None
+    save_registry(store, collection, reg)
+    return written
+
+
+def run_points(store: VectorStore, collection: str, run_id: str, page_size: int = 512) -> Iterable[list[Any]]:
+    """Pages of the points a run wrote (payload included)."""
+    page_buf: list[Any] = []
+    for rec in store.iter_records(collection, filter=Filter(must=[Match(RUN_FIELD, run_id)]), page_size=page_size):
+        page_buf.append(rec)
+        if len(page_buf) >= page_size:
+            yield page_buf
+            page_buf = []
+    if page_buf:
+        yield page_buf
+
+
+def rollback_run(store: VectorStore, collection: str, run_id: str, *, on_batch: BatchHook | None = None) -> int:
+    """Restore the labels a run replaced; the run before it becomes active. Returns points restored."""
+    reg = load_registry(store, collection)
+    rec = reg.get(run_id)
+    if rec.status == ROLLED_BACK:
+        raise RunStateError(f"run {run_id} was already rolled back")
+    if rec.status not in (APPLIED, ROLLING_BACK) or reg.active != run_id:
+        raise RunStateError(
+            f"only the active run can be rolled back: {run_id} is {rec.status!r}, the active run is {reg.active!r}"
+        )
+    if not rec.undo:
+        raise RunStateError(
+            f"run {run_id} cannot be rolled back: the run after it was rolled back, and rollback keeps one level "
+            "of undo per point (start a new run instead)"
+        )
+    rec.status = ROLLING_BACK
+    save_registry(store, collection, reg)
+    restored = 0
+    # Collect first: restoring changes the field we filter on, which would shift scroll pages.
+    pages = [[(r.id, r.payload or {}) for r in page] for page in run_points(store, collection, run_id)]
+    for b, page in enumerate(pages):
+        back = [(pid, p[PREV_FIELD]) for pid, p in page if p.get(PREV_FIELD)]
+        gone = [pid for pid, p in page if not p.get(PREV_FIELD)]
+        if back:
+            restored += store.set_payload(collection, back, missing_ok=True)
+            store.delete_payload_keys(collection, [pid for pid, _ in back], [PREV_FIELD], missing_ok=True)
+        if gone:
+            restored += store.delete_payload_keys(collection, gone, [*PSEUDO_FIELDS, PREV_FIELD], missing_ok=True)
+        if on_batch is not None:
+            on_batch(b)
+    store.flush()
+    reg = load_registry(store, collection)
+    rec = reg.get(run_id)
+    rec.status = ROLLED_BACK
+    rec.finished_at = utcnow()
+    reg.active = rec.previous
+    if rec.previous is not None:
+        with contextlib.suppress(RunNotFoundError):
+            reg.get(rec.previous).undo = False
+    if reg.pending == run_id:
+        reg.pending = None
+    save_registry(store, collection, reg)
+    return restored

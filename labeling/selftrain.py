@@ -1,0 +1,503 @@
+"""The self-training loop, on arrays (no store): the engine behind ``embedstore label run``.
+
+Per iteration (at most 10):
+
+1. **Models and who they may see.** The ground truth (GT) is split for honest scores:
+
+   * ``holdout`` (a large seed): a stratified slice ``E`` of the GT is held out. No
+     model ever sees ``E``'s labels, as targets *or* as neighbourhood features;
+     ``E`` is used only to early-stop, calibrate, and measure (the breaker).
+   * ``cv`` (a small seed, the default when the smallest class has < 50 GT
+     examples): K stratified folds; model ``m`` trains on the other folds and
+     scores fold ``m``, whose labels it never sees (targets or features). The GT
+     scores used for calibration, the gate and the breaker are out-of-fold.
+     (Pseudo-labels proposed by the other folds' models are trained on; they carry
+     a second-order trace of fold ``m``'s labels, which we accept and note here.)
+
+   The pool is cross-fitted too: each pool point belongs to one model's pool fold
+   and is scored only by that model, which did not train on that point's own
+   pseudo-label. So every iteration *re-scores* every earlier pseudo-label by a
+   model that did not learn it, and a wrong label can be revoked.
+
+2. **Features**: the embedding prefix + neighbourhood features from the kNN graph
+   (:mod:`labeling.neighbours`), built per model from the labels it may see plus
+   the accepted pseudo-labels (weighted less).
+3. **Train** on GT (weight 1, class-balanced) + accepted pseudo-labels (weight =
+   calibrated confidence) + Mixup rows.
+4. **Calibrate** the out-of-fold / held-out GT scores (:mod:`labeling.calibration`),
+   apply to the pool.
+5. **Collapse breaker**: held-out macro-F1 of this iteration; if it falls more than
+   ``breaker_tolerance`` below the best iteration, roll back to the best and stop.
+6. **State Gate** (:mod:`labeling.gate`) on the calibrated pool scores: the new
+   accepted set *replaces* the old one (revocations are counted).
+7. Stop early when the accepted set changes by less than ``stop_change``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from labeling.calibration import CalibrationMetrics, CalibrationResult, calibrate, macro_f1
+from labeling.config import LabelingConfig
+from labeling.errors import SeedError
+from labeling.gate import ACCEPTED, STATUS_NAMES, GateDecision, StateGate
+from labeling.learners import Learner, make_learner
+from labeling.mixup import mixup
+from labeling.neighbours import NeighbourGraph, neighbour_vote, neighbourhood_features, votes
+
+LearnerFactory = Callable[[int, int, int], Learner]  # (n_classes, seed, iteration) -> learner
+Progress = Callable[[str, dict[str, object]], None]
+
+
+@dataclass
+class LabelingInput:
+    """Everything the loop needs, in snapshot order."""
+
+    x: np.ndarray  # (n, d) embedding prefix, float32
+    y: np.ndarray  # (n,) class index of the ground truth, -1 = none
+    classes: list[str]
+    graph: NeighbourGraph | None = None
+    truth: np.ndarray | None = None  # (n,) known truth for *evaluation only*: -1 unknown, -2 a class not in the seed
+
+    def __post_init__(self) -> None:
+        n = self.x.shape[0]
+        if self.y.shape != (n,):
+            raise ValueError(f"y must have shape ({n},), got {self.y.shape}")
+        if self.graph is not None and self.graph.n != n:
+            raise ValueError(f"graph has {self.graph.n} points, x has {n}")
+        if self.truth is not None and self.truth.shape != (n,):
+            raise ValueError(f"truth must have shape ({n},), got {self.truth.shape}")
+
+
+@dataclass
+class IterationStats:
+    iteration: int
+    heldout_before: CalibrationMetrics
+    heldout_after: CalibrationMetrics
+    calibration_method: str
+    calibration_cv_log_loss: dict[str, float]
+    train_rows: int
+    train_pseudo: int
+    mixup_rows: int
+    counts: dict[str, int]
+    quarantine_reasons: dict[str, int]
+    accepted_by_class: dict[str, int]
+    newly_accepted: int
+    revoked: int
+    relabelled: int
+    change: float
+    mean_accepted_confidence: float | None
+    pseudo_precision: float | None
+    best_rounds: list[int]
+    seconds: dict[str, float]
+
+    @property
+    def f1(self) -> float:
+        return self.heldout_after.macro_f1
+
+
+@dataclass
+class LabelingOutcome:
+    pool: np.ndarray  # snapshot rows of the pool points
+    decision: GateDecision  # for those rows
+    probs: np.ndarray  # calibrated (pool, C)
+    since: np.ndarray  # iteration since which the point's current accepted label has held (0 if not accepted)
+    iterations: list[IterationStats]
+    chosen_iteration: int
+    stop_reason: str
+    breaker_tripped: bool
+    eval_mode: str
+    n_models: int
+    gate_threshold: float
+    calibration: CalibrationResult = field(repr=False)
+    first_calibration: CalibrationResult = field(repr=False)
+
+    def top_classes(self, row: int, classes: list[str], n: int = 3) -> list[tuple[str, float]]:
+        p = self.probs[row]
+        order = np.argsort(-p)[:n]
+        return [(classes[i], float(p[i])) for i in order]
+
+
+# ------------------------------------------------------------------- guards
+def check_seed(y: np.ndarray, classes: list[str], config: LabelingConfig) -> list[str]:
+    """Raise :class:`SeedError` when the seed is too small or thin; returns warnings when overridden."""
+    n, n_gt = len(y), int((y >= 0).sum())
+    warnings: list[str] = []
+    if len(classes) < 2:
+        raise SeedError(f"the ground truth has {len(classes)} class(es) {classes}; a labeling job needs at least 2")
+    counts = np.bincount(y[y >= 0], minlength=len(classes))
+    frac = n_gt / max(n, 1)
+    problems = []
+    if frac < config.min_seed_fraction:
+        problems.append(
+            f"ground truth is {n_gt} of {n} points ({frac:.1%}), below the {config.min_seed_fraction:.0%} minimum"
+        )
+    thin = {classes[i]: int(c) for i, c in enumerate(counts) if c < config.min_class_examples}
+    if thin:
+        problems.append(f"classes with fewer than {config.min_class_examples} ground-truth examples: {thin}")
+    if problems and not config.allow_sparse_seed:
+        raise SeedError(
+            "; ".join(problems) + ". Pseudo-labels from so thin a seed are unreliable; label more points, "
+            "or pass --allow-sparse-seed to run anyway (the override is recorded in the run)"
+        )
+    if counts.min() < 2:
+        unusable = [classes[i] for i in np.flatnonzero(counts < 2)]
+        raise SeedError(
+            f"classes {unusable} have fewer than 2 ground-truth examples: they cannot be learned or calibrated, "
+            "even with --allow-sparse-seed; label at least 2 of each"
+        )
+    warnings.extend(f"overridden (--allow-sparse-seed): {p}" for p in problems)
+    return warnings
+
+
+# -------------------------------------------------------------- evaluation plan
+@dataclass
+class _Chain:
+    """One self-training chain: the ground truth it may see, the ground truth it is judged on, its accepted set."""
+
+    visible: np.ndarray  # bool (n,): GT rows whose labels this chain may use (targets and features)
+    eval_rows: np.ndarray  # GT rows it scores (never visible to it)
+    eval_half: np.ndarray  # (len(eval_rows),) which of the chain's two models scores each eval row
+    pool_half: np.ndarray  # (n_pool,) which of the chain's two models scores each pool point
+    acc_label: np.ndarray  # (n,) its accepted pseudo-labels, -1 = none
+    acc_conf: np.ndarray  # (n,) their calibrated confidence
+
+
+def _chains(
+    y: np.ndarray, pool: np.ndarray, config: LabelingConfig, rng: np.random.Generator
+) -> tuple[str, list[_Chain]]:
+    from sklearn.model_selection import StratifiedKFold, train_test_split
+
+    gt = np.flatnonzero(y >= 0)
+    counts = np.bincount(y[gt])
+    counts = counts[counts > 0]
+    mode = config.eval_mode
+    if mode == "auto":
+        mode = "cv" if counts.min() < config.cv_below_per_class else "holdout"
+    seed = int(rng.integers(2**31))
+    if mode == "holdout":
+        n_eval = max(round(config.holdout_fraction * len(gt)), len(counts))
+        _, held = train_test_split(gt, test_size=n_eval, stratify=y[gt], random_state=seed)
+        splits = [np.sort(held)]
+    else:
+        k = min(config.cv_folds, int(counts.min()))
+        splits = [np.sort(gt[test]) for _, test in StratifiedKFold(k, shuffle=True, random_state=seed).split(gt, y[gt])]
+    chains = []
+    for rows in splits:
+        visible = y >= 0
+        visible[rows] = False
+        chains.append(
+            _Chain(
+                visible=visible,
+                eval_rows=rows,
+                eval_half=rng.permutation(np.arange(len(rows)) % 2),
+                pool_half=rng.permutation(np.arange(len(pool)) % 2),
+                acc_label=np.full(len(y), -1, np.int64),
+                acc_conf=np.zeros(len(y), np.float32),
+            )
+        )
+    return mode, chains
+
+
+# -------------------------------------------------------------------- engine
+@dataclass
+class _Snapshot:
+    f1: float
+    iteration: int
+    decision: GateDecision
+    probs: np.ndarray
+    since: np.ndarray
+    calibration: CalibrationResult
+    eval_pred: np.ndarray
+
+
+def paired_f1_se(
+    a: np.ndarray, b: np.ndarray, y: np.ndarray, n_classes: int, *, n_boot: int = 200, seed: int = 0
+) -> float:
+    """Bootstrap standard error of macro-F1(a) - macro-F1(b) on the same held-out rows (paired resamples)."""
+    rng = np.random.default_rng(seed)
+    diffs = np.empty(n_boot)
+    for i in range(n_boot):
+        idx = rng.integers(len(y), size=len(y))
+        diffs[i] = macro_f1(a[idx], y[idx], n_classes) - macro_f1(b[idx], y[idx], n_classes)
+    return float(diffs.std())
+
+
+class SelfTrainer:
+    """``SelfTrainer(config).run(data)``: the loop described in the module docstring."""
+
+    def __init__(
+        self,
+        config: LabelingConfig | None = None,
+        *,
+        learner_factory: LearnerFactory | None = None,
+        progress: Progress | None = None,
+    ) -> None:
+        self.config = config or LabelingConfig()
+        self._factory = learner_factory
+        self._progress = progress or (lambda event, data: None)
+
+    def _learner(self, n_classes: int, seed: int, iteration: int) -> Learner:
+        if self._factory is not None:
+            return self._factory(n_classes, seed, iteration)
+        return make_learner(self.config, n_classes, seed)
+
+    def _features(self, data: LabelingInput, v: np.ndarray) -> np.ndarray:
+        if self.config.neighbourhood_features and data.graph is not None:
+            return np.hstack([data.x, neighbourhood_features(data.graph, v)]).astype(np.float32)
+        return np.asarray(data.x, np.float32)
+
+    def run(
+        self, data: LabelingInput, *, gate_threshold: float | None = None, cap_factor: float = 1.0
+    ) -> LabelingOutcome:
+        cfg = self.config
+        rng = np.random.default_rng(cfg.seed)
+        c = len(data.classes)
+        y = data.y
+        gt = np.flatnonzero(y >= 0)
+        pool = np.flatnonzero(y < 0)
+        if len(pool) == 0:
+            raise SeedError("every point already has ground truth: there is nothing to pseudo-label")
+        mode, chains = _chains(y, pool, cfg, rng)
+        priors = np.bincount(y[gt], minlength=c) / len(gt)
+        threshold = cfg.threshold if gate_threshold is None else gate_threshold
+        gate = StateGate(
+            threshold=threshold,
+            veto=cfg.neighbourhood_veto and data.graph is not None,
+            veto_min_labelled=cfg.veto_min_labelled,
+            veto_majority=cfg.veto_majority,
+            cap_factor=cfg.cap_factor * cap_factor,
+            review_count=cfg.review_count,
+            uncertainty=cfg.uncertainty,
+        )
+        chain_gate = StateGate(
+            threshold=gate.threshold,
+            veto=gate.veto,
+            veto_min_labelled=gate.veto_min_labelled,
+            veto_majority=gate.veto_majority,
+            cap_factor=gate.cap_factor,
+        )
+        truth_pool = None if data.truth is None else data.truth[pool]
+        eval_all = np.concatenate([ch.eval_rows for ch in chains])
+
+        final_label = np.full(len(pool), -1, np.int64)  # the written (ensemble) accepted labels
+        since = np.zeros(len(pool), np.int64)
+        history: list[IterationStats] = []
+        best: _Snapshot | None = None
+        last: _Snapshot | None = None
+        first_cal: CalibrationResult | None = None
+        stop_reason = f"reached the cap of {cfg.max_iterations} iterations"
+        tripped = False
+
+        for it in range(1, cfg.max_iterations + 1):
+            t_start = time.perf_counter()
+            secs = {"features": 0.0, "fit": 0.0, "predict": 0.0}
+            eval_raw = np.zeros((len(y), c))
+            chain_pool_raw: list[np.ndarray] = []
+            chain_votes: list[np.ndarray] = []
+            rounds: list[int] = []
+            n_rows = n_pseudo_rows = n_mix_rows = 0
+            for ci, ch in enumerate(chains):
+                t0 = time.perf_counter()
+                y_vis = np.where(ch.visible, y, -1)
+                v = votes(c, y_vis, ch.acc_label, ch.acc_conf, cfg.pseudo_feature_weight)
+                chain_votes.append(v)
+                feats = self._features(data, v)
+                secs["features"] += time.perf_counter() - t0
+                pool_raw = np.zeros((len(pool), c))
+                for half in (0, 1):
+                    t0 = time.perf_counter()
+                    # this model never trains on the pseudo-labels of the pool half it scores
+                    xs, ys, ws = self._training_set(feats, y_vis, ch, pool, ch.pool_half != half, c)
+                    x_tr, y_tr, w_tr = np.vstack(xs), np.vstack(ys), np.concatenate(ws)
+                    n_pseudo = len(xs[1])
+                    n_mix = 0
+                    if cfg.mixup and n_pseudo > 0:
+                        mx, my, mw = mixup(
+                            xs[1],
+                            ys[1],
+                            ws[1],
+                            x_tr,
+                            y_tr,
+                            w_tr,
+                            alpha=cfg.mixup_alpha,
+                            fraction=cfg.mixup_fraction,
+                            rng=rng,
+                        )
+                        n_mix = len(mx)
+                        x_tr, y_tr, w_tr = np.vstack([x_tr, mx]), np.vstack([y_tr, my]), np.concatenate([w_tr, mw])
+                    ev = ch.eval_rows[ch.eval_half == half]
+                    learner = self._learner(c, cfg.seed * 100_003 + it * 101 + ci * 2 + half, it)
+                    learner.fit(x_tr, y_tr, w_tr, eval_set=(feats[ev], y[ev]))
+                    rounds.append(int(getattr(learner, "best_rounds_", 0) or 0))
+                    secs["fit"] += time.perf_counter() - t0
+                    t0 = time.perf_counter()
+                    eval_raw[ev] = learner.predict_proba(feats[ev])
+                    mine = ch.pool_half == half
+                    pool_raw[mine] = learner.predict_proba(feats[pool[mine]])
+                    secs["predict"] += time.perf_counter() - t0
+                    n_rows += len(x_tr)
+                    n_pseudo_rows += n_pseudo
+                    n_mix_rows += n_mix
+                    self._progress("model", {"iteration": it, "model": 2 * ci + half + 1, "models": 2 * len(chains)})
+                chain_pool_raw.append(pool_raw)
+
+            t0 = time.perf_counter()
+            cal = calibrate(
+                eval_raw[eval_all], y[eval_all], c, cfg.calibration, bins=cfg.calibration_bins, seed=cfg.seed + it
+            )
+            first_cal = first_cal or cal
+            chain_pool_cal = [cal.calibrator.transform(p) for p in chain_pool_raw]
+            pool_cal = np.mean(chain_pool_cal, axis=0)
+            secs["calibrate"] = time.perf_counter() - t0
+            f1 = cal.after.macro_f1
+
+            eval_pred = cal.oof_calibrated.argmax(axis=1)
+            margin = cfg.breaker_tolerance
+            if best is not None and cfg.breaker_z > 0:
+                se = paired_f1_se(best.eval_pred, eval_pred, y[eval_all], c, seed=cfg.seed + it)
+                margin = max(margin, cfg.breaker_z * se)
+            if cfg.breaker and best is not None and f1 < best.f1 - margin:
+                tripped = True
+                stop_reason = (
+                    f"collapse breaker: held-out macro-F1 fell to {f1:.3f} at iteration {it}, more than "
+                    f"{margin:.3f} below the best ({best.f1:.3f} at iteration {best.iteration}); "
+                    f"rolled back to iteration {best.iteration}"
+                )
+                secs["total"] = time.perf_counter() - t_start
+                stats = self._stats(it, cal, None, None, data, truth_pool, rounds, secs, (0, 0, 0))
+                history.append(stats)
+                self._progress("iteration", {"stats": stats, "breaker": True})
+                break
+
+            t0 = time.perf_counter()
+            # each chain moves on with its own accepted set (no chain ever learns from labels it is judged on)
+            for ch, v, p in zip(chains, chain_votes, chain_pool_cal, strict=True):
+                d, cnt, _ = neighbour_vote(data.graph, v, pool) if gate.veto else (None, None, None)  # type: ignore[arg-type]
+                cd = chain_gate.decide(p, priors, d, cnt)
+                ok = cd.status == ACCEPTED
+                ch.acc_label[pool] = np.where(ok, cd.label, -1)
+                ch.acc_conf[pool] = np.where(ok, cd.confidence, 0.0)
+            # the written decision: the chains' mean calibrated probability, gated against all the ground truth
+            all_votes = votes(c, y, np.full(len(y), -1), np.zeros(len(y), np.float32), 0.0)
+            d, cnt, _ = neighbour_vote(data.graph, all_votes, pool) if gate.veto else (None, None, None)  # type: ignore[arg-type]
+            dec = gate.decide(pool_cal, priors, d, cnt)
+            secs["gate"] = time.perf_counter() - t0
+            old = final_label
+            new = np.where(dec.status == ACCEPTED, dec.label, -1)
+            moves = (
+                int(((old >= 0) & (new < 0)).sum()),  # revoked
+                int(((old >= 0) & (new >= 0) & (old != new)).sum()),  # relabelled
+                int(((old < 0) & (new >= 0)).sum()),  # newly accepted
+            )
+            changed = int((old != new).sum())
+            since = np.where(new >= 0, np.where(old == new, since, it), 0)
+            final_label = new
+            secs["total"] = time.perf_counter() - t_start
+            stats = self._stats(it, cal, dec, new, data, truth_pool, rounds, secs, moves)
+            stats.train_rows, stats.train_pseudo, stats.mixup_rows = n_rows, n_pseudo_rows, n_mix_rows
+            stats.change = changed / max(1, int((new >= 0).sum()), int((old >= 0).sum()))
+            history.append(stats)
+            self._progress("iteration", {"stats": stats, "breaker": False})
+            last = _Snapshot(f1, it, dec, pool_cal, since.copy(), cal, eval_pred)
+            if best is None or f1 > best.f1:
+                best = last
+            if it > 1 and stats.change <= cfg.stop_change:
+                stop_reason = f"converged: the accepted set changed by {stats.change:.2%} (<= {cfg.stop_change:.2%})"
+                break
+
+        assert best is not None and last is not None and first_cal is not None
+        out = best if tripped else last
+        return LabelingOutcome(
+            pool=pool,
+            decision=out.decision,
+            probs=out.probs,
+            since=out.since,
+            iterations=history,
+            chosen_iteration=out.iteration,
+            stop_reason=stop_reason,
+            breaker_tripped=tripped,
+            eval_mode=mode,
+            n_models=2 * len(chains),
+            gate_threshold=threshold,
+            calibration=out.calibration,
+            first_calibration=first_cal,
+        )
+
+    def _training_set(
+        self,
+        feats: np.ndarray,
+        y_vis: np.ndarray,
+        chain: _Chain,
+        pool: np.ndarray,
+        pool_mask: np.ndarray,
+        c: int,
+    ) -> tuple[list[np.ndarray], list[np.ndarray], list[np.ndarray]]:
+        """[GT rows, pseudo rows]: features, one-hot targets, weights (class-balanced when configured)."""
+        gt_rows = np.flatnonzero(y_vis >= 0)
+        ps_rows = pool[pool_mask]
+        ps_rows = ps_rows[chain.acc_label[ps_rows] >= 0]
+        eye = np.eye(c, dtype=np.float32)
+        y_gt = eye[y_vis[gt_rows]]
+        y_ps = eye[chain.acc_label[ps_rows]]
+        w_gt = np.ones(len(gt_rows), np.float32)
+        w_ps = chain.acc_conf[ps_rows].astype(np.float32)
+        if self.config.balance_classes:
+            mass = y_gt.sum(axis=0) + (y_ps * w_ps[:, None]).sum(axis=0)
+            cw = np.divide(mass.sum(), c * mass, out=np.ones_like(mass), where=mass > 0)
+            w_gt = w_gt * cw[y_vis[gt_rows]]
+            w_ps = w_ps * cw[chain.acc_label[ps_rows]]
+        return [feats[gt_rows], feats[ps_rows]], [y_gt, y_ps], [w_gt, w_ps]
+
+    def _stats(
+        self,
+        it: int,
+        cal: CalibrationResult,
+        dec: GateDecision | None,
+        new: np.ndarray | None,
+        data: LabelingInput,
+        truth_pool: np.ndarray | None,
+        rounds: list[int],
+        secs: dict[str, float],
+        moves: tuple[int, int, int],
+    ) -> IterationStats:
+        precision = mean_conf = None
+        by_class: dict[str, int] = {}
+        counts: dict[str, int] = dict.fromkeys(STATUS_NAMES, 0)
+        reasons: dict[str, int] = {}
+        if dec is not None and new is not None:
+            acc = new >= 0
+            counts = dec.counts()
+            reasons = dec.reasons()
+            by_class = {data.classes[k]: int((new == k).sum()) for k in range(len(data.classes))}
+            if acc.any():
+                mean_conf = float(dec.confidence[acc].mean())
+                if truth_pool is not None:
+                    known = acc & (truth_pool != -1)
+                    if known.any():
+                        precision = float((new[known] == truth_pool[known]).mean())
+        return IterationStats(
+            iteration=it,
+            heldout_before=cal.before,
+            heldout_after=cal.after,
+            calibration_method=cal.method,
+            calibration_cv_log_loss=cal.cv_log_loss,
+            train_rows=0,
+            train_pseudo=0,
+            mixup_rows=0,
+            counts=counts,
+            quarantine_reasons=reasons,
+            accepted_by_class=by_class,
+            newly_accepted=moves[2],
+            revoked=moves[0],
+            relabelled=moves[1],
+            change=0.0,
+            mean_accepted_confidence=mean_conf,
+            pseudo_precision=precision,
+            best_rounds=rounds,
+            seconds={k: round(v, 3) for k, v in secs.items()},
+        )

@@ -1,0 +1,230 @@
+"""The labeling job's parts on arrays: calibration, gate, features, Mixup, learners, guards, drift, loop."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from pydantic import ValidationError
+
+from labeling.calibration import TemperatureCalibrator, brier, calibrate, ece
+from labeling.config import LabelingConfig, XGBoostParams
+from labeling.drift import c2st
+from labeling.errors import SeedError
+from labeling.gate import ACCEPTED, QUARANTINED, REVIEW, StateGate
+from labeling.learners import RandomForestLearner, XGBoostLearner, expand_soft
+from labeling.mixup import mixup
+from labeling.neighbours import NeighbourGraph, neighbour_vote, neighbourhood_features, votes
+from labeling.selftrain import LabelingInput, SelfTrainer, check_seed
+from retrieval.synthetic import clustered_vectors
+
+
+def _overconfident(n: int, c: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """True class probabilities p, reported as softmax(3 log p): sharply overconfident scores."""
+    rng = np.random.default_rng(seed)
+    logits = rng.normal(size=(n, c)) * 1.2
+    p = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+    y = np.array([rng.choice(c, p=row) for row in p])
+    sharp = np.exp(3 * np.log(p))
+    return sharp / sharp.sum(axis=1, keepdims=True), y
+
+
+# ------------------------------------------------------------- calibration
+def test_ece_is_zero_for_calibrated_scores_and_large_for_overconfident_ones():
+    rng = np.random.default_rng(0)
+    p1 = rng.uniform(size=20_000)
+    y = (rng.uniform(size=p1.size) < p1).astype(int)
+    probs = np.column_stack([1 - p1, p1])
+    assert ece(probs, y) < 0.02
+    sharp, y2 = _overconfident(3000, 4)
+    assert ece(sharp, y2) > 0.1
+    assert brier(np.eye(3)[[0, 1, 2]], np.array([0, 1, 2])) == 0.0
+
+
+@pytest.mark.parametrize("method", ["auto", "temperature", "platt", "beta", "isotonic"])
+def test_calibration_lowers_held_out_ece_of_overconfident_scores(method):
+    probs, y = _overconfident(2000, 4, seed=1)
+    res = calibrate(probs, y, 4, method)
+    assert res.method == (res.method if method == "auto" else method)
+    assert res.after.ece < res.before.ece / 2  # 'after' is out-of-fold: judged on rows the map never saw
+    assert res.after.log_loss < res.before.log_loss
+    assert sum(res.reliability_after.count) == 2000
+
+
+def test_temperature_recovers_the_sharpening_and_auto_never_beats_cv_loss():
+    probs, y = _overconfident(4000, 5, seed=2)
+    t = TemperatureCalibrator().fit(probs, y).temperature_
+    assert 2.3 < t < 3.7  # the scores were softmax(3 log p)
+    res = calibrate(probs, y, 5, "auto")
+    assert res.cv_log_loss[res.method] == min(res.cv_log_loss.values())
+    with pytest.raises(ValueError, match="unknown calibration"):
+        calibrate(probs, y, 5, "magic")
+
+
+# -------------------------------------------------------------------- gate
+def test_gate_accepts_only_at_or_above_threshold_vetoes_contradicted_and_caps_classes():
+    probs = np.array(
+        [
+            [0.95, 0.05],  # accepted
+            [0.79, 0.21],  # below threshold
+            [0.90, 0.10],  # contradicted by its neighbours
+            [0.85, 0.15],  # over class 0's cap
+            [0.10, 0.90],  # accepted
+            [0.50, 0.50],  # most uncertain -> review
+        ]
+    )
+    dist = np.array([[1, 0], [0, 0], [0.2, 0.8], [1, 0], [0, 1], [0, 0]], float)
+    count = np.array([3, 0, 4, 2, 2, 0])
+    gate = StateGate(threshold=0.8, cap_factor=1.0, review_count=1)
+    dec = gate.decide(probs, np.array([0.3, 0.7]), dist, count)  # class 0 cap = ceil(0.3 * 6) = 2
+    assert list(dec.status) == [ACCEPTED, QUARANTINED, QUARANTINED, ACCEPTED, ACCEPTED, REVIEW]
+    dec = StateGate(threshold=0.8, cap_factor=0.5).decide(probs, np.array([0.3, 0.7]), dist, count)  # cap 1
+    assert list(dec.status[[0, 3]]) == [ACCEPTED, QUARANTINED]  # the more confident one wins the cap
+    assert dec.reasons() == {"below_threshold": 2, "neighbourhood_veto": 1, "class_cap": 1}
+    assert (dec.confidence[dec.status == ACCEPTED] >= 0.8).all()
+
+
+# ------------------------------------------------------ neighbourhood features
+def test_a_points_own_label_never_feeds_its_own_features():
+    x, _ = clustered_vectors(300, n_clusters=3, seed=0)
+    g = NeighbourGraph.exact(x, 8)
+    assert not (g.index == np.arange(300)[:, None]).any()
+    y = np.full(300, -1)
+    y[::5] = np.arange(60) % 3
+    base = neighbourhood_features(g, votes(3, y, np.full(300, -1), np.zeros(300, np.float32), 0.5))
+    flipped = y.copy()
+    flipped[0] = (y[0] + 1) % 3
+    after = neighbourhood_features(g, votes(3, flipped, np.full(300, -1), np.zeros(300, np.float32), 0.5))
+    assert np.array_equal(base[0], after[0])  # its own features did not move
+    users = np.flatnonzero((g.index == 0).any(axis=1))
+    assert len(users) and not np.array_equal(base[users], after[users])  # its neighbours' did
+
+
+def test_pseudo_labels_vote_with_less_weight_than_ground_truth():
+    g = NeighbourGraph(np.array([[1, 2], [0, 2], [0, 1]], np.int32), np.ones((3, 2), np.float32))
+    v = votes(2, np.array([-1, 0, -1]), np.array([-1, -1, 1]), np.array([0, 0, 0.9], np.float32), 0.5)
+    f = neighbourhood_features(g, v)
+    share = f[0, :2]
+    assert share[0] == pytest.approx(1 / 1.45) and share[1] == pytest.approx(0.45 / 1.45)
+    _dist, count, majority = neighbour_vote(g, v, np.array([0]))
+    assert count[0] == 2 and majority[0] in (0, 1)
+
+
+# ------------------------------------------------------------------- Mixup
+def test_mixup_rows_are_convex_and_stay_closest_to_their_pseudo_parent():
+    rng = np.random.default_rng(0)
+    xp, yp, wp = rng.normal(size=(50, 4)).astype(np.float32), np.eye(3)[rng.integers(3, size=50)], np.ones(50)
+    xa, ya, wa = rng.normal(size=(80, 4)).astype(np.float32), np.eye(3)[rng.integers(3, size=80)], np.ones(80)
+    x, y, w = mixup(xp, yp, wp, xa, ya, wa, alpha=0.4, fraction=1.0, rng=rng)
+    assert x.shape == (50, 4) and np.allclose(y.sum(axis=1), 1.0) and (y >= 0).all()
+    assert (y.max(axis=1) >= 0.5 - 1e-9).all()
+    xe, _ye, we = expand_soft(x, y, w)  # multiclass form: weighted duplicated rows
+    assert len(xe) >= 50 and np.isclose(we.sum(), w.sum())
+
+
+# ----------------------------------------------------------------- learners
+def test_xgboost_learns_binary_soft_labels_and_checks_monotone_constraints():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(400, 3)).astype(np.float32)
+    p = 1 / (1 + np.exp(-3 * x[:, 0]))
+    y = np.column_stack([1 - p, p])  # soft targets only
+    m = XGBoostLearner(2, XGBoostParams(max_rounds=60), seed=0).fit(x, y, np.ones(400))
+    pred = m.predict_proba(x)[:, 1]
+    assert np.corrcoef(pred, p)[0, 1] > 0.9
+    mono = XGBoostLearner(2, XGBoostParams(max_rounds=30, monotone_constraints={0: 1}), seed=0).fit(x, y, np.ones(400))
+    grid = np.column_stack([np.linspace(-3, 3, 50), np.zeros(50), np.zeros(50)]).astype(np.float32)
+    assert (np.diff(mono.predict_proba(grid)[:, 1]) >= -1e-7).all()
+    with pytest.raises(ValueError, match="outside"):
+        XGBoostLearner(2, XGBoostParams(monotone_constraints={7: 1})).fit(x, y, np.ones(400))
+
+
+def test_random_forest_keeps_every_class_column():
+    x = np.arange(20, dtype=np.float32)[:, None]
+    y = np.eye(3)[np.r_[np.zeros(10, int), np.ones(10, int)]]  # class 2 never seen
+    p = RandomForestLearner(3).fit(x, y, np.ones(20)).predict_proba(x)
+    assert p.shape == (20, 3) and (p[:, 2] == 0).all()
+
+
+# ------------------------------------------------------------------ guards
+def test_config_caps_iterations_at_ten_and_refuses_unknown_keys():
+    with pytest.raises(ValidationError, match="capped at 10"):
+        LabelingConfig(max_iterations=11)
+    with pytest.raises(ValidationError):
+        LabelingConfig(treshold=0.8)  # typo: refused, not ignored
+
+
+def test_seed_guard_refuses_a_three_percent_seed_and_the_override_is_recorded():
+    y = np.full(1000, -1)
+    y[:30] = np.arange(30) % 2
+    with pytest.raises(SeedError, match=r"30 of 1000 points \(3.0%\), below the 5% minimum"):
+        check_seed(y, ["a", "b"], LabelingConfig())
+    warnings = check_seed(y, ["a", "b"], LabelingConfig(allow_sparse_seed=True))
+    assert warnings and "overridden" in warnings[0]
+    y[:30] = 0
+    y[0] = 1
+    with pytest.raises(SeedError, match="fewer than 2"):
+        check_seed(y, ["a", "b"], LabelingConfig(allow_sparse_seed=True))
+
+
+def test_drift_test_sees_a_shifted_seed_and_not_a_random_one():
+    x, cl = clustered_vectors(3000, n_clusters=6, seed=1)
+    rng = np.random.default_rng(0)
+    random_seed = rng.permutation(3000)[:300]
+    mask = np.zeros(3000, bool)
+    mask[random_seed] = True
+    calm = c2st(x[mask], x[~mask])
+    assert not calm.drifted and abs(calm.auc - 0.5) < 0.08
+    biased = np.flatnonzero(cl < 2)[:300]  # the seed covers 2 of 6 regions
+    mask = np.zeros(3000, bool)
+    mask[biased] = True
+    shifted = c2st(x[mask], x[~mask])
+    assert shifted.drifted and shifted.auc > 0.8
+
+
+# -------------------------------------------------------------------- loop
+def _toy(n: int = 900, seed: int = 0, frac: float = 0.1):
+    x, cl = clustered_vectors(n, n_clusters=3, seed=seed, spread=0.9)
+    y = np.full(n, -1)
+    rng = np.random.default_rng(seed)
+    idx = rng.permutation(n)[: int(frac * n)]
+    y[idx] = cl[idx]
+    xp = x[:, :64] / np.linalg.norm(x[:, :64], axis=1, keepdims=True)
+    return LabelingInput(xp.astype(np.float32), y, ["a", "b", "c"], NeighbourGraph.exact(x, 10), cl)
+
+
+def test_the_loop_never_runs_more_than_ten_iterations():
+    cfg = LabelingConfig(learner="random_forest", forest={"n_estimators": 15}, stop_change=0.0, breaker=False)
+    out = SelfTrainer(cfg).run(_toy())
+    assert 1 <= len(out.iterations) <= 10
+    assert len(out.iterations) == 10 or out.stop_reason.startswith("converged")
+
+
+class _Degrading:
+    """A real XGBoost learner that, from iteration ``bad_from`` on, is fitted on shuffled targets."""
+
+    name = "degrading"
+
+    def __init__(self, n_classes: int, seed: int, iteration: int, bad_from: int) -> None:
+        self.inner = XGBoostLearner(n_classes, XGBoostParams(max_rounds=40), seed=seed)
+        self.bad = iteration >= bad_from
+        self.rng = np.random.default_rng(seed)
+        self.n_classes = n_classes
+
+    def fit(self, x, y, w, eval_set=None):
+        if self.bad:
+            y = y[self.rng.permutation(len(y))]
+        self.inner.fit(x, y, w, eval_set)
+        return self
+
+    def predict_proba(self, x):
+        return self.inner.predict_proba(x)
+
+
+def test_breaker_rolls_back_to_the_best_iteration_on_a_forced_degradation():
+    cfg = LabelingConfig(max_iterations=6, stop_change=0.0, review_count=0)
+    out = SelfTrainer(cfg, learner_factory=lambda c, s, it: _Degrading(c, s, it, bad_from=3)).run(_toy())
+    assert out.breaker_tripped and "rolled back" in out.stop_reason
+    assert out.chosen_iteration < 3 and len(out.iterations) == 3
+    best_f1 = max(s.f1 for s in out.iterations[:2])
+    assert out.iterations[-1].f1 < best_f1
+    chosen = out.iterations[out.chosen_iteration - 1]
+    assert out.decision.counts()["accepted"] == chosen.counts["accepted"]  # the written labels are the best's
