@@ -2,21 +2,24 @@
 
 1. Google's emoji (image + name, 9 categories; fetched once with npm, cached).
 2. Encoders: EfficientNet-Lite0 (1280D) + all-MiniLM-L6-v2 (384D), features cached on disk.
-3. The Matryoshka projection: loaded from ``EMBEDSTORE_PROJECTION`` if it was fitted on
-   these encoders, else trained here (80% of items' labels) and saved there.
-4. 80% of the items indexed into a Qdrant Edge collection (``./data/store``), the
-   other 20% used as queries: recall@10 of the 128D shortlist + 512D rerank against
-   exact search, latency, and 10-NN label accuracy; then a few text queries.
-
-It grows into embed -> store -> label -> inspect as labeling lands.
+3. The Matryoshka projection, fitted *without labels* (its unsupervised objective only), so
+   no label the labeling job is judged on has shaped the vectors. Loaded from
+   ``EMBEDSTORE_PROJECTION`` when a label-free one fitted on these encoders is there.
+4. Every item stored in a Qdrant Edge collection (``./data/store``); the labels of a
+   stratified 10% seed are kept as ground truth (``label_source = human``), the rest are
+   hidden (kept in ``hidden_label`` only to score the result). Search is checked on
+   the way: recall@10 of the 128D shortlist + 512D rerank against exact search, latency.
+5. A labeling job (:mod:`labeling.job`): per-iteration table, precision of the accepted
+   pseudo-labels against the hidden truth, the run directory with its report and plots,
+   and one inspection: a pseudo-labelled point beside its nearest neighbours.
 """
 
 from __future__ import annotations
 
 import time
-from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from rich.console import Console
@@ -26,32 +29,45 @@ from rich.table import Table
 from embedder.config import EmbedderSettings
 from embedder.datasets import emoji_items
 from embedder.errors import EmbedderError
-from embedder.evaluate import stratified_split
 from embedder.features import FeatureCache
 from embedder.indexing import item_payload, require_version, search_items
 from embedder.model import Embedder
 from embedder.projection import ProjectionArtifact, TrainConfig, fit_projection
 from embedder.training import features_for
+from labeling.config import LabelingConfig
+from labeling.inspect import Inspection, inspect_neighbours
+from labeling.job import run_job
+from labeling.present import print_report, rich_events
 from retrieval import StoreSettings, VectorStore, collection_spec, open_store
 
 EXAMPLE_QUERIES = ("red heart", "flag of japan", "slice of pizza", "crying with laughter", "rocket")
+SEED_FRACTION = 0.10
 
 
 @dataclass
 class DemoReport:
     projection_version: str
     trained_projection: bool
-    n_indexed: int
-    n_queries: int
+    n_items: int
+    n_seed: int
     recall_at_10: float
     p50_ms: float
     p99_ms: float
     exact_p50_ms: float
-    knn_accuracy_shortlist: float
-    knn_accuracy_exact: float
-    knn_accuracy_prefix_only: float
-    facets: dict[str, int]
+    labeling: dict[str, Any]
+    run_dir: Path
+    inspection: Inspection | None
     examples: dict[str, list[str]] = field(default_factory=dict)
+
+
+def stratified_seed(labels: list[str], fraction: float, seed: int) -> np.ndarray:
+    """ceil(fraction x class size) random members of every class."""
+    rng = np.random.default_rng(seed)
+    out: list[int] = []
+    for c in sorted(set(labels)):
+        members = np.flatnonzero(np.asarray(labels) == c)
+        out.extend(rng.permutation(members)[: int(np.ceil(fraction * len(members)))].tolist())
+    return np.sort(np.asarray(out))
 
 
 def run_demo(
@@ -61,23 +77,28 @@ def run_demo(
     collection: str = "demo_emoji",
     epochs: int = 200,
     feature_cache: FeatureCache | None = None,
+    labeling_config: LabelingConfig | None = None,
+    runs_dir: Path | str = Path("./data/runs"),
     seed: int = 0,
     console: Console | None = None,
 ) -> DemoReport:
     console = console or Console()
     es = embedder_settings or EmbedderSettings()
     items = emoji_items()
-    console.print(
-        f"[bold]data[/]: {len(items)} Google emoji (image + name), {len(set(i.label for i in items))} categories"
-    )
+    labels = [str(it.label) for it in items]
+    console.print(f"[bold]data[/]: {len(items)} Google emoji (image + name), {len(set(labels))} categories")
     embedder = Embedder.from_settings(es.model_copy(update={"projection": Path("/nonexistent")}))
     raw = features_for(items, embedder, cache_name="emoji", cache=feature_cache, progress=True)
-    labels = [it.label for it in items]
-    train, test = stratified_split(labels, 0.2, seed=seed)
 
-    projection, trained = _projection(es, embedder, raw, labels, train, epochs, seed, console)
+    projection, trained = _projection(es, embedder, raw, epochs, seed, console)
     embedder.projection = projection
     vectors = projection.project(raw)
+    # an independent generator: the seed must not coincide with the projection's own validation split
+    seed_rows = set(stratified_seed(labels, SEED_FRACTION, seed + 7919).tolist())
+    console.print(
+        f"[bold]ground truth[/]: a stratified {SEED_FRACTION:.0%} seed, {len(seed_rows)} labels; "
+        f"{len(items) - len(seed_rows)} labels hidden from the job (kept only to score it)"
+    )
 
     store: VectorStore = open_store(settings)
     with store:
@@ -85,105 +106,147 @@ def run_demo(
         store.create_collection(collection, collection_spec(settings))
         version = require_version(store, collection, embedder, claim=True)
         t0 = time.perf_counter()
-        for start in track(range(0, len(train), 512), description="upserting", console=console):
-            idx = train[start : start + 512]
-            store.upsert(
-                collection,
-                [items[i].id for i in idx],
-                vectors[idx],
-                [{**item_payload(items[i], version), "split": "train"} for i in idx],
-            )
+        for start in track(range(0, len(items), 512), description="storing", console=console):
+            idx = range(start, min(start + 512, len(items)))
+            payloads = []
+            for i in idx:
+                p = item_payload(items[i], version)
+                p["hidden_label"] = p.pop("label", labels[i])
+                p.pop("label_source", None)
+                if i in seed_rows:
+                    p.update(label=labels[i], label_source="human")
+                payloads.append(p)
+            store.upsert(collection, [items[i].id for i in idx], vectors[list(idx)], payloads)
         store.optimize(collection)
-        console.print(f"indexed {len(train)} items in {time.perf_counter() - t0:.1f}s")
+        console.print(f"stored {len(items)} items in {time.perf_counter() - t0:.1f}s")
 
-        queries = vectors[test]
-        truth = [labels[i] for i in test]
+        queries = vectors[np.random.default_rng(seed).permutation(len(items))[:200]]
         fast, lat = _timed(store, collection, queries, exact=False)
         exact, exact_lat = _timed(store, collection, queries, exact=True)
         recall = float(
             np.mean([len({h.id for h in f} & {h.id for h in e}) / 10 for f, e in zip(fast, exact, strict=True)])
         )
-        prefix = projection.project(raw, 128)
-        prefix_only = _prefix_neighbours(prefix[train], prefix[test], [labels[i] for i in train])
-        facets = store.facet(collection, "label")
         examples = {
-            q: [
-                f"{h.payload['text']} ({h.payload['label']})"
-                for h in search_items(store, collection, embedder, q, top_k=3)
-            ]
+            q: [f"{h.payload['text']}" for h in search_items(store, collection, embedder, q, top_k=3)]
             for q in EXAMPLE_QUERIES
         }
+        _print_search(recall, lat, exact_lat, examples, settings, console)
 
-    report = DemoReport(
+        cfg = labeling_config or LabelingConfig(truth_field="hidden_label")
+        console.rule("[bold]labeling job")
+        with rich_events(console) as events:
+            result = run_job(store, collection, cfg, runs_dir=runs_dir, events=events)
+        print_report(result.report, console)
+        inspection = _inspect_one(store, collection, result.report, console)
+
+    return DemoReport(
         projection_version=projection.version,
         trained_projection=trained,
-        n_indexed=len(train),
-        n_queries=len(test),
+        n_items=len(items),
+        n_seed=len(seed_rows),
         recall_at_10=recall,
         p50_ms=float(np.percentile(lat, 50)),
         p99_ms=float(np.percentile(lat, 99)),
         exact_p50_ms=float(np.percentile(exact_lat, 50)),
-        knn_accuracy_shortlist=_knn(fast, truth),
-        knn_accuracy_exact=_knn(exact, truth),
-        knn_accuracy_prefix_only=float(np.mean([_vote(ls) == t for ls, t in zip(prefix_only, truth, strict=True)])),
-        facets={str(k): v for k, v in facets.items()},
+        labeling=result.report,
+        run_dir=result.run_dir,
+        inspection=inspection,
         examples=examples,
     )
-    _print(report, settings, console)
-    return report
 
 
 def _projection(
-    es: EmbedderSettings,
-    embedder: Embedder,
-    raw: object,
-    labels: list[str],
-    train: np.ndarray,
-    epochs: int,
-    seed: int,
-    console: Console,
+    es: EmbedderSettings, embedder: Embedder, raw: object, epochs: int, seed: int, console: Console
 ) -> tuple[ProjectionArtifact, bool]:
+    """A label-free projection on these encoders: loaded if one is saved, else fitted and saved."""
     path = Path(es.projection)
     if (path / "projection.json").is_file():
         try:
             art = ProjectionArtifact.load(path)
-            if art.encoders == embedder.encoder_signatures():
-                console.print(f"projection {art.version} loaded from {path}")
+            if art.encoders == embedder.encoder_signatures() and art.training.get("n_labeled") == 0:
+                console.print(f"projection {art.version} (label-free) loaded from {path}")
                 return art, False
-            console.print(f"[yellow]projection at {path} was fitted on other encoders: training a new one[/]")
+            console.print(
+                f"[yellow]the projection at {path} was fitted on other encoders or with labels; the demo needs a "
+                f"label-free one (labels would leak into the job's evaluation): fitting one in {path}-label-free[/]"
+            )
+            path = path.with_name(path.name + "-label-free")
+            if (path / "projection.json").is_file():
+                art = ProjectionArtifact.load(path)
+                if art.encoders == embedder.encoder_signatures():
+                    return art, False
         except EmbedderError as exc:
-            console.print(f"[yellow]cannot use the projection at {path} ({exc}): training a new one[/]")
-    train_set = set(train.tolist())
-    train_labels = [labels[i] if i in train_set else None for i in range(len(labels))]
+            console.print(f"[yellow]cannot use the projection at {path} ({exc}): fitting a new one[/]")
     art = fit_projection(
         raw,  # type: ignore[arg-type]
-        train_labels,
+        None,
         TrainConfig(epochs=epochs, seed=seed),
         encoders=embedder.encoder_signatures(),
         progress=True,
     )
     art.save(path)
-    console.print(f"projection {art.version} trained ({art.training['epochs_run']} epochs) and saved to {path}")
+    console.print(
+        f"projection {art.version} fitted without labels ({art.training['epochs_run']} epochs), saved to {path}"
+    )
     return art, True
 
 
-def _print(report: DemoReport, settings: StoreSettings, console: Console) -> None:
+def _print_search(
+    recall: float,
+    lat: np.ndarray,
+    exact_lat: np.ndarray,
+    examples: dict[str, list[str]],
+    settings: StoreSettings,
+    console: Console,
+) -> None:
     where = str(Path(settings.path).resolve()) if settings.backend == "edge" else str(settings.url)
-    table = Table(title=f"embedstore demo - {settings.backend} store at {where}")
+    table = Table(title=f"search - {settings.backend} store at {where}")
     table.add_column("measure")
     table.add_column("value", justify="right")
-    table.add_row("projection", report.projection_version)
-    table.add_row("items indexed / held-out queries", f"{report.n_indexed} / {report.n_queries}")
-    table.add_row("recall@10, 128D shortlist + 512D rerank vs exact", f"{report.recall_at_10:.4f}")
-    table.add_row("latency p50 / p99 (shortlist + rerank)", f"{report.p50_ms:.2f} / {report.p99_ms:.2f} ms")
-    table.add_row("latency p50 (exact 512D scan)", f"{report.exact_p50_ms:.2f} ms")
-    table.add_row("10-NN category accuracy: shortlist + rerank", f"{report.knn_accuracy_shortlist:.3f}")
-    table.add_row("10-NN category accuracy: exact 512D", f"{report.knn_accuracy_exact:.3f}")
-    table.add_row("10-NN category accuracy: 128D prefix alone", f"{report.knn_accuracy_prefix_only:.3f}")
-    table.add_row("categories (facet)", ", ".join(f"{k}:{v}" for k, v in report.facets.items()))
+    table.add_row("recall@10, 128D shortlist + 512D rerank vs exact", f"{recall:.4f}")
+    table.add_row(
+        "latency p50 / p99 (shortlist + rerank)", f"{np.percentile(lat, 50):.2f} / {np.percentile(lat, 99):.2f} ms"
+    )
+    table.add_row("latency p50 (exact 512D scan)", f"{np.percentile(exact_lat, 50):.2f} ms")
     console.print(table)
-    for q, hits in report.examples.items():
+    for q, hits in examples.items():
         console.print(f"[bold]{q!r}[/] -> " + "; ".join(hits))
+
+
+def _inspect_one(store: VectorStore, collection: str, report: dict[str, Any], console: Console) -> Inspection | None:
+    """Show one accepted pseudo-label (the least confident one: the most telling) beside its neighbours."""
+    hits = store.scroll(collection, filter={"pseudo_status": "accepted"}, limit=2000).records
+    if not hits:
+        console.print("no accepted pseudo-labels to inspect")
+        return None
+    pick = min(hits, key=lambda r: (r.payload or {}).get("pseudo_confidence", 1.0))
+    view = inspect_neighbours(store, collection, pick.id, k=8)
+    st = view.point.state
+    truth = view.point.payload.get("hidden_label")
+    console.rule(f"[bold]inspection: {pick.id}")
+    console.print(
+        f"{view.point.payload.get('text')!r}: pseudo-label [bold]{st.pseudo_label}[/] ({st.pseudo_status}, "
+        f"calibrated P = {st.pseudo_confidence}); hidden truth: {truth}"
+    )
+    table = Table("similarity", "id", "text", "ground truth", "pseudo-label", "status", "confidence")
+    for n in view.neighbours:
+        ns = n.point.state
+        table.add_row(
+            f"{n.similarity:.3f}",
+            n.point.id,
+            str(n.point.payload.get("text", ""))[:32],
+            ns.label or "",
+            ns.pseudo_label or "",
+            ns.pseudo_status or "",
+            "" if ns.pseudo_confidence is None else f"{ns.pseudo_confidence:.3f}",
+        )
+    console.print(table)
+    a = view.agreement
+    console.print(
+        f"neighbourhood agreement with {a.label!r}: {a.weighted:.2f} (similarity-weighted) over "
+        f"{a.labelled_neighbours} labelled neighbours; majority {a.majority_label!r}"
+    )
+    return view
 
 
 def _timed(store: VectorStore, collection: str, queries: np.ndarray, *, exact: bool) -> tuple[list, np.ndarray]:
@@ -193,18 +256,3 @@ def _timed(store: VectorStore, collection: str, queries: np.ndarray, *, exact: b
         results.append(store.search(collection, q, top_k=10, exact=exact))
         lat.append((time.perf_counter() - t0) * 1000)
     return results, np.asarray(lat)
-
-
-def _vote(labels: list[str]) -> str:
-    return Counter(labels).most_common(1)[0][0]
-
-
-def _knn(results: list, truth: list[str]) -> float:
-    return float(
-        np.mean([_vote([h.payload["label"] for h in hits]) == t for hits, t in zip(results, truth, strict=True)])
-    )
-
-
-def _prefix_neighbours(x: np.ndarray, q: np.ndarray, labels: list[str]) -> list[list[str]]:
-    top = np.argsort(-(q @ x.T), axis=1)[:, :10]
-    return [[labels[j] for j in row] for row in top]

@@ -30,7 +30,7 @@ from labeling.inspect import REVIEW, LabelState, Neighbour, _inspected, agreemen
 from labeling.runs import load_registry, resolve
 from retrieval import Filter, Match, VectorStore
 
-IMAGE_KEYS = ("image", "image_url", "image_path", "thumbnail")
+IMAGE_KEYS = ("image_uri", "image", "image_url", "image_path", "thumbnail")
 
 
 @dataclass(frozen=True)

@@ -18,23 +18,37 @@ def test_demo_end_to_end_on_real_emoji(tmp_path, monkeypatch, emoji_items, emoji
     from embedder.config import EmbedderSettings
     from embedder.features import FeatureCache
     from embedder.model import Embedder
+    from labeling.config import LabelingConfig, XGBoostParams
 
     monkeypatch.setenv("EMBEDSTORE_PROJECTION", str(tmp_path / "projection"))
     cache = FeatureCache(tmp_path / "features")  # seeded with this session's features: no second encoding
     signatures = Embedder(image_encoder, text_encoder).encoder_signatures()
     cache.save("emoji", signatures, [it.id for it in emoji_items], emoji_features)
-    run = dict(epochs=30, feature_cache=cache, embedder_settings=EmbedderSettings())
+    quick = LabelingConfig(
+        truth_field="hidden_label", max_iterations=3, cv_folds=2, xgboost=XGBoostParams(max_rounds=60, eta=0.1)
+    )
+    run = dict(
+        epochs=30,
+        feature_cache=cache,
+        embedder_settings=EmbedderSettings(),
+        labeling_config=quick,
+        runs_dir=tmp_path / "runs",
+    )
     report = run_demo(StoreSettings(path=tmp_path / "store"), **run)
     assert report.trained_projection and (tmp_path / "projection" / "projection.json").is_file()
-    assert report.n_indexed + report.n_queries == 1906
+    assert report.n_items == 1906 and 190 <= report.n_seed <= 200
     assert report.recall_at_10 >= 0.99
-    # real structure: a 10-NN vote over the projected vectors recognises most categories,
-    # and the 128D prefix alone is nearly as good (it is a usable vector on its own)
-    assert report.knn_accuracy_exact > 0.75
-    assert report.knn_accuracy_prefix_only > report.knn_accuracy_exact - 0.05
-    assert sum(report.facets.values()) == report.n_indexed and len(report.facets) == 9
     assert any("flag" in hit.lower() for hit in report.examples["flag of japan"])
-    again = run_demo(StoreSettings(path=tmp_path / "store"), **run)  # reuses the saved projection
+    final = report.labeling["final"]
+    assert final["counts"]["accepted"] > 100 and final["pseudo_precision"] > 0.85
+    assert report.labeling["seed"]["ground_truth"] == report.n_seed
+    assert (report.run_dir / "report.json").is_file() and (report.run_dir / "reliability.png").is_file()
+    view = report.inspection
+    assert view is not None and view.point.state.pseudo_status == "accepted" and len(view.neighbours) == 8
+    again = run_demo(
+        StoreSettings(path=tmp_path / "store"),
+        **{**run, "labeling_config": quick.model_copy(update={"max_iterations": 1})},
+    )
     assert not again.trained_projection and again.projection_version == report.projection_version
 
 
