@@ -84,9 +84,15 @@ class DeadlineExceeded(ServiceError):
     code = grpc.StatusCode.DEADLINE_EXCEEDED
 
 
+class Aborted(ServiceError):
+    """E.g. a labeling job is already running on the collection."""
+
+    code = grpc.StatusCode.ABORTED
+
+
 _ERRORS: dict[grpc.StatusCode, type[ServiceError]] = {
     cls.code: cls for cls in (InvalidArgument, NotFound, FailedPrecondition, ResourceExhausted, Unavailable,
-                              Unauthenticated, DeadlineExceeded)
+                              Unauthenticated, DeadlineExceeded, Aborted)
 }  # fmt: skip
 
 
@@ -426,3 +432,46 @@ class Client:
                 majority_share=a.majority_share,
             ),
         )
+
+    def run_labeling_job(
+        self,
+        config: Mapping[str, Any] | None = None,
+        *,
+        collection: str | None = None,
+        timeout: float | None = None,
+    ) -> Iterator[labeling_pb2.LabelingEvent]:
+        """Run a labeling job on the server, yielding its progress events; the last one (stage "done") has ``run``.
+
+        ``config`` holds :class:`labeling.config.LabelingConfig` fields by name. ``timeout`` bounds the whole
+        job (default: none - a job can take minutes).
+        """
+        request = labeling_pb2.RunLabelingJobRequest(collection=collection or self.collection)
+        if config:
+            dict_to_struct(dict(config), request.config)
+        try:
+            yield from self._labeling.RunLabelingJob(request, timeout=timeout, metadata=self._metadata)
+        except grpc.RpcError as exc:
+            raise _translate(exc, self.max_bytes) from None
+
+    def review_queue(self, *, limit: int = 100, collection: str | None = None) -> list[labeling_pb2.ReviewItem]:
+        """The points the active run sent to review, most uncertain first."""
+        request = labeling_pb2.ListReviewQueueRequest(collection=collection or self.collection, limit=limit)
+        return list(self._call(self._labeling.ListReviewQueue, request).items)
+
+    def submit_labels(
+        self,
+        answers: Mapping[str, str] | Sequence[tuple[str, str]],
+        *,
+        source: str = "human",
+        overwrite_human: bool = False,
+        collection: str | None = None,
+    ) -> tuple[int, int]:
+        """Write human answers as ground truth; returns (written, unchanged). All-or-nothing."""
+        pairs = list(answers.items()) if isinstance(answers, Mapping) else list(answers)
+        request = labeling_pb2.SubmitLabelsRequest(
+            collection=collection or self.collection, source=source, overwrite_human=overwrite_human
+        )
+        for pid, label in pairs:
+            request.answers.add(id=str(pid), label=str(label))
+        r = self._call(self._labeling.SubmitLabels, request)
+        return int(r.written), int(r.unchanged)

@@ -57,6 +57,7 @@ class ServerSettings(BaseSettings):
     ``EMBEDSTORE_GRPC_GRACE_S``          seconds in-flight calls get to finish on shutdown (10)
     ``EMBEDSTORE_GRPC_STORE_WORKERS``    threads for store writes and large reads (4)
     ``EMBEDSTORE_GRPC_INLINE_READS``     small reads (top_k/ids <= 100) on the event loop (true)
+    ``EMBEDSTORE_GRPC_RUNS_DIR``         where RunLabelingJob writes run directories (``./data/runs``)
     ===================================  ==================================================
     """
 
@@ -76,6 +77,7 @@ class ServerSettings(BaseSettings):
     grace_s: float = Field(10.0, ge=0)
     store_workers: int = Field(4, ge=1, le=64)
     inline_reads: bool = True
+    runs_dir: Path = Path("./data/runs")
 
     @field_validator("tokens", mode="before")
     @classmethod

@@ -97,6 +97,9 @@ class LabelingConfig(BaseModel):
     xgboost: XGBoostParams = XGBoostParams()
     forest: ForestParams = ForestParams()
     balance_classes: bool = True
+    #: Each model trains on at most this many accepted pseudo-labels (a uniform sample when there are more):
+    #: beyond a few tens of thousands they add little, and this bounds the fit time at millions of points.
+    max_pseudo_train: int = Field(20_000, ge=1)
 
     # ---- calibration
     calibration: CalibrationMethod = "auto"

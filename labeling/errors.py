@@ -28,3 +28,15 @@ class RunStateError(LabelingError, RuntimeError):
 
 class ReviewFileError(LabelingError, ValueError):
     """A review import file that cannot be applied; nothing was written."""
+
+
+class LabelConflictError(ReviewFileError):
+    """Answers that would replace a different human label; nothing was written."""
+
+
+class JobCancelledError(LabelingError):
+    """The job was cancelled by its caller (a cancelled write is replaced by the next run)."""
+
+
+class JobRunningError(LabelingError, RuntimeError):
+    """A labeling job is already running on this collection."""

@@ -59,11 +59,11 @@ class JobResult:
     written: int
 
 
-def _jsonable(obj: Any) -> Any:
+def jsonable(obj: Any) -> Any:
     if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
+        return {str(k): jsonable(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
+        return [jsonable(v) for v in obj]
     if isinstance(obj, (np.floating, float)):
         f = float(obj)
         return None if not np.isfinite(f) else round(f, 6)
@@ -323,5 +323,5 @@ def _final_metrics(outcome: LabelingOutcome, classes: list[str], truth: np.ndarr
 
 def _save(path: Path, report: dict[str, Any]) -> None:
     tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(_jsonable(report), indent=2, default=str))
+    tmp.write_text(json.dumps(jsonable(report), indent=2, default=str))
     tmp.replace(path)

@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from labeling.errors import ReviewFileError
+from labeling.errors import LabelConflictError, ReviewFileError
 from labeling.inspect import REVIEW, LabelState, Neighbour, _inspected, agreement
 from labeling.runs import load_registry, resolve
 from retrieval import Filter, Match, VectorStore
@@ -179,7 +179,14 @@ def submit_labels(
     overwrite_human: bool = False,
 ) -> ImportResult:
     """Write (id, label) answers as ground truth, validated as a whole first."""
+    bad = [i for i, (pid, label) in enumerate(answers) if not pid or not isinstance(label, str) or not label.strip()]
+    if bad:
+        raise ReviewFileError(f"answers {bad[:10]} have an empty id or label")
+    if not source or not isinstance(source, str):
+        raise ReviewFileError("label_source must be a non-empty string")
     ids = [a[0] for a in answers]
+    if len(set(ids)) != len(ids):
+        raise ReviewFileError("the same id is answered more than once")
     found = {r.id: r.payload or {} for r in store.retrieve(collection, ids, missing_ok=True)}
     missing = [i for i in ids if i not in found]
     if missing:
@@ -199,7 +206,7 @@ def submit_labels(
             continue
         updates.append((pid, {"label": label, "label_source": source, "labeled_at": now}))
     if conflicts:
-        raise ReviewFileError(
+        raise LabelConflictError(
             f"{len(conflicts)} answer(s) would overwrite a different human label (nothing was written): "
             f"{conflicts[:10]}; pass --overwrite-human to replace them"
         )

@@ -312,7 +312,7 @@ class SelfTrainer:
                 for half in (0, 1):
                     t0 = time.perf_counter()
                     # this model never trains on the pseudo-labels of the pool half it scores
-                    xs, ys, ws = self._training_set(feats, y_vis, ch, pool, ch.pool_half != half, c)
+                    xs, ys, ws = self._training_set(feats, y_vis, ch, pool, ch.pool_half != half, c, rng)
                     x_tr, y_tr, w_tr = np.vstack(xs), np.vstack(ys), np.concatenate(ws)
                     n_pseudo = len(xs[1])
                     n_mix = 0
@@ -436,11 +436,14 @@ class SelfTrainer:
         pool: np.ndarray,
         pool_mask: np.ndarray,
         c: int,
+        rng: np.random.Generator,
     ) -> tuple[list[np.ndarray], list[np.ndarray], list[np.ndarray]]:
         """[GT rows, pseudo rows]: features, one-hot targets, weights (class-balanced when configured)."""
         gt_rows = np.flatnonzero(y_vis >= 0)
         ps_rows = pool[pool_mask]
         ps_rows = ps_rows[chain.acc_label[ps_rows] >= 0]
+        if len(ps_rows) > self.config.max_pseudo_train:
+            ps_rows = np.sort(rng.choice(ps_rows, self.config.max_pseudo_train, replace=False))
         eye = np.eye(c, dtype=np.float32)
         y_gt = eye[y_vis[gt_rows]]
         y_ps = eye[chain.acc_label[ps_rows]]

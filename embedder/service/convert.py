@@ -149,3 +149,62 @@ def inspection_to_proto(result: Inspection) -> labeling_pb2.InspectNeighboursRes
     response.agreement.majority_label = a.majority_label or ""
     response.agreement.majority_share = a.majority_share
     return response
+
+
+def review_item_to_proto(item: Any, out: labeling_pb2.ReviewItem) -> None:
+    out.id = item.id
+    out.text = item.text or ""
+    out.image = item.image or ""
+    out.pseudo_label = item.pseudo_label or ""
+    if item.pseudo_confidence is not None:
+        out.pseudo_confidence = float(item.pseudo_confidence)
+    if item.review_score is not None:
+        out.review_score = float(item.review_score)
+    for label, p in item.top:
+        out.top.add(label=label, probability=float(p))
+    out.labeling_run = item.labeling_run or ""
+
+
+def iteration_to_proto(stats: Any, breaker: bool) -> labeling_pb2.IterationSummary:
+    out = labeling_pb2.IterationSummary(
+        iteration=stats.iteration,
+        heldout_macro_f1=stats.heldout_after.macro_f1,
+        heldout_ece_raw=stats.heldout_before.ece,
+        heldout_ece_calibrated=stats.heldout_after.ece,
+        calibration_method=stats.calibration_method,
+        accepted=stats.counts.get("accepted", 0),
+        quarantined=stats.counts.get("quarantined", 0),
+        review=stats.counts.get("review", 0),
+        revoked=stats.revoked,
+        breaker_tripped=breaker,
+    )
+    if stats.pseudo_precision is not None:
+        out.pseudo_precision = stats.pseudo_precision
+    return out
+
+
+def event_to_proto(event: Any) -> labeling_pb2.LabelingEvent | None:
+    """A job event as a stream message (None for the job's own "done": the summary replaces it)."""
+    if event.stage == "done":
+        return None
+    msg = labeling_pb2.LabelingEvent(stage=event.stage, done=event.done, total=event.total, message=event.message)
+    if event.stage == "iteration" and "stats" in event.data:
+        msg.iteration.CopyFrom(iteration_to_proto(event.data["stats"], bool(event.data.get("breaker"))))
+    return msg
+
+
+def run_summary_to_proto(result: Any) -> labeling_pb2.LabelingEvent:
+    from labeling.job import jsonable
+
+    report = result.report
+    msg = labeling_pb2.LabelingEvent(stage="done", done=1, total=1, message=result.run_id)
+    run = msg.run
+    run.run_id = result.run_id
+    run.run_dir = str(result.run_dir)
+    run.written = result.written
+    run.chosen_iteration = report["chosen_iteration"]
+    run.stop_reason = report["stop_reason"]
+    for key, value in report["final"]["counts"].items():
+        run.counts[key] = value
+    dict_to_struct(jsonable(report), run.report)
+    return msg

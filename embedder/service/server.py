@@ -120,6 +120,7 @@ class EmbedstoreServer:
             max_message_bytes=settings.max_message_bytes,
             max_batch=settings.max_batch,
             inline_reads=settings.inline_reads,
+            runs_dir=settings.runs_dir,
         )
         self.health = health_aio.HealthServicer()
         self.port: int | None = None

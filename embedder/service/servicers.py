@@ -13,15 +13,18 @@ import contextlib
 import functools
 import json
 import logging
+import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
 import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from pydantic import ValidationError
 
 from embedder.errors import (
     EmbedderError,
@@ -42,7 +45,20 @@ from embedstore.v1 import (
     store_pb2,
     store_pb2_grpc,
 )
+from labeling.config import LabelingConfig
+from labeling.errors import (
+    JobCancelledError,
+    JobRunningError,
+    LabelConflictError,
+    LabelingError,
+    ReviewFileError,
+    RunNotFoundError,
+    RunStateError,
+    SeedError,
+)
 from labeling.inspect import MAX_K, inspect_neighbours
+from labeling.job import JobEvent, run_job
+from labeling.review import review_queue, submit_labels
 from retrieval import FULL_DIM, VectorStore
 from retrieval.base import MAX_TOP_K
 from retrieval.errors import (
@@ -75,8 +91,16 @@ STATUS: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
     (StoreUnavailableError, grpc.StatusCode.UNAVAILABLE),
     (StoreLockedError, grpc.StatusCode.UNAVAILABLE),
     (ModelUnavailableError, grpc.StatusCode.UNAVAILABLE),
+    (LabelConflictError, grpc.StatusCode.FAILED_PRECONDITION),
+    (ReviewFileError, grpc.StatusCode.INVALID_ARGUMENT),
+    (SeedError, grpc.StatusCode.FAILED_PRECONDITION),
+    (RunStateError, grpc.StatusCode.FAILED_PRECONDITION),
+    (RunNotFoundError, grpc.StatusCode.NOT_FOUND),
+    (JobRunningError, grpc.StatusCode.ABORTED),
+    (JobCancelledError, grpc.StatusCode.CANCELLED),
     (StoreError, grpc.StatusCode.INTERNAL),
     (EmbedderError, grpc.StatusCode.INTERNAL),
+    (LabelingError, grpc.StatusCode.INTERNAL),
 )
 
 
@@ -140,6 +164,8 @@ class Runtime:
         return self.embedder, self.batcher, self.store
 
     inline_reads: bool = True
+    runs_dir: Path = Path("./data/runs")
+    labeling_jobs: set[str] = field(default_factory=set)  # collections with a job running
 
     async def in_store(self, fn: Callable[..., Any], *args: Any, **kw: Any) -> Any:
         loop = asyncio.get_running_loop()
@@ -478,3 +504,110 @@ class LabelingServicer(labeling_pb2_grpc.LabelingServiceServicer):
             raise convert.BadRequest(f"k must be in 1..{MAX_K}, got {k}")
         result = await self.rt.in_store(inspect_neighbours, store, collection, request.point_id, k)
         return convert.inspection_to_proto(result)
+
+    async def RunLabelingJob(
+        self, request: labeling_pb2.RunLabelingJobRequest, context: Any
+    ) -> AsyncIterator[labeling_pb2.LabelingEvent]:
+        """Runs :func:`labeling.job.run_job` in the store pool and streams its events as they happen."""
+        metrics, rt = self.rt.metrics, self.rt
+        start = time.perf_counter()
+        code = grpc.StatusCode.OK
+        cancelled = threading.Event()
+        collection = ""
+        owned = False
+        job: asyncio.Future[Any] | None = None
+        getter: asyncio.Future[Any] | None = None
+        try:
+            _, _, store = rt.require()
+            collection = rt.collection(request.collection)
+            fields = convert.struct_to_dict(request.config) if request.HasField("config") else {}
+            try:
+                config = LabelingConfig(**fields)
+            except ValidationError as exc:
+                raise convert.BadRequest(f"invalid labeling config: {exc}") from exc
+            if collection in rt.labeling_jobs:
+                raise JobRunningError(f"a labeling job is already running on collection {collection!r}")
+            rt.labeling_jobs.add(collection)
+            owned = True
+            loop = asyncio.get_running_loop()
+            events: asyncio.Queue[JobEvent] = asyncio.Queue()
+
+            def on_event(e: JobEvent) -> None:
+                if cancelled.is_set() or loop.is_closed():
+                    raise JobCancelledError("the labeling job was cancelled by its caller")
+                loop.call_soon_threadsafe(events.put_nowait, e)
+
+            job = loop.run_in_executor(
+                rt.store_pool,
+                functools.partial(run_job, store, collection, config, runs_dir=rt.runs_dir, events=on_event),
+            )
+            while True:
+                getter = asyncio.ensure_future(events.get())
+                done, _ = await asyncio.wait({getter, job}, return_when=asyncio.FIRST_COMPLETED)
+                if getter in done:
+                    if (msg := convert.event_to_proto(getter.result())) is not None:
+                        yield msg
+                    continue
+                getter.cancel()
+                while not events.empty():
+                    if (msg := convert.event_to_proto(events.get_nowait())) is not None:
+                        yield msg
+                yield convert.run_summary_to_proto(job.result())
+                break
+        except asyncio.CancelledError:
+            cancelled.set()
+            code = grpc.StatusCode.CANCELLED
+            raise
+        except NotReady as exc:
+            code = grpc.StatusCode.UNAVAILABLE
+            await context.abort(code, str(exc))
+        except Exception as exc:
+            if isinstance(exc, grpc.aio.AbortError):
+                raise
+            code = status_of(exc)
+            if code == grpc.StatusCode.INTERNAL:
+                log.exception("RunLabelingJob failed")
+            await context.abort(code, str(exc))
+        finally:
+            if getter is not None and not getter.done():
+                getter.cancel()
+            if owned:
+                if job is not None and not job.done():
+                    # the job thread stops at its next step; the collection is free once it has
+                    job.add_done_callback(lambda _: rt.labeling_jobs.discard(collection))
+                else:
+                    rt.labeling_jobs.discard(collection)
+            metrics.requests.labels("RunLabelingJob", code.name).inc()
+            metrics.latency.labels("RunLabelingJob").observe(time.perf_counter() - start)
+
+    @_rpc("ListReviewQueue")
+    async def ListReviewQueue(
+        self, request: labeling_pb2.ListReviewQueueRequest, context: Any
+    ) -> labeling_pb2.ListReviewQueueResponse:
+        _, _, store = self.rt.require()
+        collection = self.rt.collection(request.collection)
+        items = await self.rt.in_store(review_queue, store, collection, limit=request.limit or 100)
+        response = labeling_pb2.ListReviewQueueResponse()
+        for item in items:
+            convert.review_item_to_proto(item, response.items.add())
+        return response
+
+    @_rpc("SubmitLabels")
+    async def SubmitLabels(
+        self, request: labeling_pb2.SubmitLabelsRequest, context: Any
+    ) -> labeling_pb2.SubmitLabelsResponse:
+        _, _, store = self.rt.require()
+        collection = self.rt.collection(request.collection)
+        if not request.answers:
+            raise convert.BadRequest("no answers given")
+        answers = [(a.id, a.label) for a in request.answers]
+        async with self.rt.write_lock:
+            result = await self.rt.in_store(
+                submit_labels,
+                store,
+                collection,
+                answers,
+                source=request.source or "human",
+                overwrite_human=request.overwrite_human,
+            )
+        return labeling_pb2.SubmitLabelsResponse(written=result.written, unchanged=result.unchanged)

@@ -25,25 +25,51 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x65mbedstore/v1/labeling.proto\x12\rembedstore.v1\x1a\x1cgoogle/protobuf/struct.proto\"K\n\x18InspectNeighboursRequest\x12\x12\n\ncollection\x18\x01 \x01(\t\x12\x10\n\x08point_id\x18\x02 \x01(\t\x12\t\n\x01k\x18\x03 \x01(\r\"\xad\x01\n\nLabelState\x12\r\n\x05label\x18\x01 \x01(\t\x12\x14\n\x0clabel_source\x18\x02 \x01(\t\x12\x14\n\x0cpseudo_label\x18\x03 \x01(\t\x12\x1e\n\x11pseudo_confidence\x18\x04 \x01(\x02H\x00\x88\x01\x01\x12\x15\n\rpseudo_status\x18\x05 \x01(\t\x12\x17\n\x0f\x65\x66\x66\x65\x63tive_label\x18\x06 \x01(\tB\x14\n\x12_pseudo_confidence\"p\n\x0eInspectedPoint\x12\n\n\x02id\x18\x01 \x01(\t\x12(\n\x05state\x18\x02 \x01(\x0b\x32\x19.embedstore.v1.LabelState\x12(\n\x07payload\x18\x03 \x01(\x0b\x32\x17.google.protobuf.Struct\"M\n\tNeighbour\x12,\n\x05point\x18\x01 \x01(\x0b\x32\x1d.embedstore.v1.InspectedPoint\x12\x12\n\nsimilarity\x18\x02 \x01(\x02\"\x8d\x01\n\tAgreement\x12\r\n\x05label\x18\x01 \x01(\t\x12\x10\n\x08weighted\x18\x02 \x01(\x02\x12\x12\n\nunweighted\x18\x03 \x01(\x02\x12\x1b\n\x13labelled_neighbours\x18\x04 \x01(\r\x12\x16\n\x0emajority_label\x18\x05 \x01(\t\x12\x16\n\x0emajority_share\x18\x06 \x01(\x02\"\xa4\x01\n\x19InspectNeighboursResponse\x12,\n\x05point\x18\x01 \x01(\x0b\x32\x1d.embedstore.v1.InspectedPoint\x12,\n\nneighbours\x18\x02 \x03(\x0b\x32\x18.embedstore.v1.Neighbour\x12+\n\tagreement\x18\x03 \x01(\x0b\x32\x18.embedstore.v1.Agreement2y\n\x0fLabelingService\x12\x66\n\x11InspectNeighbours\x12\'.embedstore.v1.InspectNeighboursRequest\x1a(.embedstore.v1.InspectNeighboursResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x65mbedstore/v1/labeling.proto\x12\rembedstore.v1\x1a\x1cgoogle/protobuf/struct.proto\"T\n\x15RunLabelingJobRequest\x12\x12\n\ncollection\x18\x01 \x01(\t\x12\'\n\x06\x63onfig\x18\x02 \x01(\x0b\x32\x17.google.protobuf.Struct\"\xa9\x02\n\x10IterationSummary\x12\x11\n\titeration\x18\x01 \x01(\r\x12\x18\n\x10heldout_macro_f1\x18\x02 \x01(\x02\x12\x17\n\x0fheldout_ece_raw\x18\x03 \x01(\x02\x12\x1e\n\x16heldout_ece_calibrated\x18\x04 \x01(\x02\x12\x1a\n\x12\x63\x61libration_method\x18\x05 \x01(\t\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x06 \x01(\r\x12\x13\n\x0bquarantined\x18\x07 \x01(\r\x12\x0e\n\x06review\x18\x08 \x01(\r\x12\x0f\n\x07revoked\x18\t \x01(\r\x12\x1d\n\x10pseudo_precision\x18\n \x01(\x02H\x00\x88\x01\x01\x12\x17\n\x0f\x62reaker_tripped\x18\x0b \x01(\x08\x42\x13\n\x11_pseudo_precision\"\xfc\x01\n\nRunSummary\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x0f\n\x07run_dir\x18\x02 \x01(\t\x12\x0f\n\x07written\x18\x03 \x01(\r\x12\x18\n\x10\x63hosen_iteration\x18\x04 \x01(\r\x12\x13\n\x0bstop_reason\x18\x05 \x01(\t\x12\x35\n\x06\x63ounts\x18\x06 \x03(\x0b\x32%.embedstore.v1.RunSummary.CountsEntry\x12\'\n\x06report\x18\x07 \x01(\x0b\x32\x17.google.protobuf.Struct\x1a-\n\x0b\x43ountsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\r:\x02\x38\x01\"\xa8\x01\n\rLabelingEvent\x12\r\n\x05stage\x18\x01 \x01(\t\x12\x0c\n\x04\x64one\x18\x02 \x01(\x04\x12\r\n\x05total\x18\x03 \x01(\x04\x12\x0f\n\x07message\x18\x04 \x01(\t\x12\x32\n\titeration\x18\x05 \x01(\x0b\x32\x1f.embedstore.v1.IterationSummary\x12&\n\x03run\x18\x06 \x01(\x0b\x32\x19.embedstore.v1.RunSummary\";\n\x16ListReviewQueueRequest\x12\x12\n\ncollection\x18\x01 \x01(\t\x12\r\n\x05limit\x18\x02 \x01(\r\"0\n\nClassScore\x12\r\n\x05label\x18\x01 \x01(\t\x12\x13\n\x0bprobability\x18\x02 \x01(\x02\"\xeb\x01\n\nReviewItem\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\r\n\x05image\x18\x03 \x01(\t\x12\x14\n\x0cpseudo_label\x18\x04 \x01(\t\x12\x1e\n\x11pseudo_confidence\x18\x05 \x01(\x02H\x00\x88\x01\x01\x12\x19\n\x0creview_score\x18\x06 \x01(\x02H\x01\x88\x01\x01\x12&\n\x03top\x18\x07 \x03(\x0b\x32\x19.embedstore.v1.ClassScore\x12\x14\n\x0clabeling_run\x18\x08 \x01(\tB\x14\n\x12_pseudo_confidenceB\x0f\n\r_review_score\"C\n\x17ListReviewQueueResponse\x12(\n\x05items\x18\x01 \x03(\x0b\x32\x19.embedstore.v1.ReviewItem\"(\n\x0bLabelAnswer\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05label\x18\x02 \x01(\t\"\x7f\n\x13SubmitLabelsRequest\x12\x12\n\ncollection\x18\x01 \x01(\t\x12+\n\x07\x61nswers\x18\x02 \x03(\x0b\x32\x1a.embedstore.v1.LabelAnswer\x12\x0e\n\x06source\x18\x03 \x01(\t\x12\x17\n\x0foverwrite_human\x18\x04 \x01(\x08\":\n\x14SubmitLabelsResponse\x12\x0f\n\x07written\x18\x01 \x01(\r\x12\x11\n\tunchanged\x18\x02 \x01(\r\"K\n\x18InspectNeighboursRequest\x12\x12\n\ncollection\x18\x01 \x01(\t\x12\x10\n\x08point_id\x18\x02 \x01(\t\x12\t\n\x01k\x18\x03 \x01(\r\"\xad\x01\n\nLabelState\x12\r\n\x05label\x18\x01 \x01(\t\x12\x14\n\x0clabel_source\x18\x02 \x01(\t\x12\x14\n\x0cpseudo_label\x18\x03 \x01(\t\x12\x1e\n\x11pseudo_confidence\x18\x04 \x01(\x02H\x00\x88\x01\x01\x12\x15\n\rpseudo_status\x18\x05 \x01(\t\x12\x17\n\x0f\x65\x66\x66\x65\x63tive_label\x18\x06 \x01(\tB\x14\n\x12_pseudo_confidence\"p\n\x0eInspectedPoint\x12\n\n\x02id\x18\x01 \x01(\t\x12(\n\x05state\x18\x02 \x01(\x0b\x32\x19.embedstore.v1.LabelState\x12(\n\x07payload\x18\x03 \x01(\x0b\x32\x17.google.protobuf.Struct\"M\n\tNeighbour\x12,\n\x05point\x18\x01 \x01(\x0b\x32\x1d.embedstore.v1.InspectedPoint\x12\x12\n\nsimilarity\x18\x02 \x01(\x02\"\x8d\x01\n\tAgreement\x12\r\n\x05label\x18\x01 \x01(\t\x12\x10\n\x08weighted\x18\x02 \x01(\x02\x12\x12\n\nunweighted\x18\x03 \x01(\x02\x12\x1b\n\x13labelled_neighbours\x18\x04 \x01(\r\x12\x16\n\x0emajority_label\x18\x05 \x01(\t\x12\x16\n\x0emajority_share\x18\x06 \x01(\x02\"\xa4\x01\n\x19InspectNeighboursResponse\x12,\n\x05point\x18\x01 \x01(\x0b\x32\x1d.embedstore.v1.InspectedPoint\x12,\n\nneighbours\x18\x02 \x03(\x0b\x32\x18.embedstore.v1.Neighbour\x12+\n\tagreement\x18\x03 \x01(\x0b\x32\x18.embedstore.v1.Agreement2\x8c\x03\n\x0fLabelingService\x12\x66\n\x11InspectNeighbours\x12\'.embedstore.v1.InspectNeighboursRequest\x1a(.embedstore.v1.InspectNeighboursResponse\x12V\n\x0eRunLabelingJob\x12$.embedstore.v1.RunLabelingJobRequest\x1a\x1c.embedstore.v1.LabelingEvent0\x01\x12`\n\x0fListReviewQueue\x12%.embedstore.v1.ListReviewQueueRequest\x1a&.embedstore.v1.ListReviewQueueResponse\x12W\n\x0cSubmitLabels\x12\".embedstore.v1.SubmitLabelsRequest\x1a#.embedstore.v1.SubmitLabelsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'embedstore.v1.labeling_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_INSPECTNEIGHBOURSREQUEST']._serialized_start=77
-  _globals['_INSPECTNEIGHBOURSREQUEST']._serialized_end=152
-  _globals['_LABELSTATE']._serialized_start=155
-  _globals['_LABELSTATE']._serialized_end=328
-  _globals['_INSPECTEDPOINT']._serialized_start=330
-  _globals['_INSPECTEDPOINT']._serialized_end=442
-  _globals['_NEIGHBOUR']._serialized_start=444
-  _globals['_NEIGHBOUR']._serialized_end=521
-  _globals['_AGREEMENT']._serialized_start=524
-  _globals['_AGREEMENT']._serialized_end=665
-  _globals['_INSPECTNEIGHBOURSRESPONSE']._serialized_start=668
-  _globals['_INSPECTNEIGHBOURSRESPONSE']._serialized_end=832
-  _globals['_LABELINGSERVICE']._serialized_start=834
-  _globals['_LABELINGSERVICE']._serialized_end=955
+  _globals['_RUNSUMMARY_COUNTSENTRY']._loaded_options = None
+  _globals['_RUNSUMMARY_COUNTSENTRY']._serialized_options = b'8\001'
+  _globals['_RUNLABELINGJOBREQUEST']._serialized_start=77
+  _globals['_RUNLABELINGJOBREQUEST']._serialized_end=161
+  _globals['_ITERATIONSUMMARY']._serialized_start=164
+  _globals['_ITERATIONSUMMARY']._serialized_end=461
+  _globals['_RUNSUMMARY']._serialized_start=464
+  _globals['_RUNSUMMARY']._serialized_end=716
+  _globals['_RUNSUMMARY_COUNTSENTRY']._serialized_start=671
+  _globals['_RUNSUMMARY_COUNTSENTRY']._serialized_end=716
+  _globals['_LABELINGEVENT']._serialized_start=719
+  _globals['_LABELINGEVENT']._serialized_end=887
+  _globals['_LISTREVIEWQUEUEREQUEST']._serialized_start=889
+  _globals['_LISTREVIEWQUEUEREQUEST']._serialized_end=948
+  _globals['_CLASSSCORE']._serialized_start=950
+  _globals['_CLASSSCORE']._serialized_end=998
+  _globals['_REVIEWITEM']._serialized_start=1001
+  _globals['_REVIEWITEM']._serialized_end=1236
+  _globals['_LISTREVIEWQUEUERESPONSE']._serialized_start=1238
+  _globals['_LISTREVIEWQUEUERESPONSE']._serialized_end=1305
+  _globals['_LABELANSWER']._serialized_start=1307
+  _globals['_LABELANSWER']._serialized_end=1347
+  _globals['_SUBMITLABELSREQUEST']._serialized_start=1349
+  _globals['_SUBMITLABELSREQUEST']._serialized_end=1476
+  _globals['_SUBMITLABELSRESPONSE']._serialized_start=1478
+  _globals['_SUBMITLABELSRESPONSE']._serialized_end=1536
+  _globals['_INSPECTNEIGHBOURSREQUEST']._serialized_start=1538
+  _globals['_INSPECTNEIGHBOURSREQUEST']._serialized_end=1613
+  _globals['_LABELSTATE']._serialized_start=1616
+  _globals['_LABELSTATE']._serialized_end=1789
+  _globals['_INSPECTEDPOINT']._serialized_start=1791
+  _globals['_INSPECTEDPOINT']._serialized_end=1903
+  _globals['_NEIGHBOUR']._serialized_start=1905
+  _globals['_NEIGHBOUR']._serialized_end=1982
+  _globals['_AGREEMENT']._serialized_start=1985
+  _globals['_AGREEMENT']._serialized_end=2126
+  _globals['_INSPECTNEIGHBOURSRESPONSE']._serialized_start=2129
+  _globals['_INSPECTNEIGHBOURSRESPONSE']._serialized_end=2293
+  _globals['_LABELINGSERVICE']._serialized_start=2296
+  _globals['_LABELINGSERVICE']._serialized_end=2692
 # @@protoc_insertion_point(module_scope)

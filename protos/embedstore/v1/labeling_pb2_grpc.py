@@ -39,6 +39,21 @@ class LabelingServiceStub:
                 request_serializer=embedstore_dot_v1_dot_labeling__pb2.InspectNeighboursRequest.SerializeToString,
                 response_deserializer=embedstore_dot_v1_dot_labeling__pb2.InspectNeighboursResponse.FromString,
                 _registered_method=True)
+        self.RunLabelingJob = channel.unary_stream(
+                '/embedstore.v1.LabelingService/RunLabelingJob',
+                request_serializer=embedstore_dot_v1_dot_labeling__pb2.RunLabelingJobRequest.SerializeToString,
+                response_deserializer=embedstore_dot_v1_dot_labeling__pb2.LabelingEvent.FromString,
+                _registered_method=True)
+        self.ListReviewQueue = channel.unary_unary(
+                '/embedstore.v1.LabelingService/ListReviewQueue',
+                request_serializer=embedstore_dot_v1_dot_labeling__pb2.ListReviewQueueRequest.SerializeToString,
+                response_deserializer=embedstore_dot_v1_dot_labeling__pb2.ListReviewQueueResponse.FromString,
+                _registered_method=True)
+        self.SubmitLabels = channel.unary_unary(
+                '/embedstore.v1.LabelingService/SubmitLabels',
+                request_serializer=embedstore_dot_v1_dot_labeling__pb2.SubmitLabelsRequest.SerializeToString,
+                response_deserializer=embedstore_dot_v1_dot_labeling__pb2.SubmitLabelsResponse.FromString,
+                _registered_method=True)
 
 
 class LabelingServiceServicer:
@@ -52,6 +67,30 @@ class LabelingServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RunLabelingJob(self, request, context):
+        """Run a labeling job on a collection, streaming its progress; the last event (stage "done") carries
+        the run's summary and report. One job per collection at a time (ABORTED for a second one);
+        cancelling the call stops the job at its next step (a cancelled write is replaced by the next run).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListReviewQueue(self, request, context):
+        """The points the active run sent to review, most uncertain first.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SubmitLabels(self, request, context):
+        """Human answers, written as ground truth (label, label_source); all-or-nothing. An answer that
+        would replace a different human label is refused (FAILED_PRECONDITION) unless overwrite_human.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_LabelingServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -59,6 +98,21 @@ def add_LabelingServiceServicer_to_server(servicer, server):
                     servicer.InspectNeighbours,
                     request_deserializer=embedstore_dot_v1_dot_labeling__pb2.InspectNeighboursRequest.FromString,
                     response_serializer=embedstore_dot_v1_dot_labeling__pb2.InspectNeighboursResponse.SerializeToString,
+            ),
+            'RunLabelingJob': grpc.unary_stream_rpc_method_handler(
+                    servicer.RunLabelingJob,
+                    request_deserializer=embedstore_dot_v1_dot_labeling__pb2.RunLabelingJobRequest.FromString,
+                    response_serializer=embedstore_dot_v1_dot_labeling__pb2.LabelingEvent.SerializeToString,
+            ),
+            'ListReviewQueue': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListReviewQueue,
+                    request_deserializer=embedstore_dot_v1_dot_labeling__pb2.ListReviewQueueRequest.FromString,
+                    response_serializer=embedstore_dot_v1_dot_labeling__pb2.ListReviewQueueResponse.SerializeToString,
+            ),
+            'SubmitLabels': grpc.unary_unary_rpc_method_handler(
+                    servicer.SubmitLabels,
+                    request_deserializer=embedstore_dot_v1_dot_labeling__pb2.SubmitLabelsRequest.FromString,
+                    response_serializer=embedstore_dot_v1_dot_labeling__pb2.SubmitLabelsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -88,6 +142,87 @@ class LabelingService:
             '/embedstore.v1.LabelingService/InspectNeighbours',
             embedstore_dot_v1_dot_labeling__pb2.InspectNeighboursRequest.SerializeToString,
             embedstore_dot_v1_dot_labeling__pb2.InspectNeighboursResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RunLabelingJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/embedstore.v1.LabelingService/RunLabelingJob',
+            embedstore_dot_v1_dot_labeling__pb2.RunLabelingJobRequest.SerializeToString,
+            embedstore_dot_v1_dot_labeling__pb2.LabelingEvent.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListReviewQueue(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/embedstore.v1.LabelingService/ListReviewQueue',
+            embedstore_dot_v1_dot_labeling__pb2.ListReviewQueueRequest.SerializeToString,
+            embedstore_dot_v1_dot_labeling__pb2.ListReviewQueueResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SubmitLabels(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/embedstore.v1.LabelingService/SubmitLabels',
+            embedstore_dot_v1_dot_labeling__pb2.SubmitLabelsRequest.SerializeToString,
+            embedstore_dot_v1_dot_labeling__pb2.SubmitLabelsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,110 @@
+"""LabelingService over gRPC: RunLabelingJob (streamed progress), ListReviewQueue, SubmitLabels, cancellation."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from embedder.client import Aborted, Client, FailedPrecondition, InvalidArgument
+from embedder.model import Embedder
+from embedder.service.server import BackgroundServer
+from embedstore.v1 import labeling_pb2
+from labeling.runs import load_registry
+from tests.test_labeling_job import load
+from tests.test_service import make_server
+
+QUICK = {"max_iterations": 2, "cv_folds": 2, "xgboost": {"max_rounds": 40, "eta": 0.1}, "review_count": 15}
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory, image_encoder, text_encoder, fitted_projection, emoji_features, emoji_items):
+    tmp = tmp_path_factory.mktemp("labeling-served")
+    # load the collection through a store handle first, then hand the directory to the server
+    from tests.conftest import make_edge
+
+    store = make_edge(tmp / "store")
+    vectors = fitted_projection.project(emoji_features)
+    data = (
+        vectors,
+        [it.label for it in emoji_items],
+        [it.id for it in emoji_items],
+        [it.text or "" for it in emoji_items],
+    )
+    load(store, "items", data, n=900, seed_fraction=0.12)
+    load(store, "sparse", data, n=900, seed_fraction=0.02)
+    store.close()
+    embedder = Embedder(image_encoder, text_encoder, fitted_projection)
+    server = make_server(tmp, embedder, runs_dir=tmp / "runs")
+    with BackgroundServer(server) as bg, Client(bg.target, timeout=60) as client:
+        yield bg, client, server
+
+
+def test_run_labeling_job_streams_progress_and_ends_with_the_run(served):
+    _bg, client, server = served
+    events = list(client.run_labeling_job({**QUICK, "truth_field": "hidden_label"}))
+    stages = [e.stage for e in events]
+    for stage in ("read", "neighbours", "iteration", "report", "write"):
+        assert stage in stages
+    assert stages[-1] == "done" and stages.count("done") == 1
+    its = [e.iteration for e in events if e.stage == "iteration"]
+    assert [i.iteration for i in its] == list(range(1, len(its) + 1)) and len(its) <= 2
+    assert all(0 <= i.heldout_macro_f1 <= 1 for i in its) and its[0].HasField("pseudo_precision")
+    run = events[-1].run
+    assert run.run_id and run.written == sum(run.counts.values()) and run.counts["review"] == 15
+    assert run.report.fields["run_id"].string_value == run.run_id
+    assert load_registry(server.rt.store, "items").active == run.run_id
+
+
+def test_review_queue_and_submitted_labels_become_ground_truth(served):
+    _, client, server = served
+    if load_registry(server.rt.store, "items").active is None:
+        list(client.run_labeling_job(QUICK))
+    queue = client.review_queue(limit=10)
+    assert 0 < len(queue) <= 10 and isinstance(queue[0], labeling_pb2.ReviewItem)
+    assert [q.review_score for q in queue] == sorted((q.review_score for q in queue), reverse=True)
+    assert queue[0].top and queue[0].image.startswith("img/")
+    answers = {q.id: q.top[0].label for q in queue[:3]}
+    assert client.submit_labels(answers) == (3, 0)
+    assert client.submit_labels(answers) == (0, 3)  # idempotent
+    view = client.inspect(queue[0].id, k=3)
+    assert view.point.state.label == answers[queue[0].id] and view.point.state.label_source == "human"
+    other = "Flags" if answers[queue[0].id] != "Flags" else "Objects"
+    with pytest.raises(FailedPrecondition, match="different human label"):
+        client.submit_labels({queue[0].id: other, queue[5].id: "Flags"})
+    assert client.inspect(queue[5].id, k=1).point.state.label is None  # all-or-nothing
+    assert client.submit_labels({queue[0].id: other}, overwrite_human=True) == (1, 0)
+
+
+def test_bad_requests_get_clear_status_codes(served):
+    _, client, _ = served
+    with pytest.raises(InvalidArgument, match="max_iterations"):
+        list(client.run_labeling_job({"max_iterations": 11}))
+    with pytest.raises(InvalidArgument, match="treshold"):
+        list(client.run_labeling_job({"treshold": 0.8}))
+    with pytest.raises(FailedPrecondition, match="below the 5% minimum"):
+        list(client.run_labeling_job(QUICK, collection="sparse"))
+    with pytest.raises(InvalidArgument, match="empty id or label"):
+        client.submit_labels({"x": ""})
+
+
+def test_one_job_per_collection_and_cancel_frees_it(served):
+    _bg, client, server = served
+    request = labeling_pb2.RunLabelingJobRequest(collection="items")
+    from embedder.service.convert import dict_to_struct
+
+    dict_to_struct({**QUICK, "max_iterations": 10, "stop_change": 0.0, "breaker": False}, request.config)
+    call = client._labeling.RunLabelingJob(request)
+    first = next(call)
+    assert first.stage == "read"
+    with pytest.raises(Aborted, match="already running"):
+        list(client.run_labeling_job(QUICK))
+    before = load_registry(server.rt.store, "items").active
+    call.cancel()
+    deadline = time.monotonic() + 60
+    while "items" in server.rt.labeling_jobs and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert "items" not in server.rt.labeling_jobs  # the job thread stopped at its next step
+    assert load_registry(server.rt.store, "items").active == before  # nothing was committed
+    events = list(client.run_labeling_job(QUICK))
+    assert events[-1].stage == "done"
