@@ -17,6 +17,17 @@ console = Console()
 
 PathOpt = Annotated[Optional[Path], typer.Option("--path", help="Edge store directory (EMBEDSTORE_PATH).")]  # noqa: UP045
 CollectionOpt = Annotated[Optional[str], typer.Option("--collection", "-c", help="Collection (EMBEDSTORE_COLLECTION).")]  # noqa: UP045
+ServerOpt = Annotated[
+    Optional[str],  # noqa: UP045
+    typer.Option(
+        "--server",
+        help="Go through a running `embedstore serve` (host:port) instead of opening the store in-process.",
+    ),
+]
+TokenOpt = Annotated[
+    Optional[str],  # noqa: UP045
+    typer.Option("--token", envvar="EMBEDSTORE_TOKEN", help="Bearer token, if the server wants one."),
+]
 RunsDirOpt = Annotated[
     Path, typer.Option("--runs-dir", help="Where run directories are written.", envvar="EMBEDSTORE_RUNS_DIR")
 ]
@@ -36,8 +47,8 @@ def _fail(exc: Exception) -> None:
     msg = str(exc)
     if isinstance(exc, StoreLockedError):
         msg += (
-            ". The embedded store has one owner process: if `embedstore serve` holds it, stop the server or run "
-            "the job through it (gRPC LabelingService.RunLabelingJob)"
+            ". The embedded store has one owner process: if `embedstore serve` holds it, add --server HOST:PORT "
+            "to go through the server (same logic, over gRPC), or stop the server"
         )
     console.print(f"[red]error:[/] {msg}")
     raise typer.Exit(code=2)
@@ -73,14 +84,14 @@ def run_cmd(
     seed: Annotated[Optional[int], typer.Option()] = None,  # noqa: UP045
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
     progress: Annotated[bool, typer.Option("--progress/--no-progress")] = True,
+    server: ServerOpt = None,
+    token: TokenOpt = None,
 ) -> None:
     """Run a labeling job: neighbourhood features, XGBoost, calibration, State Gate, <= 10 iterations, write-back."""
     from pydantic import ValidationError
 
     from labeling.config import LabelingConfig
-    from labeling.errors import LabelingError
-    from labeling.job import run_job
-    from labeling.present import print_report, rich_events
+    from labeling.present import print_report
 
     fields: dict[str, Any] = json.loads(config.read_text()) if config else {}
     given = {
@@ -104,21 +115,63 @@ def run_cmd(
         cfg = LabelingConfig(**fields)
     except ValidationError as exc:
         _fail(ValueError(f"invalid labeling config: {exc}"))
+    if server is not None:
+        report = _run_via_server(server, token, collection or "", fields, progress and not as_json)
+    else:
+        report = _run_local(path, collection, cfg, runs_dir, progress and not as_json)
+    if as_json:
+        console.print_json(json.dumps(report, default=str))
+    else:
+        print_report(report, console)
+
+
+def _run_local(path: Path | None, collection: str | None, cfg: Any, runs_dir: Path, progress: bool) -> dict[str, Any]:
+    from labeling.errors import LabelingError
+    from labeling.job import run_job
+    from labeling.present import rich_events
+
     try:
         store, name = _open(path, collection)
-        with store, rich_events(console, enabled=progress and not as_json) as events:
+        with store, rich_events(console, enabled=progress) as events:
             result = run_job(store, name, cfg, runs_dir=runs_dir, events=events)
     except (LabelingError, StoreError) as exc:
         _fail(exc)
-    if as_json:
-        console.print_json(json.dumps(result.report, default=str))
-    else:
-        print_report(result.report, console)
+    return result.report
+
+
+def _run_via_server(server: str, token: str | None, collection: str, fields: dict[str, Any], progress: bool) -> dict:
+    """The same job through gRPC RunLabelingJob, with the same progress bars."""
+    from embedder.client import Client, ServiceError
+    from embedder.service.convert import struct_to_dict
+    from labeling.job import JobEvent
+    from labeling.present import rich_events
+
+    report: dict[str, Any] | None = None
+    try:
+        with Client(server, token=token, timeout=None) as client, rich_events(console, enabled=progress) as events:
+            for e in client.run_labeling_job(fields, collection=collection):
+                if e.stage == "done":
+                    report = struct_to_dict(e.run.report)
+                elif e.stage == "iteration":
+                    events(JobEvent("iteration", e.done, e.total, e.message, {"summary": e.iteration}))
+                else:
+                    events(JobEvent(e.stage, e.done, e.total, e.message))
+    except ServiceError as exc:
+        _fail(exc)
+    if report is None:
+        _fail(RuntimeError("the server ended the job stream without a result"))
+    return report  # type: ignore[return-value]
 
 
 @label_app.command("runs")
-def runs_cmd(path: PathOpt = None, collection: CollectionOpt = None) -> None:
+def runs_cmd(
+    path: PathOpt = None,
+    collection: CollectionOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the registry as JSON.")] = False,
+) -> None:
     """List the labeling runs of a collection (newest last) and which is active."""
+    import dataclasses
+
     from labeling.runs import load_registry
 
     try:
@@ -127,6 +180,9 @@ def runs_cmd(path: PathOpt = None, collection: CollectionOpt = None) -> None:
             reg = load_registry(store, name)
     except StoreError as exc:
         _fail(exc)
+    if as_json:
+        console.print_json(json.dumps(dataclasses.asdict(reg)))
+        return
     table = Table("run", "status", "model", "points", "accepted", "quarantined", "review", "held-out F1", "created")
     for r in reg.runs:
         mark = " (active)" if r.run_id == reg.active else (" (pending)" if r.run_id == reg.pending else "")
@@ -171,16 +227,41 @@ def review_cmd(
     limit: Annotated[Optional[int], typer.Option(help="At most this many items.")] = None,  # noqa: UP045
     path: PathOpt = None,
     collection: CollectionOpt = None,
+    server: ServerOpt = None,
+    token: TokenOpt = None,
 ) -> None:
     """Export the points sent to review (most uncertain first): id, text, image ref, top classes, empty label."""
-    from labeling.review import export_review
+    from labeling.review import ReviewItem, export_review, write_review
 
-    try:
-        store, name = _open(path, collection)
-        with store:
-            n = export_review(store, name, export, limit=limit)
-    except StoreError as exc:
-        _fail(exc)
+    if server is not None:
+        from embedder.client import Client, ServiceError
+
+        try:
+            with Client(server, token=token) as client:
+                found = client.review_queue(limit=limit or 100_000, collection=collection or "")
+        except ServiceError as exc:
+            _fail(exc)
+        items = [
+            ReviewItem(
+                id=q.id,
+                text=q.text or None,
+                image=q.image or None,
+                pseudo_label=q.pseudo_label or None,
+                pseudo_confidence=q.pseudo_confidence if q.HasField("pseudo_confidence") else None,
+                review_score=q.review_score if q.HasField("review_score") else None,
+                top=[(t.label, t.probability) for t in q.top],
+                labeling_run=q.labeling_run or None,
+            )
+            for q in found
+        ]
+        n = write_review(items, export)
+    else:
+        try:
+            store, name = _open(path, collection)
+            with store:
+                n = export_review(store, name, export, limit=limit)
+        except StoreError as exc:
+            _fail(exc)
     console.print(f"wrote {n} review items to {export}; fill in 'label' and run `embedstore label import {export}`")
 
 
@@ -191,11 +272,26 @@ def import_cmd(
     source: Annotated[str, typer.Option(help="label_source to record.")] = "human",
     path: PathOpt = None,
     collection: CollectionOpt = None,
+    server: ServerOpt = None,
+    token: TokenOpt = None,
 ) -> None:
     """Write human answers as ground truth (all-or-nothing; never silently over another human label)."""
     from labeling.errors import LabelingError
-    from labeling.review import import_labels
+    from labeling.review import import_labels, read_answers
 
+    if server is not None:
+        from embedder.client import Client, ServiceError
+
+        try:
+            answers, unanswered = read_answers(file)
+            with Client(server, token=token) as client:
+                written, unchanged = client.submit_labels(
+                    answers, source=source, overwrite_human=overwrite_human, collection=collection or ""
+                )
+        except (ServiceError, LabelingError) as exc:
+            _fail(exc)
+        console.print(f"wrote {written} labels as ground truth ({unchanged} already so, {unanswered} unanswered)")
+        return
     try:
         store, name = _open(path, collection)
         with store:

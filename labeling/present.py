@@ -47,10 +47,15 @@ def rich_events(console: Console, *, enabled: bool = True) -> Iterator[Events]:
             if e.stage not in tasks:
                 tasks[e.stage] = progress.add_task(_STAGES[e.stage], total=e.total or None, note="")
             note = ""
-            if e.stage == "iteration" and "stats" in e.data:
+            if e.stage == "iteration" and "stats" in e.data:  # in-process
                 s = e.data["stats"]
                 note = f"held-out F1 {s.heldout_after.macro_f1:.3f}, accepted {s.counts.get('accepted', 0)}"
                 if e.data.get("breaker"):
+                    note = "collapse breaker tripped"
+            elif e.stage == "iteration" and "summary" in e.data:  # over gRPC (an IterationSummary)
+                m = e.data["summary"]
+                note = f"held-out F1 {m.heldout_macro_f1:.3f}, accepted {m.accepted}"
+                if m.breaker_tripped:
                     note = "collapse breaker tripped"
             progress.update(tasks[e.stage], completed=e.done, total=e.total or None, note=note)
 

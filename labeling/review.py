@@ -93,7 +93,11 @@ def review_queue(store: VectorStore, collection: str, *, limit: int | None = Non
 
 def export_review(store: VectorStore, collection: str, path: str | Path, *, limit: int | None = None) -> int:
     """Write the review queue as JSON lines to ``path``; returns how many items."""
-    items = review_queue(store, collection, limit=limit)
+    return write_review(review_queue(store, collection, limit=limit), path)
+
+
+def write_review(items: list[ReviewItem], path: str | Path) -> int:
+    """Review items as JSON lines (written to a temporary file, then moved into place)."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     with tmp.open("w", encoding="utf-8") as fh:

@@ -252,3 +252,49 @@ def test_calibration_lowers_held_out_ece_of_a_random_forest(emoji_data, tmp_path
     assert cal["method"] != "none"
     assert cal["after"]["ece"] < cal["before"]["ece"]
     assert cal["after"]["log_loss"] < cal["before"]["log_loss"]
+
+
+def flat(result) -> str:
+    """CLI output with Rich's line wrapping undone."""
+    return " ".join(result.output.split())
+
+
+def test_label_cli_in_process(emoji_data, tmp_path):
+    from typer.testing import CliRunner
+
+    from embedder.cli import app
+
+    runner = CliRunner()
+    path = tmp_path / "store"
+    with make_edge(path) as store:
+        load(store, "items", emoji_data, n=600, seed_fraction=0.15)
+    common = ["--path", str(path), "-c", "items"]
+    quick = [
+        "--max-iterations",
+        "1",
+        "--config",
+        str(_file(tmp_path, json.dumps({"cv_folds": 2})).rename(tmp_path / "c.json")),
+    ]
+    result = runner.invoke(
+        app, ["label", "run", *common, *quick, "--runs-dir", str(tmp_path / "runs"), "--json", "--no-progress"]
+    )
+    assert result.exit_code == 0, result.output
+    first = json.loads(result.output)["run_id"]
+    result = runner.invoke(
+        app, ["label", "run", *common, *quick, "--runs-dir", str(tmp_path / "runs"), "--no-progress"]
+    )
+    assert result.exit_code == 0 and "held-out" in flat(result), result.output
+    result = runner.invoke(app, ["label", "runs", *common])
+    assert result.exit_code == 0, result.output
+    result = runner.invoke(app, ["label", "runs", *common, "--json"])
+    reg = json.loads(result.output)
+    assert [r["run_id"] for r in reg["runs"]][0] == first and reg["pending"] is None
+    second = reg["active"]
+    result = runner.invoke(app, ["label", "rollback", second, *common])
+    assert result.exit_code == 0 and f"active run is now {first}" in flat(result), result.output
+    result = runner.invoke(app, ["label", "rollback", second, *common])
+    assert result.exit_code == 2 and "already rolled back" in flat(result)
+    result = runner.invoke(app, ["label", "suspicious", *common, "--json"])
+    assert result.exit_code == 0, result.output
+    result = runner.invoke(app, ["label", "run", *common, "--max-iterations", "11"])
+    assert result.exit_code == 2 and "capped at 10" in flat(result)

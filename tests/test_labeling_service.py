@@ -108,3 +108,34 @@ def test_one_job_per_collection_and_cancel_frees_it(served):
     assert load_registry(server.rt.store, "items").active == before  # nothing was committed
     events = list(client.run_labeling_job(QUICK))
     assert events[-1].stage == "done"
+
+
+def test_label_cli_goes_through_the_server(served, tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from embedder.cli import app
+
+    bg, _, server = served
+    runner = CliRunner()
+    config = tmp_path / "quick.json"
+    config.write_text(json.dumps(QUICK))
+    # the server owns the embedded store: the in-process command says so and how to go through the server
+    locked = runner.invoke(app, ["label", "run", "--path", str(server.rt.store.path), "-c", "items"])
+    assert locked.exit_code == 2 and "--server" in locked.output
+    result = runner.invoke(
+        app, ["label", "run", "--server", bg.target, "-c", "items", "--config", str(config), "--json", "--no-progress"]
+    )
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    assert report["run_id"] == load_registry(server.rt.store, "items").active
+    out = tmp_path / "review.jsonl"
+    result = runner.invoke(app, ["label", "review", "--export", str(out), "--server", bg.target, "-c", "items"])
+    assert result.exit_code == 0, result.output
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert rows and rows[0]["label"] is None
+    rows[0]["label"] = rows[0]["top"][0][0]
+    out.write_text(json.dumps(rows[0]) + "\n")
+    result = runner.invoke(app, ["label", "import", str(out), "--server", bg.target, "-c", "items"])
+    assert result.exit_code == 0 and "wrote 1 labels" in result.output, result.output
