@@ -6,7 +6,7 @@ PY     := $(BIN)/python
 # A stamp per extras set: reinstall only when pyproject.toml changes.
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint format protos bench-search bench-embed bench-grpc venv redis clean
+.PHONY: demo test lint format protos bench-search bench-embed bench-grpc bench-labeling venv redis clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -44,6 +44,9 @@ bench-embed: $(STAMP)-test,dev,bench,data,embed
 
 bench-grpc: $(STAMP)-test,dev,bench,data,embed
 	$(PY) benchmarks/grpc_load.py --n $${N:-100000}
+
+bench-labeling: $(STAMP)-test,dev,bench,data,embed
+	$(PY) benchmarks/labeling_job.py --n $${N:-100000}
 
 # Tests start their own redis-server on a free loopback port; make sure the binary exists.
 redis:
