@@ -156,6 +156,8 @@ def inspect_cmd(
     server: ServerOpt = "localhost:50051",
     token: TokenOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+    local: Annotated[bool, typer.Option("--local", help="Read the store in-process, not via the server.")] = False,
+    path: PathOpt = None,
 ) -> None:
     """A point's label / pseudo-label beside its nearest neighbours, and how far they agree."""
     import dataclasses
@@ -163,11 +165,17 @@ def inspect_cmd(
     from rich.table import Table
 
     from embedder.client import ServiceError
+    from labeling.inspect import inspect_neighbours
 
     try:
-        with _client(server, token) as client:
-            view = client.inspect(point_id, k=k, collection=collection or "")
-    except ServiceError as exc:
+        if local:
+            settings = _settings(path, collection=collection)
+            with open_store(settings) as store:
+                view = inspect_neighbours(store, settings.collection, point_id, k)
+        else:
+            with _client(server, token) as client:
+                view = client.inspect(point_id, k=k, collection=collection or "")
+    except (ServiceError, StoreError) as exc:
         _fail(exc)
     if as_json:
         console.print_json(json.dumps(dataclasses.asdict(view), default=str))

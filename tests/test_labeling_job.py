@@ -296,6 +296,12 @@ def test_label_cli_in_process(emoji_data, tmp_path):
     assert result.exit_code == 2 and "already rolled back" in flat(result)
     result = runner.invoke(app, ["label", "suspicious", *common, "--json"])
     assert result.exit_code == 0, result.output
+    with make_edge(path) as store:
+        some = next(pid for pid, p in payloads(store, "items").items() if p.get("pseudo_status") == "accepted")
+    result = runner.invoke(app, ["inspect", some, "-k", "3", "--local", *common, "--json"])
+    assert result.exit_code == 0, result.output
+    view = json.loads(result.output)
+    assert view["point"]["state"]["pseudo_status"] == "accepted" and len(view["neighbours"]) == 3
     result = runner.invoke(app, ["label", "run", *common, "--max-iterations", "11"])
     assert result.exit_code == 2 and "capped at 10" in flat(result)
 
