@@ -9,6 +9,7 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 
+from embedder.keys_cli import keys_app
 from embedder.label_cli import label_app
 from retrieval import StoreError, StoreSettings, open_store
 
@@ -16,6 +17,7 @@ app = typer.Typer(help="embedstore: an embedding store for self-correcting pseud
 store_app = typer.Typer(help="Inspect and manage the vector store.", no_args_is_help=True)
 app.add_typer(store_app, name="store")
 app.add_typer(label_app, name="label")
+app.add_typer(keys_app, name="keys")
 console = Console()
 
 PathOpt = Annotated[Optional[Path], typer.Option("--path", help="Edge store directory (EMBEDSTORE_PATH).")]  # noqa: UP045

@@ -1,0 +1,23 @@
+"""Ingestion: a Redis-backed API key pool shared by many workers (HTTP and file sources to come)."""
+
+from embedder.ingest.keypool import (
+    KeyInfo,
+    KeyPool,
+    KeyPoolError,
+    KeyPoolUnavailable,
+    Lease,
+    NoHealthyKey,
+    UnknownKey,
+    cooldown_from_headers,
+)
+
+__all__ = [
+    "KeyInfo",
+    "KeyPool",
+    "KeyPoolError",
+    "KeyPoolUnavailable",
+    "Lease",
+    "NoHealthyKey",
+    "UnknownKey",
+    "cooldown_from_headers",
+]

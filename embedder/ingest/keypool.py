@@ -1,0 +1,471 @@
+"""A pool of API keys shared by many workers, its state in Redis, every decision one atomic Lua script.
+
+Layout for pool ``P`` (every Redis key shares the hash tag ``{embedstore:P}``, so
+the scripts also run on Redis Cluster):
+
+==========================  ====================================================
+``{embedstore:P}:ready``    sorted set: leasable key ids, scored by the pool's lease sequence at their
+                            last lease (+ a penalty per consecutive failure): lowest leased next (LRU)
+``{embedstore:P}:cooling``  sorted set: key ids out until the score (epoch ms): rate-limited, or
+                            over their request budget for the current window
+``{embedstore:P}:stats``    hash: ``<id>:<field>`` -> state, counters, window, last status
+``{embedstore:P}:secrets``  hash: ``<id>`` -> the raw key (Fernet-encrypted when
+                            ``EMBEDSTORE_KEY_SECRET`` is set); stored once, read only by ``lease``
+==========================  ====================================================
+
+``lease()`` moves keys whose cooldown ended back to ``ready``, takes the least
+recently used key within its budget, counts it, and returns it - one EVALSHA,
+O(log N), no SCAN. ``report()`` applies an HTTP outcome atomically: 2xx resets
+the consecutive-failure count; 429/403 cool the key until ``Retry-After``
+(seconds or HTTP date) or ``x-ratelimit-reset`` (epoch seconds), else for an
+exponential per-key backoff with jitter; 401 deactivates it until re-enabled.
+A key is known everywhere but in ``secrets`` by its id: ``k_`` + 12 hex of a
+SHA-256 of pool and key.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as _dt
+import email.utils
+import hashlib
+import logging
+import os
+import random
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+log = logging.getLogger("embedstore.keys")
+
+ACTIVE, DISABLED, DEACTIVATED = "active", "disabled", "deactivated"
+STAT_FIELDS = (
+    "state",
+    "added_at",
+    "last_used",
+    "last_seq",
+    "leases",
+    "successes",
+    "failures",
+    "consecutive_failures",
+    "cooldown_until",
+    "last_status",
+    "budget",
+    "window_ms",
+    "win_start",
+    "win_count",
+)
+#: LRU order is a per-pool lease sequence (strict, unlike millisecond clocks); each consecutive
+#: failure pushes a key this many leases further back.
+FAILURE_PENALTY_LEASES = 16
+
+# KEYS: ready, cooling, stats, secrets. ARGV: now_ms.
+# Returns {id, secret} or {false, next_free_ms (-1: no key can ever free up)}.
+_LEASE = """
+local ready, cooling, stats, secrets = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local now = tonumber(ARGV[1])
+local due = redis.call('ZRANGEBYSCORE', cooling, '-inf', now)
+for _, id in ipairs(due) do
+  redis.call('ZREM', cooling, id)
+  if redis.call('HGET', stats, id .. ':state') == 'active' then
+    local cf = tonumber(redis.call('HGET', stats, id .. ':consecutive_failures') or '0')
+    local last = tonumber(redis.call('HGET', stats, id .. ':last_seq') or '0')
+    redis.call('ZADD', ready, last + cf * tonumber(ARGV[2]), id)
+  end
+end
+while true do
+  local head = redis.call('ZRANGE', ready, 0, 0)
+  if #head == 0 then break end
+  local id = head[1]
+  local budget = tonumber(redis.call('HGET', stats, id .. ':budget') or '0')
+  local ok = true
+  if budget > 0 then
+    local window = tonumber(redis.call('HGET', stats, id .. ':window_ms'))
+    local start = tonumber(redis.call('HGET', stats, id .. ':win_start') or '0')
+    if now - start >= window then
+      redis.call('HSET', stats, id .. ':win_start', now, id .. ':win_count', 0)
+      start = now
+    end
+    local count = tonumber(redis.call('HGET', stats, id .. ':win_count') or '0')
+    if count >= budget then
+      ok = false
+      redis.call('ZREM', ready, id)
+      redis.call('ZADD', cooling, start + window, id)
+    else
+      redis.call('HINCRBY', stats, id .. ':win_count', 1)
+    end
+  end
+  if ok then
+    local cf = tonumber(redis.call('HGET', stats, id .. ':consecutive_failures') or '0')
+    local seq = redis.call('HINCRBY', stats, '_seq', 1)
+    redis.call('HSET', stats, id .. ':last_used', now, id .. ':last_seq', seq)
+    redis.call('HINCRBY', stats, id .. ':leases', 1)
+    redis.call('ZADD', ready, seq + cf * tonumber(ARGV[2]), id)
+    return {id, redis.call('HGET', secrets, id)}
+  end
+end
+local nxt = redis.call('ZRANGE', cooling, 0, 0, 'WITHSCORES')
+if #nxt == 0 then return {false, -1} end
+return {false, tonumber(nxt[2])}
+"""
+
+# KEYS: ready, cooling, stats. ARGV: id, status, now_ms, until_ms (-1: none given), base_ms, cap_ms, u in [0,1).
+# Returns the key's state after the report, or 'unknown'.
+_REPORT = """
+local ready, cooling, stats = KEYS[1], KEYS[2], KEYS[3]
+local id, status, now = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
+local state = redis.call('HGET', stats, id .. ':state')
+if not state then return 'unknown' end
+redis.call('HSET', stats, id .. ':last_status', status)
+if status >= 200 and status < 300 then
+  redis.call('HINCRBY', stats, id .. ':successes', 1)
+  redis.call('HSET', stats, id .. ':consecutive_failures', 0)
+  if redis.call('ZSCORE', ready, id) then
+    redis.call('ZADD', ready, tonumber(redis.call('HGET', stats, id .. ':last_seq') or '0'), id)
+  end
+  return state
+end
+redis.call('HINCRBY', stats, id .. ':failures', 1)
+local cf = redis.call('HINCRBY', stats, id .. ':consecutive_failures', 1)
+if status == 401 then
+  redis.call('HSET', stats, id .. ':state', 'deactivated')
+  redis.call('ZREM', ready, id)
+  redis.call('ZREM', cooling, id)
+  return 'deactivated'
+end
+if status == 429 or status == 403 then
+  local untl = tonumber(ARGV[4])
+  if untl < 0 then
+    local backoff = math.min(tonumber(ARGV[6]), tonumber(ARGV[5]) * 2 ^ (cf - 1))
+    untl = now + math.floor(backoff / 2 + tonumber(ARGV[7]) * backoff / 2)
+  end
+  redis.call('HSET', stats, id .. ':cooldown_until', untl)
+  redis.call('ZREM', ready, id)
+  if state == 'active' then redis.call('ZADD', cooling, untl, id) end
+  return state
+end
+if redis.call('ZSCORE', ready, id) then
+  local last = tonumber(redis.call('HGET', stats, id .. ':last_seq') or '0')
+  redis.call('ZADD', ready, last + cf * tonumber(ARGV[8]), id)
+end
+return state
+"""
+
+
+class KeyPoolError(Exception):
+    """Base of the key pool's errors."""
+
+
+class KeyPoolUnavailable(KeyPoolError, ConnectionError):
+    """Redis could not be reached: nothing is treated as healthy."""
+
+
+class NoHealthyKey(KeyPoolError):
+    """No key can be leased now (all cooling, over budget, disabled or deactivated)."""
+
+    def __init__(self, message: str, next_free: float | None) -> None:
+        super().__init__(message)
+        self.next_free = next_free  # epoch seconds, or None when no key will free up by itself
+
+
+class UnknownKey(KeyPoolError, KeyError):
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+@dataclass(frozen=True)
+class Lease:
+    key_id: str
+    secret: str = ""
+
+    def __repr__(self) -> str:  # never print the secret
+        return f"Lease(key_id={self.key_id!r})"
+
+
+@dataclass(frozen=True)
+class KeyInfo:
+    key_id: str
+    state: str
+    leases: int
+    successes: int
+    failures: int
+    consecutive_failures: int
+    cooldown_until: float | None
+    last_status: int | None
+    last_used: float | None
+    budget: int | None
+    window_s: float | None
+
+
+def key_id(pool: str, raw: str) -> str:
+    return "k_" + hashlib.sha256(f"{pool}\0{raw}".encode()).hexdigest()[:12]
+
+
+def _fernet(secret: str | None) -> Any:
+    if not secret:
+        return None
+    try:
+        from cryptography.fernet import Fernet
+    except ImportError as exc:  # pragma: no cover - cryptography is a dependency
+        raise KeyPoolError("EMBEDSTORE_KEY_SECRET is set but the `cryptography` package is missing") from exc
+    return Fernet(base64.urlsafe_b64encode(hashlib.sha256(secret.encode()).digest()))
+
+
+def cooldown_from_headers(headers: Mapping[str, str] | None, now: float) -> float | None:
+    """When a rate-limited key frees up (epoch seconds) per ``Retry-After`` or ``x-ratelimit-reset``; else None.
+
+    ``Retry-After`` is delta-seconds or an HTTP date; ``x-ratelimit-reset`` is epoch
+    seconds (GitHub's convention; a value below 10^9 is taken as seconds from now).
+    """
+    if not headers:
+        return None
+    h = {k.lower(): v for k, v in headers.items()}
+    ra = h.get("retry-after")
+    if ra:
+        ra = ra.strip()
+        try:
+            return now + max(0.0, float(ra))
+        except ValueError:
+            try:
+                return email.utils.parsedate_to_datetime(ra).timestamp()
+            except (TypeError, ValueError):
+                log.warning("ignoring an unparseable Retry-After header")
+    reset = h.get("x-ratelimit-reset")
+    if reset:
+        try:
+            value = float(reset)
+        except ValueError:
+            return None
+        return value if value >= 1e9 else now + max(0.0, value)
+    return None
+
+
+def _safe_url(url: str) -> str:
+    """The Redis URL without its password (for error messages)."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = (parts.username + ":***@" if parts.username else ":***@") + (parts.hostname or "")
+    if parts.port:
+        netloc += f":{parts.port}"
+    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+
+
+class KeyPool:
+    """The keys of one named API, shared through Redis by any number of workers and processes."""
+
+    def __init__(
+        self,
+        pool: str,
+        redis_url: str = "redis://localhost:6379/0",
+        *,
+        secret: str | None = None,
+        backoff_base_s: float = 60.0,
+        backoff_cap_s: float = 3600.0,
+        client: Any = None,
+    ) -> None:
+        import redis
+
+        if not pool or any(c in pool for c in "{}: "):
+            raise KeyPoolError(f"pool name must be non-empty without braces, colons or spaces, got {pool!r}")
+        self.pool = pool
+        self.url = _safe_url(redis_url)
+        self.backoff_base_ms = int(backoff_base_s * 1000)
+        self.backoff_cap_ms = int(backoff_cap_s * 1000)
+        self._fernet = _fernet(secret if secret is not None else os.environ.get("EMBEDSTORE_KEY_SECRET"))
+        self.r = client or redis.Redis.from_url(redis_url, socket_timeout=5, socket_connect_timeout=5)
+        tag = f"{{embedstore:{pool}}}"
+        self.keys = [f"{tag}:ready", f"{tag}:cooling", f"{tag}:stats", f"{tag}:secrets"]
+        self._lease = self.r.register_script(_LEASE)
+        self._report = self.r.register_script(_REPORT)
+
+    # ------------------------------------------------------------------ plumbing
+    def _call(self, fn: Any, *args: Any, **kw: Any) -> Any:
+        import redis
+
+        try:
+            return fn(*args, **kw)
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            raise KeyPoolUnavailable(
+                f"Redis at {self.url} is unreachable ({type(exc).__name__}); key pool {self.pool!r} cannot be used"
+            ) from None
+
+    def _stat(self, kid: str, field: str) -> str:
+        return f"{kid}:{field}"
+
+    # --------------------------------------------------------------------- admin
+    def add(self, raw: str, *, budget: int | None = None, window_s: float = 60.0) -> str:
+        """Add a key (idempotent: the same key gets the same id and keeps its state). Returns its id."""
+        if not isinstance(raw, str) or not raw.strip():
+            raise KeyPoolError("an API key must be a non-empty string")
+        if budget is not None and budget < 1:
+            raise KeyPoolError(f"budget must be a positive number of requests per window, got {budget}")
+        raw = raw.strip()
+        kid = key_id(self.pool, raw)
+        stored = self._fernet.encrypt(raw.encode()).decode() if self._fernet else raw
+        ready, _, stats, secrets = self.keys
+
+        def tx(pipe: Any) -> None:
+            exists = pipe.hget(stats, self._stat(kid, "state"))
+            pipe.multi()
+            pipe.hset(secrets, kid, stored)
+            fields = {self._stat(kid, "budget"): budget or 0, self._stat(kid, "window_ms"): int(window_s * 1000)}
+            if not exists:
+                fields[self._stat(kid, "state")] = ACTIVE
+                fields[self._stat(kid, "added_at")] = int(time.time() * 1000)
+                pipe.zadd(ready, {kid: 0})
+            pipe.hset(stats, mapping=fields)
+
+        self._call(self.r.transaction, tx, stats)
+        log.info("key %s added to pool %s", kid, self.pool)
+        return kid
+
+    def _require(self, kid: str) -> str:
+        state = self._call(self.r.hget, self.keys[2], self._stat(kid, "state"))
+        if state is None:
+            raise UnknownKey(f"no key {kid!r} in pool {self.pool!r}")
+        return state.decode()
+
+    def disable(self, kid: str) -> None:
+        """Take a key out of rotation until :meth:`enable`."""
+        self._require(kid)
+        ready, cooling, stats, _ = self.keys
+        pipe = self.r.pipeline()
+        pipe.hset(stats, self._stat(kid, "state"), DISABLED).zrem(ready, kid).zrem(cooling, kid)
+        self._call(pipe.execute)
+        log.info("key %s disabled in pool %s", kid, self.pool)
+
+    def enable(self, kid: str) -> None:
+        """Put a disabled or deactivated (401) key back into rotation, failures forgotten."""
+        self._require(kid)
+        ready, cooling, stats, _ = self.keys
+        pipe = self.r.pipeline()
+        pipe.hset(stats, mapping={self._stat(kid, "state"): ACTIVE, self._stat(kid, "consecutive_failures"): 0})
+        pipe.zrem(cooling, kid).zadd(ready, {kid: 0})
+        self._call(pipe.execute)
+        log.info("key %s enabled in pool %s", kid, self.pool)
+
+    def remove(self, kid: str) -> None:
+        self._require(kid)
+        ready, cooling, stats, secrets = self.keys
+        pipe = self.r.pipeline()
+        pipe.zrem(ready, kid).zrem(cooling, kid).hdel(secrets, kid)
+        pipe.hdel(stats, *[self._stat(kid, f) for f in STAT_FIELDS])
+        self._call(pipe.execute)
+        log.info("key %s removed from pool %s", kid, self.pool)
+
+    def list(self) -> list[KeyInfo]:
+        """Every key's id, state and counters (never the raw key). An admin call: O(N)."""
+        raw = self._call(self.r.hgetall, self.keys[2])
+        by_id: dict[str, dict[str, str]] = {}
+        for k, v in raw.items():
+            kid, _, field = k.decode().rpartition(":")
+            by_id.setdefault(kid, {})[field] = v.decode()
+        out = []
+        for kid, f in sorted(by_id.items()):
+            if "state" not in f:
+                continue
+
+            def num(name: str, d: dict[str, str] = f) -> int:
+                return int(float(d.get(name, 0) or 0))
+
+            cooldown = num("cooldown_until")
+            out.append(
+                KeyInfo(
+                    key_id=kid,
+                    state=f["state"],
+                    leases=num("leases"),
+                    successes=num("successes"),
+                    failures=num("failures"),
+                    consecutive_failures=num("consecutive_failures"),
+                    cooldown_until=cooldown / 1000 if cooldown > time.time() * 1000 else None,
+                    last_status=num("last_status") or None,
+                    last_used=num("last_used") / 1000 or None,
+                    budget=num("budget") or None,
+                    window_s=num("window_ms") / 1000 if num("budget") else None,
+                )
+            )
+        return out
+
+    # -------------------------------------------------------------------- leases
+    def try_lease(self) -> Lease | float | None:
+        """One atomic attempt: a :class:`Lease`, or when the next key frees up (epoch s), or None if none will."""
+        now_ms = int(time.time() * 1000)
+        got = self._call(self._lease, keys=self.keys, args=[now_ms, FAILURE_PENALTY_LEASES])
+        kid, value = got[0], got[1]
+        if kid:
+            secret = value.decode() if value is not None else ""
+            if self._fernet is not None and secret:
+                from cryptography.fernet import InvalidToken
+
+                try:
+                    secret = self._fernet.decrypt(secret.encode()).decode()
+                except InvalidToken:
+                    raise KeyPoolError(
+                        f"key {kid.decode()} cannot be decrypted: EMBEDSTORE_KEY_SECRET differs from the one it was "
+                        "stored with"
+                    ) from None
+            return Lease(kid.decode(), secret)
+        return None if value is None or int(value) < 0 else int(value) / 1000
+
+    def lease(self, *, wait: float = 30.0, base_s: float = 0.05, cap_s: float = 5.0) -> Lease:
+        """The healthiest key; waits (at most ``wait`` s) for the earliest cooldown to end, with full jitter.
+
+        Raises :class:`NoHealthyKey` naming when the next key frees up.
+        """
+        deadline = time.monotonic() + wait
+        attempt = 0
+        while True:
+            got = self.try_lease()
+            if isinstance(got, Lease):
+                return got
+            now = time.time()
+            remaining = deadline - time.monotonic()
+            if got is None:
+                raise NoHealthyKey(
+                    f"no usable key in pool {self.pool!r}: every key is disabled or deactivated (401), or there are "
+                    "none; add or enable one",
+                    None,
+                )
+            if got - now > remaining:
+                when = _dt.datetime.fromtimestamp(got, _dt.UTC).isoformat(timespec="seconds")
+                raise NoHealthyKey(
+                    f"no healthy key in pool {self.pool!r}: all are cooling down or over budget; the next frees up "
+                    f"at {when} (in {got - now:.1f}s), beyond the {wait:g}s wait",
+                    got,
+                )
+            # sleep until it frees, plus full jitter so that waiting workers do not all retry at once
+            jitter = random.uniform(0, min(cap_s, base_s * 2**attempt))
+            time.sleep(max(0.0, min(remaining, max(0.0, got - now) + jitter)))
+            attempt += 1
+
+    def report(self, kid: str, status: int, headers: Mapping[str, str] | None = None) -> str:
+        """Apply an HTTP outcome to a key atomically; returns its state afterwards."""
+        if not isinstance(status, int) or not 100 <= status <= 599:
+            raise KeyPoolError(f"status must be an HTTP status code, got {status!r}")
+        now = time.time()
+        until = cooldown_from_headers(headers, now) if status in (403, 429) else None
+        state = self._call(
+            self._report,
+            keys=self.keys[:3],
+            args=[
+                kid,
+                status,
+                int(now * 1000),
+                int(until * 1000) if until is not None else -1,
+                self.backoff_base_ms,
+                self.backoff_cap_ms,
+                random.random(),
+                FAILURE_PENALTY_LEASES,
+            ],
+        ).decode()
+        if state == "unknown":
+            raise UnknownKey(f"no key {kid!r} in pool {self.pool!r}")
+        if status == 401:
+            log.warning("key %s in pool %s answered 401: deactivated until re-enabled", kid, self.pool)
+        elif status in (403, 429):
+            log.info("key %s in pool %s rate-limited (%d): cooling down", kid, self.pool, status)
+        return state

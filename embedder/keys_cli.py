@@ -1,0 +1,107 @@
+"""``embedstore keys ...``: manage the API key pool of a named API (keys are shown by id only)."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import json
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+keys_app = typer.Typer(help="API keys shared through Redis by ingestion workers.", no_args_is_help=True)
+console = Console()
+
+ApiArg = Annotated[str, typer.Argument(help="The API (pool) name, e.g. 'catalog'.")]
+KeyIdArg = Annotated[str, typer.Argument(help="The key's id (k_...), as `keys list` shows it.")]
+
+
+def _pool(api: str):
+    from embedder.ingest import KeyPoolError
+    from embedder.ingest.config import KeyPoolSettings
+
+    try:
+        return KeyPoolSettings().pool(api)
+    except (KeyPoolError, ValueError) as exc:
+        _fail(exc)
+
+
+def _fail(exc: Exception) -> None:
+    console.print(f"[red]error:[/] {exc}")
+    raise typer.Exit(code=2)
+
+
+def _run(fn, *args, **kw):  # type: ignore[no-untyped-def]
+    from embedder.ingest import KeyPoolError
+
+    try:
+        return fn(*args, **kw)
+    except KeyPoolError as exc:
+        _fail(exc)
+
+
+@keys_app.command("add")
+def add_cmd(
+    api: ApiArg,
+    key: Annotated[
+        Optional[str],  # noqa: UP045
+        typer.Option(help="The raw key; prompted for (hidden) when not given, so it stays out of shell history."),
+    ] = None,
+    budget: Annotated[Optional[int], typer.Option(help="Requests allowed per window.")] = None,  # noqa: UP045
+    window_s: Annotated[float, typer.Option(help="Budget window in seconds.")] = 60.0,
+) -> None:
+    """Add a key (idempotent); prints its id."""
+    raw = key if key is not None else typer.prompt("API key", hide_input=True)
+    console.print(_run(_pool(api).add, raw, budget=budget, window_s=window_s))
+
+
+@keys_app.command("list")
+def list_cmd(api: ApiArg, as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """Every key's id, state and counters."""
+    keys = _run(_pool(api).list)
+    if as_json:
+        console.print_json(json.dumps([dataclasses.asdict(k) for k in keys]))
+        return
+    table = Table("id", "state", "leases", "ok", "failed", "in a row", "cooling until", "last status", "budget")
+    for k in keys:
+        until = (
+            _dt.datetime.fromtimestamp(k.cooldown_until, _dt.UTC).isoformat(timespec="seconds")
+            if k.cooldown_until
+            else ""
+        )
+        budget = f"{k.budget}/{k.window_s:g}s" if k.budget else ""
+        table.add_row(
+            k.key_id,
+            k.state,
+            str(k.leases),
+            str(k.successes),
+            str(k.failures),
+            str(k.consecutive_failures),
+            until,
+            str(k.last_status or ""),
+            budget,
+        )
+    console.print(table)
+
+
+@keys_app.command("disable")
+def disable_cmd(api: ApiArg, key_id: KeyIdArg) -> None:
+    """Take a key out of rotation."""
+    _run(_pool(api).disable, key_id)
+    console.print(f"{key_id} disabled")
+
+
+@keys_app.command("enable")
+def enable_cmd(api: ApiArg, key_id: KeyIdArg) -> None:
+    """Put a disabled or deactivated (401) key back into rotation."""
+    _run(_pool(api).enable, key_id)
+    console.print(f"{key_id} enabled")
+
+
+@keys_app.command("remove")
+def remove_cmd(api: ApiArg, key_id: KeyIdArg) -> None:
+    """Delete a key and its counters."""
+    _run(_pool(api).remove, key_id)
+    console.print(f"{key_id} removed")

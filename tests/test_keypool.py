@@ -1,0 +1,270 @@
+"""The API key pool on a real redis-server: leases, cooldowns from real HTTP responses, budgets, concurrency."""
+
+from __future__ import annotations
+
+import email.utils
+import http.server
+import logging
+import multiprocessing as mp
+import threading
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+import redis
+
+from embedder.ingest import KeyPool, KeyPoolError, KeyPoolUnavailable, Lease, NoHealthyKey, cooldown_from_headers
+from tests.conftest import RedisServer
+
+KEYS = [f"secret-key-{i}-{uuid.uuid4().hex}" for i in range(5)]
+
+
+@pytest.fixture
+def pool(redis_server) -> KeyPool:
+    return KeyPool(f"api-{uuid.uuid4().hex[:8]}", redis_server.url, secret="", backoff_base_s=1.0, backoff_cap_s=8.0)
+
+
+class RateLimitedAPI(http.server.BaseHTTPRequestHandler):
+    """Answers per key: 'ok' 200, 'slow' 429 + Retry-After: 2, 'date' 429 + an HTTP-date Retry-After,
+    'reset' 403 + x-ratelimit-reset (epoch), 'bad' 401."""
+
+    def do_GET(self) -> None:
+        key = self.headers.get("authorization", "").removeprefix("Bearer ")
+        kind = key.split("-")[0]
+        now = time.time()
+        if kind == "ok":
+            self.send_response(200)
+        elif kind == "slow":
+            self.send_response(429)
+            self.send_header("Retry-After", "2")
+        elif kind == "date":
+            self.send_response(429)
+            self.send_header("Retry-After", email.utils.formatdate(now + 3, usegmt=True))
+        elif kind == "reset":
+            self.send_response(403)
+            self.send_header("x-ratelimit-reset", str(int(now) + 2))
+        else:
+            self.send_response(401)
+        self.end_headers()
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+@pytest.fixture(scope="module")
+def api():
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), RateLimitedAPI)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/items"
+    server.shutdown()
+
+
+def call(api: str, pool: KeyPool, lease: Lease) -> int:
+    r = httpx.get(api, headers={"authorization": f"Bearer {lease.secret}"})
+    pool.report(lease.key_id, r.status_code, r.headers)
+    return r.status_code
+
+
+def test_keys_are_known_by_id_and_leased_least_recently_used_first(pool):
+    ids = [pool.add(k) for k in KEYS[:3]]
+    assert pool.add(KEYS[0]) == ids[0]  # idempotent
+    assert all(i.startswith("k_") and len(i) == 14 for i in ids)
+    listed = pool.list()
+    assert [k.key_id for k in listed] == sorted(ids) and all(k.state == "active" for k in listed)
+    assert not any(raw in repr(listed) for raw in KEYS)
+    got = [pool.lease(wait=0) for _ in range(6)]
+    assert [g.key_id for g in got[:3]] == [g.key_id for g in got[3:]] and len({g.key_id for g in got[:3]}) == 3
+    assert {g.secret for g in got} == set(KEYS[:3]) and KEYS[0] not in repr(got[0])
+    pool.disable(ids[0])
+    assert ids[0] not in {pool.lease(wait=0).key_id for _ in range(4)}
+    pool.enable(ids[0])
+    pool.remove(ids[1])
+    assert {pool.lease(wait=0).key_id for _ in range(4)} == {ids[0], ids[2]}
+    with pytest.raises(KeyPoolError, match="no key"):
+        pool.disable(ids[1])
+
+
+def test_real_http_answers_set_cooldowns_to_the_second_and_401_deactivates(pool, api):
+    ids = {kind: pool.add(f"{kind}-{uuid.uuid4().hex}") for kind in ("slow", "date", "reset", "bad")}
+    by_id = {v: k for k, v in ids.items()}
+    start = time.time()
+    seen = {}
+    for _ in range(4):
+        lease = pool.lease(wait=0)
+        seen[by_id[lease.key_id]] = call(api, pool, lease)
+    assert seen == {"slow": 429, "date": 429, "reset": 403, "bad": 401}
+    info = {by_id[k.key_id]: k for k in pool.list()}
+    assert info["bad"].state == "deactivated"
+    assert info["slow"].cooldown_until == pytest.approx(start + 2, abs=1.1)
+    assert info["reset"].cooldown_until == pytest.approx(int(start) + 2, abs=1.1)
+    assert info["date"].cooldown_until == pytest.approx(start + 3, abs=1.1)
+    with pytest.raises(NoHealthyKey, match="next frees up") as exc:
+        pool.lease(wait=0)
+    earliest = min(info[k].cooldown_until for k in ("slow", "reset"))
+    assert exc.value.next_free == pytest.approx(earliest, abs=0.01)
+    # no key is leased while cooling: the first lease with waiting comes only once a cooldown is over
+    lease = pool.lease(wait=10)
+    assert time.time() >= earliest - 0.01 and by_id[lease.key_id] in ("slow", "reset")
+    assert "bad" not in {by_id[pool.lease(wait=10).key_id] for _ in range(3)}
+
+
+def test_exponential_cooldown_without_headers_and_success_resets(pool):
+    kid = pool.add(KEYS[0])
+    t0 = time.time()
+    pool.report(kid, 429)
+    first = pool.list()[0].cooldown_until - t0
+    assert 0.5 <= first <= 1.01  # base 1 s, jittered in [base/2, base]
+    pool.report(kid, 429)
+    second = pool.list()[0].cooldown_until - t0
+    assert 1.0 <= second <= 2.01
+    assert pool.list()[0].consecutive_failures == 2
+    pool.enable(kid)
+    pool.report(kid, 200)
+    k = pool.list()[0]
+    assert k.consecutive_failures == 0 and k.successes == 1 and k.failures == 2
+
+
+def test_no_key_at_all_is_a_clear_error(pool):
+    with pytest.raises(NoHealthyKey, match="add or enable one") as exc:
+        pool.lease(wait=1)
+    assert exc.value.next_free is None
+
+
+def test_sixteen_threads_never_exceed_per_key_budgets_and_counters_are_exact(pool):
+    ids = [pool.add(k, budget=300, window_s=3600) for k in KEYS]
+    results: list[str | None] = []
+    lock = threading.Lock()
+
+    def worker() -> None:
+        mine = []
+        for _ in range(500):
+            try:
+                mine.append(pool.lease(wait=0).key_id)
+            except NoHealthyKey:
+                mine.append(None)
+        with lock:
+            results.extend(mine)
+
+    with ThreadPoolExecutor(16) as ex:
+        for f in [ex.submit(worker) for _ in range(16)]:
+            f.result()
+    granted = [r for r in results if r is not None]
+    assert len(results) == 8000 and len(granted) == 5 * 300  # capacity, exactly
+    assert {i: granted.count(i) for i in ids} == dict.fromkeys(ids, 300)
+    assert all(k.leases == 300 for k in pool.list())
+
+
+def _lease_many(url: str, name: str, n: int, out: mp.Queue) -> None:
+    pool = KeyPool(name, url, secret="")
+    got = []
+    for _ in range(n):
+        got.append(pool.lease(wait=5).key_id)
+    out.put(got)
+
+
+def test_two_processes_share_one_pool(redis_server):
+    name = f"shared-{uuid.uuid4().hex[:6]}"
+    pool = KeyPool(name, redis_server.url, secret="")
+    ids = [pool.add(k, budget=100, window_s=3600) for k in KEYS[:4]]
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    procs = [ctx.Process(target=_lease_many, args=(redis_server.url, name, 200, q)) for _ in range(2)]
+    for p in procs:
+        p.start()
+    got = q.get(timeout=60) + q.get(timeout=60)
+    for p in procs:
+        p.join(30)
+    assert len(got) == 400 and {i: got.count(i) for i in ids} == dict.fromkeys(ids, 100)
+    with pytest.raises(NoHealthyKey):
+        pool.lease(wait=0)
+
+
+def test_keys_are_encrypted_at_rest_when_a_secret_is_set(redis_server):
+    name = f"enc-{uuid.uuid4().hex[:6]}"
+    pool = KeyPool(name, redis_server.url, secret="correct horse")
+    kid = pool.add(KEYS[0])
+    stored = redis.Redis.from_url(redis_server.url).hget(pool.keys[3], kid)
+    assert KEYS[0].encode() not in stored
+    assert pool.lease(wait=0).secret == KEYS[0]
+    wrong = KeyPool(name, redis_server.url, secret="wrong")
+    with pytest.raises(KeyPoolError, match="cannot be decrypted"):
+        wrong.lease(wait=0)
+
+
+def test_redis_down_is_a_clear_error_and_recovery_works(tmp_path):
+    server = RedisServer(tmp_path)
+    try:
+        url = f"redis://:hunter2@127.0.0.1:{server.port}/0"
+        r = redis.Redis(port=server.port)
+        r.config_set("requirepass", "hunter2")
+        pool = KeyPool("down", url, secret="")
+        pool.add(KEYS[0])
+        assert pool.lease(wait=0).secret == KEYS[0]
+        server.stop()
+        with pytest.raises(KeyPoolUnavailable, match="unreachable") as exc:
+            pool.lease(wait=0)
+        assert "hunter2" not in str(exc.value) and "***" in str(exc.value)
+        server.start()  # a fresh, empty server (no persistence): the pool says there is no key, it never guesses
+        redis.Redis(port=server.port).config_set("requirepass", "hunter2")
+        with pytest.raises(NoHealthyKey):
+            pool.lease(wait=0)
+        pool.add(KEYS[0])
+        assert pool.lease(wait=0).secret == KEYS[0]
+    finally:
+        server.stop()
+
+
+def test_raw_keys_appear_in_no_log_line(pool, api, caplog):
+    caplog.set_level(logging.DEBUG)
+    raws = [f"{kind}-{uuid.uuid4().hex}" for kind in ("ok", "slow", "bad")]
+    ids = [pool.add(k) for k in raws]
+    for _ in range(3):
+        call(api, pool, pool.lease(wait=0))
+    pool.disable(ids[0])
+    pool.enable(ids[0])
+    pool.remove(ids[0])
+    text = "\n".join(r.getMessage() for r in caplog.records)
+    assert ids[1] in text  # keys are logged, by id
+    assert not any(raw in text for raw in raws)
+
+
+def test_cooldown_header_parsing():
+    now = 1_700_000_000.0
+    assert cooldown_from_headers({"Retry-After": "30"}, now) == now + 30
+    assert cooldown_from_headers({"retry-after": email.utils.formatdate(now + 90, usegmt=True)}, now) == now + 90
+    assert cooldown_from_headers({"X-RateLimit-Reset": str(int(now) + 60)}, now) == int(now) + 60
+    assert cooldown_from_headers({"x-ratelimit-reset": "45"}, now) == now + 45  # small: seconds from now
+    assert cooldown_from_headers({}, now) is None
+    assert cooldown_from_headers({"Retry-After": "soon"}, now) is None
+
+
+def test_keys_cli(redis_server, monkeypatch):
+    import json
+
+    from typer.testing import CliRunner
+
+    from embedder.cli import app
+
+    monkeypatch.setenv("EMBEDSTORE_REDIS_URL", redis_server.url)
+    monkeypatch.setenv("EMBEDSTORE_KEY_SECRET", "s3cret")
+    runner = CliRunner()
+    api = f"cli-{uuid.uuid4().hex[:6]}"
+    result = runner.invoke(app, ["keys", "add", api], input=KEYS[0] + "\n")  # prompted, hidden
+    assert result.exit_code == 0, result.output
+    kid = result.output.strip().splitlines()[-1]
+    assert kid.startswith("k_") and KEYS[0] not in result.output
+    result = runner.invoke(app, ["keys", "add", api, "--key", KEYS[1], "--budget", "10"])
+    assert result.exit_code == 0
+    listed = json.loads(runner.invoke(app, ["keys", "list", api, "--json"]).output)
+    assert {k["key_id"] for k in listed} >= {kid} and any(k["budget"] == 10 for k in listed)
+    for cmd in ("disable", "enable", "remove"):
+        result = runner.invoke(app, ["keys", cmd, api, kid])
+        assert result.exit_code == 0 and kid in result.output
+    result = runner.invoke(app, ["keys", "disable", api, kid])
+    assert result.exit_code == 2 and "no key" in result.output
+    monkeypatch.setenv("EMBEDSTORE_REDIS_URL", "redis://127.0.0.1:1/0")
+    result = runner.invoke(app, ["keys", "list", api])
+    assert result.exit_code == 2 and "unreachable" in result.output
