@@ -6,7 +6,7 @@ PY     := $(BIN)/python
 # A stamp per extras set: reinstall only when pyproject.toml changes.
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint format protos bench-search bench-embed bench-grpc bench-labeling venv redis clean
+.PHONY: demo test lint format protos bench-search bench-embed bench-grpc bench-labeling bench-keys venv redis clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -47,6 +47,9 @@ bench-grpc: $(STAMP)-test,dev,bench,data,embed
 
 bench-labeling: $(STAMP)-test,dev,bench,data,embed
 	$(PY) benchmarks/labeling_job.py --n $${N:-100000}
+
+bench-keys: $(STAMP)-test,dev,bench,data,embed redis
+	$(PY) benchmarks/keys.py
 
 # Tests start their own redis-server on a free loopback port; make sure the binary exists.
 redis:

@@ -93,3 +93,15 @@ def test_labeling_job_benchmark_writes_the_documented_format(tmp_path):
     assert set(result["train_breakdown_s"]) == {"features", "fit", "predict", "calibrate", "gate"}
     assert result["met"] is False  # a 2,000-point run says nothing about the 100k target
     assert 0.0 <= result["quality"]["pseudo_precision"] <= 1.0
+
+
+def test_keys_benchmark_writes_the_documented_format(redis_server, tmp_path):
+    out = tmp_path / "keys.json"
+    subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "keys.py"), "--keys", "10,50", "--seconds", "0.2",
+         "--redis-url", redis_server.url, "--out", str(out)],
+        check=True, cwd=ROOT, timeout=300, capture_output=True,
+    )  # fmt: skip
+    result = json.loads(out.read_text())
+    assert {(r["keys"], r["method"]) for r in result["rows"]} == {(10, "lua"), (10, "scan"), (50, "lua"), (50, "scan")}
+    assert all(set(r) == {"keys", "method", "ops_per_s"} and r["ops_per_s"] > 0 for r in result["rows"])

@@ -16,7 +16,7 @@ import pytest
 import redis
 
 from embedder.ingest import KeyPool, KeyPoolError, KeyPoolUnavailable, Lease, NoHealthyKey, cooldown_from_headers
-from tests.conftest import RedisServer
+from embedder.ingest.redis_server import RedisServer
 
 KEYS = [f"secret-key-{i}-{uuid.uuid4().hex}" for i in range(5)]
 
