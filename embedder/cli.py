@@ -93,6 +93,70 @@ def index_cmd(
         console.print(f"[yellow]skipped[/] {item_id}: {why}")
 
 
+@app.command("ingest")
+def ingest_cmd(
+    source: Annotated[
+        str,
+        typer.Option(
+            help="An HTTP source config (a JSON file of HttpSourceConfig fields), manifest:PATH or dataset:NAME."
+        ),
+    ],
+    path: PathOpt = None,
+    collection: CollectionOpt = None,
+    skip_bad: Annotated[bool, typer.Option(help="Skip (and list) bad items instead of failing.")] = False,
+    restart: Annotated[bool, typer.Option(help="HTTP: forget the checkpoint and start from the first page.")] = False,
+) -> None:
+    """Ingest items (embed + upsert, idempotent by id): from a paginated HTTP API through the key pool,
+    resumable from its checkpoint in Redis; or from a manifest or a bundled dataset."""
+    import redis as redis_lib
+    from pydantic import ValidationError
+
+    from embedder.datasets import load_items, manifest_items
+    from embedder.errors import EmbedderError
+    from embedder.indexing import index_items
+    from embedder.ingest import KeyPoolError
+    from embedder.ingest.config import KeyPoolSettings
+    from embedder.ingest.http_source import Checkpoint, HttpSource, HttpSourceConfig, IngestError, ingest_http
+
+    settings = _settings(path, collection=collection)
+    kind, _, arg = source.partition(":")
+    try:
+        embedder = _embedder()
+        if kind in ("manifest", "dataset") and arg:
+            items = manifest_items(arg) if kind == "manifest" else load_items(arg)
+            with open_store(settings) as store:
+                report = index_items(store, settings.collection, embedder, items, skip_bad=skip_bad, progress=True)
+            console.print(f"ingested {report.written} items into {settings.collection!r}")
+            skipped = report.skipped
+        else:
+            config_path = Path(source)
+            if not config_path.is_file():
+                _fail(ValueError(f"--source {source!r}: not a config file, manifest:PATH or dataset:NAME"))
+            config = HttpSourceConfig(**json.loads(config_path.read_text()))
+            ks = KeyPoolSettings()
+            url = ks.redis_url.get_secret_value()
+            pool = ks.pool(config.pool) if config.pool else None
+            checkpoint = Checkpoint(
+                redis_lib.Redis.from_url(url, socket_timeout=5), config.name, pool.url if pool else ""
+            )
+            src = HttpSource(config, pool=pool, checkpoint=checkpoint)
+            with open_store(settings) as store:
+                rep = ingest_http(
+                    src, store, settings.collection, embedder, skip_bad=skip_bad, restart=restart, progress=True
+                )
+            if rep.already_done:
+                console.print(f"source {config.name!r} was already ingested to its end; --restart reads it again")
+            console.print(
+                f"ingested {rep.written} items from {rep.pages} pages into {settings.collection!r}"
+                + (f" (resumed at cursor {rep.resumed_from})" if rep.resumed_from else "")
+            )
+            skipped = rep.skipped
+    except (EmbedderError, StoreError, KeyPoolError, IngestError, ValidationError, ValueError) as exc:
+        _fail(exc)
+    for item_id, why in skipped:
+        console.print(f"[yellow]skipped[/] {item_id}: {why}")
+
+
 ServerOpt = Annotated[
     str, typer.Option("--server", envvar="EMBEDSTORE_SERVER", help="gRPC server address (host:port).")
 ]

@@ -24,6 +24,7 @@ class RedisServer:
             sock.bind(("127.0.0.1", 0))
             self.port = sock.getsockname()[1]
         self.dir = str(tmp)
+        os.makedirs(self.dir, exist_ok=True)
         self.proc = None
         self.start()
 

@@ -1,0 +1,333 @@
+"""Ingest items from a paginated JSON API through the shared key pool, resumably.
+
+The API: ``GET url`` returns a JSON object with a list of items under
+``items_key`` and the next page under ``next_key`` (an absolute or relative URL,
+or a cursor token sent back as ``?<cursor_param>=``; missing/null = last page).
+An item has an id, a text, an image (``image_url`` fetched over HTTP, or
+``image_base64``), an optional label and a metadata object; field names are
+configurable.
+
+Every page request leases a key (``Authorization: Bearer <key>`` by default) and
+reports the answer to the pool: a 429/403/401 puts that key aside and the
+request goes out again at once with another (the pool waits for a cooldown when
+every key is cooling, then raises ``NoHealthyKey``). Transport errors and 5xx
+are retried with tenacity's full-jitter exponential backoff, a bounded number
+of times. Other 4xx stop the run, naming the URL and status.
+
+Resumable: after a page's items are embedded and upserted, the next cursor is
+checkpointed in Redis (``{embedstore:ingest:<name>}:state``). A crash re-reads
+at most the page in flight, and since points are keyed by item id a
+re-ingested item overwrites itself: nothing is ever stored twice.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import logging
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urljoin
+
+import httpx
+from pydantic import BaseModel, ConfigDict, Field
+from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait_random_exponential
+
+from embedder.ingest.keypool import KeyPool, KeyPoolError, KeyPoolUnavailable
+from embedder.model import Item
+
+log = logging.getLogger("embedstore.ingest")
+
+
+class IngestError(Exception):
+    """An ingest run stopped; the message names the URL, status or item."""
+
+
+class _Transient(Exception):
+    """A retryable failure (transport error, 5xx)."""
+
+
+class HttpSourceConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
+    url: str
+    pool: str | None = None  # key pool name; None = no auth
+    items_key: str = "items"
+    next_key: str = "next"
+    cursor_param: str = "cursor"
+    id_field: str = "id"
+    text_field: str = "text"
+    image_url_field: str = "image_url"
+    image_b64_field: str = "image_base64"
+    label_field: str = "label"
+    metadata_field: str = "metadata"
+    auth_header: str = "Authorization"
+    auth_prefix: str = "Bearer "
+    image_auth: bool = False  # send the key with image downloads too
+    timeout_s: float = Field(30.0, gt=0)
+    max_attempts: int = Field(5, ge=1, le=50)
+    retry_cap_s: float = Field(30.0, gt=0)
+    key_wait_s: float = Field(60.0, ge=0)  # how long a request waits for a cooling key
+    max_key_rotations: int = Field(50, ge=1)  # 429/403/401 answers tolerated for one request
+    workers: int = Field(4, ge=1, le=64)  # concurrent image downloads
+
+
+class Checkpoint:
+    """The source's resume point in Redis: the next cursor, pages and items done, whether it finished."""
+
+    def __init__(self, client: Any, name: str, url: str = "") -> None:
+        self.r = client
+        self.key = f"{{embedstore:ingest:{name}}}:state"
+        self.url = url
+
+    def _call(self, fn: Callable[..., Any], *args: Any) -> Any:
+        import redis
+
+        try:
+            return fn(*args)
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            raise KeyPoolUnavailable(
+                f"Redis at {self.url or 'the configured URL'} is unreachable ({type(exc).__name__}): cannot read or "
+                "save the ingest checkpoint"
+            ) from None
+
+    def load(self) -> dict[str, str]:
+        raw = self._call(self.r.hgetall, self.key)
+        return {k.decode(): v.decode() for k, v in raw.items()}
+
+    def save(self, cursor: str | None, items: int) -> None:
+        pipe = self.r.pipeline()
+        if cursor is None:
+            pipe.hset(self.key, mapping={"done": 1, "updated_at": time.time()}).hdel(self.key, "cursor")
+        else:
+            pipe.hset(self.key, mapping={"cursor": cursor, "done": 0, "updated_at": time.time()})
+        pipe.hincrby(self.key, "pages", 1).hincrby(self.key, "items", items)
+        self._call(pipe.execute)
+
+    def reset(self) -> None:
+        self._call(self.r.delete, self.key)
+
+
+@dataclass
+class Page:
+    url: str
+    items: list[Item]
+    bad: list[tuple[str, str]]  # (item id, why)
+    next_cursor: str | None
+
+
+@dataclass
+class IngestReport:
+    pages: int = 0
+    written: int = 0
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    resumed_from: str | None = None
+    already_done: bool = False
+
+
+class HttpSource:
+    def __init__(
+        self,
+        config: HttpSourceConfig,
+        *,
+        pool: KeyPool | None,
+        checkpoint: Checkpoint,
+        client: httpx.Client | None = None,
+    ) -> None:
+        if config.pool is not None and pool is None:
+            raise IngestError(f"source {config.name!r} names key pool {config.pool!r} but no pool was given")
+        self.config = config
+        self.pool = pool
+        self.checkpoint = checkpoint
+        self.http = client or httpx.Client(timeout=config.timeout_s, follow_redirects=True)
+
+    # ------------------------------------------------------------------ requests
+    def _once(self, url: str, *, params: dict[str, str] | None, keyed: bool) -> httpx.Response:
+        """One request, rotating keys on 429/403/401; raises _Transient for transport errors and 5xx."""
+        cfg = self.config
+        for _ in range(cfg.max_key_rotations):
+            lease = self.pool.lease(wait=cfg.key_wait_s) if (keyed and self.pool is not None) else None
+            headers = {cfg.auth_header: cfg.auth_prefix + lease.secret} if lease is not None else {}
+            try:
+                r = self.http.get(url, params=params, headers=headers)
+            except httpx.TransportError as exc:
+                raise _Transient(f"{type(exc).__name__} on {url}") from exc
+            if lease is not None:
+                self.pool.report(lease.key_id, r.status_code, r.headers)  # type: ignore[union-attr]
+                if r.status_code in (401, 403, 429):
+                    log.info("key %s got %d on %s: trying another key", lease.key_id, r.status_code, url)
+                    continue
+            if r.status_code >= 500:
+                raise _Transient(f"HTTP {r.status_code} from {url}")
+            if r.status_code >= 400:
+                raise IngestError(f"HTTP {r.status_code} from {url}: {r.text[:200]!r}")
+            return r
+        raise IngestError(f"{url}: {cfg.max_key_rotations} answers of 401/403/429 in a row; giving up on this request")
+
+    def get(self, url: str, *, params: dict[str, str] | None = None, keyed: bool = True) -> httpx.Response:
+        cfg = self.config
+        try:
+            for attempt in Retrying(
+                retry=retry_if_exception_type(_Transient),
+                wait=wait_random_exponential(multiplier=0.5, max=cfg.retry_cap_s),
+                stop=stop_after_attempt(cfg.max_attempts),
+                reraise=True,
+            ):
+                with attempt:
+                    return self._once(url, params=params, keyed=keyed)
+        except _Transient as exc:
+            raise IngestError(f"{exc}; gave up after {cfg.max_attempts} attempts") from exc
+        raise AssertionError("unreachable")
+
+    # --------------------------------------------------------------------- pages
+    def _page_url(self, cursor: str | None) -> tuple[str, dict[str, str] | None]:
+        if cursor is None:
+            return self.config.url, None
+        if cursor.startswith(("http://", "https://", "/")):
+            return urljoin(self.config.url, cursor), None
+        return self.config.url, {self.config.cursor_param: cursor}
+
+    def _item(self, raw: dict[str, Any], images: dict[str, bytes | Exception]) -> Item:
+        cfg = self.config
+        pid = str(raw[cfg.id_field])
+        image: bytes | None = None
+        b64 = raw.get(cfg.image_b64_field)
+        if b64:
+            try:
+                image = base64.b64decode(b64, validate=True)
+            except (binascii.Error, ValueError) as exc:
+                raise ValueError(f"{cfg.image_b64_field} is not valid base64") from exc
+        elif raw.get(cfg.image_url_field):
+            got = images[pid]
+            if isinstance(got, Exception):
+                raise ValueError(f"image download failed: {got}")
+            image = got
+        meta = raw.get(cfg.metadata_field)
+        payload = dict(meta) if isinstance(meta, dict) else {}
+        if raw.get(cfg.image_url_field):
+            payload["image_uri"] = str(raw[cfg.image_url_field])
+        label = raw.get(cfg.label_field)
+        text = raw.get(cfg.text_field)
+        return Item(
+            id=pid,
+            image=image,
+            text=str(text) if text not in (None, "") else None,
+            label=None if label in (None, "") else str(label),
+            payload=payload,
+        )
+
+    def _download(self, url: str) -> bytes | Exception:
+        try:
+            return self.get(urljoin(self.config.url, url), keyed=self.config.image_auth).content
+        except (IngestError, KeyPoolError) as exc:
+            if isinstance(exc, KeyPoolUnavailable):
+                raise
+            return exc
+
+    def fetch(self, cursor: str | None) -> Page:
+        """One page: its items (images downloaded by ``workers`` threads) and the items that could not be read."""
+        cfg = self.config
+        url, params = self._page_url(cursor)
+        body = self.get(url, params=params).json()
+        if not isinstance(body, dict) or not isinstance(body.get(cfg.items_key), list):
+            raise IngestError(f"{url}: the answer has no list under {cfg.items_key!r}")
+        raws = body[cfg.items_key]
+        bad: list[tuple[str, str]] = []
+        ok_raws = []
+        for n, raw in enumerate(raws):
+            if not isinstance(raw, dict) or raw.get(cfg.id_field) in (None, ""):
+                bad.append((f"{url}#{n}", f"item {n} has no {cfg.id_field!r}"))
+            else:
+                ok_raws.append(raw)
+        wanted = {
+            str(r[cfg.id_field]): str(r[cfg.image_url_field])
+            for r in ok_raws
+            if r.get(cfg.image_url_field) and not r.get(cfg.image_b64_field)
+        }
+        images: dict[str, bytes | Exception] = {}
+        if wanted:
+            with ThreadPoolExecutor(min(cfg.workers, len(wanted))) as downloads:
+                for pid, got in zip(wanted, downloads.map(self._download, wanted.values()), strict=True):
+                    images[pid] = got
+        items = []
+        for raw in ok_raws:
+            try:
+                items.append(self._item(raw, images))
+            except ValueError as exc:
+                bad.append((str(raw[cfg.id_field]), str(exc)))
+        nxt = body.get(cfg.next_key)
+        return Page(url, items, bad, None if nxt in (None, "") else str(nxt))
+
+    def pages(self, *, restart: bool = False) -> Iterator[Page]:
+        """Pages from the checkpoint on (or from the start). Call :meth:`commit` after storing each one."""
+        if restart:
+            self.checkpoint.reset()
+        state = self.checkpoint.load()
+        if state.get("done") == "1":
+            return
+        cursor = state.get("cursor")
+        while True:
+            page = self.fetch(cursor)
+            yield page
+            if page.next_cursor is None:
+                return
+            cursor = page.next_cursor
+
+    def commit(self, page: Page, written: int) -> None:
+        self.checkpoint.save(page.next_cursor, written)
+
+
+def ingest_http(
+    source: HttpSource,
+    store: Any,
+    collection: str,
+    embedder: Any,
+    *,
+    skip_bad: bool = False,
+    restart: bool = False,
+    progress: bool = False,
+    on_page: Callable[[Page], None] | None = None,
+) -> IngestReport:
+    """Pages -> embed -> upsert -> checkpoint, until the source ends. Bad items fail the run or, with
+    ``skip_bad``, are listed in the report; never silently dropped."""
+    from embedder.indexing import index_items
+
+    report = IngestReport()
+    state = source.checkpoint.load() if not restart else {}
+    report.resumed_from = state.get("cursor")
+    report.already_done = state.get("done") == "1"
+    bar: Any = None
+    if progress:
+        from rich.progress import Progress
+
+        bar = Progress()
+        bar.start()
+        task = bar.add_task(f"ingesting {source.config.name}", total=None)
+    try:
+        for page in source.pages(restart=restart):
+            if page.bad and not skip_bad:
+                pid, why = page.bad[0]
+                raise IngestError(
+                    f"{page.url}: item {pid}: {why} ({len(page.bad)} bad on this page; --skip-bad skips and lists them)"
+                )
+            report.skipped.extend(page.bad)
+            written = 0
+            if page.items:
+                done = index_items(store, collection, embedder, page.items, skip_bad=skip_bad)
+                report.skipped.extend(done.skipped)
+                written = done.written
+            source.commit(page, written)
+            report.pages += 1
+            report.written += written
+            if bar is not None:
+                bar.update(task, advance=written, description=f"ingesting {source.config.name}: {report.pages} pages")
+            if on_page is not None:
+                on_page(page)
+    finally:
+        if bar is not None:
+            bar.stop()
+    return report

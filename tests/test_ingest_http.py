@@ -1,0 +1,210 @@
+"""HTTP ingestion through the key pool: a real paginated API on loopback, real Redis, real embedder and store."""
+
+from __future__ import annotations
+
+import base64
+import http.server
+import io
+import json
+import threading
+import uuid
+from urllib.parse import parse_qs, urlsplit
+
+import pytest
+import redis
+from PIL import Image
+
+from embedder.ingest import KeyPool, KeyPoolUnavailable
+from embedder.ingest.http_source import Checkpoint, HttpSource, HttpSourceConfig, IngestError, ingest_http
+from embedder.ingest.redis_server import RedisServer
+from embedder.model import Embedder
+from tests.conftest import make_edge
+
+PAGE = 4
+
+
+def png(color) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (32, 32), color).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def catalog() -> list[dict]:
+    items = []
+    for i in range(14):
+        item: dict = {"id": f"it-{i}", "text": f"item number {i}", "label": "even" if i % 2 == 0 else "odd"}
+        if i % 3 == 0:
+            item["image_url"] = f"/img/{i}.png"
+        elif i % 3 == 1:
+            item["image_base64"] = base64.b64encode(png((i * 15, 80, 200))).decode()
+        item["metadata"] = {"source": "catalog", "n": i}
+        items.append(item)
+    items[5]["image_url"] = "/img/missing.png"  # a broken image: a bad item
+    items[5].pop("image_base64", None)
+    return items
+
+
+class Catalog(http.server.BaseHTTPRequestHandler):
+    state: dict
+
+    def do_GET(self) -> None:
+        st = self.state
+        parts = urlsplit(self.path)
+        if parts.path.startswith("/img/"):
+            name = parts.path.rsplit("/", 1)[1].removesuffix(".png")
+            if not name.isdigit():
+                return self._send(404, b"no such image")
+            return self._send(200, png((int(name) * 17 % 255, 120, 30)), "image/png")
+        key = self.headers.get("authorization", "").removeprefix("Bearer ")
+        with st["lock"]:
+            st["calls"].append((key, parts.query))
+            if key in st["revoked"]:
+                return self._send(401, b"bad key")
+            if key in st["limited"] and st["limited"][key] > 0:
+                st["limited"][key] -= 1
+                return self._send(429, b"slow down", headers={"Retry-After": "1"})
+        cursor = int(parse_qs(parts.query).get("cursor", ["0"])[0])
+        if cursor in st["fail"]:
+            return self._send(500, b"boom")
+        items = st["items"][cursor : cursor + PAGE]
+        nxt = str(cursor + PAGE) if cursor + PAGE < len(st["items"]) else None
+        self._send(200, json.dumps({"items": items, "next": nxt}).encode(), "application/json")
+
+    def _send(self, code, body, ctype="text/plain", headers=None):
+        self.send_response(code)
+        self.send_header("content-type", ctype)
+        for k, v in (headers or {}).items():
+            self.send_header(k, v)
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+@pytest.fixture
+def api():
+    state = {"lock": threading.Lock(), "calls": [], "revoked": set(), "limited": {}, "fail": set(), "items": catalog()}
+    handler = type("Handler", (Catalog,), {"state": state})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/items", state
+    server.shutdown()
+
+
+@pytest.fixture(scope="module")
+def embedder(image_encoder, text_encoder, fitted_projection):
+    return Embedder(image_encoder, text_encoder, fitted_projection)
+
+
+def make_source(url, redis_url, name=None, **cfg):
+    name = name or f"src-{uuid.uuid4().hex[:6]}"
+    pool = KeyPool(f"pool-{name}", redis_url, secret="")
+    config = HttpSourceConfig(name=name, url=url, pool=pool.pool, retry_cap_s=0.05, **cfg)
+    checkpoint = Checkpoint(redis.Redis.from_url(redis_url), name, redis_url)
+    return HttpSource(config, pool=pool, checkpoint=checkpoint), pool
+
+
+def page_calls(state) -> list[str]:
+    return [q for _, q in state["calls"]]
+
+
+def test_ingest_all_pages_rotating_keys_and_listing_bad_items(api, redis_server, embedder, tmp_path):
+    url, state = api
+    source, pool = make_source(url, redis_server.url)
+    limited, good, revoked = (pool.add(k) for k in ("limited-key", "good-key", "revoked-key"))
+    state["limited"]["limited-key"] = 1
+    state["revoked"].add("revoked-key")
+    with make_edge(tmp_path / "store") as store:
+        report = ingest_http(source, store, "catalog", embedder, skip_bad=True)
+        assert report.pages == 4 and report.written == 13
+        assert [pid for pid, _ in report.skipped] == ["it-5"] and "image download failed" in report.skipped[0][1]
+        assert store.count("catalog") == 13
+        rec = store.retrieve("catalog", ["it-3"])[0]
+        assert rec.payload["image_uri"] == "/img/3.png"
+        assert rec.payload["source"] == "catalog" and rec.payload["n"] == 3  # metadata fields become payload
+        assert store.retrieve("catalog", ["it-4"])[0].payload["label"] == "even"
+        keys = {k.key_id: k for k in pool.list()}
+        assert keys[revoked].state == "deactivated" and keys[limited].failures == 1 and keys[good].successes >= 1
+        # finished: a second run fetches nothing; a restart re-reads everything and stores nothing twice
+        n_calls = len(state["calls"])
+        again = ingest_http(source, store, "catalog", embedder, skip_bad=True)
+        assert again.already_done and again.pages == 0 and len(state["calls"]) == n_calls
+        ingest_http(source, store, "catalog", embedder, skip_bad=True, restart=True)
+        assert store.count("catalog") == 13
+
+
+def test_a_bad_item_fails_the_run_by_default_naming_it(api, redis_server, embedder, tmp_path):
+    url, _ = api
+    source, pool = make_source(url, redis_server.url)
+    pool.add("good-key")
+    with make_edge(tmp_path / "store") as store:
+        with pytest.raises(IngestError, match="item it-5: image download failed"):
+            ingest_http(source, store, "catalog", embedder)
+        assert store.count("catalog") == 4  # the first page only: the failing page wrote nothing
+        assert source.checkpoint.load()["cursor"] == "4"
+
+
+def test_a_crash_resumes_from_the_checkpoint_without_refetching_or_duplicating(api, redis_server, embedder, tmp_path):
+    url, state = api
+    state["items"] = [it for it in state["items"] if it["id"] != "it-5"]  # no bad item here
+    source, pool = make_source(url, redis_server.url, max_attempts=2)
+    pool.add("good-key")
+    state["fail"].add(8)
+    with make_edge(tmp_path / "store") as store:
+        with pytest.raises(IngestError, match=r"HTTP 500 .* gave up after 2 attempts"):
+            ingest_http(source, store, "catalog", embedder)
+        assert source.checkpoint.load()["cursor"] == "8" and store.count("catalog") == 8
+        state["fail"].clear()
+        report = ingest_http(source, store, "catalog", embedder)
+        assert report.resumed_from == "8" and report.written == 5
+        calls = page_calls(state)
+        assert calls.count("") == 1 and calls.count("cursor=4") == 1  # pages before the crash: read once
+        assert store.count("catalog") == 13
+
+
+def test_redis_killed_mid_run_is_a_clear_error_and_a_rerun_recovers(api, embedder, tmp_path):
+    url, state = api
+    state["items"] = [it for it in state["items"] if it["id"] != "it-5"]
+    server = RedisServer(tmp_path / "redis")
+    try:
+        source, pool = make_source(url, server.url)
+        pool.add("good-key")
+        with make_edge(tmp_path / "store") as store:
+            with pytest.raises(KeyPoolUnavailable, match="unreachable"):
+                ingest_http(source, store, "catalog", embedder, on_page=lambda page: server.stop())
+            assert store.count("catalog") == 4
+            server.start()  # an empty Redis: keys and checkpoint are gone, nothing is assumed
+            pool.add("good-key")
+            report = ingest_http(source, store, "catalog", embedder)
+            assert report.resumed_from is None and report.written == 13
+            assert store.count("catalog") == 13  # the first page was re-read, and overwrote itself
+    finally:
+        server.stop()
+
+
+def test_ingest_cli(api, redis_server, fitted_projection, tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from embedder.cli import app
+
+    url, _state = api
+    fitted_projection.save(tmp_path / "projection")
+    monkeypatch.setenv("EMBEDSTORE_PROJECTION", str(tmp_path / "projection"))
+    monkeypatch.setenv("EMBEDSTORE_REDIS_URL", redis_server.url)
+    name = f"cli-{uuid.uuid4().hex[:6]}"
+    KeyPool(f"pool-{name}", redis_server.url, secret="").add("good-key")
+    config = tmp_path / "source.json"
+    config.write_text(json.dumps({"name": name, "url": url, "pool": f"pool-{name}", "retry_cap_s": 0.05}))
+    runner = CliRunner()
+    common = ["--path", str(tmp_path / "store"), "-c", "catalog"]
+    result = runner.invoke(app, ["ingest", "--source", str(config), *common, "--skip-bad"])
+    assert result.exit_code == 0, result.output
+    flat = " ".join(result.output.split())
+    assert "ingested 13 items from 4 pages" in flat and "skipped it-5" in flat
+    result = runner.invoke(app, ["ingest", "--source", str(config), *common, "--skip-bad"])
+    assert result.exit_code == 0 and "already ingested" in " ".join(result.output.split())
+    result = runner.invoke(app, ["ingest", "--source", str(config), *common, "--restart"])
+    assert result.exit_code == 2 and "it-5" in result.output  # without --skip-bad the bad item stops the run
+    result = runner.invoke(app, ["ingest", "--source", "nonsense", *common])
+    assert result.exit_code == 2 and "manifest:PATH" in " ".join(result.output.split())
