@@ -63,11 +63,13 @@ class Catalog(http.server.BaseHTTPRequestHandler):
             if key in st["limited"] and st["limited"][key] > 0:
                 st["limited"][key] -= 1
                 return self._send(429, b"slow down", headers={"Retry-After": "1"})
-        cursor = int(parse_qs(parts.query).get("cursor", ["0"])[0])
+        query = parse_qs(parts.query)
+        cursor = int(query.get("cursor", ["0"])[0])
         if cursor in st["fail"]:
             return self._send(500, b"boom")
-        items = st["items"][cursor : cursor + PAGE]
-        nxt = str(cursor + PAGE) if cursor + PAGE < len(st["items"]) else None
+        pool = st["shards"][query["shard"][0]] if "shard" in query else st["items"]
+        items = pool[cursor : cursor + PAGE]
+        nxt = str(cursor + PAGE) if cursor + PAGE < len(pool) else None
         self._send(200, json.dumps({"items": items, "next": nxt}).encode(), "application/json")
 
     def _send(self, code, body, ctype="text/plain", headers=None):
@@ -84,7 +86,15 @@ class Catalog(http.server.BaseHTTPRequestHandler):
 
 @pytest.fixture
 def api():
-    state = {"lock": threading.Lock(), "calls": [], "revoked": set(), "limited": {}, "fail": set(), "items": catalog()}
+    state = {
+        "lock": threading.Lock(),
+        "calls": [],
+        "revoked": set(),
+        "limited": {},
+        "fail": set(),
+        "items": catalog(),
+        "shards": {},
+    }
     handler = type("Handler", (Catalog,), {"state": state})
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
@@ -208,3 +218,23 @@ def test_ingest_cli(api, redis_server, fitted_projection, tmp_path, monkeypatch)
     assert result.exit_code == 2 and "it-5" in result.output  # without --skip-bad the bad item stops the run
     result = runner.invoke(app, ["ingest", "--source", "nonsense", *common])
     assert result.exit_code == 2 and "manifest:PATH" in " ".join(result.output.split())
+
+
+def test_shards_are_walked_concurrently_sharing_one_pool(api, redis_server, embedder, tmp_path):
+    url, state = api
+    state["items"] = [it for it in state["items"] if it["id"] != "it-5"]
+    for shard in ("a", "b"):
+        state["shards"][shard] = [{"id": f"{shard}-{i}", "text": f"{shard} thing {i}"} for i in range(9)]
+    source, pool = make_source(
+        url, redis_server.url, shards={"a": f"{url}?shard=a", "b": f"{url}?shard=b"}, shard_workers=3
+    )
+    ids = [pool.add(k) for k in ("key-one", "key-two")]
+    with make_edge(tmp_path / "store") as store:
+        report = ingest_http(source, store, "catalog", embedder)
+        assert report.written == 13 + 18 and store.count("catalog") == 31 and report.pages == 4 + 3 + 3
+        assert store.retrieve("catalog", ["a-8", "b-0", "it-13"], missing_ok=False)
+    leases = {k.key_id: k.leases for k in pool.list()}
+    assert sum(leases.values()) == 10 and all(leases[i] == 5 for i in ids)  # one pool, LRU-balanced
+    for shard in ("main", "a", "b"):
+        name = source.config.name if shard == "main" else f"{source.config.name}.{shard}"
+        assert Checkpoint(redis.Redis.from_url(redis_server.url), name).load()["done"] == "1"

@@ -1,4 +1,4 @@
-"""Ingestion: a Redis-backed API key pool shared by many workers (HTTP and file sources to come)."""
+"""Ingestion: a Redis-backed API key pool shared by many workers, and a resumable paginated HTTP source."""
 
 from embedder.ingest.keypool import (
     KeyInfo,

@@ -55,6 +55,10 @@ class HttpSourceConfig(BaseModel):
 
     name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
     url: str
+    #: More start URLs, one independent page chain each (e.g. one per category or date range):
+    #: ``shard_workers`` threads walk them concurrently, sharing one key pool; each has its own checkpoint.
+    shards: dict[str, str] = Field(default_factory=dict)
+    shard_workers: int = Field(4, ge=1, le=64)
     pool: str | None = None  # key pool name; None = no auth
     items_key: str = "items"
     next_key: str = "next"
@@ -137,13 +141,27 @@ class HttpSource:
         pool: KeyPool | None,
         checkpoint: Checkpoint,
         client: httpx.Client | None = None,
+        start_url: str | None = None,
+        shard: str = "main",
     ) -> None:
         if config.pool is not None and pool is None:
             raise IngestError(f"source {config.name!r} names key pool {config.pool!r} but no pool was given")
         self.config = config
         self.pool = pool
         self.checkpoint = checkpoint
+        self.start_url = start_url or config.url
+        self.shard = shard
         self.http = client or httpx.Client(timeout=config.timeout_s, follow_redirects=True)
+
+    def shard_sources(self) -> list[HttpSource]:
+        """This source and one more per configured shard, each with its own checkpoint (same pool, same client)."""
+        out = [self]
+        for shard, url in sorted(self.config.shards.items()):
+            cp = Checkpoint(self.checkpoint.r, f"{self.config.name}.{shard}", self.checkpoint.url)
+            out.append(
+                HttpSource(self.config, pool=self.pool, checkpoint=cp, client=self.http, start_url=url, shard=shard)
+            )
+        return out
 
     # ------------------------------------------------------------------ requests
     def _once(self, url: str, *, params: dict[str, str] | None, keyed: bool) -> httpx.Response:
@@ -186,10 +204,11 @@ class HttpSource:
     # --------------------------------------------------------------------- pages
     def _page_url(self, cursor: str | None) -> tuple[str, dict[str, str] | None]:
         if cursor is None:
-            return self.config.url, None
+            return self.start_url, None
         if cursor.startswith(("http://", "https://", "/")):
-            return urljoin(self.config.url, cursor), None
-        return self.config.url, {self.config.cursor_param: cursor}
+            return urljoin(self.start_url, cursor), None
+        # merged into the start URL's own query (httpx's ``params=`` would replace it)
+        return str(httpx.URL(self.start_url).copy_merge_params({self.config.cursor_param: cursor})), None
 
     def _item(self, raw: dict[str, Any], images: dict[str, bytes | Exception]) -> Item:
         cfg = self.config
@@ -222,7 +241,7 @@ class HttpSource:
 
     def _download(self, url: str) -> bytes | Exception:
         try:
-            return self.get(urljoin(self.config.url, url), keyed=self.config.image_auth).content
+            return self.get(urljoin(self.start_url, url), keyed=self.config.image_auth).content
         except (IngestError, KeyPoolError) as exc:
             if isinstance(exc, KeyPoolUnavailable):
                 raise
@@ -292,41 +311,70 @@ def ingest_http(
     progress: bool = False,
     on_page: Callable[[Page], None] | None = None,
 ) -> IngestReport:
-    """Pages -> embed -> upsert -> checkpoint, until the source ends. Bad items fail the run or, with
-    ``skip_bad``, are listed in the report; never silently dropped."""
+    """Pages -> embed -> upsert -> checkpoint, until every shard's chain ends.
+
+    Shards are walked by ``shard_workers`` threads at once (page fetches and image downloads
+    overlap, all leasing from the one key pool); embedding and upserting are serialised.
+    Bad items fail the run or, with ``skip_bad``, are listed in the report; never silently dropped.
+    """
+    import threading
+
     from embedder.indexing import index_items
 
+    shards = source.shard_sources()
     report = IngestReport()
-    state = source.checkpoint.load() if not restart else {}
-    report.resumed_from = state.get("cursor")
-    report.already_done = state.get("done") == "1"
+    states = {s.shard: (s.checkpoint.load() if not restart else {}) for s in shards}
+    report.resumed_from = states["main"].get("cursor")
+    report.already_done = all(st.get("done") == "1" for st in states.values())
+    write_lock = threading.Lock()
+    stop = threading.Event()
     bar: Any = None
+    task: Any = None
     if progress:
         from rich.progress import Progress
 
         bar = Progress()
         bar.start()
         task = bar.add_task(f"ingesting {source.config.name}", total=None)
-    try:
-        for page in source.pages(restart=restart):
+
+    def walk(src: HttpSource) -> None:
+        for page in src.pages(restart=restart):
+            if stop.is_set():
+                return
             if page.bad and not skip_bad:
                 pid, why = page.bad[0]
                 raise IngestError(
                     f"{page.url}: item {pid}: {why} ({len(page.bad)} bad on this page; --skip-bad skips and lists them)"
                 )
-            report.skipped.extend(page.bad)
-            written = 0
-            if page.items:
-                done = index_items(store, collection, embedder, page.items, skip_bad=skip_bad)
-                report.skipped.extend(done.skipped)
-                written = done.written
-            source.commit(page, written)
-            report.pages += 1
-            report.written += written
-            if bar is not None:
-                bar.update(task, advance=written, description=f"ingesting {source.config.name}: {report.pages} pages")
-            if on_page is not None:
-                on_page(page)
+            with write_lock:
+                report.skipped.extend(page.bad)
+                written = 0
+                if page.items:
+                    done = index_items(store, collection, embedder, page.items, skip_bad=skip_bad)
+                    report.skipped.extend(done.skipped)
+                    written = done.written
+                src.commit(page, written)
+                report.pages += 1
+                report.written += written
+                if bar is not None:
+                    bar.update(
+                        task, advance=written, description=f"ingesting {source.config.name}: {report.pages} pages"
+                    )
+                if on_page is not None:
+                    on_page(page)
+
+    try:
+        if len(shards) == 1:
+            walk(shards[0])
+        else:
+            with ThreadPoolExecutor(min(source.config.shard_workers, len(shards))) as ex:
+                futures = [ex.submit(walk, s) for s in shards]
+                try:
+                    for f in futures:
+                        f.result()
+                except BaseException:
+                    stop.set()  # the other shards stop after their page in flight
+                    raise
     finally:
         if bar is not None:
             bar.stop()
