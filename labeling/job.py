@@ -57,6 +57,37 @@ class JobResult:
     report: dict[str, Any]
     outcome: LabelingOutcome
     written: int
+    classes: list[str] = field(default_factory=list)
+    ids: list[str] = field(default_factory=list, repr=False)  # the snapshot's point ids, in row order
+    config: LabelingConfig | None = None
+
+    def predict_proba(self, store: VectorStore, vectors: Any, *, batch: int = 256) -> np.ndarray:
+        """Calibrated class probabilities (columns: ``classes``) for *new* 512D vectors - items that are not
+        in the collection - from the written iteration's models; their neighbours come from the store."""
+        cfg = self.config or LabelingConfig()
+        pred = self.outcome.predictor
+        if pred is None:
+            raise LabelingError("this result carries no models")
+        vecs = np.asarray(vectors, np.float32)
+        if vecs.ndim != 2 or vecs.shape[1] < cfg.prefix_dims:
+            raise LabelingError(f"vectors must be (m, 512), got shape {vecs.shape}")
+        x = vecs[:, : cfg.prefix_dims]
+        x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+        index = sims = None
+        if pred.use_graph:
+            row_of = {pid: i for i, pid in enumerate(self.ids)}
+            index = np.full((len(vecs), cfg.k), -1, np.int32)
+            sims = np.zeros((len(vecs), cfg.k), np.float32)
+            for start in range(0, len(vecs), batch):
+                hits = store.search_batch(
+                    self.collection, vecs[start : start + batch], top_k=cfg.k, shortlist=cfg.shortlist,
+                    with_payload=False,
+                )  # fmt: skip
+                for i, found in enumerate(hits, start):
+                    rows = [(row_of[h.id], h.score) for h in found if h.id in row_of][: cfg.k]
+                    for j, (r, sc) in enumerate(rows):
+                        index[i, j], sims[i, j] = r, sc
+        return pred.predict_proba(x, index, sims)
 
 
 def jsonable(obj: Any) -> Any:
@@ -286,7 +317,7 @@ def run_job(
     report["timings_s"] = timings
     _save(run_dir / "report.json", report)
     emit(JobEvent("done", 1, 1, message=run_id))
-    return JobResult(run_id, collection, run_dir, report, outcome, written)
+    return JobResult(run_id, collection, run_dir, report, outcome, written, classes, snap.ids, cfg)
 
 
 def _counts(values: list[Any]) -> dict[str, int]:

@@ -94,10 +94,12 @@ def feature_names(classes: list[str]) -> list[str]:
 
 
 def neighbourhood_features(graph: NeighbourGraph, v: np.ndarray, *, chunk: int = 65_536) -> np.ndarray:
-    """(n, 3C + 2) features of every point from its neighbours' votes ``v`` (see the module docstring)."""
-    n, c = v.shape
-    if graph.n != n:
-        raise ValueError(f"graph has {graph.n} points but the vote matrix {n}")
+    """(m, 3C + 2) features of the graph's m query points from their neighbours' votes ``v`` (rows of ``v``
+    are the points the graph's indexes refer to; see the module docstring)."""
+    c = v.shape[1]
+    n = graph.n
+    if graph.index.size and int(graph.index.max()) >= v.shape[0]:
+        raise ValueError(f"the graph refers to row {int(graph.index.max())} but the vote matrix has {v.shape[0]} rows")
     out = np.zeros((n, 3 * c + 2), np.float32)
     vpad = np.vstack([v, np.zeros((1, c), np.float32)])  # row -1 -> a neighbour with no vote
     for start in range(0, n, chunk):

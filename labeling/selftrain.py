@@ -45,6 +45,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -108,6 +109,42 @@ class IterationStats:
 
 
 @dataclass
+class Predictor:
+    """The written iteration's models, to label *new* points (not in the snapshot) inductively.
+
+    A new point's neighbourhood features come from its neighbours among the snapshot's
+    points, with each chain's labels as that chain saw them; each chain averages its two
+    models, the shared calibrator maps the scores, and the chains are averaged - the same
+    path that produced the written pool labels.
+    """
+
+    models: list[list[Learner]]  # per chain: its two models
+    votes: list[np.ndarray]  # per chain: the (n, C) vote matrix its models' features were built from
+    calibrator: Any
+    use_graph: bool
+    n_classes: int
+
+    def predict_proba(
+        self, x: np.ndarray, neighbour_index: np.ndarray | None = None, neighbour_sims: np.ndarray | None = None
+    ) -> np.ndarray:
+        """Calibrated (m, C) probabilities of new points ``x`` (the same prefix as the job's), given their
+        neighbours among the snapshot (rows, -1 = none) and similarities when the job used the graph."""
+        x = np.asarray(x, np.float32)
+        if self.use_graph and (neighbour_index is None or neighbour_sims is None):
+            raise ValueError("this job used neighbourhood features: give the new points' neighbours")
+        out = np.zeros((len(x), self.n_classes))
+        for models, v in zip(self.models, self.votes, strict=True):
+            if self.use_graph:
+                graph = NeighbourGraph(np.asarray(neighbour_index, np.int32), np.asarray(neighbour_sims, np.float32))
+                feats = np.hstack([x, neighbourhood_features(graph, v)]).astype(np.float32)
+            else:
+                feats = x
+            raw = np.mean([m.predict_proba(feats) for m in models], axis=0)
+            out += self.calibrator.transform(raw)
+        return out / len(self.models)
+
+
+@dataclass
 class LabelingOutcome:
     pool: np.ndarray  # snapshot rows of the pool points
     decision: GateDecision  # for those rows
@@ -122,6 +159,7 @@ class LabelingOutcome:
     gate_threshold: float
     calibration: CalibrationResult = field(repr=False)
     first_calibration: CalibrationResult = field(repr=False)
+    predictor: Predictor | None = field(default=None, repr=False)
 
     def top_classes(self, row: int, classes: list[str], n: int = 3) -> list[tuple[str, float]]:
         p = self.probs[row]
@@ -220,6 +258,8 @@ class _Snapshot:
     since: np.ndarray
     calibration: CalibrationResult
     eval_pred: np.ndarray
+    models: list[list[Learner]] = field(default_factory=list)
+    votes: list[np.ndarray] = field(default_factory=list)
 
 
 def paired_f1_se(
@@ -306,6 +346,7 @@ class SelfTrainer:
             eval_raw = np.zeros((len(y), c))
             chain_pool_raw: list[np.ndarray] = []
             chain_votes: list[np.ndarray] = []
+            chain_models: list[list[Learner]] = []
             rounds: list[int] = []
             n_rows = n_pseudo_rows = n_mix_rows = 0
             for ci, ch in enumerate(chains):
@@ -316,6 +357,7 @@ class SelfTrainer:
                 feats = self._features(data, v)
                 secs["features"] += time.perf_counter() - t0
                 pool_raw = np.zeros((len(pool), c))
+                chain_models.append([])
                 for half in (0, 1):
                     t0 = time.perf_counter()
                     # this model never trains on the pseudo-labels of the pool half it scores
@@ -340,6 +382,7 @@ class SelfTrainer:
                     ev = ch.eval_rows[ch.eval_half == half]
                     learner = self._learner(c, cfg.seed * 100_003 + it * 101 + ci * 2 + half, it)
                     learner.fit(x_tr, y_tr, w_tr, eval_set=(feats[ev], y[ev]))
+                    chain_models[-1].append(learner)
                     rounds.append(int(getattr(learner, "best_rounds_", 0) or 0))
                     secs["fit"] += time.perf_counter() - t0
                     t0 = time.perf_counter()
@@ -410,7 +453,7 @@ class SelfTrainer:
             stats.change = changed / max(1, int((new >= 0).sum()), int((old >= 0).sum()))
             history.append(stats)
             self._progress("iteration", {"stats": stats, "breaker": False})
-            last = _Snapshot(f1, it, dec, pool_cal, since.copy(), cal, eval_pred)
+            last = _Snapshot(f1, it, dec, pool_cal, since.copy(), cal, eval_pred, chain_models, chain_votes)
             if best is None or f1 > best.f1:
                 best = last
             if it > 1 and stats.change <= cfg.stop_change:
@@ -433,6 +476,13 @@ class SelfTrainer:
             gate_threshold=threshold,
             calibration=out.calibration,
             first_calibration=first_cal,
+            predictor=Predictor(
+                out.models,
+                out.votes,
+                out.calibration.calibrator,
+                self.config.neighbourhood_features and data.graph is not None,
+                c,
+            ),
         )
 
     def _training_set(

@@ -318,3 +318,24 @@ def test_a_binary_job_uses_soft_labels_and_aucpr(emoji_data, tmp_path):
         assert set(final["accepted_by_class"]) == {"Flags", "Smileys & Emotion"}
         assert final["pseudo_precision"] > 0.9 and final["counts"]["accepted"] > 0
         assert store.facet("binary", "pseudo_status")["accepted"] == final["counts"]["accepted"]
+
+
+def test_new_items_are_labelled_inductively_as_well_as_the_pool(emoji_data, tmp_path):
+    from labeling.calibration import macro_f1
+
+    vectors, labels, ids, texts = emoji_data
+    rng = np.random.default_rng(5)
+    order = rng.permutation(len(ids))
+    test, rest = order[:300], order[300:]
+    data = (vectors[rest], [labels[i] for i in rest], [ids[i] for i in rest], [texts[i] for i in rest])
+    with make_edge(tmp_path / "store") as store:
+        load(store, "items", data, seed_fraction=0.1)
+        result = run_job(store, "items", LabelingConfig(**FAST, truth_field="hidden_label"), runs_dir=tmp_path)
+        probs = result.predict_proba(store, vectors[test])  # items the job never saw
+        assert store.count("items") == len(rest)
+    assert probs.shape == (300, len(result.classes)) and np.allclose(probs.sum(axis=1), 1.0)
+    index = {c: i for i, c in enumerate(result.classes)}
+    truth = np.array([index[labels[i]] for i in test])
+    f1 = macro_f1(probs.argmax(axis=1), truth, len(result.classes))
+    pool_f1 = result.report["final"]["pool_macro_f1_vs_truth"]
+    assert f1 > 0.5 and abs(f1 - pool_f1) < 0.1  # new items are labelled about as well as the pool
