@@ -6,7 +6,7 @@ PY     := $(BIN)/python
 # A stamp per extras set: reinstall only when pyproject.toml changes.
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint format protos bench-search bench-embed bench-grpc bench-labeling bench-keys venv redis clean
+.PHONY: demo test lint format protos bench-search bench-embed bench-grpc bench-labeling-scale bench-keys venv redis clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -45,7 +45,7 @@ bench-embed: $(STAMP)-test,dev,bench,data,embed
 bench-grpc: $(STAMP)-test,dev,bench,data,embed
 	$(PY) benchmarks/grpc_load.py --n $${N:-100000}
 
-bench-labeling: $(STAMP)-test,dev,bench,data,embed
+bench-labeling-scale: $(STAMP)-test,dev,bench,data,embed
 	$(PY) benchmarks/labeling_job.py --n $${N:-100000}
 
 bench-keys: $(STAMP)-test,dev,bench,data,embed redis
