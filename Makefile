@@ -6,7 +6,7 @@ PY     := $(BIN)/python
 # A stamp per extras set: reinstall only when pyproject.toml changes.
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint format protos bench-search bench-embed bench-grpc bench-labeling-scale bench-keys venv redis clean
+.PHONY: demo test lint format protos bench-search bench-embed bench-grpc bench-labeling bench-labeling-scale bench-keys venv redis clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -44,6 +44,10 @@ bench-embed: $(STAMP)-test,dev,bench,data,embed
 
 bench-grpc: $(STAMP)-test,dev,bench,data,embed
 	$(PY) benchmarks/grpc_load.py --n $${N:-100000}
+
+# Issue 7's evidence: every method on real data (QUICK=1: emoji, 5% seed, one seed - a few minutes).
+bench-labeling: $(STAMP)-test,dev,bench,data,embed
+	$(PY) benchmarks/self_training.py $${QUICK:+--quick}
 
 bench-labeling-scale: $(STAMP)-test,dev,bench,data,embed
 	$(PY) benchmarks/labeling_job.py --n $${N:-100000}

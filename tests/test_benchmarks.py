@@ -105,3 +105,21 @@ def test_keys_benchmark_writes_the_documented_format(redis_server, tmp_path):
     result = json.loads(out.read_text())
     assert {(r["keys"], r["method"]) for r in result["rows"]} == {(10, "lua"), (10, "scan"), (50, "lua"), (50, "scan")}
     assert all(set(r) == {"keys", "method", "ops_per_s"} and r["ops_per_s"] > 0 for r in result["rows"])
+
+
+def test_self_training_benchmark_writes_the_documented_format(tmp_path):
+    out = tmp_path / "self_training.json"
+    subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "self_training.py"), "--quick", "--epochs", "5",
+         "--methods", "embedstore_no_neighbourhood,supervised_xgb,label_spreading", "--out", str(out)],
+        check=True, cwd=ROOT, timeout=900, capture_output=True,
+    )  # fmt: skip
+    result = json.loads(out.read_text())
+    keys = {"dataset", "seed_fraction", "method", "seed", "macro_f1", "pseudo_precision", "mean_confidence",
+            "coverage", "ece", "iterations", "wall_s"}  # fmt: skip
+    assert {r["method"] for r in result["rows"]} == {"embedstore_no_neighbourhood", "supervised_xgb", "label_spreading"}
+    for r in result["rows"]:
+        assert set(r) >= keys and r["dataset"] == "emoji" and r["seed_fraction"] == 0.05
+        assert 0.0 <= r["macro_f1"] <= 1.0
+    ours = next(r for r in result["rows"] if r["method"] == "embedstore_no_neighbourhood")
+    assert ours["iterations"] >= 1 and 0.0 <= ours["coverage"] <= 1.0
