@@ -91,6 +91,9 @@ class LabelingConfig(BaseModel):
     shortlist: int | None = Field(None, ge=1)
     pseudo_feature_weight: float = Field(0.5, ge=0, le=1)
     neighbourhood_features: bool = True
+    #: Leak-free multi-hop label propagation features (0 = off); see labeling.neighbours.Propagation.
+    propagation_hops: int = Field(3, ge=0, le=6)
+    propagation_alpha: float = Field(0.8, gt=0, le=1)
 
     # ---- learner
     learner: LearnerName = "xgboost"

@@ -118,6 +118,8 @@ class XGBoostLearner:
 
         if self.booster_ is None:
             raise RuntimeError("XGBoostLearner is not fitted")
+        if x.shape[1] != self.booster_.num_features():  # xgboost would silently accept too few columns
+            raise ValueError(f"the model was trained on {self.booster_.num_features()} features, got {x.shape[1]}")
         p = self.booster_.predict(xgb.DMatrix(x), iteration_range=(0, self.best_rounds_ or 0))
         if self.n_classes == 2:
             p = np.column_stack([1.0 - p, p])

@@ -24,6 +24,7 @@ on from that model's features (see :mod:`labeling.selftrain`).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -93,6 +94,10 @@ def feature_names(classes: list[str]) -> list[str]:
     )
 
 
+def propagation_names(classes: list[str]) -> list[str]:
+    return [f"propagated[{c}]" for c in classes] + ["propagated_mass"]
+
+
 def neighbourhood_features(graph: NeighbourGraph, v: np.ndarray, *, chunk: int = 65_536) -> np.ndarray:
     """(m, 3C + 2) features of the graph's m query points from their neighbours' votes ``v`` (rows of ``v``
     are the points the graph's indexes refer to; see the module docstring)."""
@@ -139,3 +144,73 @@ def neighbour_vote(graph: NeighbourGraph, v: np.ndarray, rows: np.ndarray) -> tu
     count = (nv > 0).any(axis=2).sum(axis=1)
     majority = np.where(total > 0, dist.argmax(axis=1), -1)
     return dist, count, majority
+
+
+class Propagation:
+    """Leak-free multi-hop label propagation over the kNN graph: label spreading's reach, as features.
+
+    With ``S`` the row-normalised similarity graph and ``v`` the vote matrix,
+    ``F = sum_{t=1..hops} alpha^(t-1) (S^t v - diag(S^t) * v)``: the labels that reach a
+    point along walks of 1..hops steps, minus its own label's echo (walks that leave the
+    point and come back to it), so a labelled point's own label never feeds its own
+    features, exactly. Features: F as a distribution over classes (C) and its total mass.
+    ``diag(S^t)`` is computed once per graph, in row chunks (memory O(chunk x k^hops)).
+    """
+
+    def __init__(self, graph: NeighbourGraph, *, hops: int = 3, alpha: float = 0.8, chunk: int = 2048) -> None:
+        import scipy.sparse as sp
+
+        if hops < 1:
+            raise ValueError(f"hops must be >= 1, got {hops}")
+        self.hops, self.alpha = hops, alpha
+        self.S = self._normalised(graph.index, graph.sims, graph.n)
+        n = graph.n
+        self.diags: list[np.ndarray] = [np.zeros(n)]  # diag(S^1) = 0: no self-loops
+        for _ in range(2, hops + 1):
+            self.diags.append(np.zeros(n))
+        for start in range(0, n, chunk):
+            stop = min(n, start + chunk)
+            rows = np.arange(stop - start)
+            p = self.S[start:stop]
+            for t in range(2, hops + 1):
+                p = p @ self.S
+                self.diags[t - 1][start:stop] = np.asarray(p[rows, rows + start]).ravel()
+        self._sp = sp
+
+    @staticmethod
+    def _normalised(index: np.ndarray, sims: np.ndarray, n_cols: int) -> Any:
+        import scipy.sparse as sp
+
+        m, k = index.shape
+        rows = np.repeat(np.arange(m), k)
+        cols = index.ravel()
+        vals = np.maximum(sims.ravel(), 0.0).astype(np.float64)
+        keep = cols >= 0
+        s = sp.csr_matrix((vals[keep], (rows[keep], cols[keep])), shape=(m, n_cols))
+        d = np.asarray(s.sum(axis=1)).ravel()
+        return sp.diags(np.divide(1.0, d, out=np.zeros_like(d), where=d > 0)) @ s
+
+    def _out(self, f: np.ndarray) -> np.ndarray:
+        f = np.maximum(f, 0.0)
+        mass = f.sum(axis=1, keepdims=True)
+        dist = np.divide(f, mass, out=np.zeros_like(f), where=mass > 0)
+        return np.hstack([dist, mass]).astype(np.float32)
+
+    def features(self, v: np.ndarray) -> np.ndarray:
+        """(n, C + 1) for the graph's own points."""
+        f = np.zeros(v.shape, np.float64)
+        cur = v.astype(np.float64)
+        for t in range(1, self.hops + 1):
+            cur = self.S @ cur
+            f += self.alpha ** (t - 1) * (cur - self.diags[t - 1][:, None] * v)
+        return self._out(f)
+
+    def features_new(self, index: np.ndarray, sims: np.ndarray, v: np.ndarray) -> np.ndarray:
+        """(m, C + 1) for new points (no label of their own: nothing to remove), given their neighbour rows."""
+        q = self._normalised(np.asarray(index), np.asarray(sims), v.shape[0])
+        f = np.zeros((q.shape[0], v.shape[1]), np.float64)
+        cur = v.astype(np.float64)
+        for t in range(1, self.hops + 1):
+            f += self.alpha ** (t - 1) * (q @ cur)
+            cur = self.S @ cur
+        return self._out(f)

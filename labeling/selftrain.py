@@ -55,7 +55,7 @@ from labeling.errors import SeedError
 from labeling.gate import ACCEPTED, STATUS_NAMES, GateDecision, StateGate
 from labeling.learners import Learner, make_learner
 from labeling.mixup import mixup
-from labeling.neighbours import NeighbourGraph, neighbour_vote, neighbourhood_features, votes
+from labeling.neighbours import NeighbourGraph, Propagation, neighbour_vote, neighbourhood_features, votes
 
 LearnerFactory = Callable[[int, int, int], Learner]  # (n_classes, seed, iteration) -> learner
 Progress = Callable[[str, dict[str, object]], None]
@@ -123,6 +123,7 @@ class Predictor:
     calibrator: Any
     use_graph: bool
     n_classes: int
+    propagation: Propagation | None = None
 
     def predict_proba(
         self, x: np.ndarray, neighbour_index: np.ndarray | None = None, neighbour_sims: np.ndarray | None = None
@@ -136,7 +137,10 @@ class Predictor:
         for models, v in zip(self.models, self.votes, strict=True):
             if self.use_graph:
                 graph = NeighbourGraph(np.asarray(neighbour_index, np.int32), np.asarray(neighbour_sims, np.float32))
-                feats = np.hstack([x, neighbourhood_features(graph, v)]).astype(np.float32)
+                parts = [x, neighbourhood_features(graph, v)]
+                if self.propagation is not None:
+                    parts.append(self.propagation.features_new(graph.index, graph.sims, v))
+                feats = np.hstack(parts).astype(np.float32)
             else:
                 feats = x
             raw = np.mean([m.predict_proba(feats) for m in models], axis=0)
@@ -293,9 +297,12 @@ class SelfTrainer:
             return self._factory(n_classes, seed, iteration)
         return make_learner(self.config, n_classes, seed)
 
-    def _features(self, data: LabelingInput, v: np.ndarray) -> np.ndarray:
+    def _features(self, data: LabelingInput, v: np.ndarray, prop: Propagation | None) -> np.ndarray:
         if self.config.neighbourhood_features and data.graph is not None:
-            return np.hstack([data.x, neighbourhood_features(data.graph, v)]).astype(np.float32)
+            parts = [data.x, neighbourhood_features(data.graph, v)]
+            if prop is not None:
+                parts.append(prop.features(v))
+            return np.hstack(parts).astype(np.float32)
         return np.asarray(data.x, np.float32)
 
     def run(
@@ -329,6 +336,9 @@ class SelfTrainer:
             cap_factor=gate.cap_factor,
         )
         truth_pool = None if data.truth is None else data.truth[pool]
+        prop = None
+        if cfg.neighbourhood_features and data.graph is not None and cfg.propagation_hops > 0:
+            prop = Propagation(data.graph, hops=cfg.propagation_hops, alpha=cfg.propagation_alpha)
         eval_all = np.concatenate([ch.eval_rows for ch in chains])
 
         final_label = np.full(len(pool), -1, np.int64)  # the written (ensemble) accepted labels
@@ -354,7 +364,7 @@ class SelfTrainer:
                 y_vis = np.where(ch.visible, y, -1)
                 v = votes(c, y_vis, ch.acc_label, ch.acc_conf, cfg.pseudo_feature_weight)
                 chain_votes.append(v)
-                feats = self._features(data, v)
+                feats = self._features(data, v, prop)
                 secs["features"] += time.perf_counter() - t0
                 pool_raw = np.zeros((len(pool), c))
                 chain_models.append([])
@@ -482,6 +492,7 @@ class SelfTrainer:
                 out.calibration.calibrator,
                 self.config.neighbourhood_features and data.graph is not None,
                 c,
+                prop,
             ),
         )
 

@@ -228,3 +228,35 @@ def test_breaker_rolls_back_to_the_best_iteration_on_a_forced_degradation():
     assert out.iterations[-1].f1 < best_f1
     chosen = out.iterations[out.chosen_iteration - 1]
     assert out.decision.counts()["accepted"] == chosen.counts["accepted"]  # the written labels are the best's
+
+
+def test_propagated_features_never_echo_a_points_own_label():
+    from labeling.neighbours import Propagation
+
+    x, cl = clustered_vectors(400, n_clusters=4, seed=2, spread=0.8)
+    g = NeighbourGraph.exact(x, 10)
+    prop = Propagation(g, hops=3)
+    y = np.full(400, -1)
+    y[::8] = cl[::8]
+    none = np.full(400, -1)
+    base = prop.features(votes(4, y, none, np.zeros(400, np.float32), 0.5))
+    for i in (0, 8, 16):  # labelled points: flipping their own label leaves their own features exactly as they were
+        flipped = y.copy()
+        flipped[i] = (y[i] + 1) % 4
+        after = prop.features(votes(4, flipped, none, np.zeros(400, np.float32), 0.5))
+        np.testing.assert_allclose(after[i], base[i], atol=1e-6)
+        assert not np.allclose(after, base)  # ... while other points' do change
+    # it carries signal: the propagated distribution's argmax recovers most unlabelled points' clusters
+    unl = y < 0
+    assert (base[unl, :4].argmax(axis=1) == cl[unl]).mean() > 0.8
+    # a new point sees the same snapshot labels through its neighbours
+    new = prop.features_new(g.index[:5], g.sims[:5], votes(4, y, none, np.zeros(400, np.float32), 0.5))
+    assert new.shape == (5, 5) and np.allclose(new[:, :4].sum(axis=1), 1.0, atol=1e-5)
+
+
+def test_xgboost_refuses_a_feature_count_it_was_not_trained_on():
+    x = np.random.default_rng(0).normal(size=(60, 5)).astype(np.float32)
+    y = np.eye(2)[(x[:, 0] > 0).astype(int)]
+    m = XGBoostLearner(2, XGBoostParams(max_rounds=5)).fit(x, y, np.ones(60))
+    with pytest.raises(ValueError, match="trained on 5 features, got 4"):
+        m.predict_proba(x[:, :4])
