@@ -228,10 +228,9 @@ def inspect_cmd(
     """A point's label / pseudo-label beside its nearest neighbours, and how far they agree."""
     import dataclasses
 
-    from rich.table import Table
-
     from embedder.client import ServiceError
     from labeling.inspect import inspect_neighbours
+    from labeling.present import agreement_line, neighbour_table
 
     try:
         if local:
@@ -252,24 +251,8 @@ def inspect_cmd(
         f"[bold]{view.point.id}[/]  label={st.label}  source={st.label_source}  "
         f"pseudo={st.pseudo_label} ({st.pseudo_status} {conf})  text={str(view.point.payload.get('text', ''))[:60]!r}"
     )
-    table = Table("similarity", "id", "label", "pseudo-label", "status", "confidence", "text")
-    for n in view.neighbours:
-        ns = n.point.state
-        table.add_row(
-            f"{n.similarity:.3f}",
-            n.point.id,
-            ns.label or "",
-            ns.pseudo_label or "",
-            ns.pseudo_status or "",
-            "" if ns.pseudo_confidence is None else f"{ns.pseudo_confidence:.3f}",
-            str(n.point.payload.get("text", ""))[:40],
-        )
-    console.print(table)
-    a = view.agreement
-    console.print(
-        f"agreement with {a.label!r}: {a.weighted:.2f} weighted, {a.unweighted:.2f} unweighted over "
-        f"{a.labelled_neighbours} labelled neighbours; majority {a.majority_label!r} ({a.majority_share:.2f})"
-    )
+    console.print(neighbour_table(view))
+    console.print(agreement_line(view))
 
 
 @app.command("serve")

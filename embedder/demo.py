@@ -37,7 +37,7 @@ from embedder.training import features_for
 from labeling.config import LabelingConfig
 from labeling.inspect import Inspection, inspect_neighbours
 from labeling.job import run_job
-from labeling.present import print_report, rich_events
+from labeling.present import agreement_line, neighbour_table, print_report, rich_events
 from retrieval import StoreSettings, VectorStore, collection_spec, open_store
 
 EXAMPLE_QUERIES = ("red heart", "flag of japan", "slice of pizza", "crying with laughter", "rocket")
@@ -228,24 +228,8 @@ def _inspect_one(store: VectorStore, collection: str, report: dict[str, Any], co
         f"{view.point.payload.get('text')!r}: pseudo-label [bold]{st.pseudo_label}[/] ({st.pseudo_status}, "
         f"calibrated P = {st.pseudo_confidence}); hidden truth: {truth}"
     )
-    table = Table("similarity", "id", "text", "ground truth", "pseudo-label", "status", "confidence")
-    for n in view.neighbours:
-        ns = n.point.state
-        table.add_row(
-            f"{n.similarity:.3f}",
-            n.point.id,
-            str(n.point.payload.get("text", ""))[:32],
-            ns.label or "",
-            ns.pseudo_label or "",
-            ns.pseudo_status or "",
-            "" if ns.pseudo_confidence is None else f"{ns.pseudo_confidence:.3f}",
-        )
-    console.print(table)
-    a = view.agreement
-    console.print(
-        f"neighbourhood agreement with {a.label!r}: {a.weighted:.2f} (similarity-weighted) over "
-        f"{a.labelled_neighbours} labelled neighbours; majority {a.majority_label!r}"
-    )
+    console.print(neighbour_table(view, text_width=32))
+    console.print(agreement_line(view))
     return view
 
 

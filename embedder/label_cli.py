@@ -231,7 +231,8 @@ def review_cmd(
     token: TokenOpt = None,
 ) -> None:
     """Export the points sent to review (most uncertain first): id, text, image ref, top classes, empty label."""
-    from labeling.review import ReviewItem, export_review, write_review
+    from embedder.service.convert import review_item_from_proto
+    from labeling.review import export_review, write_review
 
     if server is not None:
         from embedder.client import Client, ServiceError
@@ -241,20 +242,7 @@ def review_cmd(
                 found = client.review_queue(limit=limit or 100_000, collection=collection or "")
         except ServiceError as exc:
             _fail(exc)
-        items = [
-            ReviewItem(
-                id=q.id,
-                text=q.text or None,
-                image=q.image or None,
-                pseudo_label=q.pseudo_label or None,
-                pseudo_confidence=q.pseudo_confidence if q.HasField("pseudo_confidence") else None,
-                review_score=q.review_score if q.HasField("review_score") else None,
-                top=[(t.label, t.probability) for t in q.top],
-                labeling_run=q.labeling_run or None,
-            )
-            for q in found
-        ]
-        n = write_review(items, export)
+        n = write_review([review_item_from_proto(q) for q in found], export)
     else:
         try:
             store, name = _open(path, collection)

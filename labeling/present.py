@@ -10,6 +10,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from labeling.inspect import Inspection
 from labeling.job import Events, JobEvent
 
 _STAGES = {
@@ -60,6 +61,31 @@ def rich_events(console: Console, *, enabled: bool = True) -> Iterator[Events]:
             progress.update(tasks[e.stage], completed=e.done, total=e.total or None, note=note)
 
         yield on_event
+
+
+def neighbour_table(view: Inspection, *, text_width: int = 40) -> Table:
+    """A point's neighbours with their labels, pseudo-labels, status, confidence and text."""
+    table = Table("similarity", "id", "text", "ground truth", "pseudo-label", "status", "confidence")
+    for n in view.neighbours:
+        ns = n.point.state
+        table.add_row(
+            f"{n.similarity:.3f}",
+            n.point.id,
+            str(n.point.payload.get("text", ""))[:text_width],
+            ns.label or "",
+            ns.pseudo_label or "",
+            ns.pseudo_status or "",
+            "" if ns.pseudo_confidence is None else f"{ns.pseudo_confidence:.3f}",
+        )
+    return table
+
+
+def agreement_line(view: Inspection) -> str:
+    a = view.agreement
+    return (
+        f"agreement with {a.label!r}: {a.weighted:.2f} weighted, {a.unweighted:.2f} unweighted over "
+        f"{a.labelled_neighbours} labelled neighbours; majority {a.majority_label!r} ({a.majority_share:.2f})"
+    )
 
 
 def _f(v: Any, fmt: str = "{:.3f}") -> str:

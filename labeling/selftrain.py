@@ -340,6 +340,11 @@ class SelfTrainer:
         if cfg.neighbourhood_features and data.graph is not None and cfg.propagation_hops > 0:
             prop = Propagation(data.graph, hops=cfg.propagation_hops, alpha=cfg.propagation_alpha)
         eval_all = np.concatenate([ch.eval_rows for ch in chains])
+        # the written decision's veto looks at the ground truth only: the same every iteration
+        gt_dist = gt_count = None
+        if gate.veto:
+            gt_votes = votes(c, y, np.full(len(y), -1), np.zeros(len(y), np.float32), 0.0)
+            gt_dist, gt_count, _ = neighbour_vote(data.graph, gt_votes, pool)  # type: ignore[arg-type]
 
         final_label = np.full(len(pool), -1, np.int64)  # the written (ensemble) accepted labels
         since = np.zeros(len(pool), np.int64)
@@ -443,9 +448,7 @@ class SelfTrainer:
                 ch.acc_label[pool] = np.where(ok, cd.label, -1)
                 ch.acc_conf[pool] = np.where(ok, cd.confidence, 0.0)
             # the written decision: the chains' mean calibrated probability, gated against all the ground truth
-            all_votes = votes(c, y, np.full(len(y), -1), np.zeros(len(y), np.float32), 0.0)
-            d, cnt, _ = neighbour_vote(data.graph, all_votes, pool) if gate.veto else (None, None, None)  # type: ignore[arg-type]
-            dec = gate.decide(pool_cal, priors, d, cnt)
+            dec = gate.decide(pool_cal, priors, gt_dist, gt_count)
             secs["gate"] = time.perf_counter() - t0
             old = final_label
             new = np.where(dec.status == ACCEPTED, dec.label, -1)

@@ -165,6 +165,22 @@ def review_item_to_proto(item: Any, out: labeling_pb2.ReviewItem) -> None:
     out.labeling_run = item.labeling_run or ""
 
 
+def review_item_from_proto(q: labeling_pb2.ReviewItem) -> Any:
+    """The client-side :class:`labeling.review.ReviewItem` of a ListReviewQueue entry."""
+    from labeling.review import ReviewItem
+
+    return ReviewItem(
+        id=q.id,
+        text=q.text or None,
+        image=q.image or None,
+        pseudo_label=q.pseudo_label or None,
+        pseudo_confidence=q.pseudo_confidence if q.HasField("pseudo_confidence") else None,
+        review_score=q.review_score if q.HasField("review_score") else None,
+        top=[(t.label, t.probability) for t in q.top],
+        labeling_run=q.labeling_run or None,
+    )
+
+
 def iteration_to_proto(stats: Any, breaker: bool) -> labeling_pb2.IterationSummary:
     out = labeling_pb2.IterationSummary(
         iteration=stats.iteration,
