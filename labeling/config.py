@@ -94,6 +94,13 @@ class LabelingConfig(BaseModel):
     #: Leak-free multi-hop label propagation features (0 = off); see labeling.neighbours.Propagation.
     propagation_hops: int = Field(3, ge=0, le=6)
     propagation_alpha: float = Field(0.8, gt=0, le=1)
+    #: Blend the learner's scores with label spreading over the same graph (labeling.neighbours.Spreading);
+    #: the weight is chosen each iteration by cross-validated log loss on the held-out ground truth, so a
+    #: graph that does not carry the labels gets weight 0 and a graph that does is not thrown away.
+    spreading: bool = True
+    spreading_alpha: float = Field(0.2, gt=0, lt=1)
+    #: Also give the learner the spread class distribution as features (cross-fitted on ground-truth rows).
+    spreading_feature: bool = True
 
     # ---- learner
     learner: LearnerName = "xgboost"

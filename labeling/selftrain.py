@@ -49,13 +49,20 @@ from typing import Any
 
 import numpy as np
 
-from labeling.calibration import CalibrationMetrics, CalibrationResult, calibrate, macro_f1
+from labeling.calibration import CalibrationMetrics, CalibrationResult, calibrate, cross_calibrated, log_loss, macro_f1
 from labeling.config import LabelingConfig
 from labeling.errors import SeedError
 from labeling.gate import ACCEPTED, STATUS_NAMES, GateDecision, StateGate
 from labeling.learners import Learner, make_learner
 from labeling.mixup import mixup
-from labeling.neighbours import NeighbourGraph, Propagation, neighbour_vote, neighbourhood_features, votes
+from labeling.neighbours import (
+    NeighbourGraph,
+    Propagation,
+    Spreading,
+    neighbour_vote,
+    neighbourhood_features,
+    votes,
+)
 
 LearnerFactory = Callable[[int, int, int], Learner]  # (n_classes, seed, iteration) -> learner
 Progress = Callable[[str, dict[str, object]], None]
@@ -102,6 +109,8 @@ class IterationStats:
     pseudo_precision: float | None
     best_rounds: list[int]
     seconds: dict[str, float]
+    #: Weight of the learner in the learner/label-spreading blend (1.0: learner only; None: no blend).
+    blend_weight: float | None = None
 
     @property
     def f1(self) -> float:
@@ -124,6 +133,9 @@ class Predictor:
     use_graph: bool
     n_classes: int
     propagation: Propagation | None = None
+    spread: np.ndarray | None = None  # label spreading's (n, C) distributions of the snapshot's points
+    blend_weight: float | None = None  # the learner's weight in the blend with spreading
+    chain_spread: list[np.ndarray] | None = None  # per chain: spreading of its visible ground truth (a feature)
 
     def predict_proba(
         self, x: np.ndarray, neighbour_index: np.ndarray | None = None, neighbour_sims: np.ndarray | None = None
@@ -134,16 +146,21 @@ class Predictor:
         if self.use_graph and (neighbour_index is None or neighbour_sims is None):
             raise ValueError("this job used neighbourhood features: give the new points' neighbours")
         out = np.zeros((len(x), self.n_classes))
-        for models, v in zip(self.models, self.votes, strict=True):
+        for ci, (models, v) in enumerate(zip(self.models, self.votes, strict=True)):
             if self.use_graph:
                 graph = NeighbourGraph(np.asarray(neighbour_index, np.int32), np.asarray(neighbour_sims, np.float32))
                 parts = [x, neighbourhood_features(graph, v)]
                 if self.propagation is not None:
                     parts.append(self.propagation.features_new(graph.index, graph.sims, v))
+                if self.chain_spread is not None:
+                    parts.append(Spreading.new(graph.index, graph.sims, self.chain_spread[ci]))
                 feats = np.hstack(parts).astype(np.float32)
             else:
                 feats = x
             raw = np.mean([m.predict_proba(feats) for m in models], axis=0)
+            if self.spread is not None and self.blend_weight is not None:
+                f = Spreading.new(np.asarray(neighbour_index), np.asarray(neighbour_sims), self.spread)
+                raw = self.blend_weight * raw + (1 - self.blend_weight) * f
             out += self.calibrator.transform(raw)
         return out / len(self.models)
 
@@ -264,6 +281,21 @@ class _Snapshot:
     eval_pred: np.ndarray
     models: list[list[Learner]] = field(default_factory=list)
     votes: list[np.ndarray] = field(default_factory=list)
+    spread: np.ndarray | None = None
+    blend_weight: float | None = None
+
+
+BLEND_GRID = tuple(np.round(np.linspace(0.0, 1.0, 11), 2))
+
+
+def choose_blend(learner: np.ndarray, spread: np.ndarray, y: np.ndarray, *, seed: int = 0) -> float:
+    """The learner's weight ``w`` in ``w x learner + (1 - w) x spreading``: the grid value whose blend has the
+    lowest cross-validated log loss after temperature scaling, on held-out ground truth (ties: more learner)."""
+    losses = [
+        log_loss(cross_calibrated("temperature", w * learner + (1 - w) * spread, y, seed=seed), y) for w in BLEND_GRID
+    ]
+    best = min(losses)
+    return float(max(w for w, loss in zip(BLEND_GRID, losses, strict=True) if loss <= best + 1e-9))
 
 
 def paired_f1_se(
@@ -297,11 +329,15 @@ class SelfTrainer:
             return self._factory(n_classes, seed, iteration)
         return make_learner(self.config, n_classes, seed)
 
-    def _features(self, data: LabelingInput, v: np.ndarray, prop: Propagation | None) -> np.ndarray:
+    def _features(
+        self, data: LabelingInput, v: np.ndarray, prop: Propagation | None, spread_feature: np.ndarray | None
+    ) -> np.ndarray:
         if self.config.neighbourhood_features and data.graph is not None:
             parts = [data.x, neighbourhood_features(data.graph, v)]
             if prop is not None:
                 parts.append(prop.features(v))
+            if spread_feature is not None:
+                parts.append(spread_feature)
             return np.hstack(parts).astype(np.float32)
         return np.asarray(data.x, np.float32)
 
@@ -339,6 +375,24 @@ class SelfTrainer:
         prop = None
         if cfg.neighbourhood_features and data.graph is not None and cfg.propagation_hops > 0:
             prop = Propagation(data.graph, hops=cfg.propagation_hops, alpha=cfg.propagation_alpha)
+        spreading = None
+        chain_gt_spread: list[np.ndarray] = []
+        chain_spread_feature: list[np.ndarray] = []
+        all_gt_spread = np.zeros((0, c))
+        if cfg.neighbourhood_features and data.graph is not None and cfg.spreading:
+            # ground truth only: spreading accepted pseudo-labels too was measured worse (emoji, 5%, 3 seeds:
+            # test macro-F1 -2 to -6 points) - the gate accepts the easy points of the easy classes first,
+            # and spreading is sensitive to that imbalance. Fixed for the job, so computed once.
+            spreading = Spreading(data.graph, alpha=cfg.spreading_alpha)
+            chain_gt_spread = [spreading.of_labels(np.where(ch.visible, y, -1), c) for ch in chains]
+            all_gt_spread = spreading.of_labels(y, c)
+            if cfg.spreading_feature:
+                # as a learner feature, cross-fitted: a ground-truth row's value comes from a spread that hid
+                # its label (the (1 - alpha) y term would otherwise hand the learner the answer on its own rows)
+                chain_spread_feature = [
+                    spreading.cross_fitted(np.where(ch.visible, y, -1), c, folds=cfg.cv_folds, rng=rng, full=f)
+                    for ch, f in zip(chains, chain_gt_spread, strict=True)
+                ]
         eval_all = np.concatenate([ch.eval_rows for ch in chains])
         # the written decision's veto looks at the ground truth only: the same every iteration
         gt_dist = gt_count = None
@@ -359,7 +413,9 @@ class SelfTrainer:
             t_start = time.perf_counter()
             secs = {"features": 0.0, "fit": 0.0, "predict": 0.0}
             eval_raw = np.zeros((len(y), c))
+            eval_spread = np.zeros((len(y), c))
             chain_pool_raw: list[np.ndarray] = []
+            chain_pool_spread: list[np.ndarray] = []
             chain_votes: list[np.ndarray] = []
             chain_models: list[list[Learner]] = []
             rounds: list[int] = []
@@ -369,9 +425,10 @@ class SelfTrainer:
                 y_vis = np.where(ch.visible, y, -1)
                 v = votes(c, y_vis, ch.acc_label, ch.acc_conf, cfg.pseudo_feature_weight)
                 chain_votes.append(v)
-                feats = self._features(data, v, prop)
+                feats = self._features(data, v, prop, chain_spread_feature[ci] if chain_spread_feature else None)
                 secs["features"] += time.perf_counter() - t0
                 pool_raw = np.zeros((len(pool), c))
+                pool_spread = np.zeros((len(pool), c))
                 chain_models.append([])
                 for half in (0, 1):
                     t0 = time.perf_counter()
@@ -404,20 +461,36 @@ class SelfTrainer:
                     eval_raw[ev] = learner.predict_proba(feats[ev])
                     mine = ch.pool_half == half
                     pool_raw[mine] = learner.predict_proba(feats[pool[mine]])
+                    if chain_gt_spread:
+                        eval_spread[ev] = chain_gt_spread[ci][ev]
+                        pool_spread[mine] = chain_gt_spread[ci][pool[mine]]
                     secs["predict"] += time.perf_counter() - t0
                     n_rows += len(x_tr)
                     n_pseudo_rows += n_pseudo
                     n_mix_rows += n_mix
                     self._progress("model", {"iteration": it, "model": 2 * ci + half + 1, "models": 2 * len(chains)})
                 chain_pool_raw.append(pool_raw)
+                chain_pool_spread.append(pool_spread)
 
             t0 = time.perf_counter()
+            blend_w = None
+            written_raw = chain_pool_raw
+            full_spread = None
+            if spreading is not None:
+                blend_w = choose_blend(eval_raw[eval_all], eval_spread[eval_all], y[eval_all], seed=cfg.seed + it)
+                eval_raw = blend_w * eval_raw + (1 - blend_w) * eval_spread
+                # the written decision spreads *all* the ground truth, where a chain spreads the part it may see
+                full_spread = all_gt_spread
+                written_raw = [blend_w * p + (1 - blend_w) * all_gt_spread[pool] for p in chain_pool_raw]
+                chain_pool_raw = [
+                    blend_w * p + (1 - blend_w) * f for p, f in zip(chain_pool_raw, chain_pool_spread, strict=True)
+                ]
             cal = calibrate(
                 eval_raw[eval_all], y[eval_all], c, cfg.calibration, bins=cfg.calibration_bins, seed=cfg.seed + it
             )
             first_cal = first_cal or cal
             chain_pool_cal = [cal.calibrator.transform(p) for p in chain_pool_raw]
-            pool_cal = np.mean(chain_pool_cal, axis=0)
+            pool_cal = np.mean([cal.calibrator.transform(p) for p in written_raw], axis=0)
             secs["calibrate"] = time.perf_counter() - t0
             f1 = cal.after.macro_f1
 
@@ -435,6 +508,7 @@ class SelfTrainer:
                 )
                 secs["total"] = time.perf_counter() - t_start
                 stats = self._stats(it, cal, None, None, data, truth_pool, rounds, secs, (0, 0, 0))
+                stats.blend_weight = blend_w
                 history.append(stats)
                 self._progress("iteration", {"stats": stats, "breaker": True})
                 break
@@ -463,10 +537,13 @@ class SelfTrainer:
             secs["total"] = time.perf_counter() - t_start
             stats = self._stats(it, cal, dec, new, data, truth_pool, rounds, secs, moves)
             stats.train_rows, stats.train_pseudo, stats.mixup_rows = n_rows, n_pseudo_rows, n_mix_rows
+            stats.blend_weight = blend_w
             stats.change = changed / max(1, int((new >= 0).sum()), int((old >= 0).sum()))
             history.append(stats)
             self._progress("iteration", {"stats": stats, "breaker": False})
-            last = _Snapshot(f1, it, dec, pool_cal, since.copy(), cal, eval_pred, chain_models, chain_votes)
+            last = _Snapshot(
+                f1, it, dec, pool_cal, since.copy(), cal, eval_pred, chain_models, chain_votes, full_spread, blend_w
+            )
             if best is None or f1 > best.f1:
                 best = last
             if it > 1 and stats.change <= cfg.stop_change:
@@ -496,6 +573,9 @@ class SelfTrainer:
                 self.config.neighbourhood_features and data.graph is not None,
                 c,
                 prop,
+                out.spread if out.blend_weight is not None else None,
+                out.blend_weight,
+                chain_gt_spread if chain_spread_feature else None,
             ),
         )
 

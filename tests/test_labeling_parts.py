@@ -13,8 +13,8 @@ from labeling.errors import SeedError
 from labeling.gate import ACCEPTED, QUARANTINED, REVIEW, StateGate
 from labeling.learners import RandomForestLearner, XGBoostLearner, expand_soft
 from labeling.mixup import mixup
-from labeling.neighbours import NeighbourGraph, neighbour_vote, neighbourhood_features, votes
-from labeling.selftrain import LabelingInput, SelfTrainer, check_seed
+from labeling.neighbours import NeighbourGraph, Spreading, neighbour_vote, neighbourhood_features, votes
+from labeling.selftrain import LabelingInput, SelfTrainer, check_seed, choose_blend
 from retrieval.synthetic import clustered_vectors
 
 
@@ -220,7 +220,8 @@ class _Degrading:
 
 
 def test_breaker_rolls_back_to_the_best_iteration_on_a_forced_degradation():
-    cfg = LabelingConfig(max_iterations=6, stop_change=0.0, review_count=0)
+    # without the spreading blend, which would (rightly) move its weight off a degrading learner and hide it
+    cfg = LabelingConfig(max_iterations=6, stop_change=0.0, review_count=0, spreading=False)
     out = SelfTrainer(cfg, learner_factory=lambda c, s, it: _Degrading(c, s, it, bad_from=3)).run(_toy())
     assert out.breaker_tripped and "rolled back" in out.stop_reason
     assert out.chosen_iteration < 3 and len(out.iterations) == 3
@@ -260,3 +261,58 @@ def test_xgboost_refuses_a_feature_count_it_was_not_trained_on():
     m = XGBoostLearner(2, XGBoostParams(max_rounds=5)).fit(x, y, np.ones(60))
     with pytest.raises(ValueError, match="trained on 5 features, got 4"):
         m.predict_proba(x[:, :4])
+
+
+def _two_chains(n: int = 40) -> NeighbourGraph:
+    """Two disjoint paths 0..n/2-1 and n/2..n-1: each point's neighbours are its path neighbours."""
+    half = n // 2
+    index = np.full((n, 2), -1, np.int32)
+    for i in range(n):
+        lo, hi = (0, half) if i < half else (half, n)
+        index[i] = [i - 1 if i - 1 >= lo else -1, i + 1 if i + 1 < hi else -1]
+    return NeighbourGraph(index, np.where(index >= 0, 0.9, 0.0).astype(np.float32))
+
+
+def test_spreading_reaches_along_the_graph_only_and_labels_new_points_by_their_neighbours():
+    g = _two_chains()
+    y = np.full(40, -1)
+    y[0], y[19] = 0, 0  # the first path is class 0 at both ends
+    y[25] = 1
+    f = Spreading(g, alpha=0.5).of_labels(y, 3)
+    np.testing.assert_allclose(f.sum(axis=1), 1.0)
+    assert (f[:20].argmax(axis=1) == 0).all() and (f[20:].argmax(axis=1) == 1).all()  # never across paths
+    np.testing.assert_allclose(f[:, 2], 0.0)  # no label of class 2 anywhere: it gets nothing
+    y_none = np.full(40, -1)
+    y_none[:20] = 0
+    g2 = Spreading(g, alpha=0.5).of_labels(y_none, 2)
+    np.testing.assert_allclose(g2[20:], 0.5)  # a path no label reaches: uniform, not a guess
+    new = Spreading.new(np.array([[3, 30], [-1, -1]]), np.array([[0.9, 0.1], [0.0, 0.0]]), f)
+    assert new[0].argmax() == 0 and np.allclose(new[1], 1 / 3)
+    with pytest.raises(ValueError, match="alpha"):
+        Spreading(g, alpha=1.0)
+
+
+def test_cross_fitted_spreading_never_hands_a_labelled_row_its_own_label():
+    g = NeighbourGraph.exact(clustered_vectors(300, n_clusters=3, seed=2)[0], 8)
+    y = np.where(np.random.default_rng(0).random(300) < 0.3, np.arange(300) % 3, -1)
+    sp = Spreading(g)
+    a = sp.cross_fitted(y, 3, rng=np.random.default_rng(5))
+    for row in np.flatnonzero(y >= 0)[:10]:
+        flipped = y.copy()
+        flipped[row] = (y[row] + 1) % 3
+        b = sp.cross_fitted(flipped, 3, rng=np.random.default_rng(5))
+        np.testing.assert_allclose(a[row], b[row])  # its own label (true or flipped) never reaches it
+    assert not np.allclose(sp.of_labels(y, 3), sp.of_labels(flipped, 3))  # ...while the plain spread does
+
+
+def test_blend_weight_follows_whichever_opinion_is_right_on_held_out_truth():
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 3, 300)
+    hit = np.where(rng.random(300) < 0.85, y, rng.integers(0, 3, 300))  # right 85-90% of the time
+    right = np.full((300, 3), 0.1)
+    right[np.arange(300), hit] = 0.8
+    noise = rng.dirichlet(np.ones(3), 300)
+    assert choose_blend(right, noise, y) == 1.0  # the learner is right: it keeps all the weight
+    assert choose_blend(noise, right, y) <= 0.1  # the graph is right: the learner's weight goes to ~0
+    mixed = choose_blend(0.5 * right + 0.5 * noise, 0.5 * right + 0.5 * rng.dirichlet(np.ones(3), 300), y)
+    assert 0.2 <= mixed <= 0.8  # two equally good, independent opinions: both kept
