@@ -6,7 +6,7 @@ PY     := $(BIN)/python
 # A stamp per extras set: reinstall only when pyproject.toml changes.
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint format protos bench-search bench-embed bench-grpc bench-labeling bench-labeling-scale bench-keys venv redis clean
+.PHONY: demo test lint format protos compose bench-search bench-embed bench-grpc bench-labeling bench-labeling-scale bench-keys venv redis clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -21,7 +21,7 @@ venv: $(STAMP)-test,dev,bench,data,embed
 demo: $(STAMP)-data,embed
 	$(BIN)/embedstore demo
 
-test: $(STAMP)-test,dev,bench,data,embed redis
+test: $(STAMP)-test,dev,bench,data,embed redis compose
 	$(BIN)/pytest
 
 lint: $(STAMP)-test,dev,bench,data,embed
@@ -68,6 +68,18 @@ redis:
 	    exit 1; \
 	  fi; }
 	@redis-server --version
+
+# tests/test_deploy.py validates the compose files with Debian's docker-compose (no Docker engine needed).
+compose:
+	@command -v docker-compose >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "docker-compose missing: installing Debian's docker-compose (only 'config' is used: no engine)"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends docker-compose >/dev/null; \
+	  else \
+	    echo "docker-compose is missing and this is not a root Debian shell. Install it, e.g.:"; \
+	    echo "  sudo apt-get install docker-compose   # Debian/Ubuntu (validation only, no engine needed)"; \
+	    exit 1; \
+	  fi; }
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache data build *.egg-info

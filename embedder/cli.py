@@ -11,7 +11,7 @@ from rich.console import Console
 
 from embedder.keys_cli import keys_app
 from embedder.label_cli import label_app
-from retrieval import StoreError, StoreSettings, open_store
+from retrieval import StoreError, StoreSettings, collection_spec, open_store
 
 app = typer.Typer(help="embedstore: an embedding store for self-correcting pseudo-labeling.", no_args_is_help=True)
 store_app = typer.Typer(help="Inspect and manage the vector store.", no_args_is_help=True)
@@ -85,7 +85,15 @@ def index_cmd(
         items = load_items(dataset) if dataset else manifest_items(manifest)  # type: ignore[arg-type]
         embedder = _embedder()
         with open_store(settings) as store:
-            report = index_items(store, settings.collection, embedder, items, skip_bad=skip_bad, progress=True)
+            report = index_items(
+                store,
+                settings.collection,
+                embedder,
+                items,
+                skip_bad=skip_bad,
+                progress=True,
+                spec=collection_spec(settings),
+            )
     except (EmbedderError, StoreError) as exc:
         _fail(exc)
     console.print(f"indexed {report.written} items into {settings.collection!r} ({embedder.version})")
@@ -125,7 +133,15 @@ def ingest_cmd(
         if kind in ("manifest", "dataset") and arg:
             items = manifest_items(arg) if kind == "manifest" else load_items(arg)
             with open_store(settings) as store:
-                report = index_items(store, settings.collection, embedder, items, skip_bad=skip_bad, progress=True)
+                report = index_items(
+                    store,
+                    settings.collection,
+                    embedder,
+                    items,
+                    skip_bad=skip_bad,
+                    progress=True,
+                    spec=collection_spec(settings),
+                )
             console.print(f"ingested {report.written} items into {settings.collection!r}")
             skipped = report.skipped
         else:
@@ -284,11 +300,91 @@ def serve_cmd(
         embedder_factory=lambda: Embedder.from_settings(EmbedderSettings()),
         store_factory=lambda: open_store(store_settings),
         collection=store_settings.collection,
+        collection_spec=collection_spec(store_settings),
     )
     try:
         asyncio.run(server.serve())
     except (EmbedderError, StoreError, OSError) as exc:
         _fail(exc)
+
+
+@app.command("migrate")
+def migrate_cmd(
+    to_server: Annotated[str, typer.Option("--to-server", help="Qdrant server/cluster URL, e.g. http://qdrant:6333.")],
+    api_key: Annotated[Optional[str], typer.Option(help="Qdrant API key of the target.")] = None,  # noqa: UP045
+    path: PathOpt = None,
+    collection: CollectionOpt = None,
+    target_collection: Annotated[Optional[str], typer.Option(help="Name on the server (default: the same).")] = None,  # noqa: UP045
+    shards: Annotated[Optional[int], typer.Option(help="shard_number (EMBEDSTORE_SHARD_NUMBER).")] = None,  # noqa: UP045
+    replicas: Annotated[Optional[int], typer.Option(help="replication_factor (EMBEDSTORE_REPLICATION_FACTOR).")] = None,  # noqa: UP045
+    workers: Annotated[int, typer.Option(help="Parallel upsert batches.")] = 4,
+    page_size: Annotated[int, typer.Option(help="Points per batch.")] = 1024,
+    restart: Annotated[bool, typer.Option(help="Ignore a saved checkpoint; copy from the start.")] = False,
+) -> None:
+    """Copy the embedded store's collection to a Qdrant server or cluster (parallel batches, resumable)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+
+    from retrieval.migrate import migrate
+
+    try:
+        source_settings = _settings(path, collection=collection, backend="edge")
+        target_settings = _settings(
+            None,
+            backend="server",
+            url=to_server,
+            api_key=api_key,
+            shard_number=shards,
+            replication_factor=replicas,
+        )
+        columns = ("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+        with (
+            open_store(source_settings) as source,
+            open_store(target_settings) as target,
+            Progress(*columns, console=console) as bar,
+        ):
+            task = bar.add_task(f"copying {source_settings.collection}", total=None)
+            report = migrate(
+                source,
+                target,
+                source_settings.collection,
+                target_collection=target_collection,
+                spec=collection_spec(target_settings),
+                page_size=page_size,
+                workers=workers,
+                restart=restart,
+                progress=lambda done, total: bar.update(task, completed=done, total=total),
+            )
+    except (StoreError, ValueError) as exc:
+        _fail(exc)
+    how = "resumed, " if report.resumed else ""
+    console.print(
+        f"copied {report.copied} points ({how}{report.pages} batches); "
+        f"{report.target_collection!r} on {to_server} now holds {report.total}"
+    )
+
+
+@app.command("health")
+def health_cmd(
+    target: Annotated[str, typer.Option(help="host:port of the gRPC service.")] = "127.0.0.1:50051",
+    service: Annotated[str, typer.Option(help="Service name to check; empty = the whole server.")] = "",
+    timeout: Annotated[float, typer.Option(help="Seconds before giving up.")] = 3.0,
+) -> None:
+    """Ask the service's gRPC health service; exit 0 when SERVING, 1 otherwise (the container healthcheck)."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    try:
+        with grpc.insecure_channel(target) as channel:
+            reply = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=service), timeout=timeout
+            )
+    except grpc.RpcError as exc:
+        console.print(f"[red]{target}: {exc.code().name}: {exc.details()}[/]")
+        raise typer.Exit(1) from None
+    status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+    console.print(f"{target}: {status}")
+    if reply.status != health_pb2.HealthCheckResponse.SERVING:
+        raise typer.Exit(1)
 
 
 @app.command("reindex")

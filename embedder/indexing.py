@@ -21,7 +21,7 @@ from typing import Any
 
 from embedder.errors import EmbeddingVersionMismatchError, InvalidItemError
 from embedder.model import Embedder, Item, check_items
-from retrieval import FilterLike, Hit, VectorStore
+from retrieval import CollectionSpec, FilterLike, Hit, VectorStore
 
 VERSION_KEY = "embedding_version"
 
@@ -71,13 +71,14 @@ def index_items(
     batch_size: int = 256,
     skip_bad: bool = False,
     progress: bool = False,
+    spec: CollectionSpec | None = None,
 ) -> IndexReport:
     """Embed ``items`` and upsert them (idempotent: same ids, same points).
 
     A bad item (unreadable image, empty item) fails the run naming it, or with
     ``skip_bad`` is left out and listed in the report: never silently dropped.
     """
-    store.ensure_collection(collection)
+    store.ensure_collection(collection, spec)  # spec: shards/replicas when this run creates it
     version = require_version(store, collection, embedder, claim=True)
     report = IndexReport()
     starts: Any = range(0, len(items), batch_size)

@@ -154,28 +154,40 @@ class QdrantServerStore(VectorStore):
         with self._call("listing collections"):
             return [c.name for c in self.client.get_collections().collections]
 
+    @staticmethod
+    def create_request(spec: CollectionSpec) -> qm.CreateCollection:
+        """The collection this adapter asks Qdrant for under ``spec``, as qdrant-client's own request model
+        (named vectors, shards, replicas): what a server or cluster receives."""
+        return qm.CreateCollection(
+            vectors={
+                PREFIX_VECTOR: qm.VectorParams(
+                    size=PREFIX_DIM,
+                    distance=qm.Distance.COSINE,
+                    hnsw_config=qm.HnswConfigDiff(m=spec.hnsw_m, ef_construct=spec.hnsw_ef_construct),
+                    on_disk=False,
+                ),
+                # m=0: no HNSW graph for the rerank-only vector.
+                FULL_VECTOR: qm.VectorParams(
+                    size=FULL_DIM,
+                    distance=qm.Distance.COSINE,
+                    hnsw_config=qm.HnswConfigDiff(m=0),
+                    on_disk=spec.full_on_disk,
+                ),
+            },
+            shard_number=spec.shard_number,
+            replication_factor=spec.replication_factor,
+            metadata={_META_KEY: {"spec": spec.__dict__, "layout": spec.layout()}},
+        )
+
     def _create_collection(self, name: str, spec: CollectionSpec) -> None:
+        req = self.create_request(spec)
         with self._call(f"creating collection {name!r}", name):
             self.client.create_collection(
                 name,
-                vectors_config={
-                    PREFIX_VECTOR: qm.VectorParams(
-                        size=PREFIX_DIM,
-                        distance=qm.Distance.COSINE,
-                        hnsw_config=qm.HnswConfigDiff(m=spec.hnsw_m, ef_construct=spec.hnsw_ef_construct),
-                        on_disk=False,
-                    ),
-                    # m=0: no HNSW graph for the rerank-only vector.
-                    FULL_VECTOR: qm.VectorParams(
-                        size=FULL_DIM,
-                        distance=qm.Distance.COSINE,
-                        hnsw_config=qm.HnswConfigDiff(m=0),
-                        on_disk=spec.full_on_disk,
-                    ),
-                },
-                shard_number=spec.shard_number,
-                replication_factor=spec.replication_factor,
-                metadata={_META_KEY: {"spec": spec.__dict__, "layout": spec.layout()}},
+                vectors_config=req.vectors,
+                shard_number=req.shard_number,
+                replication_factor=req.replication_factor,
+                metadata=req.metadata,
             )
         self._known.add(name)
         self._local_indexes[name] = set()
@@ -217,8 +229,9 @@ class QdrantServerStore(VectorStore):
             indexed_vectors_count=int(info.indexed_vectors_count or 0),
             spec={
                 **meta.get("spec", {}),
-                "shard_number": params.shard_number,
-                "replication_factor": params.replication_factor,
+                # the server's word; qdrant-client's local mode has no shards and reports None: then what was asked
+                "shard_number": params.shard_number or meta.get("spec", {}).get("shard_number"),
+                "replication_factor": params.replication_factor or meta.get("spec", {}).get("replication_factor"),
                 "status": str(info.status.value) if info.status else None,
             },
             payload_indexes=tuple(sorted(self._payload_indexes(name))),

@@ -250,17 +250,30 @@ def test_no_projection_and_version_mismatch_are_failed_precondition(tmp_path, im
 
 # ------------------------------------------------------ health, reflection, auth
 def test_health_goes_serving_after_load_and_not_serving_on_shutdown(tmp_path, embedder):
+    from typer.testing import CliRunner
+
+    from embedder.cli import app
+
+    def probe(target: str) -> tuple[int, str]:  # the container healthcheck: `embedstore health`
+        result = CliRunner().invoke(app, ["health", "--target", target, "--timeout", "5"])
+        return result.exit_code, result.output
+
     gate = threading.Event()
     bg = BackgroundServer(make_server(tmp_path, embedder, load_gate=gate), wait=False).start()
     try:
         with Client(bg.target) as client:
             assert client.health() == "NOT_SERVING"
+            code, out = probe(bg.target)
+            assert code == 1 and "NOT_SERVING" in out
             assert all(client.health(s) == "NOT_SERVING" for s in SERVICES)
             with pytest.raises(Unavailable, match="starting"):
                 client.embed(["too early"])
             gate.set()
             client.wait_ready(30)
             assert all(client.health(s) == "SERVING" for s in SERVICES)
+            assert probe(bg.target) == (0, f"{bg.target}: SERVING\n")
+            code, out = probe(f"127.0.0.1:{free_port()}")  # nothing listening
+            assert code == 1 and "UNAVAILABLE" in out
             from grpc_health.v1 import health_pb2, health_pb2_grpc
 
             stub = health_pb2_grpc.HealthStub(client._channel)

@@ -34,7 +34,7 @@ from embedder.model import Embedder
 from embedder.service.batcher import MicroBatcher
 from embedder.service.servicers import EmbeddingServicer, LabelingServicer, Metrics, Runtime, StoreServicer
 from embedstore.v1 import embedding_pb2, embedding_pb2_grpc, labeling_pb2, labeling_pb2_grpc, store_pb2, store_pb2_grpc
-from retrieval import VectorStore
+from retrieval import CollectionSpec, VectorStore
 
 log = logging.getLogger("embedstore.server")
 
@@ -108,6 +108,7 @@ class EmbedstoreServer:
         embedder_factory: Callable[[], Embedder],
         store_factory: Callable[[], VectorStore],
         collection: str = "items",
+        collection_spec: CollectionSpec | None = None,
     ) -> None:
         self.settings = settings
         self._embedder_factory = embedder_factory
@@ -121,6 +122,7 @@ class EmbedstoreServer:
             max_batch=settings.max_batch,
             inline_reads=settings.inline_reads,
             runs_dir=settings.runs_dir,
+            collection_spec=collection_spec,
         )
         self.health = health_aio.HealthServicer()
         self.port: int | None = None
@@ -174,7 +176,7 @@ class EmbedstoreServer:
         try:
             embedder = await asyncio.to_thread(self._embedder_factory)
             store = await asyncio.to_thread(self._store_factory)
-            await asyncio.to_thread(store.ensure_collection, self.rt.default_collection)
+            await asyncio.to_thread(store.ensure_collection, self.rt.default_collection, self.rt.collection_spec)
         except BaseException as exc:  # stays NOT_SERVING; serve() reports it
             self.load_error = exc
             self.rt.load_failure = str(exc)

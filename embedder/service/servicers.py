@@ -70,7 +70,7 @@ from retrieval.errors import (
     StoreLockedError,
     StoreUnavailableError,
 )
-from retrieval.schema import check_collection_name
+from retrieval.schema import CollectionSpec, check_collection_name
 
 log = logging.getLogger("embedstore.service")
 DIMENSIONS = (128, 256, 512)
@@ -155,6 +155,8 @@ class Runtime:
     ready: bool = False
     load_failure: str | None = None
     write_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    #: The layout collections are created with (shards and replicas on a Qdrant server or cluster).
+    collection_spec: CollectionSpec | None = None
 
     def require(self) -> tuple[Embedder, MicroBatcher, VectorStore]:
         if self.load_failure is not None:
@@ -371,7 +373,7 @@ class StoreServicer(store_pb2_grpc.StoreServiceServicer):
             payloads.append(payload)
         version = ""
         if to_embed:
-            await self.rt.in_store(store.ensure_collection, collection)
+            await self.rt.in_store(store.ensure_collection, collection, self.rt.collection_spec)
             version = await self.rt.in_store(require_version, store, collection, embedder)
             items = [convert.item(points[i].item, points[i].id) for i in to_embed]
             try:
@@ -386,7 +388,7 @@ class StoreServicer(store_pb2_grpc.StoreServiceServicer):
         if context.time_remaining() is not None and context.time_remaining() <= 0:
             raise asyncio.CancelledError  # the caller has gone: write nothing
         async with self.rt.write_lock:  # claim the version and write as one step per server
-            await self.rt.in_store(store.ensure_collection, collection)
+            await self.rt.in_store(store.ensure_collection, collection, self.rt.collection_spec)
             if to_embed:
                 await self.rt.in_store(require_version, store, collection, embedder, claim=True)
             written = await self.rt.in_store(store.upsert, collection, [p.id for p in points], vectors, payloads)

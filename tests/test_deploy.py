@@ -1,0 +1,170 @@
+"""Deployment: the compose files validate (Debian's docker-compose, no engine needed), the cluster file asks
+for the documented shards/replicas and the server adapter honours them, and `embedstore migrate` copies
+an Edge collection to a server collection, resumably."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from embedder.cli import app
+from retrieval import QdrantServerStore, StoreSettings, collection_spec
+from retrieval.errors import InvalidInputError
+from retrieval.migrate import MIGRATION_KEY, migrate
+from tests.conftest import clustered, make_edge
+
+ROOT = Path(__file__).resolve().parents[1]
+COMPOSE_FILES = ("docker-compose.yml", "docker-compose.cluster.yml")
+
+
+def _config(name: str) -> dict:
+    """The file as docker-compose resolves it (anchors merged, env interpolated): fails on an invalid file."""
+    out = subprocess.run(
+        ["docker-compose", "-f", str(ROOT / name), "config"], capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 0, f"{name} does not validate: {out.stderr}"
+    return yaml.safe_load(out.stdout)
+
+
+@pytest.mark.parametrize("name", COMPOSE_FILES)
+def test_compose_files_validate_and_wire_the_service_to_healthy_backends(name):
+    cfg = _config(name)
+    svc = cfg["services"]["embedstore"]
+    assert set(svc["depends_on"]) >= {"redis"} and all(
+        d["condition"] == "service_healthy" for d in svc["depends_on"].values()
+    )
+    env = svc["environment"]
+    settings = StoreSettings(backend=env["EMBEDSTORE_BACKEND"], url=env["EMBEDSTORE_URL"])
+    assert settings.backend == "server" and env["EMBEDSTORE_REDIS_URL"].startswith("redis://redis:")
+    assert "embedstore" in " ".join(svc["healthcheck"]["test"]) and "health" in svc["healthcheck"]["test"]
+    assert {"50051", "9464"} <= {str(p["target"]) for p in svc["ports"]}
+    redis = cfg["services"]["redis"]
+    assert "--appendonly" in redis["command"] and "redis-cli" in redis["healthcheck"]["test"]
+    qdrants = [s for n, s in cfg["services"].items() if n.startswith("qdrant")]
+    assert qdrants and all("/readyz" in " ".join(q["healthcheck"]["test"]) for q in qdrants)
+
+
+def test_a_broken_compose_file_is_refused(tmp_path):
+    bad = tmp_path / "docker-compose.yml"
+    bad.write_text("services:\n  qdrant:\n    image: qdrant/qdrant\n    depends_on: 5\n")
+    out = subprocess.run(["docker-compose", "-f", str(bad), "config", "-q"], capture_output=True, text=True)
+    assert out.returncode != 0 and "depends_on" in out.stderr
+
+
+def test_cluster_file_runs_three_nodes_and_the_adapter_creates_six_shards_two_replicas():
+    cfg = _config("docker-compose.cluster.yml")
+    nodes = {n: s for n, s in cfg["services"].items() if n.startswith("qdrant-node")}
+    assert len(nodes) == 3
+    assert all(s["environment"]["QDRANT__CLUSTER__ENABLED"] == "true" for s in nodes.values())
+    commands = [" ".join(s["command"]) for s in nodes.values()]
+    assert sum("--uri" in c for c in commands) == 1 and sum("--bootstrap" in c for c in commands) == 2
+    env = cfg["services"]["embedstore"]["environment"]
+    settings = StoreSettings(
+        backend="server",
+        url=env["EMBEDSTORE_URL"],
+        shard_number=env["EMBEDSTORE_SHARD_NUMBER"],
+        replication_factor=env["EMBEDSTORE_REPLICATION_FACTOR"],
+    )
+    spec = collection_spec(settings)
+    req = QdrantServerStore.create_request(spec)  # qdrant-client's CreateCollection: what the cluster receives
+    assert (req.shard_number, req.replication_factor) == (6, 2)
+    assert req.vectors["mrl128"].size == 128 and req.vectors["full512"].hnsw_config.m == 0
+    with QdrantServerStore(location=":memory:") as store:  # local mode accepts it (it has no shards to report)
+        store.create_collection("items", spec)
+        info = store.collection_info("items")
+        assert (info.spec["shard_number"], info.spec["replication_factor"]) == (6, 2)
+    url = os.environ.get("QDRANT_URL")
+    if url:  # a real server answers with its collection config
+        with QdrantServerStore(url) as store:
+            store.create_collection("embedstore_deploy_test", spec)
+            try:
+                params = store.client.get_collection("embedstore_deploy_test").config.params
+                assert (params.shard_number, params.replication_factor) == (6, 2)
+            finally:
+                store.drop_collection("embedstore_deploy_test")
+
+
+def test_dockerfile_runs_as_non_root_with_a_grpc_health_check():
+    text = (ROOT / "Dockerfile").read_text()
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.strip().startswith("#")]
+    users = [ln for ln in lines if ln.startswith("USER ")]
+    assert users and users[-1] != "USER root"
+    assert any(ln.startswith("HEALTHCHECK") for ln in lines) and '"embedstore", "health"' in text
+    assert "download.pytorch.org/whl/cpu" in text and "HF_HUB_OFFLINE=1" in text
+
+
+def _filled_edge(path: Path, n: int = 700):
+    x, labels = clustered(n, n_clusters=5, seed=3)
+    ids = [f"item-{i}" for i in range(n)]
+    payloads = [
+        {"label": f"c{labels[i]}", "text": f"item {i}"} if i % 3 == 0 else {"text": f"item {i}"} for i in range(n)
+    ]
+    store = make_edge(path)
+    store.create_collection("items")
+    store.upsert("items", ids, x, payloads)
+    store.update_collection_metadata("items", {"embedding_version": "v-test", "labeling": {"active": None}})
+    store.flush()
+    return store, ids, x
+
+
+def test_migrate_round_trip_edge_to_server_keeps_ids_vectors_payload_and_metadata(tmp_path):
+    source, ids, x = _filled_edge(tmp_path / "edge")
+    with source, QdrantServerStore(location=":memory:") as target:
+        report = migrate(source, target, "items", page_size=64, workers=3)
+        assert report.copied == report.total == len(ids) and not report.resumed
+        got = {r.id: r for r in target.retrieve("items", ids, with_vectors="full512")}
+        want = {r.id: r for r in source.retrieve("items", ids, with_vectors="full512")}
+        assert set(got) == set(ids)
+        for i in ids[::37]:
+            assert got[i].point_id == want[i].point_id and got[i].payload == want[i].payload
+            np.testing.assert_allclose(got[i].vector, want[i].vector, atol=1e-6)
+        meta = target.collection_metadata("items")
+        assert meta["embedding_version"] == "v-test" and meta[MIGRATION_KEY]["done"]
+        q = x[5]
+        assert [h.id for h in target.search("items", q, top_k=10)] == [
+            h.id for h in source.search("items", q, top_k=10)
+        ]
+        assert target.count("items", {"label": "c1"}) == source.count("items", {"label": "c1"})
+        again = migrate(source, target, "items")  # finished: nothing to do
+        assert again.copied == 0 and again.total == len(ids)
+
+
+class _Interrupted(Exception):
+    pass
+
+
+def test_an_interrupted_migration_resumes_where_it_stopped(tmp_path):
+    source, ids, _ = _filled_edge(tmp_path / "edge")
+    with source, QdrantServerStore(location=":memory:") as target:
+        seen: list[int] = []
+
+        def stop_after_two_windows(done: int, total: int) -> None:
+            seen.append(done)
+            if len(seen) == 2:
+                raise _Interrupted
+
+        with pytest.raises(_Interrupted):
+            migrate(source, target, "items", page_size=50, workers=2, progress=stop_after_two_windows)
+        partial = target.count("items")
+        assert partial == 200 and target.collection_metadata("items")[MIGRATION_KEY]["copied"] == 200
+        report = migrate(source, target, "items", page_size=50, workers=2)
+        assert report.resumed and report.copied == len(ids) - 200 and report.total == len(ids)
+        with pytest.raises(InvalidInputError, match="holds a migration of"):
+            source.create_collection("other")
+            source.upsert("other", ["z"], np.ones((1, 512)), [{}])
+            migrate(source, target, "other", target_collection="items")
+
+
+def test_migrate_command_copies_to_a_server_and_reports(tmp_path):
+    source, ids, _ = _filled_edge(tmp_path / "edge")
+    source.close()
+    # ":memory:" is qdrant-client's local mode, the same adapter as a real URL
+    result = CliRunner().invoke(app, ["migrate", "--to-server", ":memory:", "--path", str(tmp_path / "edge")])
+    assert result.exit_code == 0, result.output
+    assert f"now holds {len(ids)}" in result.output
