@@ -16,43 +16,43 @@ $(STAMP)-%: pyproject.toml | $(PY)
 	$(PY) -m pip install --quiet -e ".[$*]"
 	@touch $@
 
-venv: $(STAMP)-test,dev,bench,data,embed
+venv: $(STAMP)-test,dev,bench,data,embed,scale
 
 demo: $(STAMP)-data,embed
 	$(BIN)/embedstore demo
 
-test: $(STAMP)-test,dev,bench,data,embed redis compose
+test: $(STAMP)-test,dev,bench,data,embed,scale redis compose
 	$(BIN)/pytest
 
-lint: $(STAMP)-test,dev,bench,data,embed
+lint: $(STAMP)-test,dev,bench,data,embed,scale
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-format: $(STAMP)-test,dev,bench,data,embed
+format: $(STAMP)-test,dev,bench,data,embed,scale
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
 # Regenerate embedstore.v1 from protos/embedstore/v1/*.proto (a test checks it is fresh).
-protos: $(STAMP)-test,dev,bench,data,embed
+protos: $(STAMP)-test,dev,bench,data,embed,scale
 	$(PY) protos/generate.py
 
 bench-search: $(STAMP)-bench
 	$(PY) benchmarks/search.py --n $${N:-100000}
 
-bench-embed: $(STAMP)-test,dev,bench,data,embed
+bench-embed: $(STAMP)-test,dev,bench,data,embed,scale
 	$(PY) benchmarks/embed.py
 
-bench-grpc: $(STAMP)-test,dev,bench,data,embed
+bench-grpc: $(STAMP)-test,dev,bench,data,embed,scale
 	$(PY) benchmarks/grpc_load.py --n $${N:-100000}
 
 # Issue 7's evidence: every method on real data (QUICK=1: emoji, 5% seed, one seed - a few minutes).
-bench-labeling: $(STAMP)-test,dev,bench,data,embed
+bench-labeling: $(STAMP)-test,dev,bench,data,embed,scale
 	$(PY) benchmarks/self_training.py $${QUICK:+--quick}
 
-bench-labeling-scale: $(STAMP)-test,dev,bench,data,embed
+bench-labeling-scale: $(STAMP)-test,dev,bench,data,embed,scale
 	$(PY) benchmarks/labeling_job.py --n $${N:-100000}
 
-bench-keys: $(STAMP)-test,dev,bench,data,embed redis
+bench-keys: $(STAMP)-test,dev,bench,data,embed,scale redis
 	$(PY) benchmarks/keys.py
 
 # Tests start their own redis-server on a free loopback port; make sure the binary exists.

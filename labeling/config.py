@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 MAX_ITERATIONS = 10  # the article's hard cap; a config asking for more is refused
 
 CalibrationMethod = Literal["auto", "platt", "beta", "isotonic", "temperature", "none"]
-LearnerName = Literal["xgboost", "random_forest"]
+LearnerName = Literal["xgboost", "xgboost_dask", "random_forest"]
 EvalMode = Literal["auto", "holdout", "cv"]
 UncertaintyScore = Literal["margin", "entropy"]
 
@@ -104,6 +104,8 @@ class LabelingConfig(BaseModel):
 
     # ---- learner
     learner: LearnerName = "xgboost"
+    #: ``xgboost_dask``: a Dask scheduler address (tcp://host:8786); None = a local cluster of processes.
+    dask_scheduler: str | None = None
     xgboost: XGBoostParams = XGBoostParams()
     forest: ForestParams = ForestParams()
     balance_classes: bool = True

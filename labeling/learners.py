@@ -126,6 +126,94 @@ class XGBoostLearner:
         return np.asarray(p, np.float64)
 
 
+class DaskXGBoostLearner(XGBoostLearner):
+    """The same XGBoost, trained across a Dask cluster by ``xgboost.dask`` when the training set outgrows
+    one machine. Rows are split into ``partitions`` chunks spread over the workers; each worker builds
+    histograms of its rows and they are all-reduced every round (XGBoost's Rabit), so the model matches the
+    single-machine one up to the row subsampling's randomness. The booster comes back to the caller, so
+    ``predict_proba`` is the single-machine one (scoring is cheap and streams in the job's pages).
+
+    ``scheduler``: a Dask scheduler address (``tcp://host:8786``) or a ``distributed.Client``; ``None``
+    starts a local cluster of worker *processes* on first use (one per core), shared by every learner of
+    this process.
+    """
+
+    name = "xgboost_dask"
+    _local_client = None
+
+    def __init__(
+        self,
+        n_classes: int,
+        params: XGBoostParams | None = None,
+        *,
+        seed: int = 0,
+        scheduler: object = None,
+        partitions: int | None = None,
+    ) -> None:
+        super().__init__(n_classes, params, seed=seed)
+        self.scheduler = scheduler
+        self.partitions = partitions
+
+    def _client(self) -> object:
+        from distributed import Client, LocalCluster
+
+        if self.scheduler is None:
+            cls = DaskXGBoostLearner
+            if cls._local_client is None or cls._local_client.status != "running":
+                cluster = LocalCluster(processes=True, threads_per_worker=1, dashboard_address=None)
+                cls._local_client = Client(cluster)
+            return cls._local_client
+        if isinstance(self.scheduler, str):
+            return Client(self.scheduler)
+        return self.scheduler
+
+    def fit(
+        self, x: np.ndarray, y: np.ndarray, w: np.ndarray, eval_set: tuple[np.ndarray, np.ndarray] | None = None
+    ) -> DaskXGBoostLearner:
+        import dask.array as da
+        from xgboost import dask as dxgb
+
+        check_targets(x, y, w, self.n_classes)
+        client = self._client()
+        if self.n_classes == 2:
+            xt, yt, wt = x, y[:, 1], w
+        else:
+            xt, yt, wt = expand_soft(x, y, w)
+        n_workers = max(1, len(client.scheduler_info()["workers"]))  # type: ignore[attr-defined]
+        chunk = max(1, -(-len(xt) // (self.partitions or n_workers)))
+        dtrain = dxgb.DaskDMatrix(
+            client,
+            da.from_array(np.ascontiguousarray(xt, np.float32), chunks=(chunk, xt.shape[1])),
+            da.from_array(np.asarray(yt, np.float32), chunks=chunk),
+            weight=da.from_array(np.asarray(wt, np.float32), chunks=chunk),
+        )
+        evals = []
+        if eval_set is not None and len(eval_set[1]):
+            xe, ye = eval_set
+            ce = max(1, -(-len(xe) // n_workers))
+            deval = dxgb.DaskDMatrix(
+                client,
+                da.from_array(np.ascontiguousarray(xe, np.float32), chunks=(ce, xe.shape[1])),
+                da.from_array(np.asarray(ye, np.float32), chunks=ce),
+            )
+            evals = [(deval, "eval")]
+        params = self._train_params(x.shape[1])
+        params["nthread"] = 1  # per worker process; parallelism comes from the workers
+        out = dxgb.train(
+            client,
+            params,
+            dtrain,
+            num_boost_round=self.params.max_rounds,
+            evals=evals,
+            early_stopping_rounds=self.params.early_stopping_rounds if evals else None,
+            verbose_eval=False,
+        )
+        booster = out["booster"]
+        self.booster_ = booster
+        self.best_rounds_ = int(booster.best_iteration) + 1 if evals else self.params.max_rounds
+        return self
+
+
 class RandomForestLearner:
     """scikit-learn's Random Forest (the article's comparison); ignores the evaluation slice."""
 
@@ -168,4 +256,6 @@ class RandomForestLearner:
 def make_learner(config: LabelingConfig, n_classes: int, seed: int) -> Learner:
     if config.learner == "xgboost":
         return XGBoostLearner(n_classes, config.xgboost, seed=seed)
+    if config.learner == "xgboost_dask":
+        return DaskXGBoostLearner(n_classes, config.xgboost, seed=seed, scheduler=config.dask_scheduler)
     return RandomForestLearner(n_classes, config.forest, seed=seed)
