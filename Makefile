@@ -6,7 +6,7 @@ PY     := $(BIN)/python
 # A stamp per extras set: reinstall only when pyproject.toml changes.
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint format protos compose bench-search bench-embed bench-grpc bench-labeling bench-labeling-scale bench-keys venv redis clean
+.PHONY: demo test lint format protos compose browser bench-search bench-embed bench-grpc bench-labeling bench-labeling-scale bench-keys venv redis clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -16,43 +16,43 @@ $(STAMP)-%: pyproject.toml | $(PY)
 	$(PY) -m pip install --quiet -e ".[$*]"
 	@touch $@
 
-venv: $(STAMP)-test,dev,bench,data,embed,scale
+venv: $(STAMP)-test,dev,bench,data,embed,scale,ui
 
 demo: $(STAMP)-data,embed
 	$(BIN)/embedstore demo
 
-test: $(STAMP)-test,dev,bench,data,embed,scale redis compose
+test: $(STAMP)-test,dev,bench,data,embed,scale,ui redis compose browser
 	$(BIN)/pytest
 
-lint: $(STAMP)-test,dev,bench,data,embed,scale
+lint: $(STAMP)-test,dev,bench,data,embed,scale,ui
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-format: $(STAMP)-test,dev,bench,data,embed,scale
+format: $(STAMP)-test,dev,bench,data,embed,scale,ui
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
 # Regenerate embedstore.v1 from protos/embedstore/v1/*.proto (a test checks it is fresh).
-protos: $(STAMP)-test,dev,bench,data,embed,scale
+protos: $(STAMP)-test,dev,bench,data,embed,scale,ui
 	$(PY) protos/generate.py
 
 bench-search: $(STAMP)-bench
 	$(PY) benchmarks/search.py --n $${N:-100000}
 
-bench-embed: $(STAMP)-test,dev,bench,data,embed,scale
+bench-embed: $(STAMP)-test,dev,bench,data,embed,scale,ui
 	$(PY) benchmarks/embed.py
 
-bench-grpc: $(STAMP)-test,dev,bench,data,embed,scale
+bench-grpc: $(STAMP)-test,dev,bench,data,embed,scale,ui
 	$(PY) benchmarks/grpc_load.py --n $${N:-100000}
 
 # Issue 7's evidence: every method on real data (QUICK=1: emoji, 5% seed, one seed - a few minutes).
-bench-labeling: $(STAMP)-test,dev,bench,data,embed,scale
+bench-labeling: $(STAMP)-test,dev,bench,data,embed,scale,ui
 	$(PY) benchmarks/self_training.py $${QUICK:+--quick}
 
-bench-labeling-scale: $(STAMP)-test,dev,bench,data,embed,scale
+bench-labeling-scale: $(STAMP)-test,dev,bench,data,embed,scale,ui
 	$(PY) benchmarks/labeling_job.py --n $${N:-100000}
 
-bench-keys: $(STAMP)-test,dev,bench,data,embed,scale redis
+bench-keys: $(STAMP)-test,dev,bench,data,embed,scale,ui redis
 	$(PY) benchmarks/keys.py
 
 # Tests start their own redis-server on a free loopback port; make sure the binary exists.
@@ -78,6 +78,18 @@ compose:
 	  else \
 	    echo "docker-compose is missing and this is not a root Debian shell. Install it, e.g.:"; \
 	    echo "  sudo apt-get install docker-compose   # Debian/Ubuntu (validation only, no engine needed)"; \
+	    exit 1; \
+	  fi; }
+
+# tests/test_ui.py drives Debian's chromium through its chromedriver (Selenium; nothing downloaded at run time).
+browser:
+	@{ command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1; } || { \
+	  if [ "$$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "chromium/chromedriver missing: installing Debian's chromium and chromium-driver"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium chromium-driver >/dev/null; \
+	  else \
+	    echo "chromium and chromedriver are missing and this is not a root Debian shell. Install them, e.g.:"; \
+	    echo "  sudo apt-get install chromium chromium-driver   # Debian/Ubuntu"; \
 	    exit 1; \
 	  fi; }
 

@@ -363,6 +363,40 @@ def migrate_cmd(
     )
 
 
+@app.command("ui")
+def ui_cmd(
+    host: Annotated[str, typer.Option(help="Interface; localhost by default (set a token before exposing it).")] = (
+        "127.0.0.1"
+    ),
+    port: Annotated[int, typer.Option(help="HTTP port.")] = 8080,
+    path: PathOpt = None,
+    collection: CollectionOpt = None,
+    image_root: Annotated[
+        Optional[list[Path]],  # noqa: UP045
+        typer.Option(help="Directories local thumbnails may be served from (repeatable; default: the current one)."),
+    ] = None,
+    k: Annotated[int, typer.Option(help="Neighbours shown per point.")] = 12,
+) -> None:
+    """Serve the inspection web page: runs, points with their neighbours, review queue, corrections."""
+    import uvicorn
+
+    from embedder.config import ServerSettings
+    from embedder.ui.app import create_app
+
+    settings = _settings(path, collection=collection)
+    tokens = [t.get_secret_value() for t in ServerSettings().tokens]
+    if host not in ("127.0.0.1", "localhost", "::1") and not tokens:
+        console.print("[yellow]warning:[/] serving beyond localhost without a token (set EMBEDSTORE_GRPC_TOKENS)")
+    try:
+        store = open_store(settings)
+    except StoreError as exc:
+        _fail(exc)
+    with store:
+        web = create_app(store, settings.collection, tokens=tokens, image_roots=image_root or [Path.cwd()], k=k)
+        console.print(f"embedstore ui on http://{host}:{port} (collection {settings.collection!r})")
+        uvicorn.run(web, host=host, port=port, log_level="warning")
+
+
 @app.command("health")
 def health_cmd(
     target: Annotated[str, typer.Option(help="host:port of the gRPC service.")] = "127.0.0.1:50051",

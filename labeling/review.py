@@ -230,15 +230,29 @@ class Suspect:
     text: str | None
 
 
-def suspicious(
-    store: VectorStore, collection: str, *, k: int = 10, limit: int = 50, batch: int = 256, min_labelled: int = 2
-) -> list[Suspect]:
-    """Accepted pseudo-labels their neighbourhood contradicts most (lowest weighted agreement first)."""
+def suspicious_page(
+    store: VectorStore,
+    collection: str,
+    *,
+    offset: str | None = None,
+    window: int = 512,
+    k: int = 10,
+    min_labelled: int = 2,
+) -> tuple[list[Suspect], str | None]:
+    """One window of accepted pseudo-labels (``window`` points from scroll ``offset``), scored against their
+    neighbourhood, least agreed first; and the offset of the next window (None at the end). A page of a UI
+    costs one scroll and one batched search, however large the collection."""
     unapplied = load_registry(store, collection).unapplied
+    page = store.scroll(
+        collection,
+        filter=Filter(must=[Match("pseudo_status", "accepted")]),
+        limit=window,
+        offset=offset,
+        with_vectors=True,
+    )
     out: list[Suspect] = []
-    page: list[Any] = []
-
-    def score(records: list[Any]) -> None:
+    records = page.records
+    if records:
         hits = store.search_batch(collection, np.vstack([r.vector for r in records]), top_k=k + 1, with_payload=True)
         for rec, found in zip(records, hits, strict=True):
             me = _inspected(rec.id, resolve(rec.payload, unapplied))
@@ -264,15 +278,21 @@ def suspicious(
                     text=me.payload.get("text") if isinstance(me.payload.get("text"), str) else None,
                 )
             )
+    out.sort(key=lambda s: (s.agreement, -(s.pseudo_confidence or 0.0)))
+    return out, page.next_offset
 
-    for rec in store.iter_records(
-        collection, filter=Filter(must=[Match("pseudo_status", "accepted")]), with_vectors=True
-    ):
-        page.append(rec)
-        if len(page) >= batch:
-            score(page)
-            page = []
-    if page:
-        score(page)
+
+def suspicious(
+    store: VectorStore, collection: str, *, k: int = 10, limit: int = 50, batch: int = 256, min_labelled: int = 2
+) -> list[Suspect]:
+    """Accepted pseudo-labels their neighbourhood contradicts most (lowest weighted agreement first), over the
+    whole collection (window by window)."""
+    out: list[Suspect] = []
+    offset: str | None = None
+    while True:
+        found, offset = suspicious_page(store, collection, offset=offset, window=batch, k=k, min_labelled=min_labelled)
+        out.extend(found)
+        if offset is None:
+            break
     out.sort(key=lambda s: (s.agreement, -(s.pseudo_confidence or 0.0)))
     return out[:limit]

@@ -1,0 +1,1 @@
+"""The inspection web page (embedstore ui)."""

@@ -1,0 +1,298 @@
+"""The inspection web page (``embedstore ui``): pseudo-labels beside their nearest neighbours, and corrections.
+
+Server-rendered (FastAPI + Jinja2, autoescaping on: item text is data, never markup).
+Pages, each costing a bounded number of store calls whatever the collection size:
+
+* ``/`` - run overview: counts by status and class (facets on indexed fields), the
+  runs with held-out F1/ECE per iteration (from each run's ``report.json``) and its
+  reliability diagram and per-iteration curves.
+* ``/points`` - one scroll page of points, filterable by status, label or pseudo-label.
+* ``/point/{id}`` - the point (thumbnail, text, label state) and its k nearest
+  neighbours as a grid; neighbours whose label differs from the point's are marked.
+  A form writes a label as ground truth (``label_source = human``); a different human
+  label is never overwritten unless the person ticks "replace".
+* ``/review`` - the review queue (bounded by the gate's review count per run).
+* ``/suspicious`` - accepted pseudo-labels least supported by their neighbours, one
+  scroll window per page (``?offset=`` continues).
+* ``/thumb/{id}`` - the item's image from its stored reference: an http(s) URL is
+  redirected to; a local path is served only from under an allowed image root (a
+  payload must not be able to read arbitrary files); otherwise a placeholder.
+
+Auth: when tokens are configured (the gRPC service's ``EMBEDSTORE_GRPC_TOKENS``),
+every page needs ``Authorization: Bearer <token>`` or the ``embedstore_token`` cookie
+that ``/login`` sets (HttpOnly, SameSite=Strict: a cross-site form cannot post with it).
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import mimetypes
+import threading
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+from fastapi import FastAPI, Form, Request
+from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse, Response
+from fastapi.templating import Jinja2Templates
+
+from labeling.errors import LabelingError
+from labeling.inspect import LabelState, inspect_neighbours
+from labeling.review import IMAGE_KEYS, LabelConflictError, review_queue, submit_labels, suspicious_page
+from labeling.runs import load_registry, resolve
+from retrieval import Filter, Match, VectorStore
+from retrieval.errors import PointNotFoundError, StoreError
+
+TEMPLATES = Path(__file__).with_name("templates")
+COOKIE = "embedstore_token"
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".gif", ".webp", ".bmp"}
+PLACEHOLDER_SVG = (
+    '<svg xmlns="http://www.w3.org/2000/svg" width="96" height="96"><rect width="96" height="96" fill="#eee"/>'
+    '<text x="48" y="52" font-size="11" text-anchor="middle" fill="#888">no image</text></svg>'
+)
+RUN_FILES = {"reliability.png", "iterations.png"}
+STATUS_FILTERS = ("accepted", "quarantined", "review")
+
+
+def create_app(
+    store: VectorStore,
+    collection: str,
+    *,
+    tokens: Sequence[str] = (),
+    image_roots: Sequence[str | Path] = (),
+    k: int = 12,
+    page_size: int = 48,
+) -> FastAPI:
+    """The web app over an open ``store``; store calls are serialised (one lock), pages stay small."""
+    app = FastAPI(title="embedstore", docs_url=None, redoc_url=None, openapi_url=None)
+    templates = Jinja2Templates(directory=str(TEMPLATES))  # autoescape is on for .html
+    lock = threading.Lock()
+    roots = [Path(r).resolve() for r in image_roots]
+    secrets = [t for t in tokens if t]
+
+    def locked(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        with lock:
+            return fn(*args, **kwargs)
+
+    def authorised(request: Request) -> bool:
+        if not secrets:
+            return True
+        given = request.cookies.get(COOKIE, "")
+        header = request.headers.get("authorization", "")
+        if header.lower().startswith("bearer "):
+            given = header[7:].strip()
+        return any(hmac.compare_digest(given.encode(), s.encode()) for s in secrets)
+
+    @app.middleware("http")
+    async def require_token(request: Request, call_next: Callable[[Request], Any]) -> Response:
+        if request.url.path in ("/login", "/healthz") or authorised(request):
+            return await call_next(request)
+        return templates.TemplateResponse(
+            request, "login.html", {"collection": collection, "error": None}, status_code=401
+        )
+
+    def page(request: Request, name: str, status_code: int = 200, **ctx: Any) -> HTMLResponse:
+        return templates.TemplateResponse(request, name, {"collection": collection, **ctx}, status_code=status_code)
+
+    @app.get("/healthz")
+    def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/login", response_class=HTMLResponse)
+    def login_form(request: Request) -> HTMLResponse:
+        return page(request, "login.html", error=None)
+
+    @app.post("/login")
+    def login(request: Request, token: str = Form(...)) -> Response:
+        if secrets and not any(hmac.compare_digest(token.encode(), s.encode()) for s in secrets):
+            return page(request, "login.html", status_code=401, error="wrong token")
+        resp = RedirectResponse("/", status_code=303)
+        resp.set_cookie(COOKIE, token, httponly=True, samesite="strict")
+        return resp
+
+    @app.get("/", response_class=HTMLResponse)
+    def overview(request: Request) -> HTMLResponse:
+        def read() -> dict[str, Any]:
+            return {
+                "total": store.count(collection),
+                "by_status": store.facet(collection, "pseudo_status"),
+                "by_label": store.facet(collection, "label"),
+                "by_pseudo": store.facet(collection, "pseudo_label"),
+                "registry": load_registry(store, collection),
+            }
+
+        data = locked(read)
+        reg = data["registry"]
+        runs = []
+        for r in reversed(reg.runs):
+            iterations = []
+            report_path = Path(r.run_dir) / "report.json" if r.run_dir else None
+            if report_path is not None and report_path.is_file():
+                try:
+                    report = json.loads(report_path.read_text())
+                    iterations = [
+                        {
+                            "iteration": it.get("iteration"),
+                            "f1": (it.get("heldout_after") or {}).get("macro_f1"),
+                            "ece": (it.get("heldout_after") or {}).get("ece"),
+                            "accepted": (it.get("counts") or {}).get("accepted"),
+                            "precision": it.get("pseudo_precision"),
+                        }
+                        for it in report.get("iterations", [])
+                    ]
+                except (OSError, ValueError):
+                    iterations = []
+            files = [f for f in sorted(RUN_FILES) if r.run_dir and (Path(r.run_dir) / f).is_file()]
+            runs.append({"run": r, "iterations": iterations, "files": files, "active": r.run_id == reg.active})
+        classes = sorted(set(data["by_label"]) | set(data["by_pseudo"]), key=str)
+        return page(request, "overview.html", classes=classes, runs=runs, **data)
+
+    @app.get("/runs/{run_id}/{name}")
+    def run_file(run_id: str, name: str) -> Response:
+        if name not in RUN_FILES:
+            return Response("not found", status_code=404)
+        reg = locked(load_registry, store, collection)
+        run = next((r for r in reg.runs if r.run_id == run_id), None)
+        if run is None or not run.run_dir or not (Path(run.run_dir) / name).is_file():
+            return Response("not found", status_code=404)
+        return FileResponse(Path(run.run_dir) / name, media_type="image/png")
+
+    @app.get("/points", response_class=HTMLResponse)
+    def points(
+        request: Request,
+        status: str | None = None,
+        label: str | None = None,
+        pseudo: str | None = None,
+        offset: str | None = None,
+    ) -> HTMLResponse:
+        must = []
+        if status:
+            if status not in STATUS_FILTERS:
+                return page(request, "error.html", status_code=400, message=f"unknown status {status!r}")
+            must.append(Match("pseudo_status", status))
+        if label:
+            must.append(Match("label", label))
+        if pseudo:
+            must.append(Match("pseudo_label", pseudo))
+
+        def read() -> tuple[Any, set[str]]:
+            got = store.scroll(collection, filter=Filter(must=must) if must else None, limit=page_size, offset=offset)
+            return got, load_registry(store, collection).unapplied
+
+        try:
+            got, unapplied = locked(read)
+        except StoreError as exc:
+            return page(request, "error.html", status_code=400, message=str(exc))
+        rows = [_row(r.id, resolve(r.payload, unapplied)) for r in got.records]
+        query = {"status": status, "label": label, "pseudo": pseudo}
+        base = "&".join(f"{k}={quote(v)}" for k, v in query.items() if v)
+        next_url = f"/points?{base + '&' if base else ''}offset={quote(got.next_offset)}" if got.next_offset else None
+        return page(request, "points.html", rows=rows, query=query, next_url=next_url, statuses=STATUS_FILTERS)
+
+    @app.get("/point/{point_id:path}", response_class=HTMLResponse)
+    def point(request: Request, point_id: str, saved: str | None = None, error: str | None = None) -> HTMLResponse:
+        try:
+            ins = locked(inspect_neighbours, store, collection, point_id, k)
+        except PointNotFoundError:
+            return page(request, "error.html", status_code=404, message=f"no point {point_id!r} in {collection!r}")
+        me = ins.point.state.judged_label
+        neighbours = [
+            {
+                **_row(n.point.id, n.point.payload),
+                "similarity": n.similarity,
+                "disagrees": me is not None
+                and n.point.state.effective_label is not None
+                and n.point.state.effective_label != me,
+            }
+            for n in ins.neighbours
+        ]
+        return page(
+            request,
+            "point.html",
+            p=_row(ins.point.id, ins.point.payload),
+            state=ins.point.state,
+            top=ins.point.payload.get("pseudo_top") or [],
+            neighbours=neighbours,
+            agreement=ins.agreement,
+            saved=saved,
+            error=error,
+        )
+
+    @app.post("/point/{point_id:path}/label")
+    def set_label(point_id: str, label: str = Form(...), replace: bool = Form(False)) -> Response:
+        target = f"/point/{quote(point_id, safe='')}"
+        try:
+            locked(submit_labels, store, collection, [(point_id, label.strip())], overwrite_human=replace)
+        except LabelConflictError:
+            msg = "this point already has a different human label; tick 'replace' to overwrite it"
+            return RedirectResponse(f"{target}?error={quote(msg)}", status_code=303)
+        except (LabelingError, StoreError) as exc:
+            return RedirectResponse(f"{target}?error={quote(str(exc))}", status_code=303)
+        return RedirectResponse(f"{target}?saved={quote(label.strip())}", status_code=303)
+
+    @app.get("/review", response_class=HTMLResponse)
+    def review(request: Request) -> HTMLResponse:
+        items = locked(review_queue, store, collection, limit=200)
+        return page(request, "review.html", items=items)
+
+    @app.get("/suspicious", response_class=HTMLResponse)
+    def suspects(request: Request, offset: str | None = None) -> HTMLResponse:
+        try:
+            found, nxt = locked(suspicious_page, store, collection, offset=offset, window=256, k=10)
+        except StoreError as exc:
+            return page(request, "error.html", status_code=400, message=str(exc))
+        next_url = f"/suspicious?offset={quote(nxt)}" if nxt else None
+        return page(request, "suspicious.html", suspects=found, next_url=next_url)
+
+    @app.get("/thumb/{point_id:path}")
+    def thumb(point_id: str) -> Response:
+        placeholder = Response(PLACEHOLDER_SVG, media_type="image/svg+xml")
+        try:
+            rec = locked(store.retrieve, collection, [point_id], missing_ok=True)
+        except StoreError:
+            return placeholder
+        ref = _image_ref(rec[0].payload or {}) if rec else None
+        if ref is None:
+            return placeholder
+        if ref.startswith(("http://", "https://")):
+            return RedirectResponse(ref, status_code=302)
+        path = Path(ref.removeprefix("file://")).expanduser()
+        try:
+            path = path.resolve(strict=True)
+        except OSError:
+            return placeholder
+        allowed = any(path.is_relative_to(r) for r in roots)
+        if not allowed or path.suffix.lower() not in IMAGE_SUFFIXES or not path.is_file():
+            return placeholder
+        return FileResponse(path, media_type=mimetypes.guess_type(path.name)[0] or "application/octet-stream")
+
+    return app
+
+
+def _image_ref(payload: dict[str, Any]) -> str | None:
+    for key in IMAGE_KEYS:
+        v = payload.get(key)
+        if isinstance(v, str) and v:
+            return v
+    return None
+
+
+def _row(point_id: str, payload: dict[str, Any] | None) -> dict[str, Any]:
+    p = payload or {}
+    st = LabelState.from_payload(p)
+    text = p.get("text") if isinstance(p.get("text"), str) else None
+    return {
+        "id": point_id,
+        "url": f"/point/{quote(point_id, safe='')}",
+        "thumb": f"/thumb/{quote(point_id, safe='')}",
+        "has_image": _image_ref(p) is not None,
+        "text": text,
+        "label": st.label,
+        "label_source": st.label_source,
+        "pseudo_label": st.pseudo_label,
+        "confidence": st.pseudo_confidence,
+        "status": st.pseudo_status,
+        "effective": st.effective_label,
+    }

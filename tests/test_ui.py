@@ -1,0 +1,222 @@
+"""The inspection web page in a real headless browser (Debian's chromium + chromedriver through Selenium),
+over a real Edge store that a real labeling job has written to."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+import urllib.request
+from urllib.error import HTTPError
+
+import numpy as np
+import pytest
+import uvicorn
+from PIL import Image
+from selenium import webdriver
+from selenium.webdriver.chrome.service import Service
+from selenium.webdriver.common.by import By
+from selenium.webdriver.support import expected_conditions as ec
+from selenium.webdriver.support.ui import WebDriverWait
+
+from embedder.ui.app import create_app
+from labeling.config import LabelingConfig
+from labeling.job import run_job
+from tests.conftest import clustered, make_edge
+
+SCRIPT_TEXT = '<script>window.__pwned = 1</script><b id="injected">bold</b> & "quotes"'
+TOKEN = "s3cret-token"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class _Served:
+    def __init__(self, app) -> None:
+        self.port = _free_port()
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.time() + 20
+        while not self.server.started:
+            assert time.time() < deadline, "the UI server did not start"
+            time.sleep(0.05)
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(10)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """An Edge store of 360 clustered points (3 classes, 15% ground truth), thumbnails for some, a script in one
+    text, after a real 2-iteration labeling job; served twice: open, and behind a token."""
+    tmp = tmp_path_factory.mktemp("ui")
+    images = tmp / "images"
+    images.mkdir()
+    x, cl = clustered(360, n_clusters=3, seed=7, spread=0.6)
+    classes = ["cat", "dog", "fox"]
+    rng = np.random.default_rng(0)
+    seed = set(rng.choice(360, 54, replace=False).tolist())
+    payloads = []
+    for i in range(360):
+        p: dict = {"text": f"item {i} about a {classes[cl[i]]}", "hidden": classes[cl[i]]}
+        if i in seed:
+            p |= {"label": classes[cl[i]], "label_source": "seed"}
+        if i % 4 == 0:
+            path = images / f"{i}.png"
+            Image.new("RGB", (32, 32), (40 * cl[i], 120, 200)).save(path)
+            p["image_uri"] = str(path)
+        payloads.append(p)
+    payloads[1]["text"] = SCRIPT_TEXT
+    payloads[2]["image_uri"] = str(images / "missing.png")  # a dangling reference: a placeholder, not an error
+    payloads[3]["image_uri"] = "/etc/hostname"  # outside the image root: never served
+    store = make_edge(tmp / "store")
+    store.create_collection("items")
+    store.upsert("items", [f"p{i}" for i in range(360)], x, payloads)
+    store.flush()
+    cfg = LabelingConfig(max_iterations=2, truth_field="hidden", review_count=20)
+    run_job(store, "items", cfg, runs_dir=tmp / "runs")
+    open_ui = _Served(create_app(store, "items", image_roots=[images]))
+    locked_ui = _Served(create_app(store, "items", tokens=[TOKEN], image_roots=[images]))
+    yield {"store": store, "open": open_ui.url, "locked": locked_ui.url, "cl": cl, "classes": classes}
+    open_ui.stop()
+    locked_ui.stop()
+    store.close()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    opts = webdriver.ChromeOptions()
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu"):
+        opts.add_argument(arg)
+    opts.binary_location = "/usr/bin/chromium"
+    driver = webdriver.Chrome(service=Service("/usr/bin/chromedriver"), options=opts)
+    driver.set_page_load_timeout(30)
+    yield driver
+    driver.quit()
+
+
+def _wait_for(browser, element_id: str):
+    """The element, once the page a click navigated to has it (clicks do not wait for navigation)."""
+    return WebDriverWait(browser, 15).until(ec.presence_of_element_located((By.ID, element_id)))
+
+
+def _image_loaded(browser, element) -> bool:
+    return browser.execute_script("return arguments[0].complete && arguments[0].naturalWidth > 0", element)
+
+
+def test_overview_shows_counts_the_run_its_curves_and_reliability_diagram(world, browser):
+    browser.get(world["open"] + "/")
+    status = browser.find_element(By.ID, "by-status").text
+    counts = world["store"].facet("items", "pseudo_status")
+    for s, n in counts.items():
+        assert f"{s} {n}" in status
+    by_class = browser.find_element(By.ID, "by-class").text
+    assert all(c in by_class for c in world["classes"])
+    run = browser.find_element(By.CSS_SELECTOR, "section.run")
+    assert "(active)" in run.text
+    rows = run.find_elements(By.CSS_SELECTOR, "table.iterations tr")
+    assert len(rows) >= 2  # header + at least one iteration with its held-out F1
+    imgs = run.find_elements(By.TAG_NAME, "img")
+    assert {i.get_attribute("alt") for i in imgs} == {"reliability.png", "iterations.png"}
+    assert all(_image_loaded(browser, i) for i in imgs)
+
+
+def test_a_point_shows_its_neighbours_with_disagreements_marked(world, browser):
+    browser.get(world["open"] + "/points?status=accepted")
+    cards = browser.find_elements(By.CSS_SELECTOR, "#points .point-card a")
+    assert cards
+    cards[0].click()
+    point = _wait_for(browser, "point")
+    neighbours = browser.find_elements(By.CSS_SELECTOR, "#neighbours .neighbour")
+    assert len(neighbours) == 12
+    me = browser.find_element(By.ID, "pseudo").text
+    # a neighbour is marked exactly when its effective label differs from the point's
+    for n in neighbours:
+        label = n.find_elements(By.TAG_NAME, "div")[-2].text.split(" (")[0]
+        marked = "disagree" in n.get_attribute("class")
+        assert marked == (label not in (me, "unlabelled") and label != ""), (label, me)
+    assert "similarity" in neighbours[0].text and point.find_element(By.ID, "agreement").text
+
+
+def test_thumbnails_load_and_missing_or_forbidden_images_degrade_to_a_placeholder(world, browser):
+    browser.get(world["open"] + "/point/p4")
+    thumb = browser.find_element(By.ID, "thumb")
+    assert _image_loaded(browser, thumb) and browser.execute_script("return arguments[0].naturalWidth", thumb) == 32
+    for pid in ("p2", "p3"):  # missing file; a file outside the image root
+        with urllib.request.urlopen(f"{world['open']}/thumb/{pid}") as resp:
+            assert resp.headers["content-type"].startswith("image/svg+xml") and b"no image" in resp.read()
+    browser.get(world["open"] + "/point/p5")  # text only: its text, no image
+    assert not browser.find_elements(By.ID, "thumb") and "item 5" in browser.find_element(By.ID, "text").text
+
+
+def test_correcting_a_label_writes_human_ground_truth_and_never_silently_overwrites_it(world, browser):
+    store = world["store"]
+    pid = next(r.id for r in store.iter_records("items", filter={"pseudo_status": "review"}))
+    browser.get(f"{world['open']}/point/{pid}")
+    box = browser.find_element(By.ID, "label-input")
+    box.clear()
+    box.send_keys("fox")
+    browser.find_element(By.ID, "save").click()
+    assert "saved: fox" in _wait_for(browser, "saved").text
+    assert browser.find_element(By.ID, "label").text.startswith("fox (human)")  # visible at once
+    payload = store.retrieve("items", [pid])[0].payload
+    assert payload["label"] == "fox" and payload["label_source"] == "human"
+    # another person's different answer is refused, visibly, and the store keeps the first
+    box = browser.find_element(By.ID, "label-input")
+    box.clear()
+    box.send_keys("dog")
+    browser.find_element(By.ID, "save").click()
+    assert "different human label" in _wait_for(browser, "error").text
+    assert store.retrieve("items", [pid])[0].payload["label"] == "fox"
+    browser.get(world["open"] + "/review")
+    assert pid not in browser.find_element(By.ID, "review").text  # answered: out of the queue
+
+
+def test_item_text_is_escaped_never_executed(world, browser):
+    browser.get(world["open"] + "/point/p1")
+    assert browser.find_element(By.ID, "text").text == SCRIPT_TEXT  # shown as text, verbatim
+    assert browser.execute_script("return window.__pwned === undefined")
+    assert not browser.find_elements(By.ID, "injected")
+    assert "&lt;script&gt;" in browser.page_source
+
+
+def test_unauthenticated_access_is_refused_when_a_token_is_set(world, browser):
+    for path in ("/", "/points", "/point/p1", "/review", "/thumb/p4"):
+        with pytest.raises(HTTPError) as err:
+            urllib.request.urlopen(world["locked"] + path)
+        assert err.value.code == 401
+    req = urllib.request.Request(world["locked"] + "/", headers={"Authorization": "Bearer wrong"})
+    with pytest.raises(HTTPError):
+        urllib.request.urlopen(req)
+    req = urllib.request.Request(world["locked"] + "/", headers={"Authorization": f"Bearer {TOKEN}"})
+    with urllib.request.urlopen(req) as resp:
+        assert resp.status == 200
+    browser.delete_all_cookies()
+    browser.get(world["locked"] + "/")
+    assert "Sign in" in browser.page_source and not browser.find_elements(By.ID, "by-status")
+    browser.find_element(By.ID, "token").send_keys("wrong")
+    browser.find_element(By.ID, "login").click()
+    assert "wrong token" in _wait_for(browser, "login-error").text
+    browser.find_element(By.ID, "token").send_keys(TOKEN)
+    browser.find_element(By.ID, "login").click()
+    assert _wait_for(browser, "by-status")  # signed in: the overview
+
+
+def test_suspicious_and_points_pages_paginate(world, browser):
+    browser.get(world["open"] + "/points")
+    assert len(browser.find_elements(By.CSS_SELECTOR, "#points .point-card")) == 48
+    first = browser.find_element(By.CSS_SELECTOR, "#points .point-card .id").text
+    browser.find_element(By.ID, "next").click()
+    WebDriverWait(browser, 15).until(lambda b: "offset=" in b.current_url)
+    assert browser.find_element(By.CSS_SELECTOR, "#points .point-card .id").text != first
+    browser.get(world["open"] + "/suspicious")
+    assert browser.find_element(By.ID, "suspicious")
+    with pytest.raises(HTTPError) as err:
+        urllib.request.urlopen(world["open"] + "/points?status=bogus")
+    assert err.value.code == 400
