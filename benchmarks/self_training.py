@@ -171,10 +171,17 @@ def main() -> None:
     ap.add_argument("--ablations-at", default="0.05", help="seed fractions at which the ablations run")
     ap.add_argument("--plots-only", action="store_true", help="redraw the plots from --out and exit")
     ap.add_argument("--resume", action="store_true", help="keep the rows already in --out and run only the missing")
+    ap.add_argument("--table", action="store_true", help="print the saved results as Markdown tables and exit")
     args = ap.parse_args()
-    if args.plots_only:
+    if args.plots_only:  # also refreshes the summary and targets from the saved rows
         saved = json.loads(args.out.read_text())
+        saved["summary"] = _summary(saved["rows"], saved.get("traces", []), args)["summary"]
+        saved["targets"] = targets(saved["rows"])
+        args.out.write_text(json.dumps(saved, indent=2))
         print("\n".join(str(p) for p in plots(saved, args.out.parent)))
+        return
+    if args.table:
+        print(markdown(json.loads(args.out.read_text())))
         return
     if args.quick:
         args.datasets, args.fractions, args.seeds = "emoji", "0.05", 1
@@ -288,6 +295,80 @@ def main() -> None:
         print(f"plot: {path}")
 
 
+def _mean(rows: list[dict[str, Any]], key: str) -> float | None:
+    vals = [r[key] for r in rows if r.get(key) is not None]
+    return float(np.mean(vals)) if vals else None
+
+
+def targets(rows: list[dict[str, Any]], fraction: float = 0.05) -> list[dict[str, Any]]:
+    """The issue's targets at ``fraction``, per dataset, from the per-seed rows (means over seeds)."""
+    out = []
+    for dataset in sorted({r["dataset"] for r in rows}):
+        here = [r for r in rows if r["dataset"] == dataset and abs(r["seed_fraction"] - fraction) < 1e-9]
+        f1 = {m: _mean([r for r in here if r["method"] == m], "macro_f1") for m in {r["method"] for r in here}}
+        ours = f1.get("embedstore")
+        if ours is None:
+            continue
+        baselines = {m: v for m, v in f1.items() if m in (*BASELINES, "rf_loop") and m != "oracle" and v is not None}
+        mine = [r for r in here if r["method"] == "embedstore"]
+        precision, confidence = _mean(mine, "pseudo_precision"), _mean(mine, "mean_confidence")
+        out.append(
+            {
+                "dataset": dataset,
+                "seed_fraction": fraction,
+                "seeds": len(mine),
+                "embedstore": round(ours, 4),
+                "vs_supervised": round(ours - f1["supervised_xgb"], 4) if "supervised_xgb" in f1 else None,
+                "best_baseline": max(baselines, key=lambda m: baselines[m]) if baselines else None,
+                "vs_best_baseline": round(ours - max(baselines.values()), 4) if baselines else None,
+                "pseudo_precision": None if precision is None else round(precision, 4),
+                "mean_confidence": None if confidence is None else round(confidence, 4),
+                "vs_oracle": round(ours - f1["oracle"], 4) if f1.get("oracle") is not None else None,
+            }
+        )
+    return out
+
+
+def markdown(saved: dict[str, Any]) -> str:
+    """Tables for BENCHMARKS.md: mean +- std macro-F1 per method and seed fraction, and the 5% targets."""
+    rows = saved["rows"]
+    lines = []
+    for dataset in sorted({r["dataset"] for r in rows}):
+        fracs = sorted({r["seed_fraction"] for r in rows if r["dataset"] == dataset})
+        methods = [m for m in [*OURS, *BASELINES] if any(r["method"] == m and r["dataset"] == dataset for r in rows)]
+        lines += [f"**{dataset}** (test macro-F1, mean +- std over seeds)", ""]
+        lines.append("| method | " + " | ".join(f"{f:.0%}" for f in fracs) + " |")
+        lines.append("| --- |" + " --- |" * len(fracs))
+        for m in methods:
+            cells = []
+            for f in fracs:
+                v = [
+                    r["macro_f1"]
+                    for r in rows
+                    if (r["dataset"], r["method"]) == (dataset, m) and r["seed_fraction"] == f
+                ]
+                cells.append(f"{np.mean(v):.3f} +- {np.std(v):.3f} ({len(v)})" if v else "-")
+            lines.append(f"| {m} | " + " | ".join(cells) + " |")
+        lines.append("")
+    lines += ["**Targets at a 5% seed** (points of macro-F1; precision vs mean calibrated confidence)", ""]
+    lines.append(
+        "| dataset | ours | vs supervised (>= +0.02) | vs best baseline (>= 0) "
+        "| precision / confidence | vs oracle (>= -0.03) |"
+    )
+    lines.append("| --- | --- | --- | --- | --- | --- |")
+
+    def signed(v: float | None) -> str:
+        return "-" if v is None else f"{v:+.3f}"
+
+    for t in targets(rows):
+        pc = "-" if t["pseudo_precision"] is None else f"{t['pseudo_precision']:.3f} / {t['mean_confidence']:.3f}"
+        lines.append(
+            f"| {t['dataset']} | {t['embedstore']:.3f} | {signed(t['vs_supervised'])} | "
+            f"{signed(t['vs_best_baseline'])} ({t['best_baseline']}) | {pc} | {signed(t['vs_oracle'])} |"
+        )
+    return "\n".join(lines)
+
+
 def plots(saved: dict[str, Any], outdir: Path) -> list[Path]:
     """F1 vs seed fraction per method (one panel per dataset); per-iteration F1/precision, XGBoost vs RF."""
     import matplotlib
@@ -370,6 +451,7 @@ def _summary(rows: list[dict[str, Any]], traces: list[dict[str, Any]], args: arg
         "args": {k: str(v) for k, v in vars(args).items()},
         "rows": rows,
         "summary": summary,
+        "targets": targets(rows),
         "traces": traces,
     }
 

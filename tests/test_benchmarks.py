@@ -123,3 +123,16 @@ def test_self_training_benchmark_writes_the_documented_format(tmp_path):
         assert 0.0 <= r["macro_f1"] <= 1.0
     ours = next(r for r in result["rows"] if r["method"] == "embedstore_no_neighbourhood")
     assert ours["iterations"] >= 1 and 0.0 <= ours["coverage"] <= 1.0
+    assert (tmp_path / "self_training_f1.png").stat().st_size > 0 and "targets" in result
+    # --resume keeps what is there and runs only what is missing (here: nothing)
+    subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "self_training.py"), "--quick", "--epochs", "5", "--resume",
+         "--methods", "embedstore_no_neighbourhood,supervised_xgb,label_spreading", "--out", str(out)],
+        check=True, cwd=ROOT, timeout=900, capture_output=True,
+    )  # fmt: skip
+    assert json.loads(out.read_text())["rows"] == result["rows"]
+    table = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "self_training.py"), "--table", "--out", str(out)],
+        check=True, cwd=ROOT, timeout=120, capture_output=True, text=True,
+    ).stdout  # fmt: skip
+    assert "| label_spreading |" in table and "**emoji**" in table
