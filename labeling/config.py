@@ -121,6 +121,10 @@ class LabelingConfig(BaseModel):
     threshold: float = Field(0.8, gt=0, le=1)
     neighbourhood_veto: bool = True
     veto_min_labelled: int = Field(2, ge=1)
+    #: Raise the threshold (never lower it) until held-out ground truth shows the scores above it are not
+    #: over-confident (labeling.gate.validated_threshold); at least this many held-out rows must support it.
+    validate_threshold: bool = True
+    threshold_min_support: int = Field(10, ge=1)
     veto_majority: float = Field(0.5, ge=0, lt=1)
     #: A class may get at most ``cap_factor`` x (its ground-truth share) x (pool size) accepted labels.
     cap_factor: float = Field(1.0, gt=0)

@@ -106,3 +106,32 @@ class StateGate:
             pick = rest[np.argsort(-unc[rest], kind="stable")[: self.review_count]]
             status[pick] = REVIEW
         return GateDecision(label, conf, status, reason, unc)
+
+
+THRESHOLD_GRID = (0.85, 0.9, 0.95, 0.98, 0.99, 1.0)
+
+
+def validated_threshold(
+    probs: np.ndarray, y: np.ndarray, threshold: float, *, min_support: int = 10, z: float = 1.0
+) -> tuple[float, dict[str, float | int | None]]:
+    """The lowest threshold (``threshold`` or higher) at which held-out ground truth says the calibrated scores
+    are *not over-confident*: among held-out rows whose top calibrated probability is >= t, accuracy >= their
+    mean top probability - ``z`` standard errors, with at least ``min_support`` such rows.
+
+    Calibration maps are fitted on all held-out rows; the gate only uses their top tail, where a map fitted to
+    the bulk can be wrong (measured: Rotten Tomatoes at a 5% seed accepted labels 75% correct at a mean
+    calibrated confidence of 0.86). When no threshold passes, 1.0 (the gate is effectively closed) is returned.
+    Returns ``(threshold, evidence)``.
+    """
+    top = probs.max(axis=1)
+    hit = probs.argmax(axis=1) == y
+    for t in (threshold, *(g for g in THRESHOLD_GRID if g > threshold)):
+        sel = top >= t
+        n = int(sel.sum())
+        if n < min_support:
+            continue
+        acc, conf = float(hit[sel].mean()), float(top[sel].mean())
+        se = float(np.sqrt(max(conf * (1 - conf), 1e-12) / n))
+        if acc >= conf - z * se:
+            return float(t), {"threshold": float(t), "support": n, "accuracy": acc, "mean_confidence": conf}
+    return 1.0, {"threshold": 1.0, "support": 0, "accuracy": None, "mean_confidence": None}

@@ -42,6 +42,7 @@ Per iteration (at most 10):
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -52,7 +53,7 @@ import numpy as np
 from labeling.calibration import CalibrationMetrics, CalibrationResult, calibrate, cross_calibrated, log_loss, macro_f1
 from labeling.config import LabelingConfig
 from labeling.errors import SeedError
-from labeling.gate import ACCEPTED, STATUS_NAMES, GateDecision, StateGate
+from labeling.gate import ACCEPTED, STATUS_NAMES, GateDecision, StateGate, validated_threshold
 from labeling.learners import Learner, make_learner
 from labeling.mixup import mixup
 from labeling.neighbours import (
@@ -111,6 +112,10 @@ class IterationStats:
     seconds: dict[str, float]
     #: Weight of the learner in the learner/label-spreading blend (1.0: learner only; None: no blend).
     blend_weight: float | None = None
+    #: The threshold the gate used this iteration (raised above the configured one when held-out ground truth
+    #: showed over-confidence there), and that evidence.
+    gate_threshold: float | None = None
+    threshold_evidence: dict[str, Any] | None = None
 
     @property
     def f1(self) -> float:
@@ -514,15 +519,22 @@ class SelfTrainer:
                 break
 
             t0 = time.perf_counter()
+            it_gate, it_chain_gate, evidence = gate, chain_gate, None
+            if cfg.validate_threshold:
+                t_used, evidence = validated_threshold(
+                    cal.oof_calibrated, y[eval_all], gate.threshold, min_support=cfg.threshold_min_support
+                )
+                it_gate = dataclasses.replace(gate, threshold=t_used)
+                it_chain_gate = dataclasses.replace(chain_gate, threshold=t_used)
             # each chain moves on with its own accepted set (no chain ever learns from labels it is judged on)
             for ch, v, p in zip(chains, chain_votes, chain_pool_cal, strict=True):
                 d, cnt, _ = neighbour_vote(data.graph, v, pool) if gate.veto else (None, None, None)  # type: ignore[arg-type]
-                cd = chain_gate.decide(p, priors, d, cnt)
+                cd = it_chain_gate.decide(p, priors, d, cnt)
                 ok = cd.status == ACCEPTED
                 ch.acc_label[pool] = np.where(ok, cd.label, -1)
                 ch.acc_conf[pool] = np.where(ok, cd.confidence, 0.0)
             # the written decision: the chains' mean calibrated probability, gated against all the ground truth
-            dec = gate.decide(pool_cal, priors, gt_dist, gt_count)
+            dec = it_gate.decide(pool_cal, priors, gt_dist, gt_count)
             secs["gate"] = time.perf_counter() - t0
             old = final_label
             new = np.where(dec.status == ACCEPTED, dec.label, -1)
@@ -538,6 +550,8 @@ class SelfTrainer:
             stats = self._stats(it, cal, dec, new, data, truth_pool, rounds, secs, moves)
             stats.train_rows, stats.train_pseudo, stats.mixup_rows = n_rows, n_pseudo_rows, n_mix_rows
             stats.blend_weight = blend_w
+            stats.gate_threshold = it_gate.threshold
+            stats.threshold_evidence = evidence
             stats.change = changed / max(1, int((new >= 0).sum()), int((old >= 0).sum()))
             history.append(stats)
             self._progress("iteration", {"stats": stats, "breaker": False})

@@ -316,3 +316,30 @@ def test_blend_weight_follows_whichever_opinion_is_right_on_held_out_truth():
     assert choose_blend(noise, right, y) <= 0.1  # the graph is right: the learner's weight goes to ~0
     mixed = choose_blend(0.5 * right + 0.5 * noise, 0.5 * right + 0.5 * rng.dirichlet(np.ones(3), 300), y)
     assert 0.2 <= mixed <= 0.8  # two equally good, independent opinions: both kept
+
+
+def test_validated_threshold_rises_above_an_over_confident_tail_and_closes_when_nothing_holds():
+    from labeling.gate import validated_threshold
+
+    rng = np.random.default_rng(1)
+    n = 400
+    y = rng.integers(0, 2, n)
+    conf = rng.uniform(0.5, 1.0, n)
+    honest = rng.random(n) < conf  # right as often as it claims
+    pred = np.where(honest, y, 1 - y)
+    probs = np.zeros((n, 2))
+    probs[np.arange(n), pred] = conf
+    probs[np.arange(n), 1 - pred] = 1 - conf
+    t, ev = validated_threshold(probs, y, 0.8)
+    assert t == 0.8 and ev["support"] >= 10  # calibrated: the configured threshold stands
+    liar = probs.copy()
+    band = (conf >= 0.8) & (conf < 0.9)
+    liar_pred = np.where(band, 1 - y, pred)  # wrong on every row it scores 0.8-0.9
+    liar[np.arange(n), liar_pred] = conf
+    liar[np.arange(n), 1 - liar_pred] = 1 - conf
+    t, ev = validated_threshold(liar, y, 0.8)
+    assert t >= 0.9 and ev["accuracy"] >= ev["mean_confidence"] - 0.1  # raised past the over-confident band
+    always_wrong = np.zeros((n, 2))
+    always_wrong[np.arange(n), 1 - y] = 0.95
+    always_wrong[np.arange(n), y] = 0.05
+    assert validated_threshold(always_wrong, y, 0.8)[0] == 1.0  # nothing holds: the gate closes
