@@ -14,6 +14,10 @@ exactly as on any upsert), its whole payload (labels, pseudo-labels, statuses,
 labeling run registry). Point ids are the same (UUIDv5 of the caller's id). The
 target collection is created with ``spec`` (shards and replicas on a cluster), or
 must already have the same vector layout.
+
+A copy, not a sync: points changed in the source after they were copied are not
+copied again, and a finished migration is not re-run (``restart=True`` copies
+everything again; upserts are idempotent, so that is safe).
 """
 
 from __future__ import annotations
