@@ -274,6 +274,8 @@ def main() -> None:
                                             "heldout_macro_f1": it["heldout_after"]["macro_f1"],
                                             "pseudo_precision": it["pseudo_precision"],
                                             "accepted": it["counts"].get("accepted"),
+                                            "gate_threshold": it.get("gate_threshold"),
+                                            "blend_weight": it.get("blend_weight"),
                                         }
                                         for it in result.report["iterations"]
                                     ],
