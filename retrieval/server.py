@@ -10,6 +10,7 @@ development only: it ignores HNSW settings and payload indexes, and warns above
 from __future__ import annotations
 
 import contextlib
+import threading
 import warnings
 from collections.abc import Iterator
 from typing import Any
@@ -99,6 +100,7 @@ class QdrantServerStore(VectorStore):
         self.client = client
         self.target = url or location or "client"
         self.local = self.client._client.__class__.__name__ == "QdrantLocal"
+        self._local_lock = threading.RLock()
         self.read_consistency = read_consistency
         self.write_ordering = write_ordering
         self._known: set[str] = set()
@@ -113,7 +115,9 @@ class QdrantServerStore(VectorStore):
     def _call(self, what: str, name: str | None = None) -> Iterator[None]:
         """Translate qdrant-client / transport errors; silence local mode's known warnings."""
         try:
-            with warnings.catch_warnings():
+            # qdrant-client's local mode is not thread-safe (concurrent upserts paired vectors with the wrong ids
+            # in the migrate test); a real server is, so only local mode is serialised
+            with self._local_lock if self.local else contextlib.nullcontext(), warnings.catch_warnings():
                 if self.local:
                     warnings.filterwarnings("ignore", message=".*(Local mode|local Qdrant|Payload indexes).*")
                 yield
