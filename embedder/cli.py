@@ -52,6 +52,15 @@ def demo(
         _fail(exc)
 
 
+def _index(store, settings: StoreSettings, embedder, items, skip_bad: bool):
+    """Embed and upsert ``items`` with a progress bar; a new collection gets the configured shards/replicas."""
+    from embedder.indexing import index_items
+
+    return index_items(
+        store, settings.collection, embedder, items, skip_bad=skip_bad, progress=True, spec=collection_spec(settings)
+    )
+
+
 def _embedder(require_projection: bool = True):
     from embedder.config import EmbedderSettings
     from embedder.model import Embedder
@@ -76,7 +85,6 @@ def index_cmd(
     """Embed items with the fitted projection and upsert them into the store."""
     from embedder.datasets import load_items, manifest_items
     from embedder.errors import EmbedderError
-    from embedder.indexing import index_items
 
     if (dataset is None) == (manifest is None):
         _fail(ValueError("give exactly one of --dataset or --manifest"))
@@ -85,15 +93,7 @@ def index_cmd(
         items = load_items(dataset) if dataset else manifest_items(manifest)  # type: ignore[arg-type]
         embedder = _embedder()
         with open_store(settings) as store:
-            report = index_items(
-                store,
-                settings.collection,
-                embedder,
-                items,
-                skip_bad=skip_bad,
-                progress=True,
-                spec=collection_spec(settings),
-            )
+            report = _index(store, settings, embedder, items, skip_bad)
     except (EmbedderError, StoreError) as exc:
         _fail(exc)
     console.print(f"indexed {report.written} items into {settings.collection!r} ({embedder.version})")
@@ -121,7 +121,6 @@ def ingest_cmd(
 
     from embedder.datasets import load_items, manifest_items
     from embedder.errors import EmbedderError
-    from embedder.indexing import index_items
     from embedder.ingest import KeyPoolError
     from embedder.ingest.config import KeyPoolSettings
     from embedder.ingest.http_source import Checkpoint, HttpSource, HttpSourceConfig, IngestError, ingest_http
@@ -133,15 +132,7 @@ def ingest_cmd(
         if kind in ("manifest", "dataset") and arg:
             items = manifest_items(arg) if kind == "manifest" else load_items(arg)
             with open_store(settings) as store:
-                report = index_items(
-                    store,
-                    settings.collection,
-                    embedder,
-                    items,
-                    skip_bad=skip_bad,
-                    progress=True,
-                    spec=collection_spec(settings),
-                )
+                report = _index(store, settings, embedder, items, skip_bad)
             console.print(f"ingested {report.written} items into {settings.collection!r}")
             skipped = report.skipped
         else:

@@ -181,12 +181,7 @@ class Propagation:
     def _normalised(index: np.ndarray, sims: np.ndarray, n_cols: int) -> Any:
         import scipy.sparse as sp
 
-        m, k = index.shape
-        rows = np.repeat(np.arange(m), k)
-        cols = index.ravel()
-        vals = np.maximum(sims.ravel(), 0.0).astype(np.float64)
-        keep = cols >= 0
-        s = sp.csr_matrix((vals[keep], (rows[keep], cols[keep])), shape=(m, n_cols))
+        s = _similarity_matrix(index, sims, n_cols)
         d = np.asarray(s.sum(axis=1)).ravel()
         return sp.diags(np.divide(1.0, d, out=np.zeros_like(d), where=d > 0)) @ s
 
@@ -237,12 +232,7 @@ class Spreading:
             raise ValueError(f"spreading alpha must be in (0, 1), got {alpha}")
         self.alpha = alpha
         self.steps = max(1, int(np.ceil(np.log(tol) / np.log(alpha))))
-        m, k = graph.index.shape
-        rows = np.repeat(np.arange(m), k)
-        cols = graph.index.ravel()
-        vals = np.maximum(graph.sims.ravel(), 0.0).astype(np.float64)
-        keep = cols >= 0
-        w = sp.csr_matrix((vals[keep], (rows[keep], cols[keep])), shape=(m, m))
+        w = _similarity_matrix(graph.index, graph.sims, graph.n)
         w = ((w + w.T) * 0.5).tocsr()
         d = np.asarray(w.sum(axis=1)).ravel()
         inv = np.divide(1.0, np.sqrt(d), out=np.zeros_like(d), where=d > 0)
@@ -293,6 +283,18 @@ class Spreading:
         s = np.where(index >= 0, np.maximum(np.asarray(sims, np.float64), 0.0), 0.0)
         fpad = np.vstack([f, np.full((1, f.shape[1]), 1.0 / f.shape[1])])
         return _distribution((s[:, :, None] * fpad[index]).sum(axis=1))
+
+
+def _similarity_matrix(index: np.ndarray, sims: np.ndarray, n_cols: int) -> Any:
+    """The kNN graph as a sparse (m, n_cols) matrix of similarities clipped at 0 (missing neighbours left out)."""
+    import scipy.sparse as sp
+
+    m, k = index.shape
+    rows = np.repeat(np.arange(m), k)
+    cols = np.asarray(index).ravel()
+    vals = np.maximum(np.asarray(sims).ravel(), 0.0).astype(np.float64)
+    keep = cols >= 0
+    return sp.csr_matrix((vals[keep], (rows[keep], cols[keep])), shape=(m, n_cols))
 
 
 def _distribution(f: np.ndarray) -> np.ndarray:

@@ -58,7 +58,8 @@ class ReviewItem:
         }
 
 
-def _image_ref(payload: dict[str, Any]) -> str | None:
+def image_ref(payload: dict[str, Any]) -> str | None:
+    """The item's stored image reference (the first of IMAGE_KEYS holding a non-empty string), or None."""
     for key in IMAGE_KEYS:
         v = payload.get(key)
         if isinstance(v, str) and v:
@@ -79,7 +80,7 @@ def review_queue(store: VectorStore, collection: str, *, limit: int | None = Non
             ReviewItem(
                 id=rec.id,
                 text=p.get("text") if isinstance(p.get("text"), str) else None,
-                image=_image_ref(p),
+                image=image_ref(p),
                 pseudo_label=st.pseudo_label,
                 pseudo_confidence=st.pseudo_confidence,
                 review_score=p.get("review_score"),

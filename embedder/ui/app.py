@@ -40,7 +40,7 @@ from fastapi.templating import Jinja2Templates
 
 from labeling.errors import LabelingError
 from labeling.inspect import LabelState, inspect_neighbours
-from labeling.review import IMAGE_KEYS, LabelConflictError, review_queue, submit_labels, suspicious_page
+from labeling.review import LabelConflictError, image_ref, review_queue, submit_labels, suspicious_page
 from labeling.runs import load_registry, resolve
 from retrieval import Filter, Match, VectorStore
 from retrieval.errors import PointNotFoundError, StoreError
@@ -253,7 +253,7 @@ def create_app(
             rec = locked(store.retrieve, collection, [point_id], missing_ok=True)
         except StoreError:
             return placeholder
-        ref = _image_ref(rec[0].payload or {}) if rec else None
+        ref = image_ref(rec[0].payload or {}) if rec else None
         if ref is None:
             return placeholder
         if ref.startswith(("http://", "https://")):
@@ -271,14 +271,6 @@ def create_app(
     return app
 
 
-def _image_ref(payload: dict[str, Any]) -> str | None:
-    for key in IMAGE_KEYS:
-        v = payload.get(key)
-        if isinstance(v, str) and v:
-            return v
-    return None
-
-
 def _row(point_id: str, payload: dict[str, Any] | None) -> dict[str, Any]:
     p = payload or {}
     st = LabelState.from_payload(p)
@@ -287,7 +279,7 @@ def _row(point_id: str, payload: dict[str, Any] | None) -> dict[str, Any]:
         "id": point_id,
         "url": f"/point/{quote(point_id, safe='')}",
         "thumb": f"/thumb/{quote(point_id, safe='')}",
-        "has_image": _image_ref(p) is not None,
+        "has_image": image_ref(p) is not None,
         "text": text,
         "label": st.label,
         "label_source": st.label_source,
