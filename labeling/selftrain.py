@@ -151,9 +151,14 @@ class Predictor:
         if self.use_graph and (neighbour_index is None or neighbour_sims is None):
             raise ValueError("this job used neighbourhood features: give the new points' neighbours")
         out = np.zeros((len(x), self.n_classes))
+        graph = None
+        if self.use_graph:
+            graph = NeighbourGraph(np.asarray(neighbour_index, np.int32), np.asarray(neighbour_sims, np.float32))
+        blend = None  # the same for every chain: computed once
+        if graph is not None and self.spread is not None and self.blend_weight is not None:
+            blend = Spreading.new(graph.index, graph.sims, self.spread)
         for ci, (models, v) in enumerate(zip(self.models, self.votes, strict=True)):
-            if self.use_graph:
-                graph = NeighbourGraph(np.asarray(neighbour_index, np.int32), np.asarray(neighbour_sims, np.float32))
+            if graph is not None:
                 parts = [x, neighbourhood_features(graph, v)]
                 if self.propagation is not None:
                     parts.append(self.propagation.features_new(graph.index, graph.sims, v))
@@ -163,9 +168,8 @@ class Predictor:
             else:
                 feats = x
             raw = np.mean([m.predict_proba(feats) for m in models], axis=0)
-            if self.spread is not None and self.blend_weight is not None:
-                f = Spreading.new(np.asarray(neighbour_index), np.asarray(neighbour_sims), self.spread)
-                raw = self.blend_weight * raw + (1 - self.blend_weight) * f
+            if blend is not None:
+                raw = self.blend_weight * raw + (1 - self.blend_weight) * blend
             out += self.calibrator.transform(raw)
         return out / len(self.models)
 
