@@ -12,6 +12,7 @@ from __future__ import annotations
 import abc
 import json
 import threading
+import uuid
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -73,6 +74,9 @@ class VectorStore(abc.ABC):
     """
 
     backend: str = "abstract"
+    #: How many scroll partitions a bulk reader should use by default: 1 in-process (Edge: the work is
+    #: already local), more on a server, where each partition is a separate stream of network round trips.
+    read_parallelism: int = 1
 
     def __init__(self, *, shortlist: int = 100, write_batch_size: int = 512) -> None:
         if not isinstance(shortlist, int) or shortlist < 1:
@@ -448,6 +452,43 @@ class VectorStore(abc.ABC):
                 return
             offset = page.next_offset
 
+    def iter_partition(
+        self,
+        collection: str,
+        part: int,
+        parts: int,
+        *,
+        filter: FilterLike = None,
+        page_size: int = 1024,
+        with_payload: bool = True,
+        with_vectors: WithVectors = False,
+    ) -> Iterator[Record]:
+        """The points of partition ``part`` of ``parts``: a contiguous range of point ids, read by paged scroll.
+
+        Point ids are UUIDv5 hashes, so equal ranges of the 128-bit id space hold about equal numbers of
+        points, and both Qdrant engines scroll in id order from any id (it need not exist). The partitions
+        are disjoint and cover the collection, so ``parts`` readers (threads, processes, machines) can each
+        read one in parallel without coordination; reading them in order equals :meth:`iter_records`.
+        """
+        low, high = partition_bounds(part, parts)
+        offset: str | None = low
+        while True:
+            page = self.scroll(
+                collection,
+                filter=filter,
+                limit=page_size,
+                offset=offset,
+                with_payload=with_payload,
+                with_vectors=with_vectors,
+            )
+            for rec in page.records:
+                if high is not None and rec.point_id >= high:
+                    return
+                yield rec
+            if page.next_offset is None:
+                return
+            offset = page.next_offset
+
     def count(self, collection: str, filter: FilterLike = None) -> int:
         """Exact number of points matching ``filter`` (all points without one)."""
         self._require(collection)
@@ -556,6 +597,21 @@ class VectorStore(abc.ABC):
 
     @abc.abstractmethod
     def _close(self) -> None: ...
+
+
+def partition_bounds(part: int, parts: int) -> tuple[str | None, str | None]:
+    """Id range ``[low, high)`` of partition ``part`` of ``parts`` as canonical UUID strings (None = open end)."""
+    if isinstance(parts, bool) or not isinstance(parts, int) or not 1 <= parts <= 4096:
+        raise InvalidInputError(f"parts must be an int in 1..4096, got {parts!r}")
+    if isinstance(part, bool) or not isinstance(part, int) or not 0 <= part < parts:
+        raise InvalidInputError(f"part must be an int in 0..{parts - 1}, got {part!r}")
+
+    def bound(i: int) -> str | None:
+        if i == 0 or i == parts:
+            return None
+        return str(uuid.UUID(int=(i << 128) // parts))
+
+    return bound(part), bound(part + 1)
 
 
 def _check_with_vectors(value: WithVectors) -> None:

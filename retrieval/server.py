@@ -101,6 +101,9 @@ class QdrantServerStore(VectorStore):
         self.target = url or location or "client"
         self.local = self.client._client.__class__.__name__ == "QdrantLocal"
         self._local_lock = threading.RLock()
+        # a server answers several scroll streams at once (a cluster spreads them over its shards' nodes);
+        # local mode is serialised, so more partitions would only add round trips
+        self.read_parallelism = 1 if self.local else 4
         self.read_consistency = read_consistency
         self.write_ordering = write_ordering
         self._known: set[str] = set()

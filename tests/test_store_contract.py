@@ -206,6 +206,25 @@ def test_paged_scroll_visits_every_point_once(store, collection):
     assert len([r.id for r in store.iter_records(collection, page_size=50, filter={"split": "train"})]) == 560
 
 
+def test_scroll_partitions_are_disjoint_id_ranges_that_cover_the_collection_in_order(store, collection):
+    ids, _ = load(store, collection, 700)
+    in_order = [r.point_id for r in store.iter_records(collection, page_size=100, with_payload=False)]
+    assert len(in_order) == len(ids) == 700
+    parts = [
+        [r.point_id for r in store.iter_partition(collection, p, 5, page_size=64, with_payload=False)] for p in range(5)
+    ]
+    assert [pid for part in parts for pid in part] == in_order  # disjoint, complete, id order kept
+    assert all(60 <= len(part) <= 220 for part in parts)  # UUIDv5 ids spread evenly over the id space
+    train = [r.id for p in range(3) for r in store.iter_partition(collection, p, 3, filter={"split": "train"})]
+    assert len(train) == 560 and len(set(train)) == 560
+    one = store.iter_partition(collection, 0, 1, with_vectors="full512")
+    assert sum(1 for r in one if r.vector is not None and r.vector.shape == (512,)) == 700
+    with pytest.raises(InvalidInputError, match="part must be"):
+        list(store.iter_partition(collection, 5, 5))
+    with pytest.raises(InvalidInputError, match="parts must be"):
+        list(store.iter_partition(collection, 0, 0))
+
+
 # ------------------------------------------------------------------ set_payload
 def test_set_payload_merges_a_different_payload_per_point(store, collection):
     ids, _ = load(store, collection, 40)
