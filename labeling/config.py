@@ -67,6 +67,9 @@ class LabelingConfig(BaseModel):
     truth_field: str | None = None
     prefix_dims: Literal[128, 256, 512] = 128
     page_size: int = Field(1024, ge=16, le=100_000)
+    #: Parallel scroll partitions for the read and kNN-graph passes (disjoint point-id ranges, one thread
+    #: each); None = the store's default (1 on Edge, 4 on a Qdrant server).
+    read_partitions: int | None = Field(None, ge=1, le=64)
 
     # ---- guards
     min_seed_fraction: float = Field(0.05, ge=0, le=1)

@@ -135,6 +135,7 @@ def run_job(
         truth_field=cfg.truth_field,
         prefix_dims=cfg.prefix_dims,
         page_size=cfg.page_size,
+        partitions=cfg.read_partitions,
         advance=advance,
     )
     timings["read"] = time.perf_counter() - t0
@@ -178,7 +179,14 @@ def run_job(
     graph = None
     if cfg.neighbourhood_features or cfg.neighbourhood_veto:
         graph = neighbour_graph(
-            store, collection, snap.ids, k=cfg.k, shortlist=cfg.shortlist, page_size=cfg.page_size, advance=advance
+            store,
+            collection,
+            snap.ids,
+            k=cfg.k,
+            shortlist=cfg.shortlist,
+            page_size=cfg.page_size,
+            partitions=cfg.read_partitions,
+            advance=advance,
         )
     timings["neighbours"] = time.perf_counter() - t0
 
@@ -211,6 +219,7 @@ def run_job(
         "run_id": run_id,
         "collection": collection,
         "backend": store.backend,
+        "read_partitions": cfg.read_partitions or store.read_parallelism,
         "created_at": utcnow(),
         "model": model_name,
         "config": cfg.describe(),

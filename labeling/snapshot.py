@@ -2,7 +2,8 @@
 
 Memory model: ids, the ``prefix_dims`` embedding prefix (float32) and the k-NN
 graph (int32 + float32, ``k`` per point) are held for every point; full 512D
-vectors only one page at a time. For 100k points at prefix 128 and k = 15 that
+vectors only one page at a time (one page per partition when partitions are
+read in parallel). For 100k points at prefix 128 and k = 15 that
 is about 51 MB + 12 MB.
 
 The graph comes from the store's own search path (128D shortlist, 512D rerank),
@@ -12,15 +13,17 @@ its own neighbour (dropped by id, not position).
 
 from __future__ import annotations
 
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from labeling.neighbours import NeighbourGraph
-from retrieval import FULL_VECTOR, VectorStore
+from retrieval import FULL_VECTOR, Record, VectorStore
 
 Advance = Callable[[str, int, int], None]  # (stage, done, total)
 
@@ -46,6 +49,12 @@ def _text(value: Any) -> str | None:
     return str(value)
 
 
+def _records(store: VectorStore, collection: str, part: int, parts: int, **kw: Any) -> Iterator[Record]:
+    if parts == 1:
+        return store.iter_records(collection, **kw)
+    return store.iter_partition(collection, part, parts, **kw)
+
+
 def read_snapshot(
     store: VectorStore,
     collection: str,
@@ -55,40 +64,96 @@ def read_snapshot(
     truth_field: str | None = None,
     prefix_dims: int = 128,
     page_size: int = 1024,
+    partitions: int | None = None,
     advance: Advance | None = None,
 ) -> Snapshot:
-    """Pass 1: ids, labels and prefixes of every point, by paged scroll."""
+    """Pass 1: ids, labels and prefixes of every point, by paged scroll.
+
+    ``partitions`` > 1 reads that many disjoint id ranges in parallel threads (VectorStore.iter_partition);
+    None uses the store's ``read_parallelism`` (1 on Edge, 4 on a server). The rows come out in id order
+    whatever the partitioning, so a job's snapshot does not depend on it.
+    """
     t0 = time.perf_counter()
+    parts = store.read_parallelism if partitions is None else partitions
+    if isinstance(parts, bool) or not isinstance(parts, int) or parts < 1:
+        raise ValueError(f"partitions must be a positive int, got {partitions!r}")
     total = store.count(collection)
-    ids: list[str] = []
-    labels: list[str | None] = []
-    sources: list[str | None] = []
-    truth: list[str | None] = []
-    blocks: list[np.ndarray] = []
-    for rec in store.iter_records(collection, page_size=page_size, with_payload=True, with_vectors=FULL_VECTOR):
-        p = rec.payload or {}
-        ids.append(rec.id)
-        labels.append(_text(p.get(label_field)))
-        sources.append(_text(p.get(source_field)))
-        if truth_field:
-            truth.append(_text(p.get(truth_field)))
-        v = np.asarray(rec.vector, np.float32)[:prefix_dims]
-        blocks.append(v)
-        if advance is not None and len(ids) % page_size == 0:
-            advance("read", len(ids), total)
-    if advance is not None:
-        advance("read", len(ids), max(total, len(ids)))
-    x = np.vstack(blocks) if blocks else np.zeros((0, prefix_dims), np.float32)
-    norms = np.linalg.norm(x, axis=1, keepdims=True)
-    x = x / np.maximum(norms, 1e-12)
+    progress = _Progress("read", total, advance)
+
+    def read(part: int) -> tuple[list[str], list[str | None], list[str | None], list[str | None], np.ndarray]:
+        ids: list[str] = []
+        labels: list[str | None] = []
+        sources: list[str | None] = []
+        truth: list[str | None] = []
+        # prefixes go into page-sized float32 buffers: no per-row array objects, and never a view that would
+        # keep a whole 512D vector alive
+        blocks: list[np.ndarray] = []
+        buf = np.empty((page_size, prefix_dims), np.float32)
+        fill = 0
+        records = _records(
+            store, collection, part, parts, page_size=page_size, with_payload=True, with_vectors=FULL_VECTOR
+        )
+        for rec in records:
+            p = rec.payload or {}
+            ids.append(rec.id)
+            labels.append(_text(p.get(label_field)))
+            sources.append(_text(p.get(source_field)))
+            if truth_field:
+                truth.append(_text(p.get(truth_field)))
+            buf[fill] = np.asarray(rec.vector, np.float32)[:prefix_dims]
+            fill += 1
+            if fill == page_size:
+                blocks.append(_unit_rows(buf))
+                buf = np.empty((page_size, prefix_dims), np.float32)
+                fill = 0
+                progress.add(page_size)
+        blocks.append(_unit_rows(buf[:fill]))
+        progress.add(fill)
+        return ids, labels, sources, truth, np.vstack(blocks)
+
+    if parts == 1:
+        chunks = [read(0)]
+    else:
+        with ThreadPoolExecutor(parts, thread_name_prefix="snapshot-read") as pool:
+            chunks = list(pool.map(read, range(parts)))
+    ids = [i for c in chunks for i in c[0]]
+    progress.finish(len(ids))
+    x = chunks[0][4] if len(chunks) == 1 else np.vstack([c[4] for c in chunks])
     return Snapshot(
         ids,
-        x.astype(np.float32),
-        labels,
-        sources,
-        truth if truth_field else None,
+        x,
+        [v for c in chunks for v in c[1]],
+        [v for c in chunks for v in c[2]],
+        [v for c in chunks for v in c[3]] if truth_field else None,
         seconds={"read": time.perf_counter() - t0},
     )
+
+
+def _unit_rows(block: np.ndarray) -> np.ndarray:
+    """Renormalise the rows of a page of prefixes in place (page by page: no full-size temporary)."""
+    block /= np.maximum(np.linalg.norm(block, axis=1, keepdims=True), 1e-12)
+    return block
+
+
+class _Progress:
+    """A thread-safe running count reported through ``advance``."""
+
+    def __init__(self, stage: str, total: int, advance: Advance | None) -> None:
+        self.stage, self.total, self.advance = stage, total, advance
+        self.done = 0
+        self._lock = threading.Lock()
+
+    def add(self, n: int) -> None:
+        if n <= 0:
+            return
+        with self._lock:
+            self.done += n
+            if self.advance is not None:
+                self.advance(self.stage, self.done, max(self.total, self.done))
+
+    def finish(self, n: int) -> None:
+        if self.advance is not None:
+            self.advance(self.stage, n, max(self.total, n))
 
 
 def neighbour_graph(
@@ -100,21 +165,24 @@ def neighbour_graph(
     shortlist: int | None = None,
     page_size: int = 1024,
     batch: int = 256,
+    partitions: int | None = None,
     advance: Advance | None = None,
 ) -> NeighbourGraph:
-    """Pass 2: each point's ``k`` nearest neighbours from the store (self excluded), as snapshot rows."""
+    """Pass 2: each point's ``k`` nearest neighbours from the store (self excluded), as snapshot rows.
+
+    ``partitions`` as in :func:`read_snapshot`: each partition scrolls its own id range and sends its own
+    ``search_batch`` calls; every point's row is written by exactly one partition.
+    """
+    parts = store.read_parallelism if partitions is None else partitions
+    if isinstance(parts, bool) or not isinstance(parts, int) or parts < 1:
+        raise ValueError(f"partitions must be a positive int, got {partitions!r}")
     row_of = {pid: i for i, pid in enumerate(ids)}
     n = len(ids)
     index = np.full((n, k), -1, np.int32)
     sims = np.zeros((n, k), np.float32)
-    done = 0
-    page_ids: list[str] = []
-    page_vecs: list[np.ndarray] = []
+    progress = _Progress("neighbours", n, advance)
 
-    def flush() -> None:
-        nonlocal done
-        if not page_ids:
-            return
+    def flush(page_ids: list[str], page_vecs: list[np.ndarray]) -> None:
         hits = store.search_batch(
             collection,
             np.vstack(page_vecs),
@@ -135,16 +203,26 @@ def neighbour_graph(
                     index[i, j] = r
                     sims[i, j] = h.score
                     j += 1
-        done += len(page_ids)
-        page_ids.clear()
-        page_vecs.clear()
-        if advance is not None:
-            advance("neighbours", done, n)
+        progress.add(len(page_ids))
 
-    for rec in store.iter_records(collection, page_size=page_size, with_payload=False, with_vectors=FULL_VECTOR):
-        page_ids.append(rec.id)
-        page_vecs.append(np.asarray(rec.vector, np.float32))
-        if len(page_ids) >= batch:
-            flush()
-    flush()
+    def run(part: int) -> None:
+        page_ids: list[str] = []
+        page_vecs: list[np.ndarray] = []
+        records = _records(
+            store, collection, part, parts, page_size=page_size, with_payload=False, with_vectors=FULL_VECTOR
+        )
+        for rec in records:
+            page_ids.append(rec.id)
+            page_vecs.append(np.asarray(rec.vector, np.float32))
+            if len(page_ids) >= batch:
+                flush(page_ids, page_vecs)
+                page_ids, page_vecs = [], []
+        if page_ids:
+            flush(page_ids, page_vecs)
+
+    if parts == 1:
+        run(0)
+    else:
+        with ThreadPoolExecutor(parts, thread_name_prefix="snapshot-graph") as pool:
+            list(pool.map(run, range(parts)))
     return NeighbourGraph(index, sims)

@@ -24,6 +24,7 @@ from labeling.runs import (
     resolve,
     rollback_run,
 )
+from labeling.snapshot import neighbour_graph, read_snapshot
 from tests.conftest import make_edge
 
 FAST = {"max_iterations": 4, "cv_folds": 2, "xgboost": XGBoostParams(max_rounds=60, eta=0.1), "review_count": 20}
@@ -96,6 +97,23 @@ def test_a_job_on_each_store_adapter(store, collection, emoji_data, tmp_path):
     assert report["written"] == result.written and len(report["iterations"]) <= 4
     for png in ("reliability.png", "iterations.png"):
         assert (result.run_dir / png).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_parallel_scroll_partitions_read_the_same_snapshot_and_graph(store, collection, emoji_data):
+    load(store, collection, emoji_data, n=600)
+    one = read_snapshot(store, collection, truth_field="hidden_label", partitions=1, page_size=64)
+    four = read_snapshot(store, collection, truth_field="hidden_label", partitions=4, page_size=64)
+    assert one.ids == four.ids and one.labels == four.labels and one.truth == four.truth and one.n == 600
+    np.testing.assert_array_equal(one.x, four.x)
+    seen: list[int] = []
+    g1 = neighbour_graph(store, collection, one.ids, k=8, partitions=1)
+    g4 = neighbour_graph(
+        store, collection, one.ids, k=8, partitions=4, batch=50, advance=lambda stage, done, total: seen.append(done)
+    )
+    np.testing.assert_array_equal(g1.index, g4.index)
+    np.testing.assert_allclose(g1.sims, g4.sims, rtol=1e-6)
+    assert (g4.index >= 0).all() and (g4.index != np.arange(600)[:, None]).all()  # full rows, never itself
+    assert seen == sorted(seen) and seen[-1] == 600
 
 
 # ------------------------------------------------------------------ one store, many checks
