@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -136,3 +137,24 @@ def test_self_training_benchmark_writes_the_documented_format(tmp_path):
         check=True, cwd=ROOT, timeout=120, capture_output=True, text=True,
     ).stdout  # fmt: skip
     assert "| label_spreading |" in table and "**emoji**" in table
+
+
+def test_labeling_scale_benchmark_measures_each_size_in_its_own_process(tmp_path):
+    out = tmp_path / "labeling_scale.json"
+    subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "labeling_scale.py"), "--sizes", "1500:1", "3000:2",
+         "--out", str(out)],
+        check=True, cwd=ROOT, timeout=600, capture_output=True,
+        env={**os.environ, "EMBEDSTORE_BENCH_CACHE": str(tmp_path)},
+    )  # fmt: skip
+    result = json.loads(out.read_text())
+    runs = {r["n_points"]: r for r in result["runs"]}
+    assert set(runs) == {1500, 3000} and [runs[1500]["iterations"], runs[3000]["iterations"]] == [1, 2]
+    for r in runs.values():
+        assert r["points_per_s"] > 0 and r["peak_rss_mb"] > 0
+        assert {"read", "neighbours", "train", "write"} <= set(r["peak_rss_by_stage_mb"])
+        assert 0.5 < r["quality"]["pseudo_precision"] <= 1.0
+    assert runs[3000]["ten_iteration_wall_s"] > runs[3000]["wall_s"]  # extrapolated from 2 iterations
+    ext = result["extrapolation_100m"]
+    assert ext["measured_sizes"] == [1500, 3000] and ext["ten_iteration_is_extrapolated"] and ext["assumptions"]
+    assert (tmp_path / "labeling-scale-3000-s0" / "built.json").exists()  # the store is cached for reruns
