@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, overload
 
 import numpy as np
 
@@ -213,7 +213,6 @@ def run_job(
     run_dir = Path(runs_dir) / collection / run_id
     run_dir.mkdir(parents=True, exist_ok=True)
     model_name = f"{cfg.learner}+{outcome.calibration.method}"
-    dec = outcome.decision
     final = _final_metrics(outcome, classes, truth)
     report: dict[str, Any] = {
         "run_id": run_id,
@@ -274,25 +273,7 @@ def run_job(
     emit(JobEvent("report", 1, 1, message=str(run_dir)))
 
     # ---- write back, as a unit
-    rows = []
-    top_n = min(3, len(classes))
-    for j, row in enumerate(outcome.pool):
-        status = int(dec.status[j])
-        top = outcome.top_classes(j, classes, top_n)
-        rows.append(
-            (
-                snap.ids[row],
-                {
-                    "pseudo_label": classes[int(dec.label[j])],
-                    "pseudo_confidence": round(float(dec.confidence[j]), 4),
-                    "pseudo_status": STATUS_NAMES[status],
-                    "pseudo_iteration": int(outcome.since[j]) if status == ACCEPTED else outcome.chosen_iteration,
-                    "pseudo_top": [[c, round(p, 4)] for c, p in top],
-                    "review_score": round(float(dec.uncertainty[j]), 4),
-                    "labeling_model": model_name,
-                },
-            )
-        )
+    rows = _WriteRows(outcome, snap.ids, classes, model_name)
     store.create_payload_index(collection, RUN_FIELD)
     record = RunRecord(
         run_id=run_id,
@@ -327,6 +308,48 @@ def run_job(
     _save(run_dir / "report.json", report)
     emit(JobEvent("done", 1, 1, message=run_id))
     return JobResult(run_id, collection, run_dir, report, outcome, written, classes, snap.ids, cfg)
+
+
+class _WriteRows(Sequence[tuple[str, dict[str, Any]]]):
+    """The per-point payload of the pool, made a batch at a time as the write-back slices it (all of them at
+    once would be a dict per point: ~1.5 KB each, 1.5 GB at 1M points)."""
+
+    def __init__(self, outcome: LabelingOutcome, ids: list[str], classes: list[str], model_name: str) -> None:
+        self.outcome, self.ids, self.classes, self.model_name = outcome, ids, classes, model_name
+        self.top_n = min(3, len(classes))
+
+    def __len__(self) -> int:
+        return len(self.outcome.pool)
+
+    @overload
+    def __getitem__(self, index: int) -> tuple[str, dict[str, Any]]: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> list[tuple[str, dict[str, Any]]]: ...
+
+    def __getitem__(self, index: int | slice) -> tuple[str, dict[str, Any]] | list[tuple[str, dict[str, Any]]]:
+        if isinstance(index, slice):
+            return [self._row(j) for j in range(*index.indices(len(self)))]
+        if not -len(self) <= index < len(self):
+            raise IndexError(index)
+        return self._row(index % len(self))
+
+    def _row(self, j: int) -> tuple[str, dict[str, Any]]:
+        out, dec = self.outcome, self.outcome.decision
+        status = int(dec.status[j])
+        top = out.top_classes(j, self.classes, self.top_n)
+        return (
+            self.ids[out.pool[j]],
+            {
+                "pseudo_label": self.classes[int(dec.label[j])],
+                "pseudo_confidence": round(float(dec.confidence[j]), 4),
+                "pseudo_status": STATUS_NAMES[status],
+                "pseudo_iteration": int(out.since[j]) if status == ACCEPTED else out.chosen_iteration,
+                "pseudo_top": [[c, round(p, 4)] for c, p in top],
+                "review_score": round(float(dec.uncertainty[j]), 4),
+                "labeling_model": self.model_name,
+            },
+        )
 
 
 def _counts(values: list[Any]) -> dict[str, int]:

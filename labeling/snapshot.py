@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from labeling.neighbours import NeighbourGraph
-from retrieval import FULL_VECTOR, Record, VectorStore
+from retrieval import FULL_VECTOR, VectorStore
 
 Advance = Callable[[str, int, int], None]  # (stage, done, total)
 
@@ -47,12 +47,6 @@ def _text(value: Any) -> str | None:
     if value is None or value == "":
         return None
     return str(value)
-
-
-def _records(store: VectorStore, collection: str, part: int, parts: int, **kw: Any) -> Iterator[Record]:
-    if parts == 1:
-        return store.iter_records(collection, **kw)
-    return store.iter_partition(collection, part, parts, **kw)
 
 
 def read_snapshot(
@@ -90,8 +84,8 @@ def read_snapshot(
         blocks: list[np.ndarray] = []
         buf = np.empty((page_size, prefix_dims), np.float32)
         fill = 0
-        records = _records(
-            store, collection, part, parts, page_size=page_size, with_payload=True, with_vectors=FULL_VECTOR
+        records = store.iter_partition(
+            collection, part, parts, page_size=page_size, with_payload=True, with_vectors=FULL_VECTOR
         )
         for rec in records:
             p = rec.payload or {}
@@ -208,8 +202,8 @@ def neighbour_graph(
     def run(part: int) -> None:
         page_ids: list[str] = []
         page_vecs: list[np.ndarray] = []
-        records = _records(
-            store, collection, part, parts, page_size=page_size, with_payload=False, with_vectors=FULL_VECTOR
+        records = store.iter_partition(
+            collection, part, parts, page_size=page_size, with_payload=False, with_vectors=FULL_VECTOR
         )
         for rec in records:
             page_ids.append(rec.id)

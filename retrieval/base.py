@@ -437,20 +437,9 @@ class VectorStore(abc.ABC):
         with_vectors: WithVectors = False,
     ) -> Iterator[Record]:
         """Every matching point, fetched page by page (memory bounded by ``page_size``)."""
-        offset: str | None = None
-        while True:
-            page = self.scroll(
-                collection,
-                filter=filter,
-                limit=page_size,
-                offset=offset,
-                with_payload=with_payload,
-                with_vectors=with_vectors,
-            )
-            yield from page.records
-            if page.next_offset is None:
-                return
-            offset = page.next_offset
+        return self.iter_partition(
+            collection, 0, 1, filter=filter, page_size=page_size, with_payload=with_payload, with_vectors=with_vectors
+        )
 
     def iter_partition(
         self,
