@@ -281,6 +281,7 @@ class VectorStore(abc.ABC):
         step = self.write_batch_size
         for start in range(0, len(todo), step):
             self._set_payloads(collection, todo[start : start + step])
+        self._after_write(collection, len(todo))
         return len(todo)
 
     def delete_payload_keys(
@@ -300,6 +301,7 @@ class VectorStore(abc.ABC):
         step = self.write_batch_size
         for start in range(0, len(todo), step):
             self._delete_payload_keys(collection, todo[start : start + step], keys)
+        self._after_write(collection, len(todo))
         return len(todo)
 
     def delete(self, collection: str, ids: Sequence[ExternalId], *, missing_ok: bool = False) -> int:
