@@ -171,6 +171,32 @@ def apply_run(
     save_registry(store, collection, reg)
     unapplied = reg.unapplied - {record.run_id}
 
+    with store.bulk_write():  # one optimize at the end (Edge), not one midway as well
+        written = _write_rows(store, collection, record, rows, unapplied, batch_size, on_batch)
+    store.flush()
+    reg = load_registry(store, collection)
+    rec = reg.get(record.run_id)
+    rec.status = APPLIED
+    rec.finished_at = utcnow()
+    rec.points = written
+    rec.counts = record.counts
+    rec.summary = record.summary
+    rec.run_dir = record.run_dir
+    reg.active = record.run_id
+    reg.pending = None
+    save_registry(store, collection, reg)
+    return written
+
+
+def _write_rows(
+    store: VectorStore,
+    collection: str,
+    record: RunRecord,
+    rows: Sequence[tuple[str, dict[str, Any]]],
+    unapplied: set[str],
+    batch_size: int,
+    on_batch: BatchHook | None,
+) -> int:
     written = 0
     for b, start in enumerate(range(0, len(rows), batch_size)):
         chunk = rows[start : start + batch_size]
@@ -185,18 +211,6 @@ def apply_run(
             written += store.set_payload(collection, updates, missing_ok=True)
         if on_batch is not None:
             on_batch(b)
-    store.flush()
-    reg = load_registry(store, collection)
-    rec = reg.get(record.run_id)
-    rec.status = APPLIED
-    rec.finished_at = utcnow()
-    rec.points = written
-    rec.counts = record.counts
-    rec.summary = record.summary
-    rec.run_dir = record.run_dir
-    reg.active = record.run_id
-    reg.pending = None
-    save_registry(store, collection, reg)
     return written
 
 
@@ -232,16 +246,17 @@ def rollback_run(store: VectorStore, collection: str, run_id: str, *, on_batch: 
     restored = 0
     # Collect first: restoring changes the field we filter on, which would shift scroll pages.
     pages = [[(r.id, r.payload or {}) for r in page] for page in run_points(store, collection, run_id)]
-    for b, page in enumerate(pages):
-        back = [(pid, p[PREV_FIELD]) for pid, p in page if p.get(PREV_FIELD)]
-        gone = [pid for pid, p in page if not p.get(PREV_FIELD)]
-        if back:
-            restored += store.set_payload(collection, back, missing_ok=True)
-            store.delete_payload_keys(collection, [pid for pid, _ in back], [PREV_FIELD], missing_ok=True)
-        if gone:
-            restored += store.delete_payload_keys(collection, gone, [*PSEUDO_FIELDS, PREV_FIELD], missing_ok=True)
-        if on_batch is not None:
-            on_batch(b)
+    with store.bulk_write():
+        for b, page in enumerate(pages):
+            back = [(pid, p[PREV_FIELD]) for pid, p in page if p.get(PREV_FIELD)]
+            gone = [pid for pid, p in page if not p.get(PREV_FIELD)]
+            if back:
+                restored += store.set_payload(collection, back, missing_ok=True)
+                store.delete_payload_keys(collection, [pid for pid, _ in back], [PREV_FIELD], missing_ok=True)
+            if gone:
+                restored += store.delete_payload_keys(collection, gone, [*PSEUDO_FIELDS, PREV_FIELD], missing_ok=True)
+            if on_batch is not None:
+                on_batch(b)
     store.flush()
     reg = load_registry(store, collection)
     rec = reg.get(run_id)

@@ -10,6 +10,7 @@ anything is written.
 from __future__ import annotations
 
 import abc
+import contextlib
 import json
 import threading
 import uuid
@@ -87,6 +88,33 @@ class VectorStore(abc.ABC):
         self.write_batch_size = write_batch_size
         self._closed = False
         self._state_lock = threading.RLock()
+        self._bulk_depth = 0
+        self._bulk_written: set[str] = set()
+
+    @contextlib.contextmanager
+    def bulk_write(self) -> Iterator[VectorStore]:
+        """Defer the adapter's after-write housekeeping (Edge: the threshold optimize) to the end of a bulk
+        write: a write-back of every point would otherwise optimize midway and again at the end."""
+        with self._state_lock:
+            self._bulk_depth += 1
+        try:
+            yield self
+        finally:
+            with self._state_lock:
+                self._bulk_depth -= 1
+                due = sorted(self._bulk_written) if self._bulk_depth == 0 else []
+                if self._bulk_depth == 0:
+                    self._bulk_written.clear()
+            for name in due:
+                if not self._closed and self._collection_exists(name):
+                    self._after_write(name, 0)
+
+    def _wrote(self, collection: str, n_written: int) -> None:
+        with self._state_lock:
+            if self._bulk_depth:
+                self._bulk_written.add(collection)
+                return
+        self._after_write(collection, n_written)
 
     # ------------------------------------------------------------------ lifecycle
     def __enter__(self) -> VectorStore:
@@ -244,7 +272,7 @@ class VectorStore(abc.ABC):
                     f"{exc}; {start} of {len(pids)} points were written before the failure "
                     "(upsert is idempotent: retrying the whole batch is safe)"
                 ) from exc
-        self._after_write(collection, len(pids))
+        self._wrote(collection, len(pids))
         return len(pids)
 
     def set_payload(
@@ -281,7 +309,7 @@ class VectorStore(abc.ABC):
         step = self.write_batch_size
         for start in range(0, len(todo), step):
             self._set_payloads(collection, todo[start : start + step])
-        self._after_write(collection, len(todo))
+        self._wrote(collection, len(todo))
         return len(todo)
 
     def delete_payload_keys(
@@ -301,7 +329,7 @@ class VectorStore(abc.ABC):
         step = self.write_batch_size
         for start in range(0, len(todo), step):
             self._delete_payload_keys(collection, todo[start : start + step], keys)
-        self._after_write(collection, len(todo))
+        self._wrote(collection, len(todo))
         return len(todo)
 
     def delete(self, collection: str, ids: Sequence[ExternalId], *, missing_ok: bool = False) -> int:
@@ -314,7 +342,7 @@ class VectorStore(abc.ABC):
         step = self.write_batch_size
         for start in range(0, len(todo), step):
             self._delete(collection, todo[start : start + step])
-        self._after_write(collection, 0)
+        self._wrote(collection, 0)
         return len(todo)
 
     def _existing(self, collection: str, pids: list[str], ext: list[str], missing_ok: bool) -> set[str]:

@@ -178,3 +178,17 @@ def test_concurrent_searches_and_writes_from_threads(tmp_path):
             t.join(timeout=120)
         assert not errors, errors
         assert s.count("c") == 2000 and s.count("c", {"pseudo_status": "review"}) == 10
+
+
+def test_a_bulk_write_optimizes_once_at_its_end(tmp_path):
+    x, _ = clustered(1200, seed=2)
+    with make_edge(tmp_path, optimize_min_pending=500) as s:
+        s.create_collection("c")
+        ids = [f"a{i}" for i in range(1200)]
+        s.upsert("c", ids, x)
+        with s.bulk_write():
+            for start in range(0, 1200, 200):  # crosses the threshold twice: deferred both times
+                s.set_payload("c", {i: {"pseudo_label": "x"} for i in ids[start : start + 200]})
+            assert s.collection_info("c").spec["pending_optimize"] == 1200
+        assert s.collection_info("c").spec["pending_optimize"] == 0
+        assert s.count("c", {"pseudo_label": "x"}) == 1200
