@@ -159,6 +159,17 @@ def run_baseline(method: str, x: np.ndarray, y: np.ndarray, seed_rows, pool_rows
     return model.predict(x[test_rows]), out
 
 
+def _commit() -> str | None:
+    import subprocess
+
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    except OSError:
+        return None
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True)
+    return out.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "") if out.returncode == 0 else None
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--datasets", default=",".join(DATASETS))
@@ -191,6 +202,7 @@ def main() -> None:
     from labeling.job import run_job
     from retrieval import EdgeStore
 
+    commit = _commit()
     methods = args.methods.split(",")
     unknown = set(methods) - set(OURS) - set(BASELINES)
     if unknown:
@@ -230,6 +242,7 @@ def main() -> None:
                         "method": method,
                         "seed": seed,
                         "seed_override": override,
+                        "commit": commit,  # the code that produced the row (files are resumed across versions)
                     }
                     if method in OURS:
                         tmp = Path(tempfile.mkdtemp(prefix="st-bench-"))
