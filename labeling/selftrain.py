@@ -9,7 +9,7 @@ Per iteration (at most 10):
    * ``holdout`` (a large seed): one chain; a stratified slice ``E`` of the GT is held
      out, never visible to any model, and used only to early-stop, calibrate and
      measure (the breaker).
-   * ``cv`` (a small seed: the default when the smallest class has < 50 GT examples):
+   * ``cv`` (a small seed: the default when the smallest class has < 250 GT examples):
      K stratified folds and one independent *chain* per fold. Chain ``k`` never sees
      fold ``k``'s labels, runs its own self-training (its own accepted set), and is
      judged on fold ``k``. Chains do not share pseudo-labels: a pseudo-label made by a
@@ -138,9 +138,11 @@ class Predictor:
     use_graph: bool
     n_classes: int
     propagation: Propagation | None = None
-    spread: np.ndarray | None = None  # label spreading's (n, C) distributions of the snapshot's points
-    blend_weight: float | None = None  # the learner's weight in the blend with spreading
-    chain_spread: list[np.ndarray] | None = None  # per chain: spreading of its visible ground truth (a feature)
+    blend_weight: float | None = None  # the learner's weight in the blend with label spreading (None: no blend)
+    #: per chain: label spreading of the ground truth it may see, the (n, C) distributions of the snapshot's
+    #: points; a new point's blend partner (and feature, when ``spread_feature``) is spread from them
+    chain_spread: list[np.ndarray] | None = None
+    spread_feature: bool = False
 
     def predict_proba(
         self, x: np.ndarray, neighbour_index: np.ndarray | None = None, neighbour_sims: np.ndarray | None = None
@@ -154,22 +156,22 @@ class Predictor:
         graph = None
         if self.use_graph:
             graph = NeighbourGraph(np.asarray(neighbour_index, np.int32), np.asarray(neighbour_sims, np.float32))
-        blend = None  # the same for every chain: computed once
-        if graph is not None and self.spread is not None and self.blend_weight is not None:
-            blend = Spreading.new(graph.index, graph.sims, self.spread)
         for ci, (models, v) in enumerate(zip(self.models, self.votes, strict=True)):
+            spread = None
+            if graph is not None and self.chain_spread is not None:
+                spread = Spreading.new(graph.index, graph.sims, self.chain_spread[ci])
             if graph is not None:
                 parts = [x, neighbourhood_features(graph, v)]
                 if self.propagation is not None:
                     parts.append(self.propagation.features_new(graph.index, graph.sims, v))
-                if self.chain_spread is not None:
-                    parts.append(Spreading.new(graph.index, graph.sims, self.chain_spread[ci]))
+                if self.spread_feature and spread is not None:
+                    parts.append(spread)
                 feats = np.hstack(parts).astype(np.float32)
             else:
                 feats = x
             raw = np.mean([m.predict_proba(feats) for m in models], axis=0)
-            if blend is not None:
-                raw = self.blend_weight * raw + (1 - self.blend_weight) * blend
+            if spread is not None and self.blend_weight is not None:
+                raw = self.blend_weight * raw + (1 - self.blend_weight) * spread
             out += self.calibrator.transform(raw)
         return out / len(self.models)
 
@@ -290,7 +292,6 @@ class _Snapshot:
     eval_pred: np.ndarray
     models: list[list[Learner]] = field(default_factory=list)
     votes: list[np.ndarray] = field(default_factory=list)
-    spread: np.ndarray | None = None
     blend_weight: float | None = None
 
 
@@ -387,14 +388,12 @@ class SelfTrainer:
         spreading = None
         chain_gt_spread: list[np.ndarray] = []
         chain_spread_feature: list[np.ndarray] = []
-        all_gt_spread = np.zeros((0, c))
         if cfg.neighbourhood_features and data.graph is not None and cfg.spreading:
             # ground truth only: spreading accepted pseudo-labels too was measured worse (emoji, 5%, 3 seeds:
             # test macro-F1 -2 to -6 points) - the gate accepts the easy points of the easy classes first,
             # and spreading is sensitive to that imbalance. Fixed for the job, so computed once.
             spreading = Spreading(data.graph, alpha=cfg.spreading_alpha)
             chain_gt_spread = [spreading.of_labels(np.where(ch.visible, y, -1), c) for ch in chains]
-            all_gt_spread = spreading.of_labels(y, c)
             if cfg.spreading_feature:
                 # as a learner feature, cross-fitted: a ground-truth row's value comes from a spread that hid
                 # its label (the (1 - alpha) y term would otherwise hand the learner the answer on its own rows)
@@ -483,14 +482,11 @@ class SelfTrainer:
 
             t0 = time.perf_counter()
             blend_w = None
-            written_raw = chain_pool_raw
-            full_spread = None
             if spreading is not None:
                 blend_w = choose_blend(eval_raw[eval_all], eval_spread[eval_all], y[eval_all], seed=cfg.seed + it)
                 eval_raw = blend_w * eval_raw + (1 - blend_w) * eval_spread
-                # the written decision spreads *all* the ground truth, where a chain spreads the part it may see
-                full_spread = all_gt_spread
-                written_raw = [blend_w * p + (1 - blend_w) * all_gt_spread[pool] for p in chain_pool_raw]
+                # each chain blends with the spread of the ground truth *it* may see, on the pool exactly as on
+                # its held-out rows: the calibrator is fitted on the very kind of score it is applied to
                 chain_pool_raw = [
                     blend_w * p + (1 - blend_w) * f for p, f in zip(chain_pool_raw, chain_pool_spread, strict=True)
                 ]
@@ -499,7 +495,9 @@ class SelfTrainer:
             )
             first_cal = first_cal or cal
             chain_pool_cal = [cal.calibrator.transform(p) for p in chain_pool_raw]
-            pool_cal = np.mean([cal.calibrator.transform(p) for p in written_raw], axis=0)
+            # the written probability: the chains' calibrated scores averaged (in cv mode every ground-truth
+            # label reaches it through the chains that saw it)
+            pool_cal = np.mean(chain_pool_cal, axis=0)
             secs["calibrate"] = time.perf_counter() - t0
             f1 = cal.after.macro_f1
 
@@ -560,7 +558,7 @@ class SelfTrainer:
             history.append(stats)
             self._progress("iteration", {"stats": stats, "breaker": False})
             last = _Snapshot(
-                f1, it, dec, pool_cal, since.copy(), cal, eval_pred, chain_models, chain_votes, full_spread, blend_w
+                f1, it, dec, pool_cal, since.copy(), cal, eval_pred, chain_models, chain_votes, blend_w
             )
             if best is None or f1 > best.f1:
                 best = last
@@ -591,9 +589,9 @@ class SelfTrainer:
                 self.config.neighbourhood_features and data.graph is not None,
                 c,
                 prop,
-                out.spread if out.blend_weight is not None else None,
                 out.blend_weight,
-                chain_gt_spread if chain_spread_feature else None,
+                chain_gt_spread or None,
+                bool(chain_spread_feature),
             ),
         )
 
