@@ -94,7 +94,8 @@ class VectorStore(abc.ABC):
     @contextlib.contextmanager
     def bulk_write(self) -> Iterator[VectorStore]:
         """Defer the adapter's after-write housekeeping (Edge: the threshold optimize) to the end of a bulk
-        write: a write-back of every point would otherwise optimize midway and again at the end."""
+        write: a write-back of every point would otherwise optimize midway and again at the end. The deferral
+        is store-wide: other threads' writes in the window are caught by the same check at its end."""
         with self._state_lock:
             self._bulk_depth += 1
         try:
