@@ -557,9 +557,7 @@ class SelfTrainer:
             stats.change = changed / max(1, int((new >= 0).sum()), int((old >= 0).sum()))
             history.append(stats)
             self._progress("iteration", {"stats": stats, "breaker": False})
-            last = _Snapshot(
-                f1, it, dec, pool_cal, since.copy(), cal, eval_pred, chain_models, chain_votes, blend_w
-            )
+            last = _Snapshot(f1, it, dec, pool_cal, since.copy(), cal, eval_pred, chain_models, chain_votes, blend_w)
             if best is None or f1 > best.f1:
                 best = last
             if it > 1 and stats.change <= cfg.stop_change:
