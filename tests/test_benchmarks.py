@@ -85,11 +85,13 @@ def test_labeling_job_benchmark_writes_the_documented_format(tmp_path):
     out = tmp_path / "labeling_job.json"
     subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "labeling_job.py"), "--n", "2000", "--seed-fraction", "0.3",
-         "--iterations", "2", "--out", str(out)],
+         "--classes", "2", "--iterations", "2", "--out", str(out)],
         check=True, cwd=ROOT, timeout=600, capture_output=True,
     )  # fmt: skip
     result = json.loads(out.read_text())
+    # 300 ground-truth labels per class: above the 250 below which the job runs the cross-validation chains
     assert result["n_points"] == 2000 and result["iterations"] == 2 and result["eval_mode"] == "holdout"
+    assert result["models_per_iteration"] == 2
     assert set(result["stage_s"]) >= {"read", "drift", "neighbours", "train", "write", "total"}
     assert set(result["train_breakdown_s"]) == {"features", "fit", "predict", "calibrate", "gate"}
     assert result["met"] is False  # a 2,000-point run says nothing about the 100k target
