@@ -191,9 +191,10 @@ def ten_iteration_estimate(run: dict[str, Any]) -> float:
     return round(other + train_10, 1)
 
 
-def extrapolate(runs: list[dict[str, Any]], build: dict[int, dict[str, Any]]) -> dict[str, Any]:
+def extrapolate(runs: list[dict[str, Any]]) -> dict[str, Any]:
     """100M points on a cluster, on paper, from the two measured sizes (the assumptions are part of the output)."""
-    small, large = sorted(runs, key=lambda r: r["n_points"])[:1] + sorted(runs, key=lambda r: r["n_points"])[-1:]
+    by_size = sorted(runs, key=lambda r: r["n_points"])
+    small, large = by_size[0], by_size[-1]
     n1, n2 = small["n_points"], large["n_points"]
     # the job's own heap when both runs measured it (the store's mmap'd files are the engine's, and evictable)
     key = "peak_anon_rss_mb" if all("peak_anon_rss_mb" in r for r in (small, large)) else "peak_rss_mb"
@@ -290,7 +291,7 @@ def main() -> None:
         "runs": runs,
     }
     if len(runs) >= 2:
-        out["extrapolation_100m"] = extrapolate(runs, builds)
+        out["extrapolation_100m"] = extrapolate(runs)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(out, indent=2))
     print(json.dumps(out.get("extrapolation_100m", {}), indent=2))

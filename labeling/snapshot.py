@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -26,6 +26,7 @@ from labeling.neighbours import NeighbourGraph
 from retrieval import FULL_VECTOR, VectorStore
 
 Advance = Callable[[str, int, int], None]  # (stage, done, total)
+T = TypeVar("T")
 
 
 @dataclass
@@ -68,9 +69,7 @@ def read_snapshot(
     whatever the partitioning, so a job's snapshot does not depend on it.
     """
     t0 = time.perf_counter()
-    parts = store.read_parallelism if partitions is None else partitions
-    if isinstance(parts, bool) or not isinstance(parts, int) or parts < 1:
-        raise ValueError(f"partitions must be a positive int, got {partitions!r}")
+    parts = _partitions(store, partitions)
     total = store.count(collection)
     progress = _Progress("read", total, advance)
 
@@ -105,11 +104,7 @@ def read_snapshot(
         progress.add(fill)
         return ids, labels, sources, truth, np.vstack(blocks)
 
-    if parts == 1:
-        chunks = [read(0)]
-    else:
-        with ThreadPoolExecutor(parts, thread_name_prefix="snapshot-read") as pool:
-            chunks = list(pool.map(read, range(parts)))
+    chunks = _each_partition(read, parts)
     ids = [i for c in chunks for i in c[0]]
     progress.finish(len(ids))
     x = chunks[0][4] if len(chunks) == 1 else np.vstack([c[4] for c in chunks])
@@ -121,6 +116,21 @@ def read_snapshot(
         [v for c in chunks for v in c[3]] if truth_field else None,
         seconds={"read": time.perf_counter() - t0},
     )
+
+
+def _partitions(store: VectorStore, partitions: int | None) -> int:
+    parts = store.read_parallelism if partitions is None else partitions
+    if isinstance(parts, bool) or not isinstance(parts, int) or parts < 1:
+        raise ValueError(f"partitions must be a positive int, got {partitions!r}")
+    return parts
+
+
+def _each_partition(work: Callable[[int], T], parts: int) -> list[T]:
+    """``work(part)`` for every partition, in part order: inline for one, one thread each otherwise."""
+    if parts == 1:
+        return [work(0)]
+    with ThreadPoolExecutor(parts, thread_name_prefix="snapshot") as pool:
+        return list(pool.map(work, range(parts)))
 
 
 def _unit_rows(block: np.ndarray) -> np.ndarray:
@@ -167,9 +177,7 @@ def neighbour_graph(
     ``partitions`` as in :func:`read_snapshot`: each partition scrolls its own id range and sends its own
     ``search_batch`` calls; every point's row is written by exactly one partition.
     """
-    parts = store.read_parallelism if partitions is None else partitions
-    if isinstance(parts, bool) or not isinstance(parts, int) or parts < 1:
-        raise ValueError(f"partitions must be a positive int, got {partitions!r}")
+    parts = _partitions(store, partitions)
     row_of = {pid: i for i, pid in enumerate(ids)}
     n = len(ids)
     index = np.full((n, k), -1, np.int32)
@@ -214,9 +222,5 @@ def neighbour_graph(
         if page_ids:
             flush(page_ids, page_vecs)
 
-    if parts == 1:
-        run(0)
-    else:
-        with ThreadPoolExecutor(parts, thread_name_prefix="snapshot-graph") as pool:
-            list(pool.map(run, range(parts)))
+    _each_partition(run, parts)
     return NeighbourGraph(index, sims)

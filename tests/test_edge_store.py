@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -97,14 +98,21 @@ def test_auto_optimize_after_enough_pending_writes(tmp_path):
         assert info.spec["pending_optimize"] == 0 and info.indexed_vectors_count > 0
 
 
-def test_payload_updates_count_towards_the_auto_optimize(tmp_path):
-    # a payload update moves the point out of its optimized segment; unoptimized, search on the moved
-    # points was measured 4.3x slower (100k points), so payload writes must trigger the optimize too
+@contextlib.contextmanager
+def _optimized_edge(tmp_path, **kw):
+    """An Edge store with 1,200 points in collection "c", upserted in one batch (which crosses the threshold)."""
     x, _ = clustered(1200, seed=2)
-    with make_edge(tmp_path, optimize_min_pending=1000) as s:
+    with make_edge(tmp_path, **kw) as s:
         s.create_collection("c")
         ids = [f"a{i}" for i in range(1200)]
         s.upsert("c", ids, x)
+        yield s, ids
+
+
+def test_payload_updates_count_towards_the_auto_optimize(tmp_path):
+    # a payload update moves the point out of its optimized segment; unoptimized, search on the moved
+    # points was measured 4.3x slower (100k points), so payload writes must trigger the optimize too
+    with _optimized_edge(tmp_path, optimize_min_pending=1000) as (s, ids):
         assert s.collection_info("c").spec["pending_optimize"] == 0  # 1200 >= 1000: optimized
         s.set_payload("c", {i: {"pseudo_label": "x"} for i in ids[:600]})
         assert s.collection_info("c").spec["pending_optimize"] == 600
@@ -181,11 +189,7 @@ def test_concurrent_searches_and_writes_from_threads(tmp_path):
 
 
 def test_a_bulk_write_optimizes_once_at_its_end(tmp_path):
-    x, _ = clustered(1200, seed=2)
-    with make_edge(tmp_path, optimize_min_pending=500) as s:
-        s.create_collection("c")
-        ids = [f"a{i}" for i in range(1200)]
-        s.upsert("c", ids, x)
+    with _optimized_edge(tmp_path, optimize_min_pending=500) as (s, ids):
         with s.bulk_write():
             for start in range(0, 1200, 200):  # crosses the threshold twice: deferred both times
                 s.set_payload("c", {i: {"pseudo_label": "x"} for i in ids[start : start + 200]})
