@@ -21,13 +21,17 @@ Methods, all on the same splits and the same 128D embedding prefix:
   store; test items are labelled inductively (``JobResult.predict_proba``: their
   neighbours come from the store). Ablations: ``embedstore_no_calibration``,
   ``embedstore_no_neighbourhood`` (no neighbourhood features or veto),
-  ``embedstore_no_mixup``, ``embedstore_no_breaker``; ``rf_loop`` (the same loop
-  with the Random Forest, the article's comparison).
+  ``embedstore_no_mixup``, ``embedstore_no_breaker``, ``embedstore_no_linear`` (no
+  logistic-regression part in the blend); ``rf_loop`` (the same loop with the Random
+  Forest, the article's comparison).
 * ``supervised_xgb`` - XGBoost (the article's regime, 300 rounds, class-balanced)
   on the seed only. ``sklearn_selftraining_xgb`` - scikit-learn's
   ``SelfTrainingClassifier`` around it, threshold 0.8. ``label_spreading`` -
   scikit-learn's ``LabelSpreading`` (kNN, k = 15) over seed + pool.
-  ``oracle`` - XGBoost on the true labels of seed + pool.
+  ``oracle`` - XGBoost on the true labels of seed + pool. ``supervised_linear`` -
+  logistic regression on the seed only (C chosen by 3-fold CV on the seed,
+  class-balanced): not in the issue's list, added because a linear read-out of the
+  embedding is the cheapest thing a user could do instead, and it is strong.
 
 Plots (``benchmarks/results/``): ``self_training_f1.png`` (macro-F1 vs seed
 fraction per method, mean and spread over seeds, one panel per dataset) and
@@ -66,9 +70,10 @@ OURS = {
     "embedstore_no_neighbourhood": {"neighbourhood_features": False, "neighbourhood_veto": False},
     "embedstore_no_mixup": {"mixup": False},
     "embedstore_no_breaker": {"breaker": False},
+    "embedstore_no_linear": {"linear": False},
     "rf_loop": {"learner": "random_forest"},
 }
-BASELINES = ("supervised_xgb", "sklearn_selftraining_xgb", "label_spreading", "oracle")
+BASELINES = ("supervised_xgb", "supervised_linear", "sklearn_selftraining_xgb", "label_spreading", "oracle")
 TEST_FRACTION = 0.2
 
 
@@ -143,6 +148,15 @@ def run_baseline(method: str, x: np.ndarray, y: np.ndarray, seed_rows, pool_rows
         rows = seed_rows if method == "supervised_xgb" else np.concatenate([seed_rows, pool_rows])
         model = xgb_model(c, seed).fit(x[rows], y[rows], sample_weight=balanced(y[rows]))
         return model.predict(x[test_rows]), out
+    if method == "supervised_linear":
+        from labeling.learners import LinearLearner, choose_linear_c
+
+        ys = y[seed_rows]
+        counts = np.bincount(ys, minlength=c)
+        weights = (len(ys) / (c * np.maximum(counts, 1)))[ys].astype(np.float32)
+        lin = LinearLearner(c, c=choose_linear_c(x[seed_rows], ys, c, seed=seed))
+        lin.fit(x[seed_rows], np.eye(c, dtype=np.float32)[ys], weights)
+        return lin.predict_proba(x[test_rows]).argmax(axis=1), out
     train = np.concatenate([seed_rows, pool_rows])
     y_semi = np.full(len(train), -1)
     y_semi[: len(seed_rows)] = y[seed_rows]
@@ -292,6 +306,7 @@ def main() -> None:
                                             "accepted": it["counts"].get("accepted"),
                                             "gate_threshold": it.get("gate_threshold"),
                                             "blend_weight": it.get("blend_weight"),
+                                            "blend_weights": it.get("blend_weights"),
                                         }
                                         for it in result.report["iterations"]
                                     ],
@@ -337,6 +352,9 @@ def targets(rows: list[dict[str, Any]], fraction: float = 0.05) -> list[dict[str
                 "seeds": len(mine),
                 "embedstore": round(ours, 4),
                 "vs_supervised": round(ours - f1["supervised_xgb"], 4) if "supervised_xgb" in f1 else None,
+                "vs_supervised_linear": (
+                    round(ours - f1["supervised_linear"], 4) if f1.get("supervised_linear") is not None else None
+                ),
                 "best_baseline": max(baselines, key=lambda m: baselines[m]) if baselines else None,
                 "vs_best_baseline": round(ours - max(baselines.values()), 4) if baselines else None,
                 "pseudo_precision": None if precision is None else round(precision, 4),

@@ -66,9 +66,17 @@ def log_loss(probs: np.ndarray, y: np.ndarray) -> float:
 
 
 def macro_f1(pred: np.ndarray, y: np.ndarray, n_classes: int) -> float:
-    from sklearn.metrics import f1_score
-
-    return float(f1_score(y, pred, labels=list(range(n_classes)), average="macro", zero_division=0))
+    """Macro-F1 over classes ``0..n_classes-1`` (a class with no true and no predicted row scores 0, as
+    scikit-learn's ``zero_division=0``). Counted with bincount: the breaker's bootstrap calls it thousands of
+    times, where scikit-learn's ``f1_score`` (~2 ms of input checking a call) took 10% of a small job."""
+    pred = np.asarray(pred, np.int64)
+    y = np.asarray(y, np.int64)
+    tp = np.bincount(y[pred == y], minlength=n_classes)[:n_classes]
+    support = np.bincount(y, minlength=n_classes)[:n_classes]
+    predicted = np.bincount(pred[(pred >= 0) & (pred < n_classes)], minlength=n_classes)[:n_classes]
+    denom = support + predicted
+    f1 = np.divide(2 * tp, denom, out=np.zeros(n_classes), where=denom > 0)
+    return float(f1.mean())
 
 
 @dataclass(frozen=True)

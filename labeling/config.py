@@ -107,6 +107,13 @@ class LabelingConfig(BaseModel):
     spreading_alpha: float = Field(0.2, gt=0, lt=1)
     #: Also give the learner the spread class distribution as features (cross-fitted on ground-truth rows).
     spreading_feature: bool = True
+    #: Blend in a logistic regression on the embedding prefix, trained on the same rows as the learner (ground
+    #: truth, pseudo-labels, Mixup). Its weight is chosen with the spreading's on held-out ground truth, so it
+    #: only counts where it helps. Embeddings are made for linear read-outs: on 5% seeds a linear model alone
+    #: beat XGBoost by 5-12 macro-F1 points on Rotten Tomatoes and emoji (README, self-training).
+    linear: bool = True
+    #: Its inverse regularisation strength; None = chosen per chain by 3-fold CV log loss on its visible seed.
+    linear_c: float | None = Field(None, gt=0)
 
     # ---- learner
     learner: LearnerName = "xgboost"

@@ -253,6 +253,95 @@ class RandomForestLearner:
         return out
 
 
+LINEAR_C_GRID = (0.1, 0.5, 2.5, 12.5)
+
+
+class LinearLearner:
+    """Multinomial logistic regression (scikit-learn, L-BFGS) on the embedding prefix: the blend partner of the
+    tree learner. Embeddings are made for linear read-outs, and on small seeds a linear model on them beat
+    XGBoost on the same rows by 5-12 macro-F1 points (see the README's self-training section); the loop blends
+    the two (and label spreading) with weights chosen on held-out ground truth."""
+
+    name = "linear"
+
+    def __init__(
+        self, n_classes: int, *, c: float = 1.0, max_iter: int = 300, warm_from: LinearLearner | None = None
+    ) -> None:
+        if n_classes < 2:
+            raise ValueError(f"need at least 2 classes, got {n_classes}")
+        if not c > 0:
+            raise ValueError(f"the inverse regularisation strength C must be > 0, got {c}")
+        self.n_classes = n_classes
+        self.c = c
+        self.max_iter = max_iter
+        #: a fitted model of the same classes (the previous iteration's) whose weights L-BFGS starts from:
+        #: each self-training round moves the solution a little, so this cuts the iterations it needs
+        self.warm_from = warm_from
+        self.model_ = None
+
+    def fit(
+        self, x: np.ndarray, y: np.ndarray, w: np.ndarray, eval_set: tuple[np.ndarray, np.ndarray] | None = None
+    ) -> LinearLearner:
+        import warnings
+
+        from sklearn.exceptions import ConvergenceWarning
+        from sklearn.linear_model import LogisticRegression
+
+        check_targets(x, y, w, self.n_classes)
+        xe, ye, we = expand_soft(x, y, w)
+        model = LogisticRegression(C=self.c, max_iter=self.max_iter)
+        prev = self.warm_from.model_ if self.warm_from is not None else None
+        if prev is not None and np.array_equal(prev.classes_, np.unique(ye)) and prev.coef_.shape[1] == x.shape[1]:
+            model.set_params(warm_start=True)
+            model.coef_, model.intercept_ = prev.coef_.copy(), prev.intercept_.copy()
+        with warnings.catch_warnings():  # a few hundred L-BFGS steps are plenty for a read-out; say nothing
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            self.model_ = model.fit(xe, ye, sample_weight=we)
+        self.warm_from = None  # do not keep a chain of old models alive
+        return self
+
+    def predict_proba(self, x: np.ndarray) -> np.ndarray:
+        if self.model_ is None:
+            raise RuntimeError("LinearLearner is not fitted")
+        out = np.zeros((x.shape[0], self.n_classes))
+        out[:, self.model_.classes_] = self.model_.predict_proba(x)
+        return out
+
+
+def choose_linear_c(
+    x: np.ndarray,
+    y: np.ndarray,
+    n_classes: int,
+    *,
+    grid: tuple[float, ...] = LINEAR_C_GRID,
+    max_rows: int = 4000,
+    seed: int = 0,
+) -> float:
+    """The C of :class:`LinearLearner` with the lowest 3-fold cross-validated log loss on labelled rows ``x``,
+    ``y`` (class indexes; class-balanced weights; at most ``max_rows``, a stratified sample)."""
+    from sklearn.model_selection import StratifiedKFold
+
+    rng = np.random.default_rng(seed)
+    if len(y) > max_rows:
+        keep = np.sort(rng.choice(len(y), max_rows, replace=False))
+        x, y = x[keep], y[keep]
+    counts = np.bincount(y, minlength=n_classes)
+    folds = int(min(3, counts[counts > 0].min()))
+    if folds < 2:
+        return 1.0
+    cw = np.divide(len(y), n_classes * counts, out=np.zeros(n_classes), where=counts > 0)
+    eye = np.eye(n_classes, dtype=np.float32)
+    losses = []
+    for c in grid:
+        loss = 0.0
+        for tr, te in StratifiedKFold(folds, shuffle=True, random_state=seed).split(x, y):
+            m = LinearLearner(n_classes, c=c).fit(x[tr], eye[y[tr]], cw[y[tr]].astype(np.float32))
+            p = np.clip(m.predict_proba(x[te])[np.arange(len(te)), y[te]], 1e-12, 1.0)
+            loss += float(-(cw[y[te]] * np.log(p)).sum())
+        losses.append(loss)
+    return float(grid[int(np.argmin(losses))])
+
+
 def make_learner(config: LabelingConfig, n_classes: int, seed: int) -> Learner:
     if config.learner == "xgboost":
         return XGBoostLearner(n_classes, config.xgboost, seed=seed)

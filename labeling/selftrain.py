@@ -44,7 +44,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -54,7 +54,7 @@ from labeling.calibration import CalibrationMetrics, CalibrationResult, calibrat
 from labeling.config import LabelingConfig
 from labeling.errors import SeedError
 from labeling.gate import ACCEPTED, STATUS_NAMES, GateDecision, StateGate, validated_threshold
-from labeling.learners import Learner, make_learner
+from labeling.learners import Learner, LinearLearner, choose_linear_c, make_learner
 from labeling.mixup import mixup
 from labeling.neighbours import (
     NeighbourGraph,
@@ -110,8 +110,10 @@ class IterationStats:
     pseudo_precision: float | None
     best_rounds: list[int]
     seconds: dict[str, float]
-    #: Weight of the learner in the learner/label-spreading blend (1.0: learner only; None: no blend).
+    #: Weight of the learner in the blend with the linear model and label spreading (1.0: learner only;
+    #: None: no blend), and every part's weight.
     blend_weight: float | None = None
+    blend_weights: dict[str, float] | None = None
     #: The threshold the gate used this iteration (raised above the configured one when held-out ground truth
     #: showed over-confidence there), and that evidence.
     gate_threshold: float | None = None
@@ -138,7 +140,10 @@ class Predictor:
     use_graph: bool
     n_classes: int
     propagation: Propagation | None = None
-    blend_weight: float | None = None  # the learner's weight in the blend with label spreading (None: no blend)
+    #: the blend's weights, in the order (learner, linear, spreading) of the parts present (None: learner only)
+    blend: tuple[float, ...] | None = None
+    #: per chain: its two linear models on the prefix (None: no linear part)
+    linear_models: list[list[Learner]] | None = None
     #: per chain: label spreading of the ground truth it may see, the (n, C) distributions of the snapshot's
     #: points; a new point's blend partner (and feature, when ``spread_feature``) is spread from them
     chain_spread: list[np.ndarray] | None = None
@@ -169,9 +174,12 @@ class Predictor:
                 feats = np.hstack(parts).astype(np.float32)
             else:
                 feats = x
-            raw = np.mean([m.predict_proba(feats) for m in models], axis=0)
-            if spread is not None and self.blend_weight is not None:
-                raw = self.blend_weight * raw + (1 - self.blend_weight) * spread
+            parts = [np.mean([m.predict_proba(feats) for m in models], axis=0)]
+            if self.linear_models is not None:
+                parts.append(np.mean([m.predict_proba(x) for m in self.linear_models[ci]], axis=0))
+            if spread is not None:
+                parts.append(spread)
+            raw = blended(parts, self.blend) if self.blend is not None else parts[0]
             out += self.calibrator.transform(raw)
         return out / len(self.models)
 
@@ -292,20 +300,39 @@ class _Snapshot:
     eval_pred: np.ndarray
     models: list[list[Learner]] = field(default_factory=list)
     votes: list[np.ndarray] = field(default_factory=list)
-    blend_weight: float | None = None
+    blend: tuple[float, ...] | None = None
+    linear_models: list[list[Learner]] | None = None
 
 
-BLEND_GRID = tuple(np.round(np.linspace(0.0, 1.0, 11), 2))
+BLEND_STEP = 0.1
 
 
-def choose_blend(learner: np.ndarray, spread: np.ndarray, y: np.ndarray, *, seed: int = 0) -> float:
-    """The learner's weight ``w`` in ``w x learner + (1 - w) x spreading``: the grid value whose blend has the
-    lowest cross-validated log loss after temperature scaling, on held-out ground truth (ties: more learner)."""
-    losses = [
-        log_loss(cross_calibrated("temperature", w * learner + (1 - w) * spread, y, seed=seed), y) for w in BLEND_GRID
-    ]
+def _simplex(k: int, steps: int) -> Iterator[tuple[int, ...]]:
+    """Every way to split ``steps`` into ``k`` non-negative integers (the earlier parts largest first)."""
+    if k == 1:
+        yield (steps,)
+        return
+    for i in range(steps, -1, -1):
+        for rest in _simplex(k - 1, steps - i):
+            yield (i, *rest)
+
+
+def blended(parts: Sequence[np.ndarray], weights: Sequence[float]) -> np.ndarray:
+    out = np.zeros_like(parts[0], dtype=np.float64)
+    for w, p in zip(weights, parts, strict=True):
+        out += w * p
+    return out
+
+
+def choose_blend(parts: Sequence[np.ndarray], y: np.ndarray, *, seed: int = 0) -> tuple[float, ...]:
+    """Weights of ``parts`` (probability matrices for the same held-out rows, e.g. learner, linear model, label
+    spreading) in their convex blend: the grid point (step 0.1) whose blend has the lowest cross-validated log
+    loss after temperature scaling on held-out ground truth ``y``. Ties go to the earlier parts."""
+    steps = round(1 / BLEND_STEP)
+    grid = [tuple(i / steps for i in ws) for ws in _simplex(len(parts), steps)]
+    losses = [log_loss(cross_calibrated("temperature", blended(parts, ws), y, seed=seed), y) for ws in grid]
     best = min(losses)
-    return float(max(w for w, loss in zip(BLEND_GRID, losses, strict=True) if loss <= best + 1e-9))
+    return max(ws for ws, loss in zip(grid, losses, strict=True) if loss <= best + 1e-9)
 
 
 def paired_f1_se(
@@ -402,6 +429,14 @@ class SelfTrainer:
                     for ch, f in zip(chains, chain_gt_spread, strict=True)
                 ]
         eval_all = np.concatenate([ch.eval_rows for ch in chains])
+        chain_c: list[float] = []
+        if cfg.linear:
+            # each chain picks its linear model's C on the ground truth it may see (never on its judged rows)
+            chain_c = [
+                cfg.linear_c or choose_linear_c(data.x[ch.visible], y[ch.visible], c, seed=cfg.seed) for ch in chains
+            ]
+        d_prefix = data.x.shape[1]
+        prev_lin: dict[tuple[int, int], LinearLearner] = {}
         # the written decision's veto looks at the ground truth only: the same every iteration
         gt_dist = gt_count = None
         if gate.veto:
@@ -422,8 +457,11 @@ class SelfTrainer:
             secs = {"features": 0.0, "fit": 0.0, "predict": 0.0}
             eval_raw = np.zeros((len(y), c))
             eval_spread = np.zeros((len(y), c))
+            eval_lin = np.zeros((len(y), c))
             chain_pool_raw: list[np.ndarray] = []
             chain_pool_spread: list[np.ndarray] = []
+            chain_pool_lin: list[np.ndarray] = []
+            chain_lin: list[list[Learner]] = []
             chain_votes: list[np.ndarray] = []
             chain_models: list[list[Learner]] = []
             rounds: list[int] = []
@@ -437,7 +475,9 @@ class SelfTrainer:
                 secs["features"] += time.perf_counter() - t0
                 pool_raw = np.zeros((len(pool), c))
                 pool_spread = np.zeros((len(pool), c))
+                pool_lin = np.zeros((len(pool), c))
                 chain_models.append([])
+                chain_lin.append([])
                 for half in (0, 1):
                     t0 = time.perf_counter()
                     # this model never trains on the pseudo-labels of the pool half it scores
@@ -464,11 +504,20 @@ class SelfTrainer:
                     learner.fit(x_tr, y_tr, w_tr, eval_set=(feats[ev], y[ev]))
                     chain_models[-1].append(learner)
                     rounds.append(int(getattr(learner, "best_rounds_", 0) or 0))
+                    if chain_c:
+                        # the same rows, weights and Mixup rows, on the prefix columns only (feats starts with x)
+                        lin = LinearLearner(c, c=chain_c[ci], warm_from=prev_lin.get((ci, half)))
+                        lin.fit(x_tr[:, :d_prefix], y_tr, w_tr)
+                        prev_lin[ci, half] = lin
+                        chain_lin[-1].append(lin)
                     secs["fit"] += time.perf_counter() - t0
                     t0 = time.perf_counter()
                     eval_raw[ev] = learner.predict_proba(feats[ev])
                     mine = ch.pool_half == half
                     pool_raw[mine] = learner.predict_proba(feats[pool[mine]])
+                    if chain_c:
+                        eval_lin[ev] = lin.predict_proba(data.x[ev])
+                        pool_lin[mine] = lin.predict_proba(data.x[pool[mine]])
                     if chain_gt_spread:
                         eval_spread[ev] = chain_gt_spread[ci][ev]
                         pool_spread[mine] = chain_gt_spread[ci][pool[mine]]
@@ -479,17 +528,28 @@ class SelfTrainer:
                     self._progress("model", {"iteration": it, "model": 2 * ci + half + 1, "models": 2 * len(chains)})
                 chain_pool_raw.append(pool_raw)
                 chain_pool_spread.append(pool_spread)
+                chain_pool_lin.append(pool_lin)
 
             t0 = time.perf_counter()
-            blend_w = None
+            blend: tuple[float, ...] | None = None
+            names = ["learner"]
+            eval_parts, pool_parts = [eval_raw], [chain_pool_raw]
+            if chain_c:
+                names.append("linear")
+                eval_parts.append(eval_lin)
+                pool_parts.append(chain_pool_lin)
             if spreading is not None:
-                blend_w = choose_blend(eval_raw[eval_all], eval_spread[eval_all], y[eval_all], seed=cfg.seed + it)
-                eval_raw = blend_w * eval_raw + (1 - blend_w) * eval_spread
-                # each chain blends with the spread of the ground truth *it* may see, on the pool exactly as on
-                # its held-out rows: the calibrator is fitted on the very kind of score it is applied to
-                chain_pool_raw = [
-                    blend_w * p + (1 - blend_w) * f for p, f in zip(chain_pool_raw, chain_pool_spread, strict=True)
-                ]
+                names.append("spreading")
+                eval_parts.append(eval_spread)
+                pool_parts.append(chain_pool_spread)
+            if len(eval_parts) > 1:
+                blend = choose_blend([e[eval_all] for e in eval_parts], y[eval_all], seed=cfg.seed + it)
+                eval_raw = blended(eval_parts, blend)
+                # each chain blends its own parts (its spread is of the ground truth *it* may see), on the pool
+                # exactly as on its held-out rows: the calibrator is fitted on the very kind of score it maps
+                chain_pool_raw = [blended([part[ci] for part in pool_parts], blend) for ci in range(len(chains))]
+            blend_w = None if blend is None else blend[0]
+            blend_named = None if blend is None else dict(zip(names, blend, strict=True))
             cal = calibrate(
                 eval_raw[eval_all], y[eval_all], c, cfg.calibration, bins=cfg.calibration_bins, seed=cfg.seed + it
             )
@@ -515,7 +575,7 @@ class SelfTrainer:
                 )
                 secs["total"] = time.perf_counter() - t_start
                 stats = self._stats(it, cal, None, None, data, truth_pool, rounds, secs, (0, 0, 0))
-                stats.blend_weight = blend_w
+                stats.blend_weight, stats.blend_weights = blend_w, blend_named
                 history.append(stats)
                 self._progress("iteration", {"stats": stats, "breaker": True})
                 break
@@ -551,13 +611,15 @@ class SelfTrainer:
             secs["total"] = time.perf_counter() - t_start
             stats = self._stats(it, cal, dec, new, data, truth_pool, rounds, secs, moves)
             stats.train_rows, stats.train_pseudo, stats.mixup_rows = n_rows, n_pseudo_rows, n_mix_rows
-            stats.blend_weight = blend_w
+            stats.blend_weight, stats.blend_weights = blend_w, blend_named
             stats.gate_threshold = it_gate.threshold
             stats.threshold_evidence = evidence
             stats.change = changed / max(1, int((new >= 0).sum()), int((old >= 0).sum()))
             history.append(stats)
             self._progress("iteration", {"stats": stats, "breaker": False})
-            last = _Snapshot(f1, it, dec, pool_cal, since.copy(), cal, eval_pred, chain_models, chain_votes, blend_w)
+            last = _Snapshot(
+                f1, it, dec, pool_cal, since.copy(), cal, eval_pred, chain_models, chain_votes, blend, chain_lin or None
+            )
             if best is None or f1 > best.f1:
                 best = last
             if it > 1 and stats.change <= cfg.stop_change:
@@ -587,9 +649,10 @@ class SelfTrainer:
                 self.config.neighbourhood_features and data.graph is not None,
                 c,
                 prop,
-                out.blend_weight,
-                chain_gt_spread or None,
-                bool(chain_spread_feature),
+                chain_spread=chain_gt_spread or None,
+                spread_feature=bool(chain_spread_feature),
+                blend=out.blend,
+                linear_models=out.linear_models,
             ),
         )
 

@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
-from labeling.calibration import TemperatureCalibrator, brier, calibrate, ece
+from labeling.calibration import TemperatureCalibrator, brier, calibrate, ece, macro_f1
 from labeling.config import LabelingConfig, XGBoostParams
 from labeling.drift import c2st
 from labeling.errors import SeedError
 from labeling.gate import ACCEPTED, QUARANTINED, REVIEW, StateGate
-from labeling.learners import RandomForestLearner, XGBoostLearner, expand_soft
+from labeling.learners import LinearLearner, RandomForestLearner, XGBoostLearner, expand_soft
 from labeling.mixup import mixup
 from labeling.neighbours import NeighbourGraph, Spreading, neighbour_vote, neighbourhood_features, votes
 from labeling.selftrain import LabelingInput, SelfTrainer, check_seed, choose_blend
@@ -220,8 +220,9 @@ class _Degrading:
 
 
 def test_breaker_rolls_back_to_the_best_iteration_on_a_forced_degradation():
-    # without the spreading blend, which would (rightly) move its weight off a degrading learner and hide it
-    cfg = LabelingConfig(max_iterations=6, stop_change=0.0, review_count=0, spreading=False)
+    # without the spreading and linear blend, which would (rightly) move its weight off a degrading learner
+    # and hide it
+    cfg = LabelingConfig(max_iterations=6, stop_change=0.0, review_count=0, spreading=False, linear=False)
     out = SelfTrainer(cfg, learner_factory=lambda c, s, it: _Degrading(c, s, it, bad_from=3)).run(_toy())
     assert out.breaker_tripped and "rolled back" in out.stop_reason
     assert out.chosen_iteration < 3 and len(out.iterations) == 3
@@ -312,10 +313,55 @@ def test_blend_weight_follows_whichever_opinion_is_right_on_held_out_truth():
     right = np.full((300, 3), 0.1)
     right[np.arange(300), hit] = 0.8
     noise = rng.dirichlet(np.ones(3), 300)
-    assert choose_blend(right, noise, y) == 1.0  # the learner is right: it keeps all the weight
-    assert choose_blend(noise, right, y) <= 0.1  # the graph is right: the learner's weight goes to ~0
-    mixed = choose_blend(0.5 * right + 0.5 * noise, 0.5 * right + 0.5 * rng.dirichlet(np.ones(3), 300), y)
-    assert 0.2 <= mixed <= 0.8  # two equally good, independent opinions: both kept
+    assert choose_blend([right, noise], y) == (1.0, 0.0)  # the learner is right: it keeps all the weight
+    assert choose_blend([noise, right], y)[0] <= 0.1  # the graph is right: the learner's weight goes to ~0
+    mixed = choose_blend([0.5 * right + 0.5 * noise, 0.5 * right + 0.5 * rng.dirichlet(np.ones(3), 300)], y)
+    assert 0.2 <= mixed[0] <= 0.8  # two equally good, independent opinions: both kept
+    # three parts (learner, linear model, spreading): the weights sum to 1 and go to the one that is right
+    three = choose_blend([noise, right, rng.dirichlet(np.ones(3), 300)], y)
+    assert len(three) == 3 and abs(sum(three) - 1) < 1e-9 and three[1] >= 0.9
+
+
+def test_macro_f1_matches_scikit_learn_including_absent_classes():
+    from sklearn.metrics import f1_score
+
+    rng = np.random.default_rng(3)
+    for _ in range(100):
+        c = int(rng.integers(2, 8))
+        n = int(rng.integers(1, 40))
+        y, pred = rng.integers(0, c, n), rng.integers(0, c, n)
+        want = f1_score(y, pred, labels=list(range(c)), average="macro", zero_division=0)
+        assert macro_f1(pred, y, c) == pytest.approx(want, abs=1e-12)
+
+
+def test_linear_learner_fits_soft_targets_warm_starts_to_the_same_answer_and_refuses_bad_input():
+    x, cl = clustered_vectors(600, n_clusters=3, seed=4, spread=0.8)
+    x = x[:, :32]
+    eye = np.eye(3, dtype=np.float32)
+    w = np.ones(600, np.float32)
+    cold = LinearLearner(3, c=1.0).fit(x, eye[cl], w)
+    p = cold.predict_proba(x)
+    assert p.shape == (600, 3) and np.allclose(p.sum(axis=1), 1) and (p.argmax(1) == cl).mean() > 0.9
+    warm = LinearLearner(3, c=1.0, warm_from=cold).fit(x, eye[cl], w)
+    np.testing.assert_allclose(warm.predict_proba(x), p, atol=2e-3)  # the same optimum, from a head start
+    assert warm.warm_from is None  # the old model is not kept alive
+    # a soft row counts as the weighted mixture of its classes: half-and-half targets give a 50/50 split
+    soft = np.tile(np.array([[0.5, 0.5, 0.0]], np.float32), (600, 1))
+    q = LinearLearner(3, c=1.0).fit(x, soft, w).predict_proba(x)
+    assert np.allclose(q[:, 0], q[:, 1], atol=0.05) and q[:, 2].max() < 0.05
+    with pytest.raises(ValueError, match="C must be > 0"):
+        LinearLearner(3, c=0.0)
+    with pytest.raises(ValueError, match="finite"):
+        LinearLearner(3).fit(np.full((4, 2), np.nan, np.float32), eye[[0, 1, 2, 0]], np.ones(4, np.float32))
+
+
+def test_linear_c_is_chosen_by_cross_validation_strong_for_clean_labels_weak_for_noise():
+    from labeling.learners import LINEAR_C_GRID, choose_linear_c
+
+    x, cl = clustered_vectors(600, n_clusters=3, seed=5, spread=0.5)
+    assert choose_linear_c(x, cl, 3) >= LINEAR_C_GRID[2]  # separable: little regularisation
+    noise = np.random.default_rng(0).integers(0, 3, 600)
+    assert choose_linear_c(x, noise, 3) == LINEAR_C_GRID[0]  # labels carry nothing: as flat as the grid allows
 
 
 def test_validated_threshold_rises_above_an_over_confident_tail_and_closes_when_nothing_holds():
