@@ -26,9 +26,12 @@ Per iteration (at most 10):
    (:mod:`labeling.neighbours`), built per chain from the labels it may see plus
    its accepted pseudo-labels (weighted less).
 3. **Train** on GT (weight 1, class-balanced) + accepted pseudo-labels (weight =
-   calibrated confidence) + Mixup rows.
-4. **Calibrate** the out-of-fold / held-out GT scores (:mod:`labeling.calibration`),
-   apply to the pool.
+   calibrated confidence) + Mixup rows: the learner (XGBoost) on all the features, and
+   (``linear``) a logistic regression on the embedding prefix columns of the same rows.
+4. **Blend and calibrate**: learner, linear model and label spreading of the chain's
+   visible GT are blended with weights chosen on the held-out GT (:func:`choose_blend`);
+   the blended out-of-fold / held-out GT scores are calibrated
+   (:mod:`labeling.calibration`) and the map applied to the pool.
 5. **Collapse breaker**: held-out macro-F1 of this iteration; if it falls below the
    best iteration's by more than max(``breaker_tolerance``, ``breaker_z`` x the
    paired-bootstrap standard error of the difference), roll back to the best
@@ -618,7 +621,17 @@ class SelfTrainer:
             history.append(stats)
             self._progress("iteration", {"stats": stats, "breaker": False})
             last = _Snapshot(
-                f1, it, dec, pool_cal, since.copy(), cal, eval_pred, chain_models, chain_votes, blend, chain_lin or None
+                f1,
+                it,
+                dec,
+                pool_cal,
+                since.copy(),
+                cal,
+                eval_pred,
+                chain_models,
+                chain_votes,
+                blend,
+                chain_lin if chain_c else None,
             )
             if best is None or f1 > best.f1:
                 best = last

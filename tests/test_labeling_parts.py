@@ -191,6 +191,23 @@ def _toy(n: int = 900, seed: int = 0, frac: float = 0.1):
     return LabelingInput(xp.astype(np.float32), y, ["a", "b", "c"], NeighbourGraph.exact(x, 10), cl)
 
 
+@pytest.mark.parametrize("linear", [True, False])
+def test_new_points_are_scored_by_the_same_blend_with_or_without_the_linear_part(linear):
+    data = _toy(600, seed=3)
+    cfg = LabelingConfig(max_iterations=2, review_count=0, linear=linear, xgboost={"max_rounds": 40})
+    out = SelfTrainer(cfg).run(data)
+    weights = out.iterations[-1].blend_weights
+    assert weights is not None and ("linear" in weights) == linear and abs(sum(weights.values()) - 1) < 1e-9
+    assert (out.predictor.linear_models is not None) == linear
+    # the pool's own points, as if new: neighbours among the snapshot (itself dropped), the written path
+    rows = out.pool[:50]
+    index, sims = data.graph.index[rows], data.graph.sims[rows]
+    p = out.predictor.predict_proba(data.x[rows], index, sims)
+    assert np.isfinite(p).all() and np.allclose(p.sum(axis=1), 1.0)
+    truth = data.truth[rows]
+    assert (p.argmax(axis=1) == truth).mean() > 0.8
+
+
 def test_the_loop_never_runs_more_than_ten_iterations():
     cfg = LabelingConfig(learner="random_forest", forest={"n_estimators": 15}, stop_change=0.0, breaker=False)
     out = SelfTrainer(cfg).run(_toy())
