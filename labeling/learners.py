@@ -10,7 +10,7 @@ gradient, in a form the learner accepts.
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -41,6 +41,13 @@ def check_targets(x: np.ndarray, y: np.ndarray, w: np.ndarray, n_classes: int) -
         raise ValueError("fit needs at least one training row")
     if not np.all(np.isfinite(x)) or np.any(w < 0) or np.any(y < 0):
         raise ValueError("training features must be finite, weights and targets non-negative")
+
+
+def _all_classes(model: Any, x: np.ndarray, n_classes: int) -> np.ndarray:
+    """A scikit-learn classifier's probabilities over all ``n_classes`` (a class absent from training: p = 0)."""
+    out = np.zeros((x.shape[0], n_classes))
+    out[:, model.classes_] = model.predict_proba(x)
+    return out
 
 
 class XGBoostLearner:
@@ -248,9 +255,7 @@ class RandomForestLearner:
     def predict_proba(self, x: np.ndarray) -> np.ndarray:
         if self.model_ is None:
             raise RuntimeError("RandomForestLearner is not fitted")
-        out = np.zeros((x.shape[0], self.n_classes))
-        out[:, self.model_.classes_] = self.model_.predict_proba(x)  # a class absent from training keeps p = 0
-        return out
+        return _all_classes(self.model_, x, self.n_classes)
 
 
 LINEAR_C_GRID = (0.1, 0.5, 2.5, 12.5)
@@ -259,7 +264,7 @@ LINEAR_C_GRID = (0.1, 0.5, 2.5, 12.5)
 class LinearLearner:
     """Multinomial logistic regression (scikit-learn, L-BFGS) on the embedding prefix: the blend partner of the
     tree learner. Embeddings are made for linear read-outs, and on small seeds a linear model on them beat
-    XGBoost on the same rows by 5-12 macro-F1 points (see the README's self-training section); the loop blends
+    XGBoost on the same rows by 5-13 macro-F1 points (BENCHMARKS.md, ``supervised_linear``); the loop blends
     the two (and label spreading) with weights chosen on held-out ground truth."""
 
     name = "linear"
@@ -303,9 +308,7 @@ class LinearLearner:
     def predict_proba(self, x: np.ndarray) -> np.ndarray:
         if self.model_ is None:
             raise RuntimeError("LinearLearner is not fitted")
-        out = np.zeros((x.shape[0], self.n_classes))
-        out[:, self.model_.classes_] = self.model_.predict_proba(x)
-        return out
+        return _all_classes(self.model_, x, self.n_classes)
 
 
 def choose_linear_c(
