@@ -152,10 +152,8 @@ def run_baseline(method: str, x: np.ndarray, y: np.ndarray, seed_rows, pool_rows
         from labeling.learners import LinearLearner, choose_linear_c
 
         ys = y[seed_rows]
-        counts = np.bincount(ys, minlength=c)
-        weights = (len(ys) / (c * np.maximum(counts, 1)))[ys].astype(np.float32)
         lin = LinearLearner(c, c=choose_linear_c(x[seed_rows], ys, c, seed=seed))
-        lin.fit(x[seed_rows], np.eye(c, dtype=np.float32)[ys], weights)
+        lin.fit(x[seed_rows], np.eye(c, dtype=np.float32)[ys], balanced(ys).astype(np.float32))
         return lin.predict_proba(x[test_rows]).argmax(axis=1), out
     train = np.concatenate([seed_rows, pool_rows])
     y_semi = np.full(len(train), -1)
