@@ -50,6 +50,7 @@ from retrieval.schema import (
     EXTERNAL_ID_KEY,
     FULL_DIM,
     FULL_VECTOR,
+    INT8_QUANTILE,
     PREFIX_DIM,
     PREFIX_VECTOR,
     CollectionSpec,
@@ -139,8 +140,9 @@ class EdgeStore(VectorStore):
     def _edge_config(self, name: str, spec: CollectionSpec | None = None) -> qe.EdgeConfig:
         if spec is None:
             meta = self._meta(name)
-            spec = CollectionSpec(**meta["spec"])
+            spec = CollectionSpec.from_stored(meta["spec"])
         optimizers = None
+        quantized = spec.prefix_quantization == "int8"
         if self.indexing_threshold_kb is not None:
             optimizers = qe.EdgeOptimizersConfig(indexing_threshold=self.indexing_threshold_kb)
         return qe.EdgeConfig(
@@ -153,7 +155,13 @@ class EdgeStore(VectorStore):
                         ef_construct=spec.hnsw_ef_construct,
                         full_scan_threshold=self.full_scan_threshold_kb,
                     ),
-                    memory=qe.Memory.Cached,
+                    # int8: the quantized copy in RAM, the float originals on disk (see CollectionSpec)
+                    quantization_config=qe.ScalarQuantizationConfig(
+                        qe.ScalarType.Int8, quantile=INT8_QUANTILE, memory=qe.Memory.Cached
+                    )
+                    if quantized
+                    else None,
+                    memory=qe.Memory.Cold if quantized else qe.Memory.Cached,
                 ),
                 FULL_VECTOR: qe.EdgeVectorParams(
                     size=FULL_DIM,
@@ -224,7 +232,7 @@ class EdgeStore(VectorStore):
             points_count=info.points_count,
             indexed_vectors_count=info.indexed_vectors_count,
             spec={
-                **self._meta(name)["spec"],
+                **CollectionSpec.from_stored(self._meta(name)["spec"]).__dict__,
                 "segments": info.segments_count,
                 "pending_optimize": self._pending.get(name, 0),
             },
@@ -253,10 +261,10 @@ class EdgeStore(VectorStore):
     def _upsert(
         self, name: str, pids: list[str], full: np.ndarray, prefix: np.ndarray, payloads: list[dict[str, Any]]
     ) -> None:
-        # Python lists, not numpy rows: measured ~1.5x faster through the bindings.
-        full_rows, prefix_rows = full.tolist(), prefix.tolist()
+        # float32 numpy rows straight into the bindings: measured 10% faster than .tolist() rows on
+        # qdrant-edge-py 0.9 (40k points: 1.66-1.70 vs 1.86-1.90 s, construction + update).
         points = [
-            qe.Point(id=pid, vector={PREFIX_VECTOR: prefix_rows[i], FULL_VECTOR: full_rows[i]}, payload=payloads[i])
+            qe.Point(id=pid, vector={PREFIX_VECTOR: prefix[i], FULL_VECTOR: full[i]}, payload=payloads[i])
             for i, pid in enumerate(pids)
         ]
         with self._write_lock, _edge_errors(f"upsert into {name!r}"):
@@ -331,6 +339,7 @@ class EdgeStore(VectorStore):
                                 limit=plan.shortlist,
                                 query=qe.Query.Nearest(prefix_rows[i], using=PREFIX_VECTOR),
                                 filter=flt,
+                                params=_SHORTLIST_PARAMS,
                             )
                         ],
                         query=qe.Query.Nearest(full_rows[i], using=FULL_VECTOR),
@@ -424,6 +433,11 @@ class EdgeStore(VectorStore):
 
 
 # ---------------------------------------------------------------- conversions
+# The shortlist is taken on the int8 copy and not rescored on the float mrl128 originals (on disk):
+# the full512 rerank that follows is the rescore. Ignored by collections without quantization.
+_SHORTLIST_PARAMS = qe.SearchParams(quantization=qe.QuantizationSearchParams(rescore=False))
+
+
 def _to_edge_filter(flt: Filter) -> qe.Filter:
     def conv(cond: Any) -> Any:
         if isinstance(cond, Filter):

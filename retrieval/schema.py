@@ -48,6 +48,10 @@ INDEXED_KEYWORD_FIELDS: tuple[str, ...] = ("label", "pseudo_label", "pseudo_stat
 #: Fixed namespace for point ids. Changing it would orphan every stored point.
 POINT_ID_NAMESPACE = uuid.UUID("6f1b5a52-2b7c-5d0e-9a57-3e2c1d9b8a10")
 
+PREFIX_QUANTIZATIONS = ("int8", "none")
+# Qdrant's recommended quantile for int8: the extreme 1% of values are clipped, not stretched into the range.
+INT8_QUANTILE = 0.99
+
 _COLLECTION_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
 ExternalId = str | int
@@ -68,6 +72,14 @@ class CollectionSpec:
     hnsw_m: int = 16
     hnsw_ef_construct: int = 100
     full_on_disk: bool = True
+    # "int8": the mrl128 graph is built and searched on int8 scalar-quantized copies (quantile
+    # 0.99) kept in RAM, and the float originals live on disk; the shortlist is not rescored on
+    # them, because the full512 rerank that follows is the rescore. "none": float mrl128 in RAM.
+    # Measured at 200k clustered points, side by side (README "Search"): optimize 17-19 s -> 10-13 s,
+    # resident memory -17%, engine p50 0.41-0.50 -> 0.33-0.34 ms, recall@10 0.9998 -> 0.996-0.999.
+    # Collections created before this field existed read as "none" (their segments have no
+    # quantized copy).
+    prefix_quantization: str = "int8"
     shard_number: int = 1
     replication_factor: int = 1
     schema_version: int = SCHEMA_VERSION
@@ -77,6 +89,17 @@ class CollectionSpec:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise InvalidInputError(f"CollectionSpec.{name} must be a positive int, got {value!r}")
+        if self.prefix_quantization not in PREFIX_QUANTIZATIONS:
+            raise InvalidInputError(
+                f"CollectionSpec.prefix_quantization must be one of {PREFIX_QUANTIZATIONS}, "
+                f"got {self.prefix_quantization!r}"
+            )
+
+    @classmethod
+    def from_stored(cls, stored: Mapping[str, Any]) -> CollectionSpec:
+        """The spec saved with a collection; fields added since it was saved take the value that
+        describes how it was built (a collection from before ``prefix_quantization`` has none)."""
+        return cls(**{"prefix_quantization": "none", **stored})
 
     def layout(self) -> dict[str, Any]:
         """The parts of the spec that must match for data to be readable."""

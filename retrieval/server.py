@@ -42,6 +42,7 @@ from retrieval.schema import (
     EXTERNAL_ID_KEY,
     FULL_DIM,
     FULL_VECTOR,
+    INT8_QUANTILE,
     PREFIX_DIM,
     PREFIX_VECTOR,
     SCHEMA_VERSION,
@@ -56,6 +57,9 @@ _KINDS = {
     "bool": qm.PayloadSchemaType.BOOL,
 }
 _META_KEY = "embedstore"
+# The shortlist is taken on the int8 copy, not rescored on the float mrl128 originals: the full512 rerank
+# is the rescore. Ignored by collections without quantization.
+_SHORTLIST_PARAMS = qm.SearchParams(quantization=qm.QuantizationSearchParams(rescore=False))
 _USER_KEY = "embedstore_user"
 
 try:  # grpc is a dependency of qdrant-client; keep the import soft all the same
@@ -165,13 +169,22 @@ class QdrantServerStore(VectorStore):
     def create_request(spec: CollectionSpec) -> qm.CreateCollection:
         """The collection this adapter asks Qdrant for under ``spec``, as qdrant-client's own request model
         (named vectors, shards, replicas): what a server or cluster receives."""
+        quantized = spec.prefix_quantization == "int8"
         return qm.CreateCollection(
             vectors={
                 PREFIX_VECTOR: qm.VectorParams(
                     size=PREFIX_DIM,
                     distance=qm.Distance.COSINE,
                     hnsw_config=qm.HnswConfigDiff(m=spec.hnsw_m, ef_construct=spec.hnsw_ef_construct),
-                    on_disk=False,
+                    # int8: the quantized copy in RAM, the float originals on disk (see CollectionSpec)
+                    quantization_config=qm.ScalarQuantization(
+                        scalar=qm.ScalarQuantizationConfig(
+                            type=qm.ScalarType.INT8, quantile=INT8_QUANTILE, always_ram=True
+                        )
+                    )
+                    if quantized
+                    else None,
+                    on_disk=quantized,
                 ),
                 # m=0: no HNSW graph for the rerank-only vector.
                 FULL_VECTOR: qm.VectorParams(
@@ -235,7 +248,7 @@ class QdrantServerStore(VectorStore):
             points_count=points,
             indexed_vectors_count=int(info.indexed_vectors_count or 0),
             spec={
-                **meta.get("spec", {}),
+                **(CollectionSpec.from_stored(meta["spec"]).__dict__ if "spec" in meta else {}),
                 # the server's word; qdrant-client's local mode has no shards and reports None: then what was asked
                 "shard_number": params.shard_number or meta.get("spec", {}).get("shard_number"),
                 "replication_factor": params.replication_factor or meta.get("spec", {}).get("replication_factor"),
@@ -328,7 +341,13 @@ class QdrantServerStore(VectorStore):
                 requests.append(
                     qm.QueryRequest(
                         prefetch=[
-                            qm.Prefetch(query=prefix[i].tolist(), using=PREFIX_VECTOR, limit=plan.shortlist, filter=flt)
+                            qm.Prefetch(
+                                query=prefix[i].tolist(),
+                                using=PREFIX_VECTOR,
+                                limit=plan.shortlist,
+                                filter=flt,
+                                params=_SHORTLIST_PARAMS,
+                            )
                         ],
                         query=full[i].tolist(),
                         using=FULL_VECTOR,

@@ -16,12 +16,14 @@ from qdrant_client import QdrantClient
 from qdrant_client import models as qm
 
 from retrieval import (
+    CollectionSpec,
     EdgeStore,
+    InvalidInputError,
     QdrantServerStore,
     SchemaMismatchError,
     StoreLockedError,
 )
-from tests.conftest import clustered, make_edge
+from tests.conftest import clustered, exact_topk, make_edge
 
 
 def test_second_opener_gets_a_clear_error_naming_the_holder(tmp_path):
@@ -196,3 +198,60 @@ def test_a_bulk_write_optimizes_once_at_its_end(tmp_path):
             assert s.collection_info("c").spec["pending_optimize"] == 1200
         assert s.collection_info("c").spec["pending_optimize"] == 0
         assert s.count("c", {"pseudo_label": "x"}) == 1200
+
+
+def _segment_configs(path, collection: str) -> list[dict]:
+    """What the engine itself wrote for each segment (its on-disk segment.json)."""
+    segments = (path / "collections" / collection / "shard" / "segments").glob("*/segment.json")
+    return [json.loads(p.read_text())["config"]["vector_data"] for p in segments]
+
+
+def test_prefix_is_int8_quantized_in_ram_with_float_originals_on_disk(tmp_path):
+    x, _ = clustered(3000, seed=8)
+    with make_edge(tmp_path) as s:
+        s.create_collection("c")
+        s.upsert("c", list(range(len(x))), x)
+        s.optimize("c")
+        assert s.collection_info("c").spec["prefix_quantization"] == "int8"
+        top = [int(h.id) for h in s.search("c", x[3], top_k=10)]
+    configs = _segment_configs(tmp_path, "c")
+    indexed = [c for c in configs if c["mrl128"]["index"]["options"].get("m")]
+    assert indexed, "optimize built no mrl128 graph"
+    for c in indexed:
+        assert c["mrl128"]["quantization_config"] == {"scalar": {"type": "int8", "quantile": 0.99, "memory": "cached"}}
+        assert c["mrl128"]["storage_type"] == "Mmap"  # the float originals: on disk, not in RAM
+        assert c["full512"]["quantization_config"] is None and c["full512"]["index"]["options"]["m"] == 0
+    truth = exact_topk(x, x[3:4], 10)[0]
+    assert len(set(top) & set(truth.tolist())) >= 9  # the shortlist on int8, reranked on float full512
+
+
+def test_a_collection_from_before_quantization_reopens_unquantized(tmp_path):
+    x, _ = clustered(2000, seed=9)
+    with make_edge(tmp_path) as s:
+        s.create_collection("c", CollectionSpec(prefix_quantization="none"))
+        s.upsert("c", [f"p{i}" for i in range(len(x))], x)
+        before = [h.id for h in s.search("c", x[5], top_k=10)]
+    meta_path = tmp_path / "collections" / "c" / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    del meta["spec"]["prefix_quantization"]  # as written by an embedstore without the field
+    meta_path.write_text(json.dumps(meta))
+    with make_edge(tmp_path) as s:
+        assert s.collection_info("c").spec["prefix_quantization"] == "none"
+        assert [h.id for h in s.search("c", x[5], top_k=10)] == before
+        s.upsert("c", ["new"], x[:1] + 0.01)
+        s.optimize("c")
+    assert all(c["mrl128"]["quantization_config"] is None for c in _segment_configs(tmp_path, "c"))
+
+
+def test_collection_spec_refuses_an_unknown_quantization():
+    with pytest.raises(InvalidInputError, match="prefix_quantization must be one of"):
+        CollectionSpec(prefix_quantization="int4")
+
+
+def test_server_adapter_asks_for_the_same_quantized_prefix():
+    req = QdrantServerStore.create_request(CollectionSpec())
+    prefix = req.vectors["mrl128"]
+    assert prefix.quantization_config.scalar.type == qm.ScalarType.INT8
+    assert prefix.quantization_config.scalar.always_ram is True and prefix.on_disk is True
+    plain = QdrantServerStore.create_request(CollectionSpec(prefix_quantization="none")).vectors["mrl128"]
+    assert plain.quantization_config is None and plain.on_disk is False
