@@ -10,6 +10,7 @@ anything is written.
 from __future__ import annotations
 
 import abc
+import concurrent.futures
 import contextlib
 import json
 import threading
@@ -263,16 +264,38 @@ class VectorStore(abc.ABC):
         bodies = prepare_payloads(payloads, ext)
         pids = [point_id(e) for e in ext]
         step = self.write_batch_size
-        for start in range(0, len(pids), step):
-            stop = start + step
-            full, prefix = normalise(checked[start:stop])  # per batch: memory stays O(batch)
+        starts = range(0, len(pids), step)
+
+        def request(start: int) -> Any:
+            full, prefix = normalise(checked[start : start + step])  # per batch: memory stays O(batch)
+            return self._upsert_request(
+                collection, pids[start : start + step], full, prefix, bodies[start : start + step]
+            )
+
+        def write(start: int, req: Any) -> None:
             try:
-                self._upsert(collection, pids[start:stop], full, prefix, bodies[start:stop])
+                self._write_upsert(collection, req, min(step, len(pids) - start))
             except StoreUnavailableError as exc:
                 raise StoreUnavailableError(
                     f"{exc}; {start} of {len(pids)} points were written before the failure "
                     "(upsert is idempotent: retrying the whole batch is safe)"
                 ) from exc
+
+        if len(starts) == 1:
+            write(0, request(0))
+        else:
+            # Pipelined: the next batch's request is built in Python while the engine (which releases
+            # the GIL) writes this one; one write in flight, in order, so a failure still means "the
+            # batches before it were written". Measured: ingest 1M points, Edge, 2 cores: see README.
+            with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="embedstore-upsert") as pool:
+                in_flight: concurrent.futures.Future[None] | None = None
+                for start in starts:
+                    req = request(start)
+                    if in_flight is not None:
+                        in_flight.result()
+                    in_flight = pool.submit(write, start, req)
+                assert in_flight is not None
+                in_flight.result()
         self._wrote(collection, len(pids))
         return len(pids)
 
@@ -567,9 +590,14 @@ class VectorStore(abc.ABC):
     def _payload_indexes(self, name: str) -> set[str]: ...
 
     @abc.abstractmethod
-    def _upsert(
+    def _upsert_request(
         self, name: str, pids: list[str], full: np.ndarray, prefix: np.ndarray, payloads: list[dict[str, Any]]
-    ) -> None: ...
+    ) -> Any:
+        """One batch as the engine's write request (Python work only: no I/O, no engine call)."""
+
+    @abc.abstractmethod
+    def _write_upsert(self, name: str, request: Any, n_points: int) -> None:
+        """Send a request made by :meth:`_upsert_request`."""
 
     @abc.abstractmethod
     def _existing_ids(self, name: str, pids: list[str]) -> set[str]: ...
@@ -675,9 +703,11 @@ def _vector_out(raw: Any, with_vectors: WithVectors) -> np.ndarray | None:
 def hit_from(p: Any, with_payload: bool, with_vectors: WithVectors) -> Hit:
     """A Hit from a qdrant-edge or qdrant-client scored point (same attribute names)."""
     payload = p.payload or {}
+    pid = str(p.id)  # the bindings build a new UUID object on every access of .id: read it once
+    ext = payload.get(EXTERNAL_ID_KEY)
     return Hit(
-        id=str(payload.get(EXTERNAL_ID_KEY, p.id)),
-        point_id=str(p.id),
+        id=pid if ext is None else str(ext),
+        point_id=pid,
         score=float(p.score),
         payload=payload if with_payload else None,
         vector=_vector_out(p.vector, with_vectors),
@@ -687,9 +717,11 @@ def hit_from(p: Any, with_payload: bool, with_vectors: WithVectors) -> Hit:
 def record_from(r: Any, with_payload: bool, with_vectors: WithVectors) -> Record:
     """A Record from a qdrant-edge or qdrant-client record."""
     payload = r.payload or {}
+    pid = str(r.id)
+    ext = payload.get(EXTERNAL_ID_KEY)
     return Record(
-        id=str(payload.get(EXTERNAL_ID_KEY, r.id)),
-        point_id=str(r.id),
+        id=pid if ext is None else str(ext),
+        point_id=pid,
         payload=payload if with_payload else None,
         vector=_vector_out(r.vector, with_vectors),
     )

@@ -279,18 +279,16 @@ class QdrantServerStore(VectorStore):
             return set(self.client.get_collection(name).payload_schema)
 
     # ------------------------------------------------------------------ writes
-    def _upsert(
+    def _upsert_request(
         self, name: str, pids: list[str], full: np.ndarray, prefix: np.ndarray, payloads: list[dict[str, Any]]
-    ) -> None:
+    ) -> Any:
+        return qm.Batch(
+            ids=pids, vectors={PREFIX_VECTOR: prefix.tolist(), FULL_VECTOR: full.tolist()}, payloads=payloads
+        )
+
+    def _write_upsert(self, name: str, request: Any, n_points: int) -> None:
         with self._call(f"upsert into {name!r}", name):
-            self.client.upsert(
-                name,
-                points=qm.Batch(
-                    ids=pids, vectors={PREFIX_VECTOR: prefix.tolist(), FULL_VECTOR: full.tolist()}, payloads=payloads
-                ),
-                wait=True,
-                ordering=self.write_ordering,
-            )
+            self.client.upsert(name, points=request, wait=True, ordering=self.write_ordering)
 
     def _existing_ids(self, name: str, pids: list[str]) -> set[str]:
         with self._call(f"retrieve from {name!r}", name):

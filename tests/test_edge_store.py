@@ -22,6 +22,7 @@ from retrieval import (
     QdrantServerStore,
     SchemaMismatchError,
     StoreLockedError,
+    StoreUnavailableError,
 )
 from tests.conftest import clustered, exact_topk, make_edge
 
@@ -255,3 +256,30 @@ def test_server_adapter_asks_for_the_same_quantized_prefix():
     assert prefix.quantization_config.scalar.always_ram is True and prefix.on_disk is True
     plain = QdrantServerStore.create_request(CollectionSpec(prefix_quantization="none")).vectors["mrl128"]
     assert plain.quantization_config is None and plain.on_disk is False
+
+
+class _FailingEdge(EdgeStore):
+    """The real Edge adapter whose third write fails the way an unreachable engine does."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.writes = 0
+
+    def _write_upsert(self, name, request, n_points):
+        self.writes += 1
+        if self.writes == 3:
+            raise StoreUnavailableError("engine went away")
+        super()._write_upsert(name, request, n_points)
+
+
+def test_a_pipelined_upsert_that_fails_midway_reports_what_was_written(tmp_path):
+    x, _ = clustered(1000, seed=10)
+    with _FailingEdge(tmp_path, write_batch_size=200) as s:
+        s.create_collection("c")
+        with pytest.raises(StoreUnavailableError, match="400 of 1000 points were written before the failure"):
+            s.upsert("c", list(range(1000)), x)
+        assert s.writes == 3  # nothing sent after the failed batch
+        assert s.count("c") == 400  # the two batches before it, in order
+        assert {r.id for r in s.retrieve("c", list(range(400)))} == {str(i) for i in range(400)}
+        s.upsert("c", list(range(1000)), x)  # retrying the whole batch is safe
+        assert s.count("c") == 1000

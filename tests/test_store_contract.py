@@ -453,3 +453,17 @@ def test_closed_store_refuses_calls(store, collection):
     store.close()  # idempotent
     with pytest.raises(StoreUnavailableError, match="closed"):
         store.count(collection)
+
+
+def test_point_ids_are_the_rfc_4122_uuid5_of_the_external_id():
+    # the fast path must equal uuid.uuid5 exactly: a different id would orphan every stored point
+    import uuid
+
+    from retrieval.schema import POINT_ID_NAMESPACE
+
+    rng = np.random.default_rng(0)
+    names = ["0", "7", "item-42", "é", "猫/🐈", "x" * 1024, " lead", "a\nb"]
+    names += ["".join(map(chr, rng.integers(32, 0x2FFF, size=int(rng.integers(1, 40))))) for _ in range(500)]
+    for name in names:
+        assert point_id(name) == str(uuid.uuid5(POINT_ID_NAMESPACE, name))
+    assert point_id(7) == point_id("7")
