@@ -284,9 +284,10 @@ class VectorStore(abc.ABC):
         if len(starts) == 1:
             write(0, request(0))
         else:
-            # Pipelined: the next batch's request is built in Python while the engine (which releases
-            # the GIL) writes this one; one write in flight, in order, so a failure still means "the
-            # batches before it were written". Measured: ingest 1M points, Edge, 2 cores: see README.
+            # Pipelined: the next batch's request is built in Python while the engine writes this one
+            # (qdrant-edge releases the GIL for part of its write: ingest 8% faster at 200k points,
+            # 9.4 vs 10.2 s side by side). One write in flight, in order, so a failure still means
+            # "the batches before it were written".
             with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="embedstore-upsert") as pool:
                 in_flight: concurrent.futures.Future[None] | None = None
                 for start in starts:

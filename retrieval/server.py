@@ -57,10 +57,10 @@ _KINDS = {
     "bool": qm.PayloadSchemaType.BOOL,
 }
 _META_KEY = "embedstore"
+_USER_KEY = "embedstore_user"
 # The shortlist is taken on the int8 copy, not rescored on the float mrl128 originals: the full512 rerank
 # is the rescore. Ignored by collections without quantization.
 _SHORTLIST_PARAMS = qm.SearchParams(quantization=qm.QuantizationSearchParams(rescore=False))
-_USER_KEY = "embedstore_user"
 
 try:  # grpc is a dependency of qdrant-client; keep the import soft all the same
     import grpc
