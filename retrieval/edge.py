@@ -142,7 +142,7 @@ class EdgeStore(VectorStore):
             meta = self._meta(name)
             spec = CollectionSpec.from_stored(meta["spec"])
         optimizers = None
-        quantized = spec.prefix_quantization == "int8"
+        quantized = spec.int8_prefix
         if self.indexing_threshold_kb is not None:
             optimizers = qe.EdgeOptimizersConfig(indexing_threshold=self.indexing_threshold_kb)
         return qe.EdgeConfig(

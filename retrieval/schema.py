@@ -97,6 +97,11 @@ class CollectionSpec:
                 f"got {self.prefix_quantization!r}"
             )
 
+    @property
+    def int8_prefix(self) -> bool:
+        """Whether the mrl128 graph runs on int8 copies with the float originals on disk."""
+        return self.prefix_quantization == "int8"
+
     @classmethod
     def from_stored(cls, stored: Mapping[str, Any]) -> CollectionSpec:
         """The spec saved with a collection; fields added since it was saved take the value that

@@ -169,7 +169,7 @@ class QdrantServerStore(VectorStore):
     def create_request(spec: CollectionSpec) -> qm.CreateCollection:
         """The collection this adapter asks Qdrant for under ``spec``, as qdrant-client's own request model
         (named vectors, shards, replicas): what a server or cluster receives."""
-        quantized = spec.prefix_quantization == "int8"
+        quantized = spec.int8_prefix
         return qm.CreateCollection(
             vectors={
                 PREFIX_VECTOR: qm.VectorParams(
@@ -242,16 +242,17 @@ class QdrantServerStore(VectorStore):
             points = self.client.count(name, exact=True).count
         meta = (info.config.metadata or {}).get(_META_KEY) or {}
         params = info.config.params
+        stored = CollectionSpec.from_stored(meta["spec"]).__dict__ if "spec" in meta else {}
         return CollectionInfo(
             name=name,
             backend=self.backend,
             points_count=points,
             indexed_vectors_count=int(info.indexed_vectors_count or 0),
             spec={
-                **(CollectionSpec.from_stored(meta["spec"]).__dict__ if "spec" in meta else {}),
+                **stored,
                 # the server's word; qdrant-client's local mode has no shards and reports None: then what was asked
-                "shard_number": params.shard_number or meta.get("spec", {}).get("shard_number"),
-                "replication_factor": params.replication_factor or meta.get("spec", {}).get("replication_factor"),
+                "shard_number": params.shard_number or stored.get("shard_number"),
+                "replication_factor": params.replication_factor or stored.get("replication_factor"),
                 "status": str(info.status.value) if info.status else None,
             },
             payload_indexes=tuple(sorted(self._payload_indexes(name))),
