@@ -191,7 +191,7 @@ def main() -> None:
     ap.add_argument("--fractions", default=",".join(str(f) for f in FRACTIONS))
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--methods", default=",".join([*OURS, *BASELINES]))
-    ap.add_argument("--quick", action="store_true", help="emoji, 5% seed, one seed")
+    ap.add_argument("--quick", action="store_true", help="emoji, 5%% seed, one seed")
     ap.add_argument("--epochs", type=int, default=60, help="label-free projection epochs")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "self_training.json")
     ap.add_argument("--ablations-at", default="0.05", help="seed fractions at which the ablations run")
