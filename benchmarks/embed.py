@@ -176,6 +176,10 @@ def quality(
                 "probe_std": round(float(np.std(s["probe"])), 4),
                 "seeds": len(seeds),
                 "n_items": len(items),
+                # per seed, in seed order (the same split for every dims row of a dataset), so
+                # two representations can be compared pairwise, not only by their means
+                "knn_per_seed": [round(float(v), 4) for v in s["knn"]],
+                "probe_per_seed": [round(float(v), 4) for v in s["probe"]],
             }
         )
     return rows
@@ -217,7 +221,9 @@ def check_targets(quality_rows: list[dict[str, Any]], tp_rows: list[dict[str, An
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--datasets", default="emoji,rotten_tomatoes")
-    ap.add_argument("--seeds", type=int, default=3)
+    # 5, not 3: the emoji probe's 512D-vs-raw difference is ~0.003 against a spread of ~0.01
+    # over seeds; three seeds put it on either side of the target by chance
+    ap.add_argument("--seeds", type=int, default=5)
     ap.add_argument("--epochs", type=int, default=200)
     ap.add_argument("--quick", action="store_true", help="1 seed, 60 epochs, fewer items timed")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "embed.json"))
