@@ -417,7 +417,7 @@ def plots(saved: dict[str, Any], outdir: Path) -> list[Path]:
     # there are 12 methods: two pairs shared a colour); ablations dotted, baselines dashed
     methods = sorted({r["method"] for r in summary} - {"embedstore"})
     order = [*range(0, 20, 2), *range(1, 20, 2)]  # tab20's ten saturated hues first, then the light ones
-    colours = {m: plt.get_cmap("tab20")(order[i % 20]) for i, m in enumerate(methods)}
+    colours = {"embedstore": "black", **{m: plt.get_cmap("tab20")(order[i % 20]) for i, m in enumerate(methods)}}
     fig, axes = plt.subplots(1, len(datasets), figsize=(5.5 * len(datasets), 4.2), squeeze=False)
     for ax, dataset in zip(axes[0], datasets, strict=True):
         rows = [r for r in summary if r["dataset"] == dataset]
@@ -435,7 +435,7 @@ def plots(saved: dict[str, Any], outdir: Path) -> list[Path]:
                 capsize=3,
                 label=method,
                 lw=2.5 if method == "embedstore" else 1,
-                color="black" if method == "embedstore" else colours[method],
+                color=colours[method],
             )
         ax.set_title(dataset)
         ax.set_xlabel("ground-truth seed (% of the non-test items)")
