@@ -9,7 +9,8 @@ Per iteration (at most 10):
    * ``holdout`` (a large seed): one chain; a stratified slice ``E`` of the GT is held
      out, never visible to any model, and used only to early-stop, calibrate and
      measure (the breaker).
-   * ``cv`` (a small seed: the default when the smallest class has < 250 GT examples):
+   * ``cv`` (a small seed: the default when the smallest class has < 250 GT examples, or the holdout
+     slice would hold < 500 rows in all):
      K stratified folds and one independent *chain* per fold. Chain ``k`` never sees
      fold ``k``'s labels, runs its own self-training (its own accepted set), and is
      judged on fold ``k``. Chains do not share pseudo-labels: a pseudo-label made by a
@@ -264,11 +265,12 @@ def _chains(
     counts = np.bincount(y[gt])
     counts = counts[counts > 0]
     mode = config.eval_mode
+    n_eval = max(round(config.holdout_fraction * len(gt)), len(counts))
     if mode == "auto":
-        mode = "cv" if counts.min() < config.cv_below_per_class else "holdout"
+        small = counts.min() < config.cv_below_per_class or n_eval < config.min_holdout_rows
+        mode = "cv" if small else "holdout"
     seed = int(rng.integers(2**31))
     if mode == "holdout":
-        n_eval = max(round(config.holdout_fraction * len(gt)), len(counts))
         _, held = train_test_split(gt, test_size=n_eval, stratify=y[gt], random_state=seed)
         splits = [np.sort(held)]
     else:

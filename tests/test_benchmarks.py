@@ -84,13 +84,14 @@ def test_grpc_benchmark_writes_the_documented_format(tmp_path, emoji_items):
 def test_labeling_job_benchmark_writes_the_documented_format(tmp_path):
     out = tmp_path / "labeling_job.json"
     subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "labeling_job.py"), "--n", "2000", "--seed-fraction", "0.3",
+        [sys.executable, str(ROOT / "benchmarks" / "labeling_job.py"), "--n", "3000", "--seed-fraction", "0.9",
          "--classes", "2", "--iterations", "2", "--out", str(out)],
         check=True, cwd=ROOT, timeout=600, capture_output=True,
     )  # fmt: skip
     result = json.loads(out.read_text())
-    # 300 ground-truth labels per class: above the 250 below which the job runs the cross-validation chains
-    assert result["n_points"] == 2000 and result["iterations"] == 2 and result["eval_mode"] == "holdout"
+    # 1,350 labels per class and a 540-row slice: above the 250 per class and 500 in all below which the
+    # job runs the cross-validation chains
+    assert result["n_points"] == 3000 and result["iterations"] == 2 and result["eval_mode"] == "holdout"
     assert result["models_per_iteration"] == 2
     assert set(result["stage_s"]) >= {"read", "drift", "neighbours", "train", "write", "total"}
     assert set(result["train_breakdown_s"]) == {"features", "fit", "predict", "calibrate", "gate"}

@@ -406,3 +406,23 @@ def test_validated_threshold_rises_above_an_over_confident_tail_and_closes_when_
     always_wrong[np.arange(n), 1 - y] = 0.95
     always_wrong[np.arange(n), y] = 0.05
     assert validated_threshold(always_wrong, y, 0.8)[0] == 1.0  # nothing holds: the gate closes
+
+
+@pytest.mark.parametrize(
+    ("per_class", "classes", "mode"),
+    [
+        (200, 10, "cv"),  # a class below 250 labels
+        (311, 2, "cv"),  # 250+ per class, but a 20% slice of 124 rows: too few to check the gate's top tail on
+        (500, 10, "holdout"),  # a 1,000-row slice (the 100k-point job's seed)
+    ],
+)
+def test_auto_evaluation_mode_needs_enough_rows_per_class_and_in_all(per_class, classes, mode):
+    from labeling.selftrain import _chains
+
+    y = np.full(per_class * classes + 50, -1)
+    y[: per_class * classes] = np.repeat(np.arange(classes), per_class)
+    got, chains = _chains(y, np.flatnonzero(y < 0), LabelingConfig(), np.random.default_rng(0))
+    assert got == mode
+    assert len(chains) == (4 if mode == "cv" else 1)
+    # whatever the mode, no chain is judged on a label it may see
+    assert all(not ch.visible[ch.eval_rows].any() for ch in chains)
