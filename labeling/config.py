@@ -93,8 +93,8 @@ class LabelingConfig(BaseModel):
     cv_below_per_class: int = Field(250, ge=2)
     #: ``auto`` also uses cv when the holdout slice would hold fewer than this many rows in all, whatever the
     #: per-class counts: the gate reads only the scores above its threshold, and the slice must have enough
-    #: rows up there to calibrate and to check them. Measured on Rotten Tomatoes at a 20% seed (311 labels per
-    #: class, a 124-row slice): held out, the accepted labels were over-confident on 2 of 3 seeds, and already
+    #: rows up there to calibrate and to check them. Measured on Rotten Tomatoes at a 20% seed (390 labels per
+    #: class, a 156-row slice): held out, the accepted labels were over-confident on 2 of 3 seeds, and already
     #: at iteration 1; the four chains on the same splits were not (BENCHMARKS.md). 500 is a round number
     #: between that slice and the 1,000-row slices of the 100k-point job, which were honest; it is not fitted.
     min_holdout_rows: int = Field(500, ge=0)
