@@ -11,12 +11,12 @@ Per iteration (at most 10):
      measure (the breaker).
    * ``cv`` (a small seed: the default when the smallest class has < 250 GT examples, or the holdout
      slice would hold < 500 rows in all):
-     K stratified folds and one independent *chain* per fold. Chain ``k`` never sees
-     fold ``k``'s labels, runs its own self-training (its own accepted set), and is
-     judged on fold ``k``. Chains do not share pseudo-labels: a pseudo-label made by a
-     model that saw fold ``k``'s labels would echo them back into fold ``k``'s
-     features (measured: shared pseudo-labels inflated held-out F1 by ~0.06 and made
-     accepted labels over-confident).
+     K stratified folds (``cv_folds``, whatever the thinnest class) and one independent
+     *chain* per fold. Chain ``k`` never sees fold ``k``'s labels, runs its own
+     self-training (its own accepted set), and is judged on fold ``k``. Chains do not
+     share pseudo-labels: a pseudo-label made by a model that saw fold ``k``'s labels
+     would echo them back into fold ``k``'s features (measured: shared pseudo-labels
+     inflated held-out F1 by ~0.06 and made accepted labels over-confident).
 
    Within a chain, two models split the pool: each trains on the pseudo-labels of
    one half and scores the other (and half of the chain's held-out rows). So every
@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -274,8 +275,15 @@ def _chains(
         _, held = train_test_split(gt, test_size=n_eval, stratify=y[gt], random_state=seed)
         splits = [np.sort(held)]
     else:
-        k = min(config.cv_folds, int(counts.min()))
-        splits = [np.sort(gt[test]) for _, test in StratifiedKFold(k, shuffle=True, random_state=seed).split(gt, y[gt])]
+        # The number of folds is *not* capped by the thinnest class: a class with 2 labels and 4 folds has
+        # them in two folds (every chain still sees at least one, as check_seed requires >= 2), while the cap
+        # made every chain train on half the seed whenever one class had 2-3 labels. Measured (31 emoji
+        # subcategories, 3 seeds, exact graph): test macro-F1 5% 0.574 -> 0.592, 10% 0.631 -> 0.653.
+        k = min(config.cv_folds, int(counts.max()))
+        with warnings.catch_warnings():  # "the least populated class has only n members": intended, see above
+            warnings.simplefilter("ignore", UserWarning)
+            folds = list(StratifiedKFold(k, shuffle=True, random_state=seed).split(gt, y[gt]))
+        splits = [np.sort(gt[test]) for _, test in folds]
     chains = []
     for rows in splits:
         visible = y >= 0

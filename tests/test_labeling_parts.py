@@ -426,3 +426,21 @@ def test_auto_evaluation_mode_needs_enough_rows_per_class_and_in_all(per_class, 
     assert len(chains) == (4 if mode == "cv" else 1)
     # whatever the mode, no chain is judged on a label it may see
     assert all(not ch.visible[ch.eval_rows].any() for ch in chains)
+
+
+def test_a_thin_class_does_not_cut_the_folds_every_chain_trains_on():
+    """Two labels of one class must not turn 4 folds into 2 (every chain training on half the seed): the
+    thin class sits in two folds, and every chain still sees at least one of its labels."""
+    from labeling.selftrain import _chains
+
+    y = np.full(200, -1)
+    y[:40] = np.repeat(np.arange(4), 10)
+    y[40:42] = 4  # the thin class: 2 labels
+    gt = np.flatnonzero(y >= 0)
+    _, chains = _chains(y, np.flatnonzero(y < 0), LabelingConfig(), np.random.default_rng(0))
+    assert len(chains) == 4
+    assert sorted(np.concatenate([ch.eval_rows for ch in chains]).tolist()) == gt.tolist()  # each label judged once
+    for ch in chains:
+        assert ch.visible.sum() >= 31  # ~3/4 of the 42 labels, not half
+        assert all((ch.visible & (y == k)).any() for k in range(5))
+        assert not ch.visible[ch.eval_rows].any()
