@@ -1,6 +1,6 @@
 """Does the self-correcting pipeline beat supervised training and the standard baselines? Real data, same splits.
 
-    python benchmarks/self_training.py              # 4 datasets; seeds 2/5/10/20%; 3 seeds
+    python benchmarks/self_training.py              # 5 datasets; seeds 2/5/10/20%; 3 seeds
     python benchmarks/self_training.py --quick      # emoji, 5%, one seed: a few minutes
     python benchmarks/self_training.py --plots-only # redraw the PNGs from the saved JSON
 
@@ -62,7 +62,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-DATASETS = ("emoji", "rotten_tomatoes", "mnist", "fashion_mnist")
+DATASETS = ("emoji", "rotten_tomatoes", "mnist", "fashion_mnist", "emoji_subcategory")
 FRACTIONS = (0.02, 0.05, 0.10, 0.20)
 OURS = {
     "embedstore": {},

@@ -7,7 +7,8 @@ import json
 import numpy as np
 import pytest
 
-from embedder.datasets import FASHION_CLASSES, DatasetUnavailableError, fashion_mnist_from_package
+from embedder.datasets import FASHION_CLASSES, DatasetUnavailableError, by_subcategory, fashion_mnist_from_package
+from embedder.model import Item
 
 
 def _package(root, per_class: int, *, short_label: int | None = None):
@@ -34,3 +35,14 @@ def test_fashion_mnist_reader_names_the_file_that_is_short_or_missing(tmp_path):
         fashion_mnist_from_package(_package(tmp_path / "a", 3, short_label=7), per_class=3)
     with pytest.raises(DatasetUnavailableError, match=r"0\.json is missing"):
         fashion_mnist_from_package(tmp_path / "empty", per_class=3)
+
+
+def test_emoji_by_subcategory_relabels_and_drops_the_small_subcategories():
+    items = [Item(id=f"e{i}", text="x", label="Animals", payload={"subcategory": "animal-mammal"}) for i in range(3)]
+    items += [Item(id="f0", text="y", label="Animals", payload={"subcategory": "animal-bird"})]
+    items += [Item(id="g0", text="z", label="Flags", payload={})]  # no subcategory: left out
+    got = by_subcategory(items, min_items=2)
+    assert [(it.id, it.label) for it in got] == [(f"e{i}", "animal-mammal") for i in range(3)]
+    assert items[0].label == "Animals"  # the input items are not changed
+    with pytest.raises(ValueError, match="min_items must be >= 2"):
+        by_subcategory(items, min_items=1)
