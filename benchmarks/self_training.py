@@ -23,8 +23,7 @@ Methods, all on the same splits and the same 128D embedding prefix:
   ``embedstore_no_neighbourhood`` (no neighbourhood features or veto),
   ``embedstore_no_mixup``, ``embedstore_no_breaker``, ``embedstore_no_linear`` (no
   logistic-regression part in the blend); ``rf_loop`` (the same loop with the Random
-  Forest, the article's comparison); ``embedstore_refit_linear`` (the job with
-  ``refit_linear`` on: new points get one linear model of the whole seed + accepted labels).
+  Forest, the article's comparison).
 * ``supervised_xgb`` - XGBoost (the article's regime, 300 rounds, class-balanced)
   on the seed only. ``sklearn_selftraining_xgb`` - scikit-learn's
   ``SelfTrainingClassifier`` around it, threshold 0.8. ``label_spreading`` -
@@ -73,8 +72,6 @@ OURS = {
     "embedstore_no_breaker": {"breaker": False},
     "embedstore_no_linear": {"linear": False},
     "rf_loop": {"learner": "random_forest"},
-    # not an ablation: the opt-in refit of the linear part for new points (labeling.config.refit_linear)
-    "embedstore_refit_linear": {"refit_linear": True},
 }
 BASELINES = ("supervised_xgb", "supervised_linear", "sklearn_selftraining_xgb", "label_spreading", "oracle")
 TEST_FRACTION = 0.2
