@@ -121,14 +121,6 @@ class LabelingConfig(BaseModel):
     linear: bool = True
     #: Its inverse regularisation strength; None = chosen per chain by 3-fold CV log loss on its visible seed.
     linear_c: float | None = Field(None, gt=0)
-    #: For *new* points (``JobResult.predict_proba``): one linear model fitted on all the ground truth plus the
-    #: written accepted labels takes the place of the chains' linear models (each chain's saw only its share of
-    #: the seed); the blend weights and the calibration stay the chains'. Written pool labels are unchanged.
-    #: Measured on the dev harness (5% seed, 3 seeds, exact kNN graph; test macro-F1, chains -> refit): Rotten
-    #: Tomatoes 0.687 -> 0.688, emoji 0.699 -> 0.706, MNIST 0.889 -> 0.890, 31 emoji subcategories 0.592 ->
-    #: 0.608 (the same refit on the ground truth alone: 0.690, 0.706, 0.880, 0.604). Off by default until the
-    #: self-training benchmark has been rerun with it on.
-    refit_linear: bool = False
 
     # ---- learner
     learner: LearnerName = "xgboost"

@@ -651,10 +651,6 @@ class SelfTrainer:
 
         assert best is not None and last is not None and first_cal is not None
         out = best if tripped else last
-        linear_models = out.linear_models if chain_c else None
-        if chain_c and cfg.refit_linear:
-            final = self._refit_linear(data, pool, out.decision, c)
-            linear_models = [[final] for _ in chains]
         return LabelingOutcome(
             pool=pool,
             decision=out.decision,
@@ -679,25 +675,9 @@ class SelfTrainer:
                 chain_spread=chain_gt_spread or None,
                 spread_feature=bool(chain_spread_feature),
                 blend=out.blend,
-                linear_models=linear_models,
+                linear_models=out.linear_models,
             ),
         )
-
-    def _refit_linear(self, data: LabelingInput, pool: np.ndarray, decision: GateDecision, c: int) -> LinearLearner:
-        """The linear read-out on all the ground truth plus the written accepted labels (weight: calibrated
-        confidence), class-balanced like the loop's training rows (``refit_linear``)."""
-        cfg = self.config
-        gt = np.flatnonzero(data.y >= 0)
-        ok = decision.status == ACCEPTED
-        rows = np.concatenate([gt, pool[ok]])
-        labels = np.concatenate([data.y[gt], decision.label[ok]]).astype(np.int64)
-        w = np.concatenate([np.ones(len(gt)), decision.confidence[ok]]).astype(np.float32)
-        if cfg.balance_classes:
-            mass = np.bincount(labels, weights=w, minlength=c)
-            cw = np.divide(mass.sum(), c * mass, out=np.ones_like(mass), where=mass > 0)
-            w = (w * cw[labels]).astype(np.float32)
-        lin_c = cfg.linear_c or choose_linear_c(data.x[gt], data.y[gt], c, seed=cfg.seed)
-        return LinearLearner(c, c=lin_c).fit(data.x[rows], np.eye(c, dtype=np.float32)[labels], w)
 
     def _training_set(
         self,

@@ -208,37 +208,6 @@ def test_new_points_are_scored_by_the_same_blend_with_or_without_the_linear_part
     assert (p.argmax(axis=1) == truth).mean() > 0.8
 
 
-def test_refit_linear_scores_new_points_with_one_linear_model_of_the_whole_seed_and_accepted_labels():
-    from labeling.gate import ACCEPTED
-    from labeling.learners import LinearLearner
-
-    data = _toy(600, seed=3)
-    base = {"max_iterations": 2, "review_count": 0, "xgboost": {"max_rounds": 40}, "linear_c": 1.0}
-    chains = SelfTrainer(LabelingConfig(**base)).run(data)
-    out = SelfTrainer(LabelingConfig(**base, refit_linear=True)).run(data)
-    # the loop and its written labels are untouched
-    assert np.array_equal(out.decision.label, chains.decision.label)
-    assert np.allclose(out.probs, chains.probs)
-    models = out.predictor.linear_models
-    assert models is not None and len(models) == len(chains.predictor.linear_models) > 1
-    final = models[0][0]
-    assert all(m == [final] for m in models)
-    # ... and that model is the one fitted on every ground-truth label plus the accepted pseudo-labels
-    gt = np.flatnonzero(data.y >= 0)
-    ok = out.decision.status == ACCEPTED
-    assert ok.any()
-    labels = np.concatenate([data.y[gt], out.decision.label[ok]])
-    w = np.concatenate([np.ones(len(gt)), out.decision.confidence[ok]])
-    mass = np.bincount(labels, weights=w, minlength=3)
-    w = w * (mass.sum() / (3 * mass))[labels]
-    rows = np.concatenate([gt, out.pool[ok]])
-    by_hand = LinearLearner(3, c=1.0).fit(data.x[rows], np.eye(3, dtype=np.float32)[labels], w.astype(np.float32))
-    probe = data.x[out.pool[:40]]
-    assert np.allclose(final.predict_proba(probe), by_hand.predict_proba(probe), atol=1e-6)
-    p = out.predictor.predict_proba(probe, data.graph.index[out.pool[:40]], data.graph.sims[out.pool[:40]])
-    assert np.allclose(p.sum(axis=1), 1.0)
-
-
 def test_the_loop_never_runs_more_than_ten_iterations():
     cfg = LabelingConfig(learner="random_forest", forest={"n_estimators": 15}, stop_change=0.0, breaker=False)
     out = SelfTrainer(cfg).run(_toy())
