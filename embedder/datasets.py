@@ -27,6 +27,7 @@ import subprocess
 import sys
 import tarfile
 import zipfile
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
@@ -146,16 +147,9 @@ def by_subcategory(items: list[Item], min_items: int = EMOJI_SUBCATEGORY_MIN) ->
     subcategories with at least ``min_items`` emoji: many classes of very different sizes, few labels each."""
     if min_items < 2:
         raise ValueError(f"min_items must be >= 2 (a class needs a seed label and a test item), got {min_items}")
-    counts: dict[str, int] = {}
-    for it in items:
-        sub = (it.payload or {}).get("subcategory")
-        if sub:
-            counts[sub] = counts.get(sub, 0) + 1
-    return [
-        dataclasses.replace(it, label=it.payload["subcategory"])
-        for it in items
-        if counts.get((it.payload or {}).get("subcategory") or "", 0) >= min_items
-    ]
+    subs = [(it.payload or {}).get("subcategory") for it in items]
+    counts = Counter(s for s in subs if s)
+    return [dataclasses.replace(it, label=s) for it, s in zip(items, subs, strict=True) if s and counts[s] >= min_items]
 
 
 def emoji_subcategory_items() -> list[Item]:
