@@ -60,6 +60,20 @@ def test_temperature_recovers_the_sharpening_and_auto_never_beats_cv_loss():
         calibrate(probs, y, 5, "magic")
 
 
+def test_auto_offers_one_vs_rest_maps_only_when_every_class_has_enough_rows():
+    probs, y = _overconfident(2000, 4, seed=3)
+    assert {"platt", "beta", "isotonic"} <= set(calibrate(probs, y, 4, "auto", min_per_class=10).cv_log_loss)
+    # 31 classes with 3 held-out rows each: a per-class map would be fitted on 3 positives
+    few, yf = _overconfident(93, 31, seed=4)
+    res = calibrate(few, yf, 31, "auto", min_per_class=10)
+    assert set(res.cv_log_loss) == {"none", "temperature"} and res.method in ("none", "temperature")
+    # a class with no held-out rows at all counts as thin
+    res = calibrate(probs, y, 5, "auto", min_per_class=1)
+    assert set(res.cv_log_loss) == {"none", "temperature"}
+    # asked for by name, a one-vs-rest map is still used
+    assert calibrate(few, yf, 31, "platt", min_per_class=10).method == "platt"
+
+
 # -------------------------------------------------------------------- gate
 def test_gate_accepts_only_at_or_above_threshold_vetoes_contradicted_and_caps_classes():
     probs = np.array(
@@ -379,6 +393,22 @@ def test_linear_c_is_chosen_by_cross_validation_strong_for_clean_labels_weak_for
     assert choose_linear_c(x, cl, 3) >= LINEAR_C_GRID[2]  # separable: little regularisation
     noise = np.random.default_rng(0).integers(0, 3, 600)
     assert choose_linear_c(x, noise, 3) == LINEAR_C_GRID[0]  # labels carry nothing: as flat as the grid allows
+
+
+def test_linear_c_is_still_chosen_when_a_class_has_a_single_example():
+    # a chain of the loop sees 1 of a class's 2 seed labels; that class cannot be scored out of fold, but the
+    # others still can - the choice must not fall back to a default outside the grid
+    from labeling.learners import LINEAR_C_GRID, choose_linear_c
+
+    x, cl = clustered_vectors(600, n_clusters=4, seed=5, spread=0.5)
+    lone = np.flatnonzero(cl == 3)[0]
+    keep = np.concatenate([np.flatnonzero(cl < 3), [lone]])
+    assert choose_linear_c(x[keep], cl[keep], 4) >= LINEAR_C_GRID[2]
+    noise = np.random.default_rng(0).integers(0, 3, len(keep))
+    noise[-1] = 3
+    assert choose_linear_c(x[keep], noise, 4) == LINEAR_C_GRID[0]
+    # nothing can be held out at all: the documented default
+    assert choose_linear_c(x[:3], np.array([0, 1, 2]), 3) == 1.0
 
 
 def test_validated_threshold_rises_above_an_over_confident_tail_and_closes_when_nothing_holds():
