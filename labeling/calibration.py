@@ -9,6 +9,9 @@ except temperature which is multiclass-native):
   un-calibrate an already calibrated model;
 * ``isotonic`` - scikit-learn's isotonic regression (only offered to ``auto`` from
   1000 calibration samples up: it overfits below that);
+
+(the three one-vs-rest maps are offered to ``auto`` only when every class has at least
+``min_per_class`` calibration rows, see :func:`calibrate`)
 * ``temperature`` - one scalar ``T``: ``softmax(log p / T)``, fitted by log loss;
 * ``none`` - the identity.
 
@@ -28,6 +31,7 @@ import numpy as np
 EPS = 1e-6
 METHODS = ("none", "temperature", "platt", "beta", "isotonic")
 ISOTONIC_MIN_SAMPLES = 1000
+ONE_VS_REST = ("platt", "beta", "isotonic")
 
 
 # ------------------------------------------------------------------ metrics
@@ -277,13 +281,25 @@ def calibrate(
     bins: int = 10,
     folds: int = 5,
     seed: int = 0,
+    min_per_class: int = 0,
 ) -> CalibrationResult:
-    """Choose (``auto``) or use ``method``, fit it on all of ``probs``/``y``, and report before/after honestly."""
+    """Choose (``auto``) or use ``method``, fit it on all of ``probs``/``y``, and report before/after honestly.
+
+    ``auto`` offers the one-vs-rest maps (Platt, Beta, isotonic) only when every one of the ``n_classes`` has at
+    least ``min_per_class`` rows in ``y``: each class's map is fitted on that class's rows alone, and from a
+    handful of them it learns noise - which also moves the argmax - while the cross-validated choice between
+    methods, with a row or two of the class per fold, cannot tell. Temperature (one parameter for all classes)
+    and the identity are always offered."""
     _check(probs, y)
     if len(y) < 4:
         raise ValueError(f"calibration needs at least 4 held-out scores, got {len(y)}")
     if method == "auto":
-        candidates = [m for m in METHODS if m != "isotonic" or len(y) >= ISOTONIC_MIN_SAMPLES]
+        thin = int(np.bincount(y, minlength=n_classes).min()) < min_per_class
+        candidates = [
+            m
+            for m in METHODS
+            if (m != "isotonic" or len(y) >= ISOTONIC_MIN_SAMPLES) and not (thin and m in ONE_VS_REST)
+        ]
     elif method in METHODS:
         candidates = [method]
     else:

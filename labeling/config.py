@@ -136,6 +136,11 @@ class LabelingConfig(BaseModel):
     # ---- calibration
     calibration: CalibrationMethod = "auto"
     calibration_bins: int = Field(10, ge=2, le=100)
+    #: ``auto`` offers the one-vs-rest maps (Platt, Beta, isotonic: a map per class, fitted on that class's
+    #: held-out rows) only when every class has at least this many held-out ground-truth rows; below, only
+    #: temperature scaling (one parameter shared by all classes) or none. A Platt map has 2 parameters per class
+    #: (Beta 3) and the 5-fold choice between methods sees ~1/5 of a class's rows per fold: 10 leaves 2.
+    calibration_ovr_min_per_class: int = Field(10, ge=0)
 
     # ---- State Gate
     threshold: float = Field(0.8, gt=0, le=1)

@@ -564,7 +564,13 @@ class SelfTrainer:
             blend_w = None if blend is None else blend[0]
             blend_named = None if blend is None else dict(zip(names, blend, strict=True))
             cal = calibrate(
-                eval_raw[eval_all], y[eval_all], c, cfg.calibration, bins=cfg.calibration_bins, seed=cfg.seed + it
+                eval_raw[eval_all],
+                y[eval_all],
+                c,
+                cfg.calibration,
+                bins=cfg.calibration_bins,
+                seed=cfg.seed + it,
+                min_per_class=cfg.calibration_ovr_min_per_class,
             )
             first_cal = first_cal or cal
             chain_pool_cal = [cal.calibrator.transform(p) for p in chain_pool_raw]
