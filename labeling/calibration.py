@@ -9,11 +9,11 @@ except temperature which is multiclass-native):
   un-calibrate an already calibrated model;
 * ``isotonic`` - scikit-learn's isotonic regression (only offered to ``auto`` from
   1000 calibration samples up: it overfits below that);
-
-(the three one-vs-rest maps are offered to ``auto`` only when every class has at least
-``min_per_class`` calibration rows, see :func:`calibrate`)
 * ``temperature`` - one scalar ``T``: ``softmax(log p / T)``, fitted by log loss;
 * ``none`` - the identity.
+
+The three one-vs-rest maps are offered to ``auto`` only when every class has at least
+``min_per_class`` calibration rows (see :func:`calibrate`).
 
 ``auto`` chooses the method with the lowest *cross-validated* log loss on the
 calibration scores: each candidate is fitted on k-1 folds and scored on the
