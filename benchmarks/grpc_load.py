@@ -16,14 +16,6 @@ What runs, in one process tree on this machine, side by side:
 3. Embed on real emoji items (image + text): in-process ``Embedder.embed`` in
    batches of 64, against gRPC unary batches of 64 (1 and 4 clients) and one
    EmbedStream carrying every item.
-4. The one-client rows (the empty call that is gRPC's floor, and Search with
-   the blocking client) run in a client child process, twice per round:
-   against a server and client on grpc's default I/O, and against a server
-   and client started with ``GRPC_EXPERIMENTS=-event_engine_client,
-   -event_engine_listener`` (grpc's older iomgr polling: the calling thread
-   polls the socket itself instead of waiting for an EventEngine thread).
-   The server is restarted on the same store for each (the variable is read
-   once per process); ``--rounds`` alternates them to even out drift.
 
 Targets (issue 4): gRPC Search p50 overhead <= 0.5 ms over the in-process call;
 EmbedStream >= 0.9 x in-process Embed throughput. Results:
@@ -40,7 +32,6 @@ import os
 import platform
 import shutil
 import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -54,10 +45,6 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 COLLECTION = "bench"
-# grpc experiments turned off for the "legacy I/O" variant: both are on by default in grpcio 1.85; turning
-# them off puts the client's and the server's sockets back on the iomgr poller (see README, gRPC service)
-LEGACY_IO = "-event_engine_client,-event_engine_listener"
-VARIANTS = {"default": None, "legacy I/O": LEGACY_IO}
 
 
 def _free_port() -> int:
@@ -308,55 +295,6 @@ def embed_rows(target: str, projection_dir: Path, items: list[Any], batch: int) 
 
 
 # ------------------------------------------------------------------- main
-def client_rows(target: str, queries_path: Path, seconds: float, out: Path) -> None:
-    """The one-client rows, in this (child) process: its grpc reads GRPC_EXPERIMENTS as it starts."""
-    queries = np.load(queries_path)
-    out.write_text(json.dumps([grpc_floor(target, seconds), sync_search(target, queries, seconds)]))
-
-
-def start_server(store: Path, projection_dir: Path, experiments: str | None) -> tuple[Any, str]:
-    """``embedstore serve``'s server in a spawned child on ``store``; GRPC_EXPERIMENTS as given (None: unset)."""
-    from embedder.client import Client
-
-    port = _free_port()
-    target = f"127.0.0.1:{port}"
-    saved = os.environ.get("GRPC_EXPERIMENTS")
-    _set_env("GRPC_EXPERIMENTS", experiments)  # a spawned child copies os.environ as it starts
-    try:
-        proc = mp.get_context("spawn").Process(target=_serve, args=(str(store), str(projection_dir), port), daemon=True)
-        proc.start()
-    finally:
-        _set_env("GRPC_EXPERIMENTS", saved)
-    with Client(target) as client:
-        client.wait_ready(300)
-    return proc, target
-
-
-def stop_server(proc: Any) -> None:
-    if proc is not None and proc.is_alive():
-        proc.terminate()  # SIGTERM: the server drains and closes the store (its lock is released)
-        proc.join(60)
-
-
-def _set_env(name: str, value: str | None) -> None:
-    if value is None:
-        os.environ.pop(name, None)
-    else:
-        os.environ[name] = value
-
-
-def run_client_rows(target: str, queries_path: Path, seconds: float, experiments: str | None) -> list[dict[str, Any]]:
-    out = queries_path.with_name(f"client-{time.monotonic_ns()}.json")
-    env = dict(os.environ)
-    env.pop("GRPC_EXPERIMENTS", None)
-    if experiments is not None:
-        env["GRPC_EXPERIMENTS"] = experiments
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--client-rows", target, "--queries", str(queries_path),
-           "--seconds", str(seconds), "--out", str(out)]  # fmt: skip
-    subprocess.run(cmd, check=True, env=env, cwd=ROOT, timeout=600)
-    return json.loads(out.read_text())
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=100_000, help="stored points")
@@ -365,83 +303,58 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--epochs", type=int, default=40, help="projection training epochs (its quality is not measured here)"
     )
-    parser.add_argument("--rounds", type=int, default=2, help="rounds of the one-client rows per I/O variant")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "grpc.json")
-    parser.add_argument("--client-rows", metavar="TARGET", help=argparse.SUPPRESS)  # internal: the client child
-    parser.add_argument("--queries", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.client_rows:
-        client_rows(args.client_rows, args.queries, args.seconds, args.out)
-        return 0
-    if args.rounds < 1:
-        parser.error("--rounds must be >= 1")
-
-    from embedder.client import Client
 
     work = Path(tempfile.mkdtemp(prefix="embedstore-grpc-"))
     proc = None
-    rounds: dict[str, list[list[dict[str, Any]]]] = {name: [] for name in VARIANTS}
     try:
         print(f"building a {args.n}-point Edge store ...", flush=True)
         queries = build_store(work / "store", args.n)
-        np.save(work / "queries.npy", queries)
         print("fitting a projection on the real emoji features ...", flush=True)
         projection_dir, items = fit_projection_dir(work / "projection", args.epochs)
         rows = [inprocess_search(work / "store", queries, args.seconds)]
         print(rows[-1], flush=True)
 
-        for r in range(args.rounds):
-            for name, experiments in VARIANTS.items():
-                proc, target = start_server(work / "store", projection_dir, experiments)
-                if r == 0 and experiments is None:
-                    with Client(target) as client:
-                        assert client.count(collection=COLLECTION).count == args.n
-                rounds[name].append(run_client_rows(target, work / "queries.npy", args.seconds, experiments))
-                print(name, rounds[name][-1], flush=True)
-                if r == 0 and experiments is None:  # the concurrent and Embed rows: default I/O only
-                    for clients in (1, 8, 32):
-                        rows.append(asyncio.run(grpc_search(target, queries, clients, args.seconds)))
-                        print(rows[-1], flush=True)
-                    for row in embed_rows(target, projection_dir, items[: args.embed_items], 64):
-                        rows.append(row)
-                        print(row, flush=True)
-                stop_server(proc)
-                proc = None
+        port = _free_port()
+        target = f"127.0.0.1:{port}"
+        proc = mp.get_context("spawn").Process(
+            target=_serve, args=(str(work / "store"), str(projection_dir), port), daemon=True
+        )
+        proc.start()
+        from embedder.client import Client
+
+        with Client(target) as client:
+            client.wait_ready(300)
+            assert client.count(collection=COLLECTION).count == args.n
+        rows.append(grpc_floor(target, args.seconds))
+        print(rows[-1], flush=True)
+        rows.append(sync_search(target, queries, args.seconds))
+        print(rows[-1], flush=True)
+        for clients in (1, 8, 32):
+            rows.append(asyncio.run(grpc_search(target, queries, clients, args.seconds)))
+            print(rows[-1], flush=True)
+        for row in embed_rows(target, projection_dir, items[: args.embed_items], 64):
+            rows.append(row)
+            print(row, flush=True)
     finally:
-        stop_server(proc)
+        if proc is not None and proc.is_alive():
+            proc.terminate()  # SIGTERM: the server drains and closes the store
+            proc.join(30)
         shutil.rmtree(work, ignore_errors=True)
 
     inproc = rows[0]["p50_ms"]
-    one_client: dict[str, dict[str, dict[str, Any]]] = {}
-    for name, per_round in rounds.items():
-        suffix = "" if VARIANTS[name] is None else f" [{name}]"
-        for i, base in enumerate(per_round[0]):
-            runs = [rr[i] for rr in per_round]
-            row = {
-                "rpc": base["rpc"] + suffix,
-                "clients": 1,
-                "qps": round(float(np.mean([x["qps"] for x in runs])), 1),
-                "p50_ms": round(float(np.mean([x["p50_ms"] for x in runs])), 3),
-                "p99_ms": round(float(np.mean([x["p99_ms"] for x in runs])), 3),
-                "p50_ms_per_round": [x["p50_ms"] for x in runs],
-            }
-            one_client.setdefault(name, {})["floor" if i == 0 else "search"] = row
-    rows[1:1] = [one_client[name][k] for name in VARIANTS for k in ("floor", "search")]
-    overhead = {name: round(one_client[name]["search"]["p50_ms"] - inproc, 3) for name in VARIANTS}
+    grpc1 = next(r for r in rows if r["rpc"] == "Search (sync client)")["p50_ms"]
     embed_local = next(r for r in rows if r["rpc"].startswith("Embed (in-process"))["items_per_s"]
     embed_stream = next(r for r in rows if r["rpc"].startswith("EmbedStream"))["items_per_s"]
     result = {
         "n": args.n,
         "rows": rows,
-        "search_overhead_p50_ms": overhead["default"],
-        "grpc_floor_p50_ms": one_client["default"]["floor"]["p50_ms"],
-        "search_overhead_p50_ms_legacy_io": overhead["legacy I/O"],
-        "grpc_floor_p50_ms_legacy_io": one_client["legacy I/O"]["floor"]["p50_ms"],
-        "legacy_io_env": {"GRPC_EXPERIMENTS": LEGACY_IO},
+        "search_overhead_p50_ms": round(grpc1 - inproc, 3),
+        "grpc_floor_p50_ms": next(r for r in rows if r["rpc"].startswith("Health.Check"))["p50_ms"],
         "embed_stream_vs_inprocess": round(embed_stream / embed_local, 3),
         "targets": {
-            "search overhead p50 <= 0.5 ms": overhead["default"] <= 0.5,
-            "search overhead p50 <= 0.5 ms (legacy I/O, client and server)": overhead["legacy I/O"] <= 0.5,
+            "search overhead p50 <= 0.5 ms": grpc1 - inproc <= 0.5,
             "EmbedStream >= 0.9 x in-process": embed_stream / embed_local >= 0.9,
         },
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
@@ -449,8 +362,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
-    keys = ("search_overhead_p50_ms", "search_overhead_p50_ms_legacy_io", "embed_stream_vs_inprocess", "targets")
-    print(json.dumps({k: result[k] for k in keys}))
+    print(json.dumps({k: result[k] for k in ("search_overhead_p50_ms", "embed_stream_vs_inprocess", "targets")}))
     print(f"saved {args.out}")
     return 0
 
