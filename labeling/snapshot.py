@@ -160,6 +160,11 @@ class _Progress:
             self.advance(self.stage, n, max(self.total, n))
 
 
+#: Extra neighbours fetched past k so that a group of equal similarities at the k-th place is cut by
+#: snapshot row, not by the store's internal order (duplicates come in twos and threes).
+_TIE_MARGIN = 4
+
+
 def neighbour_graph(
     store: VectorStore,
     collection: str,
@@ -188,23 +193,21 @@ def neighbour_graph(
         hits = store.search_batch(
             collection,
             np.vstack(page_vecs),
-            top_k=k + 1,
-            shortlist=None if shortlist is None else max(shortlist, k + 1),
+            top_k=k + 1 + _TIE_MARGIN,
+            shortlist=None if shortlist is None else max(shortlist, k + 1 + _TIE_MARGIN),
             with_payload=False,
         )
         for pid, found in zip(page_ids, hits, strict=True):
             i = row_of.get(pid)
             if i is None:
                 continue  # inserted after pass 1: not part of this job
-            j = 0
-            for h in found:
-                r = row_of.get(h.id)
-                if h.id == pid or r is None:
-                    continue
-                if j < k:
-                    index[i, j] = r
-                    sims[i, j] = h.score
-                    j += 1
+            # Equal similarities (duplicate items) come back in the store's internal point order, which
+            # differs between two builds of the same points; ordering them by snapshot row (the id order)
+            # makes the graph, and the job, the same on every build (BENCHMARKS.md, "Rows vary").
+            rows = sorted((-h.score, r, h.score) for h in found if h.id != pid and (r := row_of.get(h.id)) is not None)
+            for j, (_, r, score) in enumerate(rows[:k]):
+                index[i, j] = r
+                sims[i, j] = score
         progress.add(len(page_ids))
 
     def run(part: int) -> None:

@@ -116,6 +116,32 @@ def test_parallel_scroll_partitions_read_the_same_snapshot_and_graph(store, coll
     assert seen == sorted(seen) and seen[-1] == 600
 
 
+def test_tied_neighbours_are_ordered_by_snapshot_row_whatever_the_insertion_order(emoji_data, tmp_path):
+    """Duplicates tie on similarity; the graph must not follow the store's internal point order."""
+    vectors, labels, ids, _ = emoji_data
+    x = np.vstack([vectors[:300], vectors[:40]])  # 40 exact duplicates: every one ties with its twin
+    pids = [*ids[:300], *(f"{pid}-copy" for pid in ids[:40])]
+    graphs = []
+    for name, order in (("forward", np.arange(340)), ("reversed", np.arange(340)[::-1])):
+        store = make_edge(tmp_path / name)
+        store.create_collection("emoji")
+        store.upsert("emoji", [pids[i] for i in order], x[order], [{"label": labels[i % 300]} for i in order])
+        store.optimize("emoji")
+        snap = read_snapshot(store, "emoji", partitions=1)
+        graphs.append((snap.ids, neighbour_graph(store, "emoji", snap.ids, k=8, partitions=1)))
+        store.close()
+    (ids_a, a), (ids_b, b) = graphs
+    assert ids_a == ids_b  # the snapshot is in id order on both
+    np.testing.assert_allclose(a.sims, b.sims, atol=1e-6)
+    np.testing.assert_array_equal(a.index, b.index)
+    row = {pid: i for i, pid in enumerate(ids_a)}
+    for pid in ids[:40]:  # each point's twin is its nearest neighbour, and the lower snapshot row comes first
+        i, twin = row[pid], row[f"{pid}-copy"]
+        assert a.index[i, 0] == twin and a.sims[i, 0] > 0.999
+    ties = a.sims[:, :-1] == a.sims[:, 1:]
+    assert ties.any() and (a.index[:, :-1][ties] < a.index[:, 1:][ties]).all()
+
+
 # ------------------------------------------------------------------ one store, many checks
 @pytest.fixture(scope="module")
 def labelled(emoji_data, tmp_path_factory):
