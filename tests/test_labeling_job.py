@@ -135,10 +135,10 @@ def test_tied_neighbours_are_ordered_by_snapshot_row_whatever_the_insertion_orde
     np.testing.assert_allclose(a.sims, b.sims, atol=1e-6)
     np.testing.assert_array_equal(a.index, b.index)
     row = {pid: i for i, pid in enumerate(ids_a)}
-    for pid in ids[:40]:  # each point's twin is its nearest neighbour, and the lower snapshot row comes first
+    for pid in ids[:40]:  # each point's twin is its nearest neighbour
         i, twin = row[pid], row[f"{pid}-copy"]
         assert a.index[i, 0] == twin and a.sims[i, 0] > 0.999
-    ties = a.sims[:, :-1] == a.sims[:, 1:]
+    ties = a.sims[:, :-1] == a.sims[:, 1:]  # within equal similarities the lower snapshot row comes first
     assert ties.any() and (a.index[:, :-1][ties] < a.index[:, 1:][ties]).all()
 
 
