@@ -188,13 +188,14 @@ def neighbour_graph(
     index = np.full((n, k), -1, np.int32)
     sims = np.zeros((n, k), np.float32)
     progress = _Progress("neighbours", n, advance)
+    fetch = k + 1 + _TIE_MARGIN  # the point itself, k neighbours, and room for a tie at the k-th place
 
     def flush(page_ids: list[str], page_vecs: list[np.ndarray]) -> None:
         hits = store.search_batch(
             collection,
             np.vstack(page_vecs),
-            top_k=k + 1 + _TIE_MARGIN,
-            shortlist=None if shortlist is None else max(shortlist, k + 1 + _TIE_MARGIN),
+            top_k=fetch,
+            shortlist=None if shortlist is None else max(shortlist, fetch),
             with_payload=False,
         )
         for pid, found in zip(page_ids, hits, strict=True):
@@ -204,8 +205,11 @@ def neighbour_graph(
             # Equal similarities (duplicate items) come back in the store's internal point order, which
             # differs between two builds of the same points; ordering them by snapshot row (the id order)
             # makes the graph, and the job, the same on every build (BENCHMARKS.md, "Rows vary").
-            rows = sorted((-h.score, r, h.score) for h in found if h.id != pid and (r := row_of.get(h.id)) is not None)
-            for j, (_, r, score) in enumerate(rows[:k]):
+            rows = sorted(
+                ((r, h.score) for h in found if h.id != pid and (r := row_of.get(h.id)) is not None),
+                key=lambda rs: (-rs[1], rs[0]),
+            )
+            for j, (r, score) in enumerate(rows[:k]):
                 index[i, j] = r
                 sims[i, j] = score
         progress.add(len(page_ids))
