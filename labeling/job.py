@@ -29,7 +29,7 @@ from labeling.gate import ACCEPTED, STATUS_NAMES
 from labeling.plots import iteration_curves, reliability_diagram
 from labeling.runs import RUN_FIELD, BatchHook, RunRecord, apply_run, new_run_id, utcnow
 from labeling.selftrain import LabelingInput, LabelingOutcome, LearnerFactory, SelfTrainer, check_seed
-from labeling.snapshot import neighbour_graph, read_snapshot
+from labeling.snapshot import neighbour_graph, query_graph, read_snapshot
 from retrieval import VectorStore
 
 DEFAULT_RUNS_DIR = Path("./data/runs")
@@ -74,19 +74,9 @@ class JobResult:
         x = vecs[:, : cfg.prefix_dims]
         x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
         index = sims = None
-        if pred.use_graph:
-            row_of = {pid: i for i, pid in enumerate(self.ids)}
-            index = np.full((len(vecs), cfg.k), -1, np.int32)
-            sims = np.zeros((len(vecs), cfg.k), np.float32)
-            for start in range(0, len(vecs), batch):
-                hits = store.search_batch(
-                    self.collection, vecs[start : start + batch], top_k=cfg.k, shortlist=cfg.shortlist,
-                    with_payload=False,
-                )  # fmt: skip
-                for i, found in enumerate(hits, start):
-                    rows = [(row_of[h.id], h.score) for h in found if h.id in row_of][: cfg.k]
-                    for j, (r, sc) in enumerate(rows):
-                        index[i, j], sims[i, j] = r, sc
+        if pred.use_graph:  # the same search and tie order as the job's own graph
+            graph = query_graph(store, self.collection, self.ids, vecs, k=cfg.k, shortlist=cfg.shortlist, batch=batch)
+            index, sims = graph.index, graph.sims
         return pred.predict_proba(x, index, sims)
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -23,7 +23,7 @@ from typing import Any, TypeVar
 import numpy as np
 
 from labeling.neighbours import NeighbourGraph
-from retrieval import FULL_VECTOR, VectorStore
+from retrieval import FULL_VECTOR, Hit, VectorStore
 
 Advance = Callable[[str, int, int], None]  # (stage, done, total)
 T = TypeVar("T")
@@ -165,6 +165,51 @@ class _Progress:
 _TIE_MARGIN = 4
 
 
+def _ranked_rows(
+    found: Sequence[Hit], row_of: Mapping[str, int], k: int, exclude: str | None = None
+) -> list[tuple[int, float]]:
+    """The first ``k`` hits as (snapshot row, similarity): best first, equal similarities by snapshot row.
+
+    Equal similarities (duplicate items) come back in the store's internal point order, which differs
+    between two builds of the same points; ordering them by snapshot row (the id order) makes the graph,
+    and the job, the same on every build (BENCHMARKS.md, "Rows vary"). Hits outside the snapshot
+    (inserted after pass 1) and ``exclude`` (the query point itself) are dropped.
+    """
+    rows = ((r, h.score) for h in found if h.id != exclude and (r := row_of.get(h.id)) is not None)
+    return sorted(rows, key=lambda rs: (-rs[1], rs[0]))[:k]
+
+
+def query_graph(
+    store: VectorStore,
+    collection: str,
+    ids: list[str],
+    vectors: np.ndarray,
+    *,
+    k: int,
+    shortlist: int | None = None,
+    batch: int = 256,
+) -> NeighbourGraph:
+    """The ``k`` nearest snapshot rows of each of ``vectors`` - items that are *not* in the snapshot - with the
+    same search and the same tie order as :func:`neighbour_graph` (rows without a neighbour stay ``-1``)."""
+    row_of = {pid: i for i, pid in enumerate(ids)}
+    vecs = np.asarray(vectors, np.float32)
+    index = np.full((len(vecs), k), -1, np.int32)
+    sims = np.zeros((len(vecs), k), np.float32)
+    fetch = k + _TIE_MARGIN
+    for start in range(0, len(vecs), batch):
+        hits = store.search_batch(
+            collection,
+            vecs[start : start + batch],
+            top_k=fetch,
+            shortlist=None if shortlist is None else max(shortlist, fetch),
+            with_payload=False,
+        )
+        for i, found in enumerate(hits, start):
+            for j, (r, score) in enumerate(_ranked_rows(found, row_of, k)):
+                index[i, j], sims[i, j] = r, score
+    return NeighbourGraph(index, sims)
+
+
 def neighbour_graph(
     store: VectorStore,
     collection: str,
@@ -202,14 +247,7 @@ def neighbour_graph(
             i = row_of.get(pid)
             if i is None:
                 continue  # inserted after pass 1: not part of this job
-            # Equal similarities (duplicate items) come back in the store's internal point order, which
-            # differs between two builds of the same points; ordering them by snapshot row (the id order)
-            # makes the graph, and the job, the same on every build (BENCHMARKS.md, "Rows vary").
-            rows = sorted(
-                ((r, h.score) for h in found if h.id != pid and (r := row_of.get(h.id)) is not None),
-                key=lambda rs: (-rs[1], rs[0]),
-            )
-            for j, (r, score) in enumerate(rows[:k]):
+            for j, (r, score) in enumerate(_ranked_rows(found, row_of, k, exclude=pid)):
                 index[i, j] = r
                 sims[i, j] = score
         progress.add(len(page_ids))

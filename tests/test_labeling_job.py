@@ -24,7 +24,7 @@ from labeling.runs import (
     resolve,
     rollback_run,
 )
-from labeling.snapshot import neighbour_graph, read_snapshot
+from labeling.snapshot import neighbour_graph, query_graph, read_snapshot
 from tests.conftest import make_edge
 
 FAST = {"max_iterations": 4, "cv_folds": 2, "xgboost": XGBoostParams(max_rounds=60, eta=0.1), "review_count": 20}
@@ -116,30 +116,55 @@ def test_parallel_scroll_partitions_read_the_same_snapshot_and_graph(store, coll
     assert seen == sorted(seen) and seen[-1] == 600
 
 
-def test_tied_neighbours_are_ordered_by_snapshot_row_whatever_the_insertion_order(emoji_data, tmp_path):
-    """Duplicates tie on similarity; the graph must not follow the store's internal point order."""
+def _two_builds_with_duplicates(emoji_data, tmp_path):
+    """The same 340 points (40 exact duplicates: each ties with its twin) stored forward and in reverse."""
     vectors, labels, ids, _ = emoji_data
-    x = np.vstack([vectors[:300], vectors[:40]])  # 40 exact duplicates: every one ties with its twin
+    x = np.vstack([vectors[:300], vectors[:40]])
     pids = [*ids[:300], *(f"{pid}-copy" for pid in ids[:40])]
-    graphs = []
     for name, order in (("forward", np.arange(340)), ("reversed", np.arange(340)[::-1])):
         store = make_edge(tmp_path / name)
         store.create_collection("emoji")
         store.upsert("emoji", [pids[i] for i in order], x[order], [{"label": labels[i % 300]} for i in order])
         store.optimize("emoji")
-        snap = read_snapshot(store, "emoji", partitions=1)
-        graphs.append((snap.ids, neighbour_graph(store, "emoji", snap.ids, k=8, partitions=1)))
+        yield store, read_snapshot(store, "emoji", partitions=1)
         store.close()
-    (ids_a, a), (ids_b, b) = graphs
-    assert ids_a == ids_b  # the snapshot is in id order on both
+
+
+def _assert_same_graph_with_ties_in_row_order(a, b):
     np.testing.assert_allclose(a.sims, b.sims, atol=1e-6)
     np.testing.assert_array_equal(a.index, b.index)
-    row = {pid: i for i, pid in enumerate(ids_a)}
-    for pid in ids[:40]:  # each point's twin is its nearest neighbour
-        i, twin = row[pid], row[f"{pid}-copy"]
-        assert a.index[i, 0] == twin and a.sims[i, 0] > 0.999
     ties = a.sims[:, :-1] == a.sims[:, 1:]  # within equal similarities the lower snapshot row comes first
     assert ties.any() and (a.index[:, :-1][ties] < a.index[:, 1:][ties]).all()
+
+
+def test_tied_neighbours_are_ordered_by_snapshot_row_whatever_the_insertion_order(emoji_data, tmp_path):
+    """Duplicates tie on similarity; the graph must not follow the store's internal point order."""
+    graphs = []
+    for store, snap in _two_builds_with_duplicates(emoji_data, tmp_path):
+        graphs.append((snap.ids, neighbour_graph(store, "emoji", snap.ids, k=8, partitions=1)))
+    (ids_a, a), (ids_b, b) = graphs
+    assert ids_a == ids_b  # the snapshot is in id order on both
+    _assert_same_graph_with_ties_in_row_order(a, b)
+    row = {pid: i for i, pid in enumerate(ids_a)}
+    for pid in emoji_data[2][:40]:  # each point's twin is its nearest neighbour
+        i, twin = row[pid], row[f"{pid}-copy"]
+        assert a.index[i, 0] == twin and a.sims[i, 0] > 0.999
+
+
+def test_new_items_see_tied_neighbours_in_snapshot_row_order_whatever_the_insertion_order(emoji_data, tmp_path):
+    """``JobResult.predict_proba``'s neighbours (``query_graph``) cut and order ties as the job's graph does."""
+    vectors, _, ids, _ = emoji_data
+    graphs = []
+    for store, snap in _two_builds_with_duplicates(emoji_data, tmp_path):
+        # new items equal to a duplicated point (two tied neighbours), then to a single one
+        graphs.append((snap.ids, query_graph(store, "emoji", snap.ids, vectors[:60], k=5)))
+    (ids_a, a), (_, b) = graphs
+    _assert_same_graph_with_ties_in_row_order(a, b)
+    row = {pid: i for i, pid in enumerate(ids_a)}
+    for q, pid in enumerate(ids[:40]):  # the item and its twin, lower row first, both at similarity 1
+        assert list(a.index[q, :2]) == sorted([row[pid], row[f"{pid}-copy"]]) and a.sims[q, 1] > 0.999
+    for q, pid in enumerate(ids[40:60], 40):
+        assert a.index[q, 0] == row[pid] and a.sims[q, 0] > 0.999 > a.sims[q, 1]
 
 
 # ------------------------------------------------------------------ one store, many checks
