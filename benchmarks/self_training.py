@@ -197,6 +197,12 @@ def main() -> None:
     ap.add_argument("--ablations-at", default="0.05", help="seed fractions at which the ablations run")
     ap.add_argument("--plots-only", action="store_true", help="redraw the plots from --out and exit")
     ap.add_argument("--resume", action="store_true", help="keep the rows already in --out and run only the missing")
+    ap.add_argument(
+        "--refresh",
+        action="store_true",
+        help="like --resume, but also rerun the selected rows another commit produced (each old row is replaced "
+        "only when its new one is written, so an interrupted refresh loses nothing and resumes where it stopped)",
+    )
     ap.add_argument("--table", action="store_true", help="print the saved results as Markdown tables and exit")
     args = ap.parse_args()
     if args.plots_only:  # also refreshes the summary and targets from the saved rows
@@ -224,10 +230,22 @@ def main() -> None:
         raise SystemExit(f"unknown methods {sorted(unknown)}")
     rows: list[dict[str, Any]] = []
     traces: list[dict[str, Any]] = []
-    if args.resume and args.out.is_file():
+    if (args.resume or args.refresh) and args.out.is_file():
         saved = json.loads(args.out.read_text())
         rows, traces = saved["rows"], saved.get("traces", [])
-    done = {(r["dataset"], r["seed_fraction"], r["method"], r["seed"]) for r in rows}
+
+    def key(r: dict[str, Any]) -> tuple[str, float, str, int]:
+        return (r["dataset"], r["seed_fraction"], r["method"], r["seed"])
+
+    def put(items: list[dict[str, Any]], item: dict[str, Any]) -> None:
+        """Append ``item``, or write it in place of the saved one with the same key (``--refresh``)."""
+        at = next((j for j, old in enumerate(items) if key(old) == key(item)), None)
+        if at is None:
+            items.append(item)
+        else:
+            items[at] = item
+
+    done = {key(r) for r in rows if not args.refresh or r.get("commit") == commit}
     for dataset in args.datasets.split(","):
         vecs, labels = vectors_for(dataset, args.epochs)
         classes = sorted(set(labels))
@@ -290,7 +308,8 @@ def main() -> None:
                             iterations=len(result.report["iterations"]),
                         )
                         if method in ("embedstore", "rf_loop"):
-                            traces.append(
+                            put(
+                                traces,
                                 {
                                     "dataset": dataset,
                                     "seed_fraction": fraction,
@@ -308,14 +327,14 @@ def main() -> None:
                                         }
                                         for it in result.report["iterations"]
                                     ],
-                                }
+                                },
                             )
                     else:
                         pred, extra = run_baseline(method, x, y, seed_rows, pool_rows, test, len(classes), seed)
                         row.update(macro_f1=macro_f1(np.asarray(pred), y[test], len(classes)), ece=None, **extra)
                         row.setdefault("mean_confidence", None)
                     row["wall_s"] = round(time.perf_counter() - t0, 1)
-                    rows.append(row)
+                    put(rows, row)
                     print(f"  {method:<28} macro-F1 {row['macro_f1']:.3f}  precision {row['pseudo_precision']}  "
                           f"coverage {row['coverage']}  {row['wall_s']}s", flush=True)  # fmt: skip
                     args.out.parent.mkdir(parents=True, exist_ok=True)
