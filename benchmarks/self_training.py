@@ -419,7 +419,35 @@ def markdown(saved: dict[str, Any]) -> str:
             f"| {t['dataset']} | {t['embedstore']:.3f} | {signed(t['vs_supervised'])} | "
             f"{signed(t['vs_best_baseline'])} ({t['best_baseline']}) | {pc} | {signed(t['vs_oracle'])} |"
         )
-    return "\n".join(lines)
+    return "\n".join([*lines, "", *provenance(rows)])
+
+
+def provenance(rows: list[dict[str, Any]]) -> list[str]:
+    """Which commits produced each cell's rows (rows count per commit), split by what the rows depend on:
+    our labeling code (ours, the ablations, the RF loop, ``supervised_linear``) or only the vectors."""
+    groups = {
+        "ours, RF loop, `supervised_linear`": ("embedstore", "rf_loop", "supervised_linear"),
+        "ablations": tuple(m for m in OURS if m.startswith("embedstore_no_")),
+        "other baselines": tuple(m for m in BASELINES if m != "supervised_linear"),
+    }
+    lines = [
+        "**Code versions** (the commit that produced each cell's rows, with the number of rows; `none`: rows from "
+        + "before the field)",
+        "",
+        "| dataset | fraction | " + " | ".join(groups) + " |",
+        "| --- | --- |" + " --- |" * len(groups),
+    ]
+    for dataset, fraction in sorted({(r["dataset"], r["seed_fraction"]) for r in rows}):
+        cells = []
+        for methods in groups.values():
+            count: dict[str, int] = {}
+            for r in rows:
+                if (r["dataset"], r["seed_fraction"]) == (dataset, fraction) and r["method"] in methods:
+                    commit = r.get("commit") or "none"
+                    count[commit] = count.get(commit, 0) + 1
+            cells.append(", ".join(f"{c} ({n})" for c, n in sorted(count.items(), key=lambda cn: -cn[1])) or "-")
+        lines.append(f"| {dataset} | {fraction:.0%} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def plots(saved: dict[str, Any], outdir: Path) -> list[Path]:

@@ -135,11 +135,28 @@ def test_self_training_benchmark_writes_the_documented_format(tmp_path):
         check=True, cwd=ROOT, timeout=900, capture_output=True,
     )  # fmt: skip
     assert json.loads(out.read_text())["rows"] == result["rows"]
+    # --refresh reruns only the selected rows another commit produced, each written in place of its old one
+    stale = json.loads(out.read_text())
+    at = next(i for i, r in enumerate(stale["rows"]) if r["method"] == "supervised_xgb")
+    stale["rows"][at].update(commit="0000000", macro_f1=-1.0)
+    out.write_text(json.dumps(stale))
+    subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "self_training.py"), "--quick", "--epochs", "5", "--refresh",
+         "--methods", "supervised_xgb,label_spreading", "--out", str(out)],
+        check=True, cwd=ROOT, timeout=900, capture_output=True,
+    )  # fmt: skip
+    refreshed = json.loads(out.read_text())["rows"]
+    assert [r["method"] for r in refreshed] == [r["method"] for r in result["rows"]]  # same rows, same places
+    assert refreshed[at]["commit"] == result["rows"][at]["commit"] != "0000000"
+    assert refreshed[at]["macro_f1"] == result["rows"][at]["macro_f1"]  # XGBoost on one machine: the same score
+    assert [r for i, r in enumerate(refreshed) if i != at] == [r for i, r in enumerate(result["rows"]) if i != at]
     table = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "self_training.py"), "--table", "--out", str(out)],
         check=True, cwd=ROOT, timeout=120, capture_output=True, text=True,
     ).stdout  # fmt: skip
     assert "| label_spreading |" in table and "**emoji**" in table
+    commit = result["rows"][0]["commit"]  # which commit produced each cell's rows, by what they depend on
+    assert f"| emoji | 5% | - | {commit} (1) | {commit} (2) |" in table
 
 
 def test_labeling_scale_benchmark_measures_each_size_in_its_own_process(tmp_path):
