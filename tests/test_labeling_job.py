@@ -123,11 +123,13 @@ def _two_builds_with_duplicates(emoji_data, tmp_path):
     pids = [*ids[:300], *(f"{pid}-copy" for pid in ids[:40])]
     for name, order in (("forward", np.arange(340)), ("reversed", np.arange(340)[::-1])):
         store = make_edge(tmp_path / name)
-        store.create_collection("emoji")
-        store.upsert("emoji", [pids[i] for i in order], x[order], [{"label": labels[i % 300]} for i in order])
-        store.optimize("emoji")
-        yield store, read_snapshot(store, "emoji", partitions=1)
-        store.close()
+        try:
+            store.create_collection("emoji")
+            store.upsert("emoji", [pids[i] for i in order], x[order], [{"label": labels[i % 300]} for i in order])
+            store.optimize("emoji")
+            yield store, read_snapshot(store, "emoji", partitions=1)
+        finally:
+            store.close()
 
 
 def _assert_same_graph_with_ties_in_row_order(a, b):
