@@ -29,7 +29,7 @@ from labeling.gate import ACCEPTED, STATUS_NAMES
 from labeling.plots import iteration_curves, reliability_diagram
 from labeling.runs import RUN_FIELD, BatchHook, RunRecord, apply_run, new_run_id, utcnow
 from labeling.selftrain import LabelingInput, LabelingOutcome, LearnerFactory, SelfTrainer, check_seed
-from labeling.snapshot import neighbour_graph, query_graph, read_snapshot
+from labeling.snapshot import neighbour_graph, query_graph, read_snapshot, row_index
 from retrieval import VectorStore
 
 DEFAULT_RUNS_DIR = Path("./data/runs")
@@ -60,6 +60,8 @@ class JobResult:
     classes: list[str] = field(default_factory=list)
     ids: list[str] = field(default_factory=list, repr=False)  # the snapshot's point ids, in row order
     config: LabelingConfig | None = None
+    # (the ids list it was built from, id -> row): built on the first predict_proba, not on every call
+    _row_of: tuple[list[str], dict[str, int]] | None = field(default=None, init=False, repr=False, compare=False)
 
     def predict_proba(self, store: VectorStore, vectors: Any, *, batch: int = 256) -> np.ndarray:
         """Calibrated class probabilities (columns: ``classes``) for *new* 512D vectors - items that are not
@@ -75,7 +77,11 @@ class JobResult:
         x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
         index = sims = None
         if pred.use_graph:  # the same search and tie order as the job's own graph
-            graph = query_graph(store, self.collection, self.ids, vecs, k=cfg.k, shortlist=cfg.shortlist, batch=batch)
+            if self._row_of is None or self._row_of[0] is not self.ids:
+                self._row_of = (self.ids, row_index(self.ids))
+            graph = query_graph(
+                store, self.collection, self._row_of[1], vecs, k=cfg.k, shortlist=cfg.shortlist, batch=batch
+            )
             index, sims = graph.index, graph.sims
         return pred.predict_proba(x, index, sims)
 

@@ -179,10 +179,28 @@ def _ranked_rows(
     return sorted(rows, key=lambda rs: (-rs[1], rs[0]))[:k]
 
 
+def _search(
+    store: VectorStore, collection: str, vecs: np.ndarray, fetch: int, shortlist: int | None
+) -> list[list[Hit]]:
+    """The graph's one search rule: ``fetch`` hits per vector, the shortlist never narrower than ``fetch``."""
+    return store.search_batch(
+        collection,
+        vecs,
+        top_k=fetch,
+        shortlist=None if shortlist is None else max(shortlist, fetch),
+        with_payload=False,
+    )
+
+
+def row_index(ids: Sequence[str]) -> dict[str, int]:
+    """Snapshot point id -> row."""
+    return {pid: i for i, pid in enumerate(ids)}
+
+
 def query_graph(
     store: VectorStore,
     collection: str,
-    ids: list[str],
+    ids: Sequence[str] | Mapping[str, int],
     vectors: np.ndarray,
     *,
     k: int,
@@ -190,20 +208,18 @@ def query_graph(
     batch: int = 256,
 ) -> NeighbourGraph:
     """The ``k`` nearest snapshot rows of each of ``vectors`` - items that are *not* in the snapshot - with the
-    same search and the same tie order as :func:`neighbour_graph` (rows without a neighbour stay ``-1``)."""
-    row_of = {pid: i for i, pid in enumerate(ids)}
+    same search and the same tie order as :func:`neighbour_graph` (rows without a neighbour stay ``-1``).
+
+    ``ids`` are the snapshot's point ids in row order, or their :func:`row_index` when the caller keeps one
+    (``JobResult`` does: repeated calls on a large snapshot then skip rebuilding it).
+    """
+    row_of = ids if isinstance(ids, Mapping) else row_index(ids)
     vecs = np.asarray(vectors, np.float32)
     index = np.full((len(vecs), k), -1, np.int32)
     sims = np.zeros((len(vecs), k), np.float32)
     fetch = k + _TIE_MARGIN
     for start in range(0, len(vecs), batch):
-        hits = store.search_batch(
-            collection,
-            vecs[start : start + batch],
-            top_k=fetch,
-            shortlist=None if shortlist is None else max(shortlist, fetch),
-            with_payload=False,
-        )
+        hits = _search(store, collection, vecs[start : start + batch], fetch, shortlist)
         for i, found in enumerate(hits, start):
             for j, (r, score) in enumerate(_ranked_rows(found, row_of, k)):
                 index[i, j], sims[i, j] = r, score
@@ -228,7 +244,7 @@ def neighbour_graph(
     ``search_batch`` calls; every point's row is written by exactly one partition.
     """
     parts = _partitions(store, partitions)
-    row_of = {pid: i for i, pid in enumerate(ids)}
+    row_of = row_index(ids)
     n = len(ids)
     index = np.full((n, k), -1, np.int32)
     sims = np.zeros((n, k), np.float32)
@@ -236,13 +252,7 @@ def neighbour_graph(
     fetch = k + 1 + _TIE_MARGIN  # the point itself, k neighbours, and room for a tie at the k-th place
 
     def flush(page_ids: list[str], page_vecs: list[np.ndarray]) -> None:
-        hits = store.search_batch(
-            collection,
-            np.vstack(page_vecs),
-            top_k=fetch,
-            shortlist=None if shortlist is None else max(shortlist, fetch),
-            with_payload=False,
-        )
+        hits = _search(store, collection, np.vstack(page_vecs), fetch, shortlist)
         for pid, found in zip(page_ids, hits, strict=True):
             i = row_of.get(pid)
             if i is None:

@@ -24,7 +24,7 @@ from labeling.runs import (
     resolve,
     rollback_run,
 )
-from labeling.snapshot import neighbour_graph, query_graph, read_snapshot
+from labeling.snapshot import neighbour_graph, query_graph, read_snapshot, row_index
 from tests.conftest import make_edge
 
 FAST = {"max_iterations": 4, "cv_folds": 2, "xgboost": XGBoostParams(max_rounds=60, eta=0.1), "review_count": 20}
@@ -160,6 +160,8 @@ def test_new_items_see_tied_neighbours_in_snapshot_row_order_whatever_the_insert
     for store, snap in _two_builds_with_duplicates(emoji_data, tmp_path):
         # new items equal to a duplicated point (two tied neighbours), then to a single one
         graphs.append((snap.ids, query_graph(store, "emoji", snap.ids, vectors[:60], k=5)))
+        again = query_graph(store, "emoji", row_index(snap.ids), vectors[:60], k=5)  # a kept index: the same graph
+        np.testing.assert_array_equal(again.index, graphs[-1][1].index)
     (ids_a, a), (_, b) = graphs
     _assert_same_graph_with_ties_in_row_order(a, b)
     row = {pid: i for i, pid in enumerate(ids_a)}
@@ -403,7 +405,11 @@ def test_new_items_are_labelled_inductively_as_well_as_the_pool(emoji_data, tmp_
         load(store, "items", data, seed_fraction=0.1)
         result = run_job(store, "items", LabelingConfig(**FAST, truth_field="hidden_label"), runs_dir=tmp_path)
         probs = result.predict_proba(store, vectors[test])  # items the job never saw
+        built = result._row_of
+        halves = [result.predict_proba(store, vectors[part]) for part in (test[:150], test[150:])]
+        assert result._row_of is built  # the id -> row index is built once, not on every call
         assert store.count("items") == len(rest)
+    np.testing.assert_allclose(np.vstack(halves), probs, atol=1e-6)  # a call's batch does not change an answer
     assert probs.shape == (300, len(result.classes)) and np.allclose(probs.sum(axis=1), 1.0)
     index = {c: i for i, c in enumerate(result.classes)}
     truth = np.array([index[labels[i]] for i in test])
