@@ -419,7 +419,34 @@ def markdown(saved: dict[str, Any]) -> str:
             f"| {t['dataset']} | {t['embedstore']:.3f} | {signed(t['vs_supervised'])} | "
             f"{signed(t['vs_best_baseline'])} ({t['best_baseline']}) | {pc} | {signed(t['vs_oracle'])} |"
         )
-    return "\n".join([*lines, "", *provenance(rows)])
+    return "\n".join([*lines, "", *ablation_table(rows), "", *provenance(rows)])
+
+
+def ablation_table(rows: list[dict[str, Any]], fraction: float = 0.05) -> list[str]:
+    """Each ablation minus ``embedstore`` in macro-F1 points, paired by seed (only seeds both ran), per dataset."""
+    ablations = [m for m in OURS if m.startswith("embedstore_no_")]
+    here = [r for r in rows if abs(r["seed_fraction"] - fraction) < 1e-9]
+    datasets = [d for d in DATASETS if any(r["dataset"] == d and r["method"] in ablations for r in here)]
+    datasets += sorted({r["dataset"] for r in here if r["method"] in ablations} - set(datasets))
+
+    def f1(dataset: str, method: str) -> dict[int, float]:
+        return {r["seed"]: r["macro_f1"] for r in here if (r["dataset"], r["method"]) == (dataset, method)}
+
+    lines = [
+        f"**Ablations at {fraction:.0%}** (ablation minus `embedstore`, macro-F1 points, mean over the seeds both "
+        "ran; seeds where the ablation is ahead / paired seeds)",
+        "",
+        "| removed | " + " | ".join(datasets) + " |",
+        "| --- |" + " --- |" * len(datasets),
+    ]
+    for m in ablations:
+        cells = []
+        for d in datasets:
+            ours, abl = f1(d, "embedstore"), f1(d, m)
+            diff = np.array([abl[s] - ours[s] for s in sorted(set(ours) & set(abl))])
+            cells.append(f"{100 * diff.mean():+.1f} ({(diff > 0).sum()}/{len(diff)})" if len(diff) else "-")
+        lines.append(f"| {m.removeprefix('embedstore_no_')} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def provenance(rows: list[dict[str, Any]]) -> list[str]:

@@ -178,3 +178,26 @@ def test_labeling_scale_benchmark_measures_each_size_in_its_own_process(tmp_path
     ext = result["extrapolation_100m"]
     assert ext["measured_sizes"] == [1500, 3000] and ext["ten_iteration_is_extrapolated"] and ext["assumptions"]
     assert (tmp_path / "labeling-scale-3000-s0" / "built.json").exists()  # the store is cached for reruns
+
+
+def test_self_training_ablation_table_pairs_each_ablation_with_ours_by_seed():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("self_training_bench", ROOT / "benchmarks" / "self_training.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+
+    def row(method, seed, f1, dataset="mnist", fraction=0.05):
+        return {"dataset": dataset, "seed_fraction": fraction, "method": method, "seed": seed, "macro_f1": f1}
+
+    rows = [
+        *(row("embedstore", s, f1) for s, f1 in enumerate([0.90, 0.80, 0.70, 0.99])),  # seed 3: ours only
+        *(row("embedstore_no_linear", s, f1) for s, f1 in enumerate([0.88, 0.81, 0.66])),
+        row("embedstore_no_mixup", 1, 0.80),
+        row("embedstore_no_linear", 0, 0.10, fraction=0.10),  # another fraction: not in the 5% table
+        row("embedstore_no_linear", 0, 0.10, dataset="emoji"),  # no `embedstore` row to pair with
+    ]
+    table = "\n".join(bench.ablation_table(rows))
+    assert "| removed | emoji | mnist |" in table  # datasets in the benchmark's order
+    assert "| linear | - | -1.7 (1/3) |" in table  # (-2 + 1 - 4) / 3 points, not against seed 3's 0.99
+    assert "| mixup | - | +0.0 (0/1) |" in table and "| breaker | - | - |" in table
