@@ -407,7 +407,7 @@ def test_new_items_are_labelled_inductively_as_well_as_the_pool(emoji_data, tmp_
         probs = result.predict_proba(store, vectors[test])  # items the job never saw
         built = result._row_of
         halves = [result.predict_proba(store, vectors[part]) for part in (test[:150], test[150:])]
-        assert result._row_of is built  # the id -> row index is built once, not on every call
+        assert built is not None and result._row_of is built  # the id -> row index: built once, not per call
         assert store.count("items") == len(rest)
     np.testing.assert_allclose(np.vstack(halves), probs, atol=1e-6)  # a call's batch does not change an answer
     assert probs.shape == (300, len(result.classes)) and np.allclose(probs.sum(axis=1), 1.0)
