@@ -73,6 +73,7 @@ OURS = {
     "embedstore_no_linear": {"linear": False},
     "rf_loop": {"learner": "random_forest"},
 }
+ABLATIONS = tuple(m for m in OURS if m.startswith("embedstore_no_"))
 BASELINES = ("supervised_xgb", "supervised_linear", "sklearn_selftraining_xgb", "label_spreading", "oracle")
 TEST_FRACTION = 0.2
 
@@ -264,7 +265,7 @@ def main() -> None:
                 override = bool(fraction < 0.05 or np.bincount(y[seed_rows]).min() < 5)
                 ablations_at = {float(f) for f in args.ablations_at.split(",")}
                 for method in methods:
-                    if method.startswith("embedstore_no_") and fraction not in ablations_at:
+                    if method in ABLATIONS and fraction not in ablations_at:
                         continue
                     if (dataset, fraction, method, seed) in done:
                         continue
@@ -424,10 +425,8 @@ def markdown(saved: dict[str, Any]) -> str:
 
 def ablation_table(rows: list[dict[str, Any]], fraction: float = 0.05) -> list[str]:
     """Each ablation minus ``embedstore`` in macro-F1 points, paired by seed (only seeds both ran), per dataset."""
-    ablations = [m for m in OURS if m.startswith("embedstore_no_")]
     here = [r for r in rows if abs(r["seed_fraction"] - fraction) < 1e-9]
-    datasets = [d for d in DATASETS if any(r["dataset"] == d and r["method"] in ablations for r in here)]
-    datasets += sorted({r["dataset"] for r in here if r["method"] in ablations} - set(datasets))
+    datasets = [d for d in DATASETS if any(r["dataset"] == d and r["method"] in ABLATIONS for r in here)]
 
     def f1(dataset: str, method: str) -> dict[int, float]:
         return {r["seed"]: r["macro_f1"] for r in here if (r["dataset"], r["method"]) == (dataset, method)}
@@ -439,7 +438,7 @@ def ablation_table(rows: list[dict[str, Any]], fraction: float = 0.05) -> list[s
         "| removed | " + " | ".join(datasets) + " |",
         "| --- |" + " --- |" * len(datasets),
     ]
-    for m in ablations:
+    for m in ABLATIONS:
         cells = []
         for d in datasets:
             ours, abl = f1(d, "embedstore"), f1(d, m)
@@ -454,7 +453,7 @@ def provenance(rows: list[dict[str, Any]]) -> list[str]:
     our labeling code (ours, the ablations, the RF loop, ``supervised_linear``) or only the vectors."""
     groups = {
         "ours, RF loop, `supervised_linear`": ("embedstore", "rf_loop", "supervised_linear"),
-        "ablations": tuple(m for m in OURS if m.startswith("embedstore_no_")),
+        "ablations": ABLATIONS,
         "other baselines": tuple(m for m in BASELINES if m != "supervised_linear"),
     }
     lines = [
