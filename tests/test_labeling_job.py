@@ -147,7 +147,7 @@ def test_tied_neighbours_are_ordered_by_snapshot_row_whatever_the_insertion_orde
     (ids_a, a), (ids_b, b) = graphs
     assert ids_a == ids_b  # the snapshot is in id order on both
     _assert_same_graph_with_ties_in_row_order(a, b)
-    row = {pid: i for i, pid in enumerate(ids_a)}
+    row = row_index(ids_a)
     for pid in emoji_data[2][:40]:  # each point's twin is its nearest neighbour
         i, twin = row[pid], row[f"{pid}-copy"]
         assert a.index[i, 0] == twin and a.sims[i, 0] > 0.999
@@ -164,7 +164,7 @@ def test_new_items_see_tied_neighbours_in_snapshot_row_order_whatever_the_insert
         np.testing.assert_array_equal(again.index, graphs[-1][1].index)
     (ids_a, a), (_, b) = graphs
     _assert_same_graph_with_ties_in_row_order(a, b)
-    row = {pid: i for i, pid in enumerate(ids_a)}
+    row = row_index(ids_a)
     for q, pid in enumerate(ids[:40]):  # the item and its twin, lower row first, both at similarity 1
         assert list(a.index[q, :2]) == sorted([row[pid], row[f"{pid}-copy"]]) and a.sims[q, 1] > 0.999
     for q, pid in enumerate(ids[40:60], 40):
