@@ -202,3 +202,46 @@ def test_self_training_ablation_table_pairs_each_ablation_with_ours_by_seed():
     # (-2 + 1 - 4) / 3 points, not against seed 3's 0.99; t = -1.667 / (s.d. 2.517 / sqrt 3) = -1.15
     assert "| linear | - | -1.7 (1/3, t -1.1) |" in table
     assert "| mixup | - | +0.0 (0/1) |" in table and "| breaker | - | - |" in table
+
+
+def test_self_training_targets_pair_ours_with_the_best_baseline_by_seed():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("self_training_bench", ROOT / "benchmarks" / "self_training.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+
+    def row(method, seed, f1, precision=None, confidence=None):
+        return {
+            "dataset": "mnist",
+            "seed_fraction": 0.05,
+            "method": method,
+            "seed": seed,
+            "macro_f1": f1,
+            "pseudo_precision": precision,
+            "mean_confidence": confidence,
+        }
+
+    rows = [
+        row("embedstore", 0, 0.90, 0.95, 0.90),
+        row("embedstore", 1, 0.80, 0.90, 0.93),  # under its confidence
+        row("embedstore", 2, 0.70),  # accepted nothing
+        row("embedstore", 3, 0.60, 0.99, 0.98),  # no rf_loop row for seed 3: not paired
+        *(row("rf_loop", s, f1) for s, f1 in enumerate([0.88, 0.80, 0.74])),  # best baseline on the mean
+        *(row("supervised_xgb", s, 0.5) for s in range(3)),
+        row("oracle", 0, 0.95),
+    ]
+    (t,) = bench.targets(rows)
+    assert t["best_baseline"] == "rf_loop"
+    # per seed +0.02, 0.00, -0.04: the mean of those three, not of ours' four seeds against rf_loop's three
+    assert t["vs_best_baseline_paired"] == {
+        "seeds": 3,
+        "mean": -0.0067,
+        "se": 0.0176,  # s.d. 0.0306 (n - 1 in the denominator) / sqrt(3)
+        "ahead": 1,
+        "level": 1,
+        "behind": 1,
+    }
+    assert (t["seeds_under_confidence"], t["seeds_accepting"]) == (1, 3)
+    table = bench.markdown({"rows": rows})
+    assert "| -0.007 +- 0.018 (1 / 1 / 1) |" in table and "(1 / 3) |" in table
