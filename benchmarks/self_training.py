@@ -401,10 +401,11 @@ def _paired(ours: list[dict[str, Any]], other: list[dict[str, Any]]) -> dict[str
     if len(d) == 0:
         return None
     level = np.abs(d) < 5e-5
+    se = _se(d)
     return {
         "seeds": len(d),
         "mean": round(float(d.mean()), 4),
-        "se": round(float(d.std(ddof=1) / np.sqrt(len(d))), 4) if len(d) > 1 else None,
+        "se": None if se is None else round(se, 4),
         "ahead": int(((d > 0) & ~level).sum()),
         "level": int(level.sum()),
         "behind": int(((d < 0) & ~level).sum()),
@@ -488,12 +489,15 @@ def ablation_table(rows: list[dict[str, Any]], fraction: float = 0.05) -> list[s
     return lines
 
 
+def _se(d: np.ndarray) -> float | None:
+    """Standard error of the mean of paired differences (n - 1 in the variance); None below 2 pairs."""
+    return float(d.std(ddof=1) / np.sqrt(len(d))) if len(d) > 1 else None
+
+
 def _paired_t(diff: np.ndarray) -> str:
     """``", t +2.2"``: the paired differences' mean over its standard error; empty below 2 pairs or with no spread."""
-    if len(diff) < 2:
-        return ""
-    se = diff.std(ddof=1) / np.sqrt(len(diff))
-    return f", t {diff.mean() / se:+.1f}" if se > 0 else ""
+    se = _se(diff)
+    return f", t {diff.mean() / se:+.1f}" if se else ""
 
 
 def provenance(rows: list[dict[str, Any]]) -> list[str]:
