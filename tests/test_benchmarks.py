@@ -9,6 +9,18 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def _bench_module(name: str):
+    """``benchmarks/<name>.py`` imported as a module (benchmarks/ is not a package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"{name}_bench", ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 ROW_KEYS = {"method", "recall_at_10", "p50_ms", "p99_ms", "qps", "build_s", "rss_mb"}
 
 
@@ -38,15 +50,11 @@ def test_search_benchmark_writes_the_documented_format(tmp_path):
 def test_embed_benchmark_rows_have_the_documented_format(
     emoji_items, image_encoder, text_encoder, emoji_features, tmp_path
 ):
-    import importlib.util
-
     from embedder.features import FeatureCache
     from embedder.model import Embedder
     from embedder.projection import TrainConfig, fit_projection
 
-    spec = importlib.util.spec_from_file_location("embed_bench", ROOT / "benchmarks" / "embed.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = _bench_module("embed")
     embedder = Embedder(image_encoder, text_encoder)
     embedder.projection = fit_projection(
         emoji_features, [it.label for it in emoji_items], TrainConfig(epochs=2),
@@ -181,11 +189,7 @@ def test_labeling_scale_benchmark_measures_each_size_in_its_own_process(tmp_path
 
 
 def test_self_training_ablation_table_pairs_each_ablation_with_ours_by_seed():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("self_training_bench", ROOT / "benchmarks" / "self_training.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = _bench_module("self_training")
 
     def row(method, seed, f1, dataset="mnist", fraction=0.05):
         return {"dataset": dataset, "seed_fraction": fraction, "method": method, "seed": seed, "macro_f1": f1}
@@ -205,11 +209,7 @@ def test_self_training_ablation_table_pairs_each_ablation_with_ours_by_seed():
 
 
 def test_self_training_targets_pair_ours_with_the_best_baseline_by_seed():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("self_training_bench", ROOT / "benchmarks" / "self_training.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = _bench_module("self_training")
 
     def row(method, seed, f1, precision=None, confidence=None):
         return {
