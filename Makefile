@@ -6,7 +6,7 @@ PY     := $(BIN)/python
 # A stamp per extras set: reinstall only when pyproject.toml changes.
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint format protos compose browser bench-search bench-embed bench-grpc bench-labeling bench-labeling-scale bench-labeling-job bench-keys venv redis clean
+.PHONY: demo test lint format protos compose browser bench-search bench-embed bench-grpc bench-labeling bench-labeling-scale bench-labeling-classes bench-labeling-job bench-keys venv redis clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -52,6 +52,10 @@ bench-labeling: $(STAMP)-test,dev,bench,data,embed,scale,ui
 # Issue 8's evidence: labeling points/s and peak RSS at 100k and 1M, and the 100M extrapolation.
 bench-labeling-scale: $(STAMP)-test,dev,bench,data,embed,scale,ui
 	$(PY) benchmarks/labeling_scale.py
+
+# Seconds per iteration and per fit as the class count grows (10, 30, 100 classes; both learners).
+bench-labeling-classes: $(STAMP)-test,dev,bench,data,embed,scale,ui
+	$(PY) benchmarks/labeling_classes.py
 
 # One full 10-iteration job with its stage timings (the 100k / 10-minute target).
 bench-labeling-job: $(STAMP)-test,dev,bench,data,embed,scale,ui

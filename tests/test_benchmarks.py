@@ -188,6 +188,27 @@ def test_labeling_scale_benchmark_measures_each_size_in_its_own_process(tmp_path
     assert (tmp_path / "labeling-scale-3000-s0" / "built.json").exists()  # the store is cached for reruns
 
 
+def test_labeling_classes_benchmark_times_every_fit_as_the_class_count_grows(tmp_path):
+    out = tmp_path / "labeling_classes.json"
+    printed = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "labeling_classes.py"), "--classes", "3,6", "--points", "240",
+         "--iterations", "2", "--learners", "xgboost,random_forest", "--out", str(out)],
+        check=True, cwd=ROOT, timeout=600, capture_output=True, text=True,
+    ).stdout  # fmt: skip
+    runs = {(r["learner"], r["classes"]): r for r in json.loads(out.read_text())["runs"]}
+    assert set(runs) == {(lr, c) for lr in ("xgboost", "random_forest") for c in (3, 6)}
+    for (learner, c), r in runs.items():
+        assert r["iterations"] == 2 and len(r["seconds_per_iteration"]) == 2  # no early stop: comparable runs
+        assert len(r["fit_s_per_iteration"]) == 2 and all(s > 0 for s in r["fit_s_per_iteration"])
+        assert sum(r["fit_s_per_iteration"]) <= r["wall_s"]
+        assert r["ground_truth"] >= 2 * c and 0.0 <= r["pool_macro_f1"] <= 1.0
+        assert f"| {learner} | {c} | {r['features']} |" in printed
+    # the neighbourhood features are per class: the same number of columns per extra class, on top of the prefix
+    f3, f6 = runs["xgboost", 3]["features"], runs["xgboost", 6]["features"]
+    per_class = (f6 - f3) // 3
+    assert per_class >= 3 and f6 - f3 == 3 * per_class and f3 - 3 * per_class >= 128
+
+
 def test_self_training_ablation_table_pairs_each_ablation_with_ours_by_seed():
     bench = _bench_module("self_training")
 
