@@ -116,7 +116,7 @@ def run(n_classes: int, learner: str, args: argparse.Namespace) -> dict[str, Any
     classes = [f"class{i}" for i in range(n_classes)]
     t0 = time.perf_counter()
     out = SelfTrainer(cfg, learner_factory=factory, progress=progress).run(
-        LabelingInput(d["prefix"], d["y"], classes, graph, truth=np.where(d["y"] >= 0, d["y"], d["truth"]))
+        LabelingInput(d["prefix"], d["y"], classes, graph, truth=d["truth"])
     )
     wall = time.perf_counter() - t0
     pool_truth = d["truth"][out.pool]
