@@ -46,10 +46,10 @@ from labeling.gate import ACCEPTED  # noqa: E402
 from labeling.learners import Learner, make_learner  # noqa: E402
 from labeling.neighbours import NeighbourGraph  # noqa: E402
 from labeling.selftrain import LabelingInput, SelfTrainer  # noqa: E402
+from retrieval.schema import normalise  # noqa: E402
 from retrieval.synthetic import clustered_vectors  # noqa: E402
 
 OUT = ROOT / "benchmarks" / "results" / "labeling_classes.json"
-PREFIX = 128
 
 
 class _TimedLearner:
@@ -75,8 +75,8 @@ class _TimedLearner:
 
 
 def make_data(n_classes: int, points: int, seed_fraction: float, spread: float, seed: int) -> dict[str, Any]:
-    x, truth = clustered_vectors(points, n_clusters=n_classes, seed=seed, spread=spread)
-    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    raw, truth = clustered_vectors(points, n_clusters=n_classes, seed=seed, spread=spread)
+    x, prefix = normalise(raw)  # the store's own (full512, mrl128) pair
     rng = np.random.default_rng(seed)
     y = np.full(points, -1, np.int64)
     for c in range(n_classes):
@@ -85,7 +85,6 @@ def make_data(n_classes: int, points: int, seed_fraction: float, spread: float, 
             raise ValueError(f"class {c} has {len(rows)} points; give more --points for {n_classes} classes")
         take = min(len(rows) - 1, max(2, round(seed_fraction * len(rows))))  # >= 2 labels, >= 1 left to label
         y[rng.choice(rows, take, replace=False)] = c
-    prefix = x[:, :PREFIX] / np.linalg.norm(x[:, :PREFIX], axis=1, keepdims=True)
     return {"x": x, "prefix": prefix, "y": y, "truth": truth}
 
 
