@@ -23,8 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -36,6 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from benchmarks.machine import machine_info  # noqa: E402
 from embedder.datasets import load_items  # noqa: E402
 from embedder.encoders import EfficientNetEncoder, SentenceTransformerEncoder  # noqa: E402
 from embedder.evaluate import knn_accuracy, probe_accuracy, stratified_split  # noqa: E402
@@ -288,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
             "image_encoder": embedder.image_encoder.signature(),
             "text_encoder": embedder.text_encoder.signature(),
         },
-        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
+        "machine": machine_info(),  # CPU, Python and package versions (benchmarks/machine.py)
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

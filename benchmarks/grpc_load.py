@@ -28,8 +28,6 @@ import argparse
 import asyncio
 import json
 import multiprocessing as mp
-import os
-import platform
 import shutil
 import socket
 import sys
@@ -43,6 +41,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+
+from benchmarks.machine import machine_info  # noqa: E402
 
 COLLECTION = "bench"
 
@@ -357,7 +357,7 @@ def main(argv: list[str] | None = None) -> int:
             "search overhead p50 <= 0.5 ms": grpc1 - inproc <= 0.5,
             "EmbedStream >= 0.9 x in-process": embed_stream / embed_local >= 0.9,
         },
-        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
+        "machine": machine_info(),  # CPU, Python and package versions (benchmarks/machine.py)
         "data": "synthetic clustered 512D vectors for Search; real emoji items (image + text) for Embed",
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -27,8 +27,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -40,6 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from benchmarks.machine import machine_info  # noqa: E402
 from labeling.calibration import macro_f1  # noqa: E402
 from labeling.config import LabelingConfig  # noqa: E402
 from labeling.gate import ACCEPTED  # noqa: E402
@@ -178,7 +177,7 @@ def main() -> None:
     runs = [run(c, learner, args) for learner in learners for c in class_counts]
     result = {
         "benchmark": "labeling_classes",
-        "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
+        "machine": machine_info(),  # CPU, Python and package versions (benchmarks/machine.py)
         "data": (
             f"retrieval.synthetic clustered 512D, one cluster per class, spread {args.spread}, "
             f"{args.points} points, {args.seed_fraction:.0%} stratified seed, exact k={args.k} graph"

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import shutil
 import sys
 import tempfile
@@ -29,6 +28,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+
+from benchmarks.machine import machine_info  # noqa: E402
 
 
 def peak_rss_mb() -> float:
@@ -117,7 +118,7 @@ def main() -> None:
         }
         out = {
             "benchmark": "labeling_job",
-            "machine": {"cpus": __import__("os").cpu_count(), "python": platform.python_version()},
+            "machine": machine_info(),  # CPU, Python and package versions (benchmarks/machine.py)
             "n_points": args.n,
             "classes": args.classes,
             "seed_fraction": args.seed_fraction,

@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import threading
@@ -41,6 +40,8 @@ ROOT = Path(__file__).resolve().parents[1]
 for _p in (ROOT, ROOT / "benchmarks"):
     if str(_p) not in sys.path:
         sys.path.insert(0, str(_p))
+
+from benchmarks.machine import machine_info  # noqa: E402
 
 CACHE = Path(os.environ.get("EMBEDSTORE_BENCH_CACHE", Path.home() / ".cache" / "embedstore" / "bench"))
 OUT = ROOT / "benchmarks" / "results" / "labeling_scale.json"
@@ -285,7 +286,7 @@ def main() -> None:
         )
     out = {
         "benchmark": "labeling_scale",
-        "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
+        "machine": machine_info(),  # CPU, Python and package versions (benchmarks/machine.py)
         "data": "retrieval.synthetic clustered 512D, 10 classes x 4 clusters, spread 1.5, 5% stratified seed",
         "backend": "edge",
         "runs": runs,

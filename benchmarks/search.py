@@ -25,7 +25,6 @@ import argparse
 import json
 import multiprocessing as mp
 import os
-import platform
 import shutil
 import sys
 import tempfile
@@ -39,6 +38,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+
+from benchmarks.machine import machine_info  # noqa: E402
 
 QDRANT_LOCAL_CAP = 20_000  # qdrant-client local mode is brute force and warns above 20k points
 EXACT_QUERY_CAP = 100  # exact methods are slow at 1M: time them on the first 100 queries
@@ -487,7 +488,7 @@ def main(argv: list[str] | None = None) -> int:
         "queries": args.queries,
         "clusters": clusters,
         "data": "synthetic clustered 512D, 1/sqrt(d) spectrum (~80% of variance in dims 0-127)",
-        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
+        "machine": machine_info(),  # CPU, Python and package versions (benchmarks/machine.py)
         "rows": list(rows.values()),
         "targets": targets,
     }

@@ -3,6 +3,12 @@
     python benchmarks/self_training.py              # 5 datasets; seeds 2/5/10/20%; 3 seeds
     python benchmarks/self_training.py --quick      # emoji, 5%, one seed: a few minutes
     python benchmarks/self_training.py --plots-only # redraw the PNGs from the saved JSON
+    python benchmarks/self_training.py --table      # the Markdown tables of BENCHMARKS.md from the saved JSON
+    python benchmarks/self_training.py --jitter 1e-6 --out /tmp/jitter.json ...  # rows on vectors moved at
+                                                    # float level: how far a row follows such changes
+
+Each row records the commit, the environment (``benchmarks/machine.py``: CPU,
+Python, package versions) and a digest of the vectors it ran on.
 
 The ablations (``embedstore_no_*``) run at the fractions in ``--ablations-at``
 (default 5%, where the targets are set); the other methods at every fraction.
@@ -47,8 +53,8 @@ iterations; wall time. Results: benchmarks/results/self_training.json.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
-import platform
 import shutil
 import sys
 import tempfile
@@ -61,6 +67,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+
+from benchmarks.machine import fingerprint, machine_info  # noqa: E402
 
 DATASETS = ("emoji", "rotten_tomatoes", "mnist", "fashion_mnist", "emoji_subcategory")
 FRACTIONS = (0.02, 0.05, 0.10, 0.20)
@@ -76,6 +84,7 @@ OURS = {
 ABLATIONS = tuple(m for m in OURS if m.startswith("embedstore_no_"))
 BASELINES = ("supervised_xgb", "supervised_linear", "sklearn_selftraining_xgb", "label_spreading", "oracle")
 TEST_FRACTION = 0.2
+DEFAULT_OUT = ROOT / "benchmarks" / "results" / "self_training.json"
 
 
 def vectors_for(name: str, epochs: int) -> tuple[np.ndarray, list[str]]:
@@ -102,6 +111,20 @@ def vectors_for(name: str, epochs: int) -> tuple[np.ndarray, list[str]]:
     cached.parent.mkdir(parents=True, exist_ok=True)
     np.save(cached, vecs)
     return vecs, labels
+
+
+def jittered(vecs: np.ndarray, scale: float, seed: int = 0) -> np.ndarray:
+    """``vecs`` moved by Gaussian noise of about ``scale`` times each vector's norm, then renormalised: float-level
+    changes of the kind another BLAS, CPU or library release makes, to measure how far the rows follow them."""
+    rng = np.random.default_rng(seed)
+    noise = rng.standard_normal(vecs.shape) * (scale / np.sqrt(vecs.shape[1]))
+    moved = vecs + noise * np.linalg.norm(vecs, axis=1, keepdims=True)
+    return (moved / np.linalg.norm(moved, axis=1, keepdims=True)).astype(np.float32)
+
+
+def digest(vecs: np.ndarray) -> str:
+    """10 hex digits of the vectors' bytes: two rows with the same value ran on bit-identical vectors."""
+    return hashlib.sha1(np.ascontiguousarray(vecs, dtype=np.float32).tobytes()).hexdigest()[:10]
 
 
 def stratified(labels: np.ndarray, rows: np.ndarray, fraction: float, rng: np.random.Generator) -> np.ndarray:
@@ -194,7 +217,7 @@ def main() -> None:
     ap.add_argument("--methods", default=",".join([*OURS, *BASELINES]))
     ap.add_argument("--quick", action="store_true", help="emoji, 5%% seed, one seed")
     ap.add_argument("--epochs", type=int, default=60, help="label-free projection epochs")
-    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "self_training.json")
+    ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
     ap.add_argument("--ablations-at", default="0.05", help="seed fractions at which the ablations run")
     ap.add_argument("--plots-only", action="store_true", help="redraw the plots from --out and exit")
     ap.add_argument("--resume", action="store_true", help="keep the rows already in --out and run only the missing")
@@ -205,10 +228,21 @@ def main() -> None:
         "only when its new one is written, so an interrupted refresh loses nothing and resumes where it stopped)",
     )
     ap.add_argument("--table", action="store_true", help="print the saved results as Markdown tables and exit")
+    ap.add_argument(
+        "--jitter",
+        type=float,
+        default=0.0,
+        help="move every vector by noise of this size relative to its norm (e.g. 1e-6) before any method sees it: "
+        "how far the rows follow float-level changes. Needs an --out other than the default file",
+    )
     args = ap.parse_args()
+    if args.jitter and args.out.resolve() == DEFAULT_OUT.resolve():
+        ap.error("--jitter writes rows of perturbed vectors: give them their own --out, not the benchmark's file")
+    if args.jitter < 0:
+        ap.error(f"--jitter must be >= 0, got {args.jitter}")
     if args.plots_only:  # also refreshes the summary and targets from the saved rows
         saved = json.loads(args.out.read_text())
-        saved["summary"] = _summary(saved["rows"], saved.get("traces", []), args)["summary"]
+        saved["summary"] = _summary(saved["rows"], saved.get("traces", []), args, {})["summary"]
         saved["targets"] = targets(saved["rows"])
         args.out.write_text(json.dumps(saved, indent=2))
         print("\n".join(str(p) for p in plots(saved, args.out.parent)))
@@ -225,15 +259,20 @@ def main() -> None:
     from retrieval import EdgeStore
 
     commit = _commit()
+    info = machine_info()
+    env = fingerprint(info)  # rows of the same commit still differ between environments (benchmarks/machine.py)
     methods = args.methods.split(",")
     unknown = set(methods) - set(OURS) - set(BASELINES)
     if unknown:
         raise SystemExit(f"unknown methods {sorted(unknown)}")
     rows: list[dict[str, Any]] = []
     traces: list[dict[str, Any]] = []
+    environments: dict[str, Any] = {}
     if (args.resume or args.refresh) and args.out.is_file():
         saved = json.loads(args.out.read_text())
         rows, traces = saved["rows"], saved.get("traces", [])
+        environments = saved.get("environments", {})
+    environments[env] = info
 
     def key(r: dict[str, Any]) -> tuple[str, float, str, int]:
         return (r["dataset"], r["seed_fraction"], r["method"], r["seed"])
@@ -246,9 +285,14 @@ def main() -> None:
         else:
             items[at] = item
 
-    done = {key(r) for r in rows if not args.refresh or r.get("commit") == commit}
+    # --refresh reruns a selected row unless this commit made it in this environment (a row without "env" predates
+    # the field: its environment is unknown, so it is rerun too)
+    done = {key(r) for r in rows if not args.refresh or (r.get("commit"), r.get("env")) == (commit, env)}
     for dataset in args.datasets.split(","):
         vecs, labels = vectors_for(dataset, args.epochs)
+        if args.jitter:
+            vecs = jittered(vecs, args.jitter)
+        vecs_digest = digest(vecs)
         classes = sorted(set(labels))
         y = np.array([classes.index(lab) for lab in labels])
         x = prefix(vecs)
@@ -277,6 +321,9 @@ def main() -> None:
                         "seed": seed,
                         "seed_override": override,
                         "commit": commit,  # the code that produced the row (files are resumed across versions)
+                        "env": env,  # and the environment it ran in: a key of the file's "environments"
+                        "vectors": vecs_digest,  # and on which vectors (bit for bit)
+                        **({"jitter": args.jitter} if args.jitter else {}),
                     }
                     if method in OURS:
                         tmp = Path(tempfile.mkdtemp(prefix="st-bench-"))
@@ -339,8 +386,8 @@ def main() -> None:
                     print(f"  {method:<28} macro-F1 {row['macro_f1']:.3f}  precision {row['pseudo_precision']}  "
                           f"coverage {row['coverage']}  {row['wall_s']}s", flush=True)  # fmt: skip
                     args.out.parent.mkdir(parents=True, exist_ok=True)
-                    args.out.write_text(json.dumps(_summary(rows, traces, args), indent=2))
-    summary = _summary(rows, traces, args)
+                    args.out.write_text(json.dumps(_summary(rows, traces, args, environments), indent=2))
+    summary = _summary(rows, traces, args, environments)
     print(json.dumps(summary["summary"], indent=2))
     for path in plots(summary, args.out.parent):
         print(f"plot: {path}")
@@ -459,7 +506,8 @@ def markdown(saved: dict[str, Any]) -> str:
             f"| {t['dataset']} | {t['embedstore']:.3f} | {signed(t['vs_supervised'])} | "
             f"{signed(t['vs_best_baseline'])} ({t['best_baseline']}) | {paired} | {pc} | {signed(t['vs_oracle'])} |"
         )
-    return "\n".join([*lines, "", *ablation_table(rows), "", *provenance(rows)])
+    environments = saved.get("environments", {})
+    return "\n".join([*lines, "", *ablation_table(rows), "", *provenance(rows), "", *environment_table(environments)])
 
 
 def ablation_table(rows: list[dict[str, Any]], fraction: float = 0.05) -> list[str]:
@@ -500,9 +548,18 @@ def _paired_t(diff: np.ndarray) -> str:
     return f", t {diff.mean() / se:+.1f}" if se else ""
 
 
+def _count(values: list[str]) -> str:
+    """``"a (3), b (1)"``: each value with its count, the most frequent first."""
+    count: dict[str, int] = {}
+    for v in values:
+        count[v] = count.get(v, 0) + 1
+    return ", ".join(f"{v} ({n})" for v, n in sorted(count.items(), key=lambda vn: -vn[1])) or "-"
+
+
 def provenance(rows: list[dict[str, Any]]) -> list[str]:
     """Which commits produced each cell's rows (rows count per commit), split by what the rows depend on:
-    our labeling code (ours, the ablations, the RF loop, ``supervised_linear``) or only the vectors."""
+    our labeling code (ours, the ablations, the RF loop, ``supervised_linear``) or only the vectors; and in which
+    environments (``benchmarks/machine.py`` fingerprints) the cell's rows ran."""
     groups = {
         "ours, RF loop, `supervised_linear`": ("embedstore", "rf_loop", "supervised_linear"),
         "ablations": ABLATIONS,
@@ -510,21 +567,31 @@ def provenance(rows: list[dict[str, Any]]) -> list[str]:
     }
     lines = [
         "**Code versions** (the commit that produced each cell's rows, with the number of rows; `none`: rows from "
-        + "before the field)",
+        + "before the field), **and environments** (every row of the cell; `unrecorded`: rows from before the field)",
         "",
-        "| dataset | fraction | " + " | ".join(groups) + " |",
-        "| --- | --- |" + " --- |" * len(groups),
+        "| dataset | fraction | " + " | ".join(groups) + " | environments |",
+        "| --- | --- |" + " --- |" * (len(groups) + 1),
     ]
     for dataset, fraction in sorted({(r["dataset"], r["seed_fraction"]) for r in rows}):
-        cells = []
-        for methods in groups.values():
-            count: dict[str, int] = {}
-            for r in rows:
-                if (r["dataset"], r["seed_fraction"]) == (dataset, fraction) and r["method"] in methods:
-                    commit = r.get("commit") or "none"
-                    count[commit] = count.get(commit, 0) + 1
-            cells.append(", ".join(f"{c} ({n})" for c, n in sorted(count.items(), key=lambda cn: -cn[1])) or "-")
+        cell = [r for r in rows if (r["dataset"], r["seed_fraction"]) == (dataset, fraction)]
+        cells = [_count([r.get("commit") or "none" for r in cell if r["method"] in ms]) for ms in groups.values()]
+        cells.append(_count([r.get("env") or "unrecorded" for r in cell]))
         lines.append(f"| {dataset} | {fraction:.0%} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def environment_table(environments: dict[str, Any]) -> list[str]:
+    """One line per recorded environment: its fingerprint, CPU and the versions of the packages it recorded."""
+    if not environments:
+        return []
+    lines = ["**Environments** (`benchmarks/machine.py`; the fingerprints in the table above)", ""]
+    for env, info in sorted(environments.items()):
+        simd = ", ".join(info.get("simd") or []) or "no SIMD flags read"
+        packages = ", ".join(f"{p} {v}" for p, v in (info.get("packages") or {}).items() if v)
+        lines.append(
+            f"- `{env}`: {info.get('cpu')} ({info.get('cpu_id')}; {simd}), {info.get('cpus')} cores, "
+            f"Python {info.get('python')}; {packages}"
+        )
     return lines
 
 
@@ -601,7 +668,9 @@ def plots(saved: dict[str, Any], outdir: Path) -> list[Path]:
     return paths
 
 
-def _summary(rows: list[dict[str, Any]], traces: list[dict[str, Any]], args: argparse.Namespace) -> dict[str, Any]:
+def _summary(
+    rows: list[dict[str, Any]], traces: list[dict[str, Any]], args: argparse.Namespace, environments: dict[str, Any]
+) -> dict[str, Any]:
     groups: dict[tuple[str, float, str], list[float]] = {}
     for r in rows:
         groups.setdefault((r["dataset"], r["seed_fraction"], r["method"]), []).append(r["macro_f1"])
@@ -618,7 +687,9 @@ def _summary(rows: list[dict[str, Any]], traces: list[dict[str, Any]], args: arg
     ]
     return {
         "benchmark": "self_training",
-        "machine": {"python": platform.python_version()},
+        "machine": machine_info(),
+        # fingerprint -> machine_info() of every environment that wrote a row still in the file
+        "environments": {e: i for e, i in environments.items() if any(r.get("env") == e for r in rows)},
         "args": {k: str(v) for k, v in vars(args).items()},
         "rows": rows,
         "summary": summary,

@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -136,6 +138,12 @@ def test_self_training_benchmark_writes_the_documented_format(tmp_path):
     ours = next(r for r in result["rows"] if r["method"] == "embedstore_no_neighbourhood")
     assert ours["iterations"] >= 1 and 0.0 <= ours["coverage"] <= 1.0
     assert (tmp_path / "self_training_f1.png").stat().st_size > 0 and "targets" in result
+    # every row names the environment it ran in; the file keeps that environment's CPU and package versions
+    env = result["rows"][0]["env"]
+    assert {r["env"] for r in result["rows"]} == {env} and set(result["environments"]) == {env}
+    assert result["environments"][env] == result["machine"]
+    assert result["machine"]["packages"]["xgboost"] and result["machine"]["python"]
+    assert len({r["vectors"] for r in result["rows"]}) == 1 and "jitter" not in result["rows"][0]  # one dataset
     # --resume keeps what is there and runs only what is missing (here: nothing)
     subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "self_training.py"), "--quick", "--epochs", "5", "--resume",
@@ -143,28 +151,38 @@ def test_self_training_benchmark_writes_the_documented_format(tmp_path):
         check=True, cwd=ROOT, timeout=900, capture_output=True,
     )  # fmt: skip
     assert json.loads(out.read_text())["rows"] == result["rows"]
-    # --refresh reruns only the selected rows another commit produced, each written in place of its old one
+    # --refresh reruns only the selected rows another commit or another environment produced, each written in
+    # place of its old one
     stale = json.loads(out.read_text())
     at = next(i for i, r in enumerate(stale["rows"]) if r["method"] == "supervised_xgb")
     stale["rows"][at].update(commit="0000000", macro_f1=-1.0)
+    moved = next(i for i, r in enumerate(stale["rows"]) if r["method"] == "label_spreading")
+    stale["rows"][moved].update(env="0000000000", macro_f1=-1.0)  # same commit, another machine
+    stale["environments"]["0000000000"] = {"cpu": "elsewhere", "packages": {}}
     out.write_text(json.dumps(stale))
     subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "self_training.py"), "--quick", "--epochs", "5", "--refresh",
          "--methods", "supervised_xgb,label_spreading", "--out", str(out)],
         check=True, cwd=ROOT, timeout=900, capture_output=True,
     )  # fmt: skip
-    refreshed = json.loads(out.read_text())["rows"]
+    saved = json.loads(out.read_text())
+    refreshed = saved["rows"]
     assert [r["method"] for r in refreshed] == [r["method"] for r in result["rows"]]  # same rows, same places
     assert refreshed[at]["commit"] == result["rows"][at]["commit"] != "0000000"
-    assert refreshed[at]["macro_f1"] == result["rows"][at]["macro_f1"]  # XGBoost on one machine: the same score
-    assert [r for i, r in enumerate(refreshed) if i != at] == [r for i, r in enumerate(result["rows"]) if i != at]
+    for i in (at, moved):  # one machine, one environment: the same scores again
+        assert refreshed[i]["macro_f1"] == result["rows"][i]["macro_f1"] and refreshed[i]["env"] == env
+    assert [r for i, r in enumerate(refreshed) if i not in (at, moved)] == [
+        r for i, r in enumerate(result["rows"]) if i not in (at, moved)
+    ]
+    assert set(saved["environments"]) == {env}  # no row is left from the other one
     table = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "self_training.py"), "--table", "--out", str(out)],
         check=True, cwd=ROOT, timeout=120, capture_output=True, text=True,
     ).stdout  # fmt: skip
     assert "| label_spreading |" in table and "**emoji**" in table
     commit = result["rows"][0]["commit"]  # which commit produced each cell's rows, by what they depend on
-    assert f"| emoji | 5% | - | {commit} (1) | {commit} (2) |" in table
+    assert f"| emoji | 5% | - | {commit} (1) | {commit} (2) | {env} (3) |" in table
+    assert f"- `{env}`: " in table and f"xgboost {result['machine']['packages']['xgboost']}" in table
 
 
 def test_labeling_scale_benchmark_measures_each_size_in_its_own_process(tmp_path):
@@ -266,3 +284,17 @@ def test_self_training_targets_pair_ours_with_the_best_baseline_by_seed():
     assert (t["seeds_under_confidence"], t["seeds_accepting"]) == (1, 3)
     table = bench.markdown({"rows": rows})
     assert "| -0.007 +- 0.018 (1 / 1 / 1) |" in table and "(1 / 3) |" in table
+
+
+def test_self_training_jitter_moves_vectors_by_the_given_scale_and_changes_their_digest():
+    bench = _bench_module("self_training")
+    rng = np.random.default_rng(3)
+    vecs = rng.standard_normal((200, 512)).astype(np.float32)
+    vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
+    moved = bench.jittered(vecs, 1e-3)
+    np.testing.assert_allclose(np.linalg.norm(moved, axis=1), 1.0, atol=1e-6)
+    shift = np.linalg.norm(moved - vecs, axis=1)
+    assert 0.5e-3 < np.median(shift) < 2e-3  # about the scale asked for, relative to unit norm
+    assert np.array_equal(moved, bench.jittered(vecs, 1e-3))  # the same noise every run
+    assert bench.digest(moved) != bench.digest(vecs) == bench.digest(vecs.copy())
+    assert len(bench.digest(vecs)) == 10
