@@ -224,8 +224,9 @@ def main() -> None:
     ap.add_argument(
         "--refresh",
         action="store_true",
-        help="like --resume, but also rerun the selected rows another commit produced (each old row is replaced "
-        "only when its new one is written, so an interrupted refresh loses nothing and resumes where it stopped)",
+        help="like --resume, but also rerun the selected rows another commit or another environment produced (a row "
+        "without an env field counts as another environment; each old row is replaced only when its new one is "
+        "written, so an interrupted refresh loses nothing and resumes where it stopped)",
     )
     ap.add_argument("--table", action="store_true", help="print the saved results as Markdown tables and exit")
     ap.add_argument(
