@@ -237,10 +237,10 @@ def main() -> None:
         "how far the rows follow float-level changes. Needs an --out other than the default file",
     )
     args = ap.parse_args()
-    if args.jitter and args.out.resolve() == DEFAULT_OUT.resolve():
-        ap.error("--jitter writes rows of perturbed vectors: give them their own --out, not the benchmark's file")
     if args.jitter < 0:
         ap.error(f"--jitter must be >= 0, got {args.jitter}")
+    if args.jitter and args.out.resolve() == DEFAULT_OUT.resolve():
+        ap.error("--jitter writes rows of perturbed vectors: give them their own --out, not the benchmark's file")
     if args.plots_only:  # also refreshes the summary and targets from the saved rows
         saved = json.loads(args.out.read_text())
         saved["summary"] = _summary(saved["rows"], saved.get("traces", []), args, {})["summary"]

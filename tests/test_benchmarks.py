@@ -298,3 +298,13 @@ def test_self_training_jitter_moves_vectors_by_the_given_scale_and_changes_their
     assert np.array_equal(moved, bench.jittered(vecs, 1e-3))  # the same noise every run
     assert bench.digest(moved) != bench.digest(vecs) == bench.digest(vecs.copy())
     assert len(bench.digest(vecs)) == 10
+
+
+def test_self_training_jitter_refuses_a_negative_scale_and_the_benchmarks_own_file():
+    script = str(ROOT / "benchmarks" / "self_training.py")
+    negative = subprocess.run(
+        [sys.executable, script, "--jitter", "-1", "--out", "/tmp/elsewhere.json"], capture_output=True, text=True
+    )
+    assert negative.returncode == 2 and "--jitter must be >= 0, got -1.0" in negative.stderr
+    default_out = subprocess.run([sys.executable, script, "--jitter", "1e-6"], capture_output=True, text=True)
+    assert default_out.returncode == 2 and "give them their own --out" in default_out.stderr
