@@ -26,6 +26,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from benchmarks.machine import machine_info  # noqa: E402
+
 
 class ScanPool:
     """The article's approach, written as fairly as we could: pipelined HGETALLs after each SCAN page."""
@@ -127,6 +129,7 @@ def main() -> None:
         "rows": rows,
         "speedup_lua_over_scan": {str(n): round(by[(n, "lua")] / by[(n, "scan")], 1) for n, m in by if m == "lua"},
         "redis": "local redis-server on loopback, one client",
+        "machine": machine_info(),  # CPU, Python and package versions (benchmarks/machine.py)
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(out, indent=2))

@@ -119,6 +119,7 @@ def test_keys_benchmark_writes_the_documented_format(redis_server, tmp_path):
     result = json.loads(out.read_text())
     assert {(r["keys"], r["method"]) for r in result["rows"]} == {(10, "lua"), (10, "scan"), (50, "lua"), (50, "scan")}
     assert all(set(r) == {"keys", "method", "ops_per_s"} and r["ops_per_s"] > 0 for r in result["rows"])
+    assert result["machine"]["cpus"] >= 1 and result["machine"]["packages"]["numpy"]  # what it ran on
 
 
 def test_self_training_benchmark_writes_the_documented_format(tmp_path):
