@@ -59,6 +59,7 @@ import shutil
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -243,7 +244,7 @@ def main() -> None:
         ap.error("--jitter writes rows of perturbed vectors: give them their own --out, not the benchmark's file")
     if args.plots_only:  # also refreshes the summary and targets from the saved rows
         saved = json.loads(args.out.read_text())
-        saved["summary"] = _summary(saved["rows"], saved.get("traces", []), args, {})["summary"]
+        saved["summary"] = summarise(saved["rows"])
         saved["targets"] = targets(saved["rows"])
         args.out.write_text(json.dumps(saved, indent=2))
         print("\n".join(str(p) for p in plots(saved, args.out.parent)))
@@ -387,8 +388,8 @@ def main() -> None:
                     print(f"  {method:<28} macro-F1 {row['macro_f1']:.3f}  precision {row['pseudo_precision']}  "
                           f"coverage {row['coverage']}  {row['wall_s']}s", flush=True)  # fmt: skip
                     args.out.parent.mkdir(parents=True, exist_ok=True)
-                    args.out.write_text(json.dumps(_summary(rows, traces, args, environments), indent=2))
-    summary = _summary(rows, traces, args, environments)
+                    args.out.write_text(json.dumps(_summary(rows, traces, args, environments, info), indent=2))
+    summary = _summary(rows, traces, args, environments, info)
     print(json.dumps(summary["summary"], indent=2))
     for path in plots(summary, args.out.parent):
         print(f"plot: {path}")
@@ -551,10 +552,7 @@ def _paired_t(diff: np.ndarray) -> str:
 
 def _count(values: list[str]) -> str:
     """``"a (3), b (1)"``: each value with its count, the most frequent first."""
-    count: dict[str, int] = {}
-    for v in values:
-        count[v] = count.get(v, 0) + 1
-    return ", ".join(f"{v} ({n})" for v, n in sorted(count.items(), key=lambda vn: -vn[1])) or "-"
+    return ", ".join(f"{v} ({n})" for v, n in Counter(values).most_common()) or "-"
 
 
 def provenance(rows: list[dict[str, Any]]) -> list[str]:
@@ -669,13 +667,12 @@ def plots(saved: dict[str, Any], outdir: Path) -> list[Path]:
     return paths
 
 
-def _summary(
-    rows: list[dict[str, Any]], traces: list[dict[str, Any]], args: argparse.Namespace, environments: dict[str, Any]
-) -> dict[str, Any]:
+def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Mean and spread of macro-F1 per (dataset, seed fraction, method)."""
     groups: dict[tuple[str, float, str], list[float]] = {}
     for r in rows:
         groups.setdefault((r["dataset"], r["seed_fraction"], r["method"]), []).append(r["macro_f1"])
-    summary = [
+    return [
         {
             "dataset": d,
             "seed_fraction": f,
@@ -686,14 +683,24 @@ def _summary(
         }
         for (d, f, m), v in sorted(groups.items())
     ]
+
+
+def _summary(
+    rows: list[dict[str, Any]],
+    traces: list[dict[str, Any]],
+    args: argparse.Namespace,
+    environments: dict[str, Any],
+    machine: dict[str, Any],
+) -> dict[str, Any]:
+    used = {r.get("env") for r in rows}
     return {
         "benchmark": "self_training",
-        "machine": machine_info(),
+        "machine": machine,
         # fingerprint -> machine_info() of every environment that wrote a row still in the file
-        "environments": {e: i for e, i in environments.items() if any(r.get("env") == e for r in rows)},
+        "environments": {e: i for e, i in environments.items() if e in used},
         "args": {k: str(v) for k, v in vars(args).items()},
         "rows": rows,
-        "summary": summary,
+        "summary": summarise(rows),
         "targets": targets(rows),
         "traces": traces,
     }
