@@ -6,6 +6,8 @@
     python benchmarks/self_training.py --table      # the Markdown tables of BENCHMARKS.md from the saved JSON
     python benchmarks/self_training.py --jitter 1e-6 --out /tmp/jitter.json ...  # rows on vectors moved at
                                                     # float level: how far a row follows such changes
+    python benchmarks/self_training.py --config '{"cv_repeats": 2}' --out /tmp/r2.json ...  # a variant of our
+                                                    # pipeline's config on the same splits, recorded per row
 
 Each row records the commit, the environment (``benchmarks/machine.py``: CPU,
 Python, package versions) and a digest of the vectors it ran on.
@@ -237,11 +239,23 @@ def main() -> None:
         help="move every vector by noise of this size relative to its norm (e.g. 1e-6) before any method sees it: "
         "how far the rows follow float-level changes. Needs an --out other than the default file",
     )
+    ap.add_argument(
+        "--config",
+        type=json.loads,
+        default=None,
+        help="JSON of LabelingConfig fields for every run of our loop (ours, the ablations and the RF loop), e.g. "
+        "'{\"cv_repeats\": 2}': a variant measured on the same splits. An ablation's own setting wins. Recorded in "
+        "each row. Needs an --out other than the default file",
+    )
     args = ap.parse_args()
     if args.jitter < 0:
         ap.error(f"--jitter must be >= 0, got {args.jitter}")
     if args.jitter and args.out.resolve() == DEFAULT_OUT.resolve():
         ap.error("--jitter writes rows of perturbed vectors: give them their own --out, not the benchmark's file")
+    if args.config is not None and not isinstance(args.config, dict):
+        ap.error(f"--config must be a JSON object of LabelingConfig fields, got {args.config!r}")
+    if args.config and args.out.resolve() == DEFAULT_OUT.resolve():
+        ap.error("--config runs a variant of the pipeline: give its rows their own --out, not the benchmark's file")
     if args.plots_only:  # also refreshes the summary and targets from the saved rows
         saved = json.loads(args.out.read_text())
         saved["summary"] = summarise(saved["rows"])
@@ -260,6 +274,14 @@ def main() -> None:
     from labeling.job import run_job
     from retrieval import EdgeStore
 
+    variant = dict(args.config or {})
+    if variant:
+        if fixed := sorted({"truth_field", "allow_sparse_seed", "seed"} & set(variant)):
+            ap.error(f"--config: {fixed} are set by the benchmark per row, not by a variant")
+        try:  # a bad field fails here, before any data is loaded, not in the first run
+            LabelingConfig(**variant)
+        except ValueError as exc:
+            ap.error(f"--config: {exc}")
     commit = _commit()
     info = machine_info()
     env = fingerprint(info)  # rows of the same commit still differ between environments (benchmarks/machine.py)
@@ -326,6 +348,7 @@ def main() -> None:
                         "env": env,  # and the environment it ran in: a key of the file's "environments"
                         "vectors": vecs_digest,  # and on which vectors (bit for bit)
                         **({"jitter": args.jitter} if args.jitter else {}),
+                        **({"config": variant} if variant and method in OURS else {}),
                     }
                     if method in OURS:
                         tmp = Path(tempfile.mkdtemp(prefix="st-bench-"))
@@ -340,7 +363,10 @@ def main() -> None:
                                 store.upsert("items", [f"{dataset}-{i}" for i in rest], vecs[rest], payloads)
                                 store.optimize("items")
                                 cfg = LabelingConfig(
-                                    truth_field="hidden_label", allow_sparse_seed=override, seed=seed, **OURS[method]
+                                    truth_field="hidden_label",
+                                    allow_sparse_seed=override,
+                                    seed=seed,
+                                    **{**variant, **OURS[method]},
                                 )
                                 result = run_job(store, "items", cfg, runs_dir=tmp / "runs")
                                 probs = result.predict_proba(store, vecs[test])

@@ -86,6 +86,11 @@ class LabelingConfig(BaseModel):
     eval_mode: EvalMode = "auto"
     holdout_fraction: float = Field(0.2, gt=0, lt=0.9)
     cv_folds: int = Field(4, ge=2, le=20)
+    #: cv mode: the K folds are drawn this many times with different shuffles, one chain per fold and draw
+    #: (K x repeats chains). A ground-truth row is then held out once per draw, and its held-out score (what
+    #: calibration, the blend, the gate's threshold check and the breaker read) is the mean of its draws;
+    #: the pool's written probability averages every chain. Ignored in holdout mode (one chain).
+    cv_repeats: int = Field(1, ge=1, le=10)
     #: ``auto`` uses out-of-fold scores (cv) when the smallest class has fewer ground-truth examples than this:
     #: below 250, a 20% holdout slice holds < 50 rows of that class, too few to calibrate on or to validate the
     #: gate threshold with, and every model would train without a fifth of an already small seed (measured on

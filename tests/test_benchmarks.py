@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -309,3 +310,37 @@ def test_self_training_jitter_refuses_a_negative_scale_and_the_benchmarks_own_fi
     assert negative.returncode == 2 and "--jitter must be >= 0, got -1.0" in negative.stderr
     default_out = subprocess.run([sys.executable, script, "--jitter", "1e-6"], capture_output=True, text=True)
     assert default_out.returncode == 2 and "give them their own --out" in default_out.stderr
+
+
+def test_self_training_config_variant_is_applied_and_recorded_on_our_rows_only(tmp_path):
+    out = tmp_path / "variant.json"
+    subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "self_training.py"), "--quick", "--epochs", "5",
+         "--methods", "embedstore_no_neighbourhood,supervised_xgb", "--config", '{"max_iterations": 1}',
+         "--out", str(out)],
+        check=True, cwd=ROOT, timeout=900, capture_output=True,
+    )  # fmt: skip
+    rows = {r["method"]: r for r in json.loads(out.read_text())["rows"]}
+    assert rows["embedstore_no_neighbourhood"]["config"] == {"max_iterations": 1}
+    assert rows["embedstore_no_neighbourhood"]["iterations"] == 1  # the variant ran, with the ablation's own setting
+    assert "config" not in rows["supervised_xgb"]
+
+
+@pytest.mark.parametrize(
+    ("config", "own_out", "message"),
+    [
+        ('{"cv_repeats": 2}', False, "give its rows their own --out"),
+        ("[2]", True, "--config must be a JSON object"),
+        ('{"seed": 3}', True, "['seed'] are set by the benchmark"),
+        ('{"cv_repeats": 0}', True, "cv_repeats"),
+        ('{"no_such_field": 1}', True, "no_such_field"),
+    ],
+)
+def test_self_training_config_refuses_a_bad_variant_before_running(config, own_out, message, tmp_path):
+    out = tmp_path / "variant.json"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "self_training.py"), "--config", config]
+    done = subprocess.run(
+        [*cmd, *(["--out", str(out)] if own_out else [])], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 2 and message in done.stderr, done.stderr
+    assert not out.exists()

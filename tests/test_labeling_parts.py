@@ -474,3 +474,39 @@ def test_a_thin_class_does_not_cut_the_folds_every_chain_trains_on():
         assert ch.visible.sum() >= 31  # ~3/4 of the 42 labels, not half
         assert all((ch.visible & (y == k)).any() for k in range(5))
         assert not ch.visible[ch.eval_rows].any()
+
+
+def test_repeated_folds_hold_every_label_out_once_per_draw():
+    """cv_repeats draws the K folds again with another shuffle: K x repeats chains, each judged only on labels
+    it never sees, every ground-truth label held out exactly once per draw, and the draws differ."""
+    from labeling.selftrain import _chains
+
+    y = np.full(300, -1)
+    y[:120] = np.repeat(np.arange(3), 40)
+    gt = np.flatnonzero(y >= 0)
+    mode, chains = _chains(y, np.flatnonzero(y < 0), LabelingConfig(cv_repeats=3), np.random.default_rng(0))
+    assert mode == "cv" and len(chains) == 12
+    draws = [chains[i : i + 4] for i in (0, 4, 8)]
+    for draw in draws:
+        assert sorted(np.concatenate([ch.eval_rows for ch in draw]).tolist()) == gt.tolist()
+    assert all(not ch.visible[ch.eval_rows].any() for ch in chains)
+    assert [ch.eval_rows.tolist() for ch in draws[0]] != [ch.eval_rows.tolist() for ch in draws[1]]
+    # one draw is the default, and the first draw does not depend on how many follow
+    _, one = _chains(y, np.flatnonzero(y < 0), LabelingConfig(), np.random.default_rng(0))
+    assert [ch.eval_rows.tolist() for ch in one] == [ch.eval_rows.tolist() for ch in draws[0]]
+
+
+def test_repeated_folds_run_one_chain_per_fold_and_draw_and_score_with_all_of_them():
+    data = _toy(600, seed=3)
+    base = {"max_iterations": 2, "review_count": 0, "cv_folds": 2, "xgboost": {"max_rounds": 40}}
+    one = SelfTrainer(LabelingConfig(**base)).run(data)
+    two = SelfTrainer(LabelingConfig(**base, cv_repeats=2)).run(data)
+    assert one.eval_mode == two.eval_mode == "cv"
+    assert (one.n_models, two.n_models) == (4, 8)
+    assert len(two.predictor.models) == 4 and len(two.predictor.chain_spread) == 4
+    # calibration reads every ground-truth label once (its mean held-out score over the draws), not twice
+    n_gt = int((data.y >= 0).sum())
+    assert len(two.calibration.oof_calibrated) == len(one.calibration.oof_calibrated) == n_gt
+    assert np.isfinite(two.probs).all() and np.allclose(two.probs.sum(axis=1), 1.0)
+    acc = two.decision.status == ACCEPTED
+    assert acc.any() and (two.decision.label[acc] == data.truth[two.pool][acc]).mean() > 0.9
