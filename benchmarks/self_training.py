@@ -261,7 +261,7 @@ def main() -> None:
         saved["summary"] = summarise(saved["rows"])
         saved["targets"] = targets(saved["rows"])
         args.out.write_text(json.dumps(saved, indent=2))
-        print("\n".join(str(p) for p in plots(saved, args.out.parent)))
+        print("\n".join(str(p) for p in plots(saved, args.out)))
         return
     if args.table:
         print(markdown(json.loads(args.out.read_text())))
@@ -417,7 +417,7 @@ def main() -> None:
                     args.out.write_text(json.dumps(_summary(rows, traces, args, environments, info), indent=2))
     summary = _summary(rows, traces, args, environments, info)
     print(json.dumps(summary["summary"], indent=2))
-    for path in plots(summary, args.out.parent):
+    for path in plots(summary, args.out):
         print(f"plot: {path}")
 
 
@@ -620,8 +620,10 @@ def environment_table(environments: dict[str, Any]) -> list[str]:
     return lines
 
 
-def plots(saved: dict[str, Any], outdir: Path) -> list[Path]:
-    """F1 vs seed fraction per method (one panel per dataset); per-iteration F1/precision, XGBoost vs RF."""
+def plots(saved: dict[str, Any], out: Path) -> list[Path]:
+    """F1 vs seed fraction per method (one panel per dataset); per-iteration F1/precision, XGBoost vs RF. Named
+    after the results file ``out`` (self_training.json -> self_training_f1.png), so a side run's plots (--jitter,
+    --config) never overwrite the benchmark's."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -660,7 +662,7 @@ def plots(saved: dict[str, Any], outdir: Path) -> list[Path]:
         ax.grid(alpha=0.3)
     axes[0][-1].legend(fontsize=7, loc="lower right")
     fig.tight_layout()
-    path = outdir / "self_training_f1.png"
+    path = out.with_name(f"{out.stem}_f1.png")
     fig.savefig(path, dpi=110)
     plt.close(fig)
     paths.append(path)
@@ -686,7 +688,7 @@ def plots(saved: dict[str, Any], outdir: Path) -> list[Path]:
                 ax.grid(alpha=0.3)
                 ax.legend(fontsize=8)
         fig.tight_layout()
-        path = outdir / "self_training_iterations.png"
+        path = out.with_name(f"{out.stem}_iterations.png")
         fig.savefig(path, dpi=110)
         plt.close(fig)
         paths.append(path)

@@ -324,6 +324,7 @@ def test_self_training_config_variant_is_applied_and_recorded_on_our_rows_only(t
     assert rows["embedstore_no_neighbourhood"]["config"] == {"max_iterations": 1}
     assert rows["embedstore_no_neighbourhood"]["iterations"] == 1  # the variant ran, with the ablation's own setting
     assert "config" not in rows["supervised_xgb"]
+    assert (tmp_path / "variant_f1.png").is_file() and not (tmp_path / "self_training_f1.png").exists()
 
 
 @pytest.mark.parametrize(
