@@ -212,6 +212,17 @@ def _commit() -> str | None:
     return out.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "") if out.returncode == 0 else None
 
 
+def _json_object(text: str) -> dict[str, Any]:
+    """--config's value: a JSON object (argparse reports the error with the option's name)."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"not JSON ({exc}): {text!r}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"must be a JSON object of LabelingConfig fields, got {text!r}")
+    return value
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--datasets", default=",".join(DATASETS))
@@ -241,7 +252,7 @@ def main() -> None:
     )
     ap.add_argument(
         "--config",
-        type=json.loads,
+        type=_json_object,
         default=None,
         help="JSON of LabelingConfig fields for every run of our loop (ours, the ablations and the RF loop), e.g. "
         "'{\"cv_repeats\": 2}': a variant measured on the same splits. An ablation's own setting wins. Recorded in "
@@ -252,8 +263,6 @@ def main() -> None:
         ap.error(f"--jitter must be >= 0, got {args.jitter}")
     if args.jitter and args.out.resolve() == DEFAULT_OUT.resolve():
         ap.error("--jitter writes rows of perturbed vectors: give them their own --out, not the benchmark's file")
-    if args.config is not None and not isinstance(args.config, dict):
-        ap.error(f"--config must be a JSON object of LabelingConfig fields, got {args.config!r}")
     if args.config and args.out.resolve() == DEFAULT_OUT.resolve():
         ap.error("--config runs a variant of the pipeline: give its rows their own --out, not the benchmark's file")
     if args.plots_only:  # also refreshes the summary and targets from the saved rows

@@ -450,8 +450,8 @@ class SelfTrainer:
         # every ground-truth row scored out of sample, once: with cv_repeats > 1 the first draw's chains already
         # partition the ground truth, and a row's score is the mean over the draws (each from a chain that never
         # saw the row's label)
-        draws = cfg.cv_repeats if mode == "cv" else 1
-        eval_all = np.concatenate([ch.eval_rows for ch in chains[: len(chains) // draws]])
+        n_draws = cfg.cv_repeats if mode == "cv" else 1
+        eval_all = np.concatenate([ch.eval_rows for ch in chains[: len(chains) // n_draws]])
         chain_c: list[float] = []
         if cfg.linear:
             # each chain picks its linear model's C on the ground truth it may see (never on its judged rows)
@@ -535,14 +535,14 @@ class SelfTrainer:
                         chain_lin[-1].append(lin)
                     secs["fit"] += time.perf_counter() - t0
                     t0 = time.perf_counter()
-                    eval_raw[ev] += learner.predict_proba(feats[ev]) / draws
+                    eval_raw[ev] += learner.predict_proba(feats[ev]) / n_draws
                     mine = ch.pool_half == half
                     pool_raw[mine] = learner.predict_proba(feats[pool[mine]])
                     if chain_c:
-                        eval_lin[ev] += lin.predict_proba(data.x[ev]) / draws
+                        eval_lin[ev] += lin.predict_proba(data.x[ev]) / n_draws
                         pool_lin[mine] = lin.predict_proba(data.x[pool[mine]])
                     if chain_gt_spread:
-                        eval_spread[ev] += chain_gt_spread[ci][ev] / draws
+                        eval_spread[ev] += chain_gt_spread[ci][ev] / n_draws
                         pool_spread[mine] = chain_gt_spread[ci][pool[mine]]
                     secs["predict"] += time.perf_counter() - t0
                     n_rows += len(x_tr)

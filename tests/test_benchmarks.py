@@ -331,7 +331,8 @@ def test_self_training_config_variant_is_applied_and_recorded_on_our_rows_only(t
     ("config", "own_out", "message"),
     [
         ('{"cv_repeats": 2}', False, "give its rows their own --out"),
-        ("[2]", True, "--config must be a JSON object"),
+        ("[2]", True, "argument --config: must be a JSON object"),
+        ("{cv_repeats: 2}", True, "argument --config: not JSON"),
         ('{"seed": 3}', True, "['seed'] are set by the benchmark"),
         ('{"cv_repeats": 0}', True, "cv_repeats"),
         ('{"no_such_field": 1}', True, "no_such_field"),
