@@ -258,6 +258,7 @@ class _Chain:
     pool_half: np.ndarray  # (n_pool,) which of the chain's two models scores each pool point
     acc_label: np.ndarray  # (n,) its accepted pseudo-labels, -1 = none
     acc_conf: np.ndarray  # (n,) their calibrated confidence
+    draw: int = 0  # which drawing of the folds it belongs to (cv_repeats): each draw's chains partition the GT
 
 
 def _chains(
@@ -276,7 +277,7 @@ def _chains(
     seed = int(rng.integers(2**31))
     if mode == "holdout":
         _, held = train_test_split(gt, test_size=n_eval, stratify=y[gt], random_state=seed)
-        splits = [np.sort(held)]
+        splits = [(0, np.sort(held))]
     else:
         # The number of folds is *not* capped by the thinnest class: a class with 2 labels and 4 folds has
         # them in two folds (every chain still sees at least one, as check_seed requires >= 2), while the cap
@@ -285,13 +286,13 @@ def _chains(
         k = min(config.cv_folds, int(counts.max()))
         draws = [seed] + [int(rng.integers(2**31)) for _ in range(config.cv_repeats - 1)]
         splits = []
-        for draw in draws:  # cv_repeats > 1: each draw partitions the ground truth again
+        for d, draw in enumerate(draws):  # cv_repeats > 1: each draw partitions the ground truth again
             with warnings.catch_warnings():  # fewer members than folds in the thinnest class: intended, see above
                 warnings.filterwarnings("ignore", message="The least populated class", category=UserWarning)
                 folds = list(StratifiedKFold(k, shuffle=True, random_state=draw).split(gt, y[gt]))
-            splits += [np.sort(gt[test]) for _, test in folds]
+            splits += [(d, np.sort(gt[test])) for _, test in folds]
     chains = []
-    for rows in splits:
+    for d, rows in splits:
         visible = y >= 0
         visible[rows] = False
         chains.append(
@@ -302,6 +303,7 @@ def _chains(
                 pool_half=rng.permutation(np.arange(len(pool)) % 2),
                 acc_label=np.full(len(y), -1, np.int64),
                 acc_conf=np.zeros(len(y), np.float32),
+                draw=d,
             )
         )
     return mode, chains
@@ -450,8 +452,8 @@ class SelfTrainer:
         # every ground-truth row scored out of sample, once: with cv_repeats > 1 the first draw's chains already
         # partition the ground truth, and a row's score is the mean over the draws (each from a chain that never
         # saw the row's label)
-        n_draws = cfg.cv_repeats if mode == "cv" else 1
-        eval_all = np.concatenate([ch.eval_rows for ch in chains[: len(chains) // n_draws]])
+        n_draws = 1 + max(ch.draw for ch in chains)
+        eval_all = np.concatenate([ch.eval_rows for ch in chains if ch.draw == 0])
         chain_c: list[float] = []
         if cfg.linear:
             # each chain picks its linear model's C on the ground truth it may see (never on its judged rows)
