@@ -74,6 +74,110 @@ def _embedder(require_projection: bool = True):
     return embedder
 
 
+def _write_projection(artifact, out: Path) -> None:
+    """Save ``artifact`` to ``out`` whole or not at all: written beside it, then swapped in by renames."""
+    import os
+    import shutil
+
+    out = out.resolve()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.new-{os.getpid()}")
+    old = out.with_name(f".{out.name}.old-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        artifact.save(tmp)
+        if out.exists():
+            os.replace(out, old)
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+@app.command("fit-projection")
+def fit_projection_cmd(
+    dataset: Annotated[Optional[str], typer.Option(help="A bundled dataset (emoji, rotten_tomatoes, ...).")] = None,  # noqa: UP045
+    manifest: Annotated[Optional[Path], typer.Option(help="JSONL/CSV manifest: id, image, text, label.")] = None,  # noqa: UP045
+    out: Annotated[
+        Optional[Path],  # noqa: UP045
+        typer.Option("--out", help="Directory to write (EMBEDSTORE_PROJECTION, ./data/projection)."),
+    ] = None,
+    labels: Annotated[
+        bool,
+        typer.Option(
+            "--labels/--no-labels",
+            help="Train the classifier heads on the items' labels too. Off by default: a labeling job calibrates "
+            "on its ground-truth labels, and a projection that learned them makes those scores look better than "
+            "the pool's.",
+        ),
+    ] = False,
+    epochs: Annotated[int, typer.Option(min=1, help="Most epochs (early stopping on a validation split).")] = 200,
+    holdout: Annotated[
+        float, typer.Option(min=0.0, max=0.9, help="Share of the labelled items held out to measure the result.")
+    ] = 0.2,
+    seed: Annotated[int, typer.Option(help="Seed of the split and the training.")] = 0,
+    force: Annotated[bool, typer.Option(help="Replace a projection already at --out.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the fit report as JSON.")] = False,
+) -> None:
+    """Train the Matryoshka projection (512D, usable 128D and 256D prefixes) on items, and save it."""
+    from embedder.config import EmbedderSettings
+    from embedder.datasets import load_items, manifest_items
+    from embedder.errors import EmbedderError
+    from embedder.projection import ProjectionArtifact, TrainConfig
+    from embedder.training import fit_on_items
+
+    if (dataset is None) == (manifest is None):
+        _fail(ValueError("give exactly one of --dataset or --manifest"))
+    target = out if out is not None else EmbedderSettings().projection
+    if (target / "projection.json").is_file() and not force:
+        try:
+            current = f" ({ProjectionArtifact.load(target).version})"
+        except EmbedderError:
+            current = ""
+        _fail(
+            ValueError(
+                f"a projection is already saved at {target}{current}; pass --force to replace it (collections "
+                "indexed with it then need `embedstore reindex`), or --out DIR to write elsewhere"
+            )
+        )
+    try:
+        items = load_items(dataset) if dataset else manifest_items(manifest)  # type: ignore[arg-type]
+        if not items:
+            raise ValueError(f"no items in {dataset or manifest}")
+        embedder = _embedder(require_projection=False)
+        artifact, report = fit_on_items(
+            items,
+            embedder,
+            config=TrainConfig(epochs=epochs, seed=seed),
+            holdout=holdout,
+            use_labels=labels,
+            cache_name=f"dataset-{dataset}" if dataset else None,
+            progress=not as_json,
+        )
+        _write_projection(artifact, target)
+    except (EmbedderError, ValueError, OSError) as exc:
+        _fail(exc)
+    if as_json:
+        console.print_json(json.dumps({**report.as_dict(), "path": str(target)}))
+        return
+    how = f"on {report.n_labels_used} labels and" if report.n_labels_used else "without labels, on"
+    console.print(
+        f"projection {report.version} fitted {how} {report.n_items} items ({report.epochs_run} epochs), "
+        f"saved to {target}"
+    )
+    if report.knn:
+        from rich.table import Table
+
+        table = Table(title=f"held-out kNN accuracy (k = 10; {report.n_test} labelled items held out)")
+        table.add_column("vector")
+        table.add_column("accuracy", justify="right")
+        for dims, acc in report.knn.items():
+            table.add_row(f"{dims}D prefix" if dims != "raw" else "raw encoder features", f"{acc:.3f}")
+        console.print(table)
+    else:
+        console.print("no held-out measure: it needs --holdout > 0 and at least 10 labelled items")
+
+
 @app.command("index")
 def index_cmd(
     dataset: Annotated[Optional[str], typer.Option(help="emoji, rotten_tomatoes or mnist.")] = None,  # noqa: UP045

@@ -266,9 +266,27 @@ def fashion_mnist_items() -> list[Item]:
 
 
 # -------------------------------------------------------------------- manifests
+MANIFEST_COLUMNS = ("id", "image", "text", "label")
+
+
+def _reserved_payload_keys() -> frozenset[str]:
+    """Payload keys the system writes (ids, versions, the labeling job's fields): a manifest may not set them."""
+    from embedder.indexing import VERSION_KEY
+    from labeling.runs import PREV_FIELD, PSEUDO_FIELDS
+    from retrieval.schema import EXTERNAL_ID_KEY
+
+    return frozenset({EXTERNAL_ID_KEY, VERSION_KEY, "image_uri", "labeled_at", PREV_FIELD, *PSEUDO_FIELDS})
+
+
 def manifest_items(path: str | Path) -> list[Item]:
     """Items from a JSONL or CSV manifest with columns ``id``, ``image`` (a path, relative to the
-    manifest's folder), ``text``, ``label`` (each optional but id, and at least one of image/text)."""
+    manifest's folder), ``text``, ``label`` (each optional but id, and at least one of image/text).
+
+    Any other column is kept as payload (a CSV's empty cells are left out; JSONL values stay
+    as they are), so metadata such as a source, a date or a held-back truth can be filtered
+    on and read by the labeling job (``--truth-field``). Columns the system writes itself
+    (``external_id``, ``embedding_version``, ``image_uri``, the ``pseudo_*`` fields, ...)
+    are refused, naming the row and the column."""
     path = Path(path)
     if not path.is_file():
         raise DatasetUnavailableError(f"manifest {path} does not exist")
@@ -288,21 +306,32 @@ def manifest_items(path: str | Path) -> list[Item]:
             rows = list(csv.DictReader(f))
     else:
         raise DatasetUnavailableError(f"manifest {path} must be .jsonl or .csv")
+    reserved = _reserved_payload_keys()
     items = []
     for n, row in enumerate(rows, 1):
-        if not row.get("id"):
+        if row.get("id") in (None, ""):
             raise DatasetUnavailableError(f"{path}: row {n} has no id")
+        if None in row:  # csv.DictReader's key for cells beyond the header
+            raise DatasetUnavailableError(f"{path}: row {n} (id {row['id']!r}) has more cells than the header")
+        extra = {k: v for k, v in row.items() if k not in MANIFEST_COLUMNS and v not in (None, "")}
+        clash = sorted(k for k in extra if k in reserved)
+        if clash:
+            raise DatasetUnavailableError(
+                f"{path}: row {n} (id {row['id']!r}) sets {clash}: the system writes "
+                f"{'that field' if len(clash) == 1 else 'those fields'} itself; rename the column"
+            )
         image = row.get("image") or None
         if image is not None:
             image = Path(image) if Path(image).is_absolute() else path.parent / image
         label = row.get("label")
+        payload = extra | ({"image_uri": str(image)} if image is not None else {})
         items.append(
             Item(
                 id=str(row["id"]),
                 image=image,
                 text=row.get("text") or None,
                 label=None if label in (None, "") else str(label),
-                payload={"image_uri": str(image)} if image is not None else {},
+                payload=payload,
             )
         )
     return items

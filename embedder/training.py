@@ -40,6 +40,7 @@ class FitReport:
     n_items: int
     n_train: int
     n_test: int
+    n_labels_used: int = 0  # labels the projection's classifier heads saw (0: label-free)
     knn: dict[str, float] = field(default_factory=dict)  # dims ("128", "256", "512", "raw") -> held-out kNN accuracy
     epochs_run: int = 0
 
@@ -54,6 +55,7 @@ def fit_on_items(
     config: TrainConfig | None = None,
     holdout: float = 0.2,
     label_fraction: float = 1.0,
+    use_labels: bool = True,
     cache_name: str | None = None,
     progress: bool = True,
 ) -> tuple[ProjectionArtifact, FitReport]:
@@ -63,7 +65,13 @@ def fit_on_items(
     sees every item) but their labels never are, so the report's kNN accuracy
     is an honest estimate. ``label_fraction`` < 1 keeps only that share of the
     training labels (stratified), to check the few-labels regime.
+    ``use_labels=False`` fits a label-free projection (the neighbourhood term
+    alone); the labels, when there are any, still measure it on the same split.
     """
+    if not 0.0 <= holdout < 1.0:
+        raise ValueError(f"holdout must be in [0, 1), got {holdout}")
+    if not 0.0 < label_fraction <= 1.0:
+        raise ValueError(f"label_fraction must be in (0, 1], got {label_fraction}")
     config = config or TrainConfig()
     raw = features_for(items, embedder, cache_name=cache_name, progress=progress)
     raw = RawFeatures(np.asarray(raw.image), np.asarray(raw.text), np.asarray(raw.has_image), np.asarray(raw.has_text))
@@ -78,6 +86,8 @@ def fit_on_items(
     if label_fraction < 1.0:
         sub, _ = stratified_split([labels[i] for i in train_idx], 1.0 - label_fraction, seed=config.seed + 1)
         keep = set(train_idx[sub].tolist())
+    if not use_labels:
+        keep = set()
     train_labels = [labels[i] if i in keep else None for i in range(len(items))]
     artifact = fit_projection(raw, train_labels, config, encoders=embedder.encoder_signatures(), progress=progress)
 
@@ -86,6 +96,7 @@ def fit_on_items(
         n_items=len(items),
         n_train=len(train_idx),
         n_test=len(test_idx),
+        n_labels_used=len(keep),
         epochs_run=int(artifact.training.get("epochs_run", 0)),
     )
     if len(test_idx):

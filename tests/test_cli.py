@@ -75,3 +75,56 @@ def test_store_commands_report_errors_cleanly(tmp_path):
     with EdgeStore(tmp_path):
         result = runner.invoke(app, ["store", "info", "--path", str(tmp_path)])
     assert result.exit_code == 2 and "in use by" in result.output
+
+
+def _emoji_manifest(tmp_path, emoji_items, n_per_class: int = 6):
+    """A JSONL manifest of real emoji (image + text + label), ``n_per_class`` of each category."""
+    taken: dict[str, int] = {}
+    lines = []
+    for it in emoji_items:
+        if taken.get(it.label, 0) < n_per_class:
+            taken[it.label] = taken.get(it.label, 0) + 1
+            lines.append(json.dumps({"id": it.id, "image": str(it.image), "text": it.text, "label": it.label}))
+    path = tmp_path / "items.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    return path, len(lines)
+
+
+def test_fit_projection_command_trains_saves_and_will_not_overwrite_by_accident(tmp_path, monkeypatch, emoji_items):
+    from embedder.projection import ProjectionArtifact
+
+    out = tmp_path / "projection"
+    monkeypatch.setenv("EMBEDSTORE_PROJECTION", str(out))
+    manifest, n = _emoji_manifest(tmp_path, emoji_items)
+    args = ["fit-projection", "--manifest", str(manifest), "--epochs", "3", "--json"]
+
+    result = runner.invoke(app, [*args, "--labels"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    first = ProjectionArtifact.load(out)
+    assert report["version"] == first.version and report["path"] == str(out)
+    assert report["n_items"] == n and report["n_test"] > 0
+    assert report["n_labels_used"] == n - report["n_test"] == first.training["n_labeled"]  # held-out labels unused
+    assert set(report["knn"]) == {"128", "256", "512", "raw"} and all(0 <= v <= 1 for v in report["knn"].values())
+
+    result = runner.invoke(app, args)  # a projection is there: refused, and it is left as it was
+    assert result.exit_code == 2 and "--force" in " ".join(result.output.split())
+    assert ProjectionArtifact.load(out).version == first.version
+
+    result = runner.invoke(app, [*args, "--force"])  # label-free by default
+    assert result.exit_code == 0, result.output
+    second = ProjectionArtifact.load(out)
+    assert second.version != first.version and second.training["n_labeled"] == 0
+    assert json.loads(result.output)["knn"]  # the labels still measure it
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["items.jsonl", "projection"]  # no half-written leftovers
+
+
+def test_fit_projection_command_refuses_bad_arguments(tmp_path, monkeypatch):
+    monkeypatch.setenv("EMBEDSTORE_PROJECTION", str(tmp_path / "projection"))
+    result = runner.invoke(app, ["fit-projection"])
+    assert result.exit_code == 2 and "exactly one of --dataset or --manifest" in result.output
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"id": "a", "text": "t", "pseudo_status": "accepted"}\n')
+    result = runner.invoke(app, ["fit-projection", "--manifest", str(bad)])
+    assert result.exit_code == 2 and "pseudo_status" in result.output
+    assert not (tmp_path / "projection").exists()

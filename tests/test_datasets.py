@@ -46,3 +46,62 @@ def test_emoji_by_subcategory_relabels_and_drops_the_small_subcategories():
     assert items[0].label == "Animals"  # the input items are not changed
     with pytest.raises(ValueError, match="min_items must be >= 2"):
         by_subcategory(items, min_items=1)
+
+
+# ------------------------------------------------------------------ manifests
+def test_manifest_jsonl_keeps_extra_columns_as_payload(tmp_path):
+    from embedder.datasets import manifest_items
+
+    (tmp_path / "img").mkdir()
+    rows = [
+        {"id": 0, "text": "a cat", "label": "cat", "source": "shop", "meta": {"year": 2021}, "truth": "cat"},
+        {"id": "b", "image": "img/b.png", "label": "", "truth": "dog", "rating": 4.5},
+        {"id": "c", "image": str(tmp_path / "abs.png"), "text": "", "split": "test"},
+    ]
+    path = tmp_path / "items.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n\n")
+    a, b, c = manifest_items(path)
+    assert (a.id, a.text, a.image, a.label) == ("0", "a cat", None, "cat")  # id 0 is an id, not a missing one
+    assert a.payload == {"source": "shop", "meta": {"year": 2021}, "truth": "cat"}
+    assert b.image == tmp_path / "img" / "b.png" and b.label is None and b.text is None
+    assert b.payload == {"truth": "dog", "rating": 4.5, "image_uri": str(tmp_path / "img" / "b.png")}
+    assert c.image == tmp_path / "abs.png" and c.payload["split"] == "test"
+
+
+def test_manifest_csv_leaves_empty_cells_out_of_the_payload(tmp_path):
+    from embedder.datasets import manifest_items
+
+    path = tmp_path / "items.csv"
+    path.write_text("id,text,label,truth,source\nr1,great film,fresh,fresh,\nr2,dull,,rotten,web\n")
+    r1, r2 = manifest_items(path)
+    assert r1.label == "fresh" and r1.payload == {"truth": "fresh"}
+    assert r2.label is None and r2.payload == {"truth": "rotten", "source": "web"}
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "message"),
+    [
+        ("a.jsonl", '{"id": "x", "text": "t", "pseudo_label": "cat"}\n', r"row 1 \(id 'x'\) sets \['pseudo_label'\]"),
+        ("a.jsonl", '{"id": "x", "text": "t", "embedding_version": "v"}\n', "embedding_version"),
+        ("a.csv", "id,text,external_id\nx,t,y\n", r"sets \['external_id'\]"),
+        ("a.csv", "id,text\nx,t,extra\n", "row 1 .* more cells than the header"),
+        ("a.csv", "id,text\n,t\n", "row 1 has no id"),
+        ("a.jsonl", '{"id": "x"}\n[1, 2]\n', "a.jsonl:2: each line must be a JSON object"),
+        ("a.jsonl", '{"id": "x"\n', "a.jsonl:1: not JSON"),
+        ("a.txt", "id\nx\n", "must be .jsonl or .csv"),
+    ],
+)
+def test_manifest_errors_name_the_row_and_what_is_wrong(tmp_path, name, content, message):
+    from embedder.datasets import manifest_items
+
+    path = tmp_path / name
+    path.write_text(content)
+    with pytest.raises(DatasetUnavailableError, match=message):
+        manifest_items(path)
+
+
+def test_a_missing_manifest_is_named(tmp_path):
+    from embedder.datasets import manifest_items
+
+    with pytest.raises(DatasetUnavailableError, match="does not exist"):
+        manifest_items(tmp_path / "nope.jsonl")
