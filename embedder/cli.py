@@ -534,7 +534,8 @@ def reindex_cmd(path: PathOpt = None, collection: CollectionOpt = None) -> None:
     )
     if report.missing_source:
         console.print(
-            f"[red]{len(report.missing_source)} point(s) have no stored text or image_uri and were not re-embedded "
+            f"[red]{len(report.missing_source)} point(s) have no stored source (text / image_uri) for what their "
+            "vector was made from and were not re-embedded "
             f"(e.g. {report.missing_source[:5]}); the collection keeps its old version until they are re-ingested[/]"
         )
         raise typer.Exit(code=1)

@@ -271,11 +271,11 @@ MANIFEST_COLUMNS = ("id", "image", "text", "label")
 
 def _reserved_payload_keys() -> frozenset[str]:
     """Payload keys the system writes (ids, versions, the labeling job's fields): a manifest may not set them."""
-    from embedder.indexing import VERSION_KEY
+    from embedder.indexing import SOURCE_KEY, VERSION_KEY
     from labeling.runs import PREV_FIELD, PSEUDO_FIELDS
     from retrieval.schema import EXTERNAL_ID_KEY
 
-    return frozenset({EXTERNAL_ID_KEY, VERSION_KEY, "image_uri", "labeled_at", PREV_FIELD, *PSEUDO_FIELDS})
+    return frozenset({EXTERNAL_ID_KEY, VERSION_KEY, SOURCE_KEY, "image_uri", "labeled_at", PREV_FIELD, *PSEUDO_FIELDS})
 
 
 def manifest_items(path: str | Path) -> list[Item]:

@@ -24,6 +24,7 @@ from embedder.model import Embedder, Item, check_items
 from retrieval import CollectionSpec, FilterLike, Hit, VectorStore
 
 VERSION_KEY = "embedding_version"
+SOURCE_KEY = "embedded_from"
 
 
 def stored_version(store: VectorStore, collection: str) -> str | None:
@@ -44,6 +45,9 @@ def require_version(store: VectorStore, collection: str, embedder: Embedder, *, 
 
 
 def item_payload(item: Item, version: str) -> dict[str, Any]:
+    """The payload stored with an embedded item: its own fields, label, text, image path, the embedding
+    version, and what the vector was made from (``embedded_from``: ``image+text``, ``image`` or ``text``),
+    so :func:`reindex` can tell a point it can re-embed as it was from one whose image it never had (bytes)."""
     payload: dict[str, Any] = dict(item.payload)
     if item.label is not None:
         payload["label"] = str(item.label)
@@ -53,6 +57,7 @@ def item_payload(item: Item, version: str) -> dict[str, Any]:
     if isinstance(item.image, (str, Path)):
         payload.setdefault("image_uri", str(item.image))
     payload[VERSION_KEY] = version
+    payload[SOURCE_KEY] = "+".join(m for m, has in (("image", item.has_image), ("text", item.has_text)) if has)
     return payload
 
 
@@ -149,7 +154,11 @@ def reindex(
     Resumable: points already at the new version are skipped, and the
     collection's version is switched only once every point carries it. Points
     with no stored source cannot be re-embedded; they are listed and the
-    version is not switched (delete or re-ingest them, then run again).
+    version is not switched (delete or re-ingest them, then run again). So are
+    points whose vector was made from a modality they have no stored source for
+    (``embedded_from``): an image sent as bytes (gRPC ``Upsert``) leaves no
+    ``image_uri``, and re-embedding its text alone would silently give it another
+    kind of vector than its neighbours'.
     """
     version = embedder.version
     report = ReindexReport(version=version)
@@ -173,7 +182,8 @@ def reindex(
             report.already_current += 1
             continue
         text, uri = payload.get("text"), payload.get("image_uri")
-        if not text and not uri:
+        made_from = str(payload.get(SOURCE_KEY) or "").split("+")  # [""] on points stored before the field
+        if (not text and not uri) or ("image" in made_from and not uri) or ("text" in made_from and not text):
             report.missing_source.append(record.id)
             continue
         pending.append((record.id, Item(id=record.id, text=text, image=uri), payload))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from embedder.errors import EmbeddingVersionMismatchError, InvalidItemError
@@ -64,6 +66,27 @@ def test_reindex_lists_points_without_a_source(tmp_path, two_embedders, emoji_it
         report = reindex(store, "emoji", new)
         assert report.missing_source == [emoji_items[0].id] and report.reembedded == 4
         assert store.collection_metadata("emoji")[VERSION_KEY] == old.version  # not switched
+
+
+def test_reindex_will_not_re_embed_an_image_it_has_no_source_for(tmp_path, two_embedders, emoji_items):
+    """An image given as bytes leaves no image_uri: its text alone would make another kind of vector."""
+    old, new = two_embedders
+    a, b, c = emoji_items[:3]
+    items = [
+        Item(a.id, image=Path(a.image).read_bytes(), text=a.text),  # image bytes + text: cannot be redone
+        Item(b.id, text=b.text),  # text only: can
+        Item(c.id, image=c.image, text=c.text),  # image path + text: can
+    ]
+    with make_edge(tmp_path) as store:
+        index_items(store, "emoji", old, items)
+        made_from = {r.id: r.payload["embedded_from"] for r in store.iter_records("emoji")}
+        assert made_from == {a.id: "image+text", b.id: "text", c.id: "image+text"}
+        report = reindex(store, "emoji", new)
+        assert report.missing_source == [a.id] and report.reembedded == 2
+        assert store.collection_metadata("emoji")[VERSION_KEY] == old.version  # not switched
+        store.delete_payload_keys("emoji", [c.id], ["image_uri"])  # a path lost later is caught the same way
+        store.set_payload("emoji", {c.id: {VERSION_KEY: old.version}})
+        assert sorted(reindex(store, "emoji", new).missing_source) == sorted([a.id, c.id])
 
 
 def test_bad_items_fail_the_run_or_are_reported(tmp_path, two_embedders, emoji_items):

@@ -144,6 +144,8 @@ def test_get_count_facet_delete(served):
     assert [p.id for p in points] == [items[0].id, items[1].id]
     assert points[0].vector.shape == (512,) and points[0].payload["split"] == "train"
     assert points[0].payload["embedding_version"]
+    # the client sent the image's bytes: the server records what the vector came from, and no path it never had
+    assert points[0].payload["embedded_from"] == "image+text" and "image_uri" not in points[0].payload
     assert client.count().count == 120
     facets = client.count(facet="label").facets
     assert sum(facets.values()) == 120 and facets == dict(sorted(facets.items(), key=lambda kv: (-kv[1], kv[0])))

@@ -383,7 +383,7 @@ class StoreServicer(store_pb2_grpc.StoreServiceServicer):
             self.rt.metrics.items.inc(len(items))
             for row, item, i in zip(embedded, items, to_embed, strict=True):
                 vectors[i] = row
-                payloads[i] = item_payload(Item(item.id, text=item.text), version) | payloads[i]
+                payloads[i] = item_payload(item, version) | payloads[i]
                 payloads[i][VERSION_KEY] = version
         if context.time_remaining() is not None and context.time_remaining() <= 0:
             raise asyncio.CancelledError  # the caller has gone: write nothing
