@@ -538,6 +538,13 @@ def reindex_cmd(path: PathOpt = None, collection: CollectionOpt = None) -> None:
             "vector was made from and were not re-embedded "
             f"(e.g. {report.missing_source[:5]}); the collection keeps its old version until they are re-ingested[/]"
         )
+    for pid, why in report.unreadable[:20]:
+        console.print(f"[red]unreadable[/] {pid}: {why}")
+    if len(report.unreadable) > 20:
+        console.print(f"[red]... and {len(report.unreadable) - 20} more unreadable[/]")
+    if report.unreadable:
+        console.print("[red]the collection keeps its old version until every point is re-embedded: fix or re-ingest[/]")
+    if report.missing_source or report.unreadable:
         raise typer.Exit(code=1)
 
 

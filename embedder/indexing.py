@@ -138,7 +138,41 @@ class ReindexReport:
     reembedded: int = 0
     already_current: int = 0
     missing_source: list[str] = field(default_factory=list)
+    #: (id, why) of points whose stored source could not be read (a moved file, an image URL that fails)
+    unreadable: list[tuple[str, str]] = field(default_factory=list)
     version: str = ""
+
+
+def _is_url(uri: object) -> bool:
+    return isinstance(uri, str) and uri.startswith(("http://", "https://"))
+
+
+def _fetcher(timeout_s: float = 30.0, attempts: int = 3) -> Callable[[str], bytes]:
+    """GET an image URL (redirects followed), retrying transport errors, 429 and 5xx with jittered backoff."""
+    import httpx
+    from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_random_exponential
+
+    client = httpx.Client(timeout=timeout_s, follow_redirects=True)
+
+    def transient(exc: BaseException) -> bool:
+        if isinstance(exc, httpx.HTTPStatusError):
+            return exc.response.status_code == 429 or exc.response.status_code >= 500
+        return isinstance(exc, httpx.TransportError)
+
+    def fetch(url: str) -> bytes:
+        for attempt in Retrying(
+            stop=stop_after_attempt(attempts),
+            wait=wait_random_exponential(multiplier=0.5, max=8),
+            retry=retry_if_exception(transient),
+            reraise=True,
+        ):
+            with attempt:
+                response = client.get(url)
+                response.raise_for_status()
+                return response.content
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    return fetch
 
 
 def reindex(
@@ -148,6 +182,7 @@ def reindex(
     *,
     batch_size: int = 256,
     progress: Callable[[int], None] | None = None,
+    fetch: Callable[[str], bytes] | None = None,
 ) -> ReindexReport:
     """Re-embed every point of ``collection`` with ``embedder`` from its stored ``text`` / ``image_uri``.
 
@@ -159,21 +194,53 @@ def reindex(
     (``embedded_from``): an image sent as bytes (gRPC ``Upsert``) leaves no
     ``image_uri``, and re-embedding its text alone would silently give it another
     kind of vector than its neighbours'.
+
+    An ``image_uri`` that is an http(s) URL (HTTP ingestion stores the absolute
+    URL) is fetched again with ``fetch`` (default: httpx with retries; no API
+    key: a source whose images need one cannot be re-fetched here). A point
+    whose source cannot be read (a moved file, a failing URL, a corrupt image)
+    is listed in ``unreadable`` with the reason, the others go on, and the
+    version is not switched.
     """
     version = embedder.version
     report = ReindexReport(version=version)
     pending: list[tuple[str, Item, dict[str, Any]]] = []
+    get_url = fetch
+
+    def fetched(batch: list[tuple[str, Item, dict[str, Any]]]) -> list[tuple[str, Item, dict[str, Any]]]:
+        """The batch with URL images fetched; points whose fetch fails go to ``unreadable``."""
+        nonlocal get_url
+        good = []
+        for pid, item, payload in batch:
+            if _is_url(item.image):
+                get_url = get_url or _fetcher()
+                try:
+                    item = Item(id=item.id, image=get_url(str(item.image)), text=item.text)
+                except Exception as exc:  # any fetch failure: name it and go on
+                    report.unreadable.append((pid, f"image {item.image}: {type(exc).__name__}: {exc}"))
+                    continue
+            good.append((pid, item, payload))
+        return good
 
     def flush() -> None:
-        if not pending:
-            return
-        vectors = embedder.embed([p[1] for p in pending])
-        payloads = [{**p[2], VERSION_KEY: version} for p in pending]
-        store.upsert(collection, [p[0] for p in pending], vectors, payloads)
-        report.reembedded += len(pending)
-        if progress:
-            progress(len(pending))
+        batch = fetched(pending)
         pending.clear()
+        while batch:
+            try:
+                vectors = embedder.embed([p[1] for p in batch])
+                break
+            except InvalidItemError as exc:  # a file gone or corrupt: list it, embed the rest
+                if exc.index is None:
+                    raise
+                report.unreadable.append((batch[exc.index][0], exc.reason))
+                batch = batch[: exc.index] + batch[exc.index + 1 :]
+        if not batch:
+            return
+        payloads = [{**p[2], VERSION_KEY: version} for p in batch]
+        store.upsert(collection, [p[0] for p in batch], vectors, payloads)
+        report.reembedded += len(batch)
+        if progress:
+            progress(len(batch))
 
     for record in store.iter_records(collection, page_size=batch_size, with_payload=True):
         payload = dict(record.payload or {})
@@ -190,6 +257,6 @@ def reindex(
         if len(pending) >= batch_size:
             flush()
     flush()
-    if not report.missing_source:
+    if not report.missing_source and not report.unreadable:
         store.update_collection_metadata(collection, {VERSION_KEY: version})
     return report

@@ -52,7 +52,7 @@ class Catalog(http.server.BaseHTTPRequestHandler):
         parts = urlsplit(self.path)
         if parts.path.startswith("/img/"):
             name = parts.path.rsplit("/", 1)[1].removesuffix(".png")
-            if not name.isdigit():
+            if not name.isdigit() or name in st.get("gone", ()):
                 return self._send(404, b"no such image")
             return self._send(200, png((int(name) * 17 % 255, 120, 30)), "image/png")
         key = self.headers.get("authorization", "").removeprefix("Bearer ")
@@ -131,7 +131,7 @@ def test_ingest_all_pages_rotating_keys_and_listing_bad_items(api, redis_server,
         assert [pid for pid, _ in report.skipped] == ["it-5"] and "image download failed" in report.skipped[0][1]
         assert store.count("catalog") == 13
         rec = store.retrieve("catalog", ["it-3"])[0]
-        assert rec.payload["image_uri"] == "/img/3.png"
+        assert rec.payload["image_uri"] == url.removesuffix("/items") + "/img/3.png"  # absolute: reindex refetches
         assert rec.payload["source"] == "catalog" and rec.payload["n"] == 3  # metadata fields become payload
         assert store.retrieve("catalog", ["it-4"])[0].payload["label"] == "even"
         keys = {k.key_id: k for k in pool.list()}
@@ -142,6 +142,41 @@ def test_ingest_all_pages_rotating_keys_and_listing_bad_items(api, redis_server,
         assert again.already_done and again.pages == 0 and len(state["calls"]) == n_calls
         ingest_http(source, store, "catalog", embedder, skip_bad=True, restart=True)
         assert store.count("catalog") == 13
+
+
+def test_reindex_refetches_image_urls_and_lists_what_it_cannot_redo(
+    api, redis_server, embedder, emoji_features, image_encoder, text_encoder, tmp_path
+):
+    from embedder.indexing import VERSION_KEY, reindex
+    from embedder.projection import TrainConfig, fit_projection
+
+    url, state = api
+    source, pool = make_source(url, redis_server.url)
+    pool.add("good-key")
+    sig = embedder.encoder_signatures()
+    newer = Embedder(
+        image_encoder,
+        text_encoder,
+        fit_projection(emoji_features, None, TrainConfig(epochs=2, seed=7), encoders=sig, progress=False),
+    )
+    with make_edge(tmp_path / "store") as store:
+        ingest_http(source, store, "catalog", embedder, skip_bad=True)
+        state["gone"] = {"6"}  # an image URL that stopped working since the ingest
+        report = reindex(store, "catalog", newer)
+        by_url = {f"it-{i}" for i in (0, 3, 9, 12)}  # refetched
+        text_only = {f"it-{i}" for i in (2, 8, 11)}
+        base64_sent = {f"it-{i}" for i in (1, 4, 7, 10, 13)}  # the image came inline: nothing to fetch again
+        assert report.reembedded == len(by_url | text_only)
+        assert set(report.missing_source) == base64_sent
+        assert [pid for pid, _ in report.unreadable] == ["it-6"] and "404" in report.unreadable[0][1]
+        versions = {r.id: r.payload[VERSION_KEY] for r in store.iter_records("catalog")}
+        assert {pid for pid, v in versions.items() if v == newer.version} == by_url | text_only
+        assert store.collection_metadata("catalog")[VERSION_KEY] == embedder.version  # not switched
+        # a refetched point got the vector its image + text give with the new projection
+        item = source.fetch(None).items[0]
+        assert item.id == "it-0"
+        got = store.retrieve("catalog", ["it-0"], with_vectors=True)[0].vector
+        assert float(got @ newer.embed([item])[0]) > 0.999
 
 
 def test_a_bad_item_fails_the_run_by_default_naming_it(api, redis_server, embedder, tmp_path):

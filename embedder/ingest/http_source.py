@@ -227,8 +227,8 @@ class HttpSource:
             image = got
         meta = raw.get(cfg.metadata_field)
         payload = dict(meta) if isinstance(meta, dict) else {}
-        if raw.get(cfg.image_url_field):
-            payload["image_uri"] = str(raw[cfg.image_url_field])
+        if raw.get(cfg.image_url_field):  # absolute, so reindex can fetch it again without this source's config
+            payload["image_uri"] = urljoin(self.start_url, str(raw[cfg.image_url_field]))
         label = raw.get(cfg.label_field)
         text = raw.get(cfg.text_field)
         return Item(
