@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
-from rich.table import Table
+from rich.table import Column, Table
 
 keys_app = typer.Typer(help="API keys shared through Redis by ingestion workers.", no_args_is_help=True)
 console = Console()
@@ -64,7 +64,17 @@ def list_cmd(api: ApiArg, as_json: Annotated[bool, typer.Option("--json")] = Fal
     if as_json:
         console.print_json(json.dumps([dataclasses.asdict(k) for k in keys]))
         return
-    table = Table("id", "state", "leases", "ok", "failed", "in a row", "cooling until", "last status", "budget")
+    table = Table(
+        Column("id", no_wrap=True, min_width=max((len(k.key_id) for k in keys), default=0)),
+        "state",
+        "leases",
+        "ok",
+        "failed",
+        "in a row",
+        "cooling until",
+        "last status",
+        "budget",
+    )
     for k in keys:
         until = (
             _dt.datetime.fromtimestamp(k.cooldown_until, _dt.UTC).isoformat(timespec="seconds")

@@ -8,7 +8,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 from rich.console import Console
-from rich.table import Table
+from rich.table import Column, Table
 
 from retrieval import StoreError, StoreLockedError, StoreSettings, open_store
 
@@ -163,6 +163,11 @@ def _run_via_server(server: str, token: str | None, collection: str, fields: dic
     return report  # type: ignore[return-value]
 
 
+def _id_column(name: str, ids: list[str]) -> Column:
+    """A table column that shows ids whole (they are what the next command takes), whatever the terminal width."""
+    return Column(name, no_wrap=True, min_width=min(max((len(i) for i in ids), default=0), 48))
+
+
 @label_app.command("runs")
 def runs_cmd(
     path: PathOpt = None,
@@ -183,13 +188,23 @@ def runs_cmd(
     if as_json:
         console.print_json(json.dumps(dataclasses.asdict(reg)))
         return
-    table = Table("run", "status", "model", "points", "accepted", "quarantined", "review", "held-out F1", "created")
+    table = Table(
+        _id_column("run", [r.run_id for r in reg.runs]),
+        "status",
+        "model",
+        "points",
+        "accepted",
+        "quarantined",
+        "review",
+        "held-out F1",
+        "created",
+    )
     for r in reg.runs:
         mark = " (active)" if r.run_id == reg.active else (" (pending)" if r.run_id == reg.pending else "")
         f1 = r.summary.get("heldout_macro_f1")
         table.add_row(
-            r.run_id + mark,
-            r.status,
+            r.run_id,
+            r.status + mark,
             r.model,
             str(r.points),
             str(r.counts.get("accepted", "")),
@@ -313,7 +328,15 @@ def suspicious_cmd(
     if as_json:
         console.print_json(json.dumps([dataclasses.asdict(s) for s in found]))
         return
-    table = Table("id", "pseudo-label", "confidence", "agreement", "neighbours say", "labelled", "text")
+    table = Table(
+        _id_column("id", [s.id for s in found]),
+        "pseudo-label",
+        "confidence",
+        "agreement",
+        "neighbours say",
+        "labelled",
+        "text",
+    )
     for s in found:
         table.add_row(
             s.id,

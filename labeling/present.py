@@ -8,7 +8,7 @@ from typing import Any
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
+from rich.table import Column, Table
 
 from labeling.inspect import Inspection
 from labeling.job import Events, JobEvent
@@ -65,7 +65,15 @@ def rich_events(console: Console, *, enabled: bool = True) -> Iterator[Events]:
 
 def neighbour_table(view: Inspection, *, text_width: int = 40) -> Table:
     """A point's neighbours with their labels, pseudo-labels, status, confidence and text."""
-    table = Table("similarity", "id", "text", "ground truth", "pseudo-label", "status", "confidence")
+    table = Table(
+        "similarity",
+        Column("id", no_wrap=True, min_width=min(max((len(n.point.id) for n in view.neighbours), default=0), 48)),
+        "text",
+        "ground truth",
+        "pseudo-label",
+        "status",
+        "confidence",
+    )
     for n in view.neighbours:
         ns = n.point.state
         table.add_row(

@@ -357,12 +357,13 @@ def test_label_cli_in_process(emoji_data, tmp_path):
         app, ["label", "run", *common, *quick, "--runs-dir", str(tmp_path / "runs"), "--no-progress"]
     )
     assert result.exit_code == 0 and "held-out" in flat(result), result.output
-    result = runner.invoke(app, ["label", "runs", *common])
-    assert result.exit_code == 0, result.output
     result = runner.invoke(app, ["label", "runs", *common, "--json"])
     reg = json.loads(result.output)
     assert next(r["run_id"] for r in reg["runs"]) == first and reg["pending"] is None
     second = reg["active"]
+    result = runner.invoke(app, ["label", "runs", *common], env={"COLUMNS": "60"})  # a narrow terminal
+    assert result.exit_code == 0, result.output
+    assert first in result.output and second in result.output  # the ids rollback takes, whole
     result = runner.invoke(app, ["label", "rollback", second, *common])
     assert result.exit_code == 0 and f"active run is now {first}" in flat(result), result.output
     result = runner.invoke(app, ["label", "rollback", second, *common])
