@@ -294,6 +294,7 @@ def search_cmd(
     token: TokenOpt = None,
     local: Annotated[bool, typer.Option("--local", help="Search the store in-process, not via the server.")] = False,
     path: PathOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the hits (id, score, payload) as JSON.")] = False,
 ) -> None:
     """Nearest items to a text and/or image query (through the gRPC server, or --local)."""
     from embedder.client import ServiceError
@@ -321,6 +322,13 @@ def search_cmd(
             rows = [(h.score, h.id, h.payload or {}) for h in found]
     except (EmbedderError, StoreError, ServiceError) as exc:
         _fail(exc)
+    if as_json:
+        hits_json = [{"id": i, "score": score, "payload": {k: v for k, v in p.items() if k != "external_id"}}
+                     for score, i, p in rows]  # fmt: skip
+        console.print_json(json.dumps(hits_json))
+        return
+    if not rows:
+        console.print("no matches" + (f" for the filter {filter}" if filter else " (the collection is empty)"))
     for score, item_id, p in rows:
         console.print(f"{score:.3f}  {item_id}  label={p.get('label')!s}  {str(p.get('text', ''))[:60]}")
 

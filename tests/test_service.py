@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import io
+import json
 import socket
 import threading
 import time
@@ -454,6 +455,12 @@ def test_cli_search_and_inspect_use_the_server(served):
                                  "--top-k", "3"])  # fmt: skip
     assert result.exit_code == 0, result.output
     assert items[3].id in result.output.splitlines()[0]
+    result = runner.invoke(app, ["search", items[3].text, "--server", bg.target, "--top-k", "2", "--json"])
+    hits = json.loads(result.output)
+    assert len(hits) == 2 and hits[0]["payload"]["text"] and "external_id" not in hits[0]["payload"]
+    assert hits[0]["score"] >= hits[1]["score"]
+    result = runner.invoke(app, ["search", "x", "--server", bg.target, "--filter", '{"label": "no such label"}'])
+    assert result.exit_code == 0 and "no matches for the filter" in result.output
     result = runner.invoke(app, ["inspect", items[3].id, "-k", "4", "--server", bg.target])
     assert result.exit_code == 0, result.output
     assert items[3].id in result.output and "agreement with" in result.output
