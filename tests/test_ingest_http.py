@@ -64,12 +64,16 @@ class Catalog(http.server.BaseHTTPRequestHandler):
                 st["limited"][key] -= 1
                 return self._send(429, b"slow down", headers={"Retry-After": "1"})
         query = parse_qs(parts.query)
-        cursor = int(query.get("cursor", ["0"])[0])
+        cursor = 0 if st.get("ignore_cursor") else int(query.get("cursor", ["0"])[0])
         if cursor in st["fail"]:
             return self._send(500, b"boom")
         pool = st["shards"][query["shard"][0]] if "shard" in query else st["items"]
         items = pool[cursor : cursor + PAGE]
         nxt = str(cursor + PAGE) if cursor + PAGE < len(pool) else None
+        if nxt is not None and st.get("next_style") == "relative":  # a relative URL, not a token
+            nxt = f"items?cursor={nxt}"
+        if st.get("next_back_to") is not None and cursor == PAGE:  # page 2 points back to page 1: a cycle
+            nxt = st["next_back_to"]
         self._send(200, json.dumps({"items": items, "next": nxt}).encode(), "application/json")
 
     def _send(self, code, body, ctype="text/plain", headers=None):
@@ -177,6 +181,41 @@ def test_reindex_refetches_image_urls_and_lists_what_it_cannot_redo(
         assert item.id == "it-0"
         got = store.retrieve("catalog", ["it-0"], with_vectors=True)[0].vector
         assert float(got @ newer.embed([item])[0]) > 0.999
+
+
+def test_a_relative_next_url_is_followed_when_next_is_url(api, redis_server, embedder, tmp_path):
+    url, state = api
+    state["items"] = [it for it in state["items"] if it["id"] != "it-5"]
+    state["next_style"] = "relative"  # "items?cursor=4": no scheme, no leading slash
+    source, pool = make_source(url, redis_server.url, next_is="url")
+    pool.add("good-key")
+    with make_edge(tmp_path / "store") as store:
+        report = ingest_http(source, store, "catalog", embedder)
+        assert report.pages == 4 and store.count("catalog") == 13
+    assert page_calls(state) == ["", "cursor=4", "cursor=8", "cursor=12"]
+
+
+@pytest.mark.parametrize(
+    ("trap", "message"),
+    [
+        (
+            {"ignore_cursor": True},
+            r"served the same 4 items as the page before it: the server does not read the cursor",
+        ),
+        ({"next_back_to": "0"}, r"the next page '4' was already read in this run \(a cycle\)"),
+    ],
+)
+def test_a_chain_that_never_ends_is_stopped_naming_the_page(api, redis_server, embedder, tmp_path, trap, message):
+    url, state = api
+    state["items"] = [it for it in state["items"] if it["id"] != "it-5"]
+    state.update(trap)
+    source, pool = make_source(url, redis_server.url)
+    pool.add("good-key")
+    with make_edge(tmp_path / "store") as store:
+        with pytest.raises(IngestError, match=message):
+            ingest_http(source, store, "catalog", embedder)
+        assert store.count("catalog") == 8 if "next_back_to" in trap else 4  # what it read before the loop
+    assert len(state["calls"]) <= 4
 
 
 def test_a_bad_item_fails_the_run_by_default_naming_it(api, redis_server, embedder, tmp_path):

@@ -3,6 +3,11 @@
 The API: ``GET url`` returns a JSON object with a list of items under
 ``items_key`` and the next page under ``next_key`` (an absolute or relative URL,
 or a cursor token sent back as ``?<cursor_param>=``; missing/null = last page).
+``next_is`` says which: ``auto`` (default) reads ``http(s)://...``, ``/...`` and
+``?...`` as URLs and anything else as a token; ``url`` or ``cursor`` force one.
+A chain that comes back to a cursor it already read in the run, or serves the
+same items twice in a row (a server ignoring the cursor), stops with an error
+naming the page instead of reading it forever.
 An item has an id, a text, an image (``image_url`` fetched over HTTP, or
 ``image_base64``), an optional label and a metadata object; field names are
 configurable.
@@ -29,7 +34,7 @@ import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import urljoin
 
 import httpx
@@ -62,6 +67,8 @@ class HttpSourceConfig(BaseModel):
     pool: str | None = None  # key pool name; None = no auth
     items_key: str = "items"
     next_key: str = "next"
+    #: how ``next_key`` is read: "auto" (a URL if it starts with http(s)://, / or ?, else a token), "url", "cursor"
+    next_is: Literal["auto", "url", "cursor"] = "auto"
     cursor_param: str = "cursor"
     id_field: str = "id"
     text_field: str = "text"
@@ -205,7 +212,10 @@ class HttpSource:
     def _page_url(self, cursor: str | None) -> tuple[str, dict[str, str] | None]:
         if cursor is None:
             return self.start_url, None
-        if cursor.startswith(("http://", "https://", "/")):
+        is_url = self.config.next_is == "url" or (
+            self.config.next_is == "auto" and cursor.startswith(("http://", "https://", "/", "?"))
+        )
+        if is_url:
             return urljoin(self.start_url, cursor), None
         # merged into the start URL's own query (httpx's ``params=`` would replace it)
         return str(httpx.URL(self.start_url).copy_merge_params({self.config.cursor_param: cursor})), None
@@ -289,11 +299,27 @@ class HttpSource:
         if state.get("done") == "1":
             return
         cursor = state.get("cursor")
+        seen: set[str | None] = {cursor}
+        last_ids: list[str] = []
         while True:
             page = self.fetch(cursor)
+            ids = [it.id for it in page.items] + [pid for pid, _ in page.bad]
+            if ids and ids == last_ids:
+                raise IngestError(
+                    f"{page.url}: served the same {len(ids)} items as the page before it: the server does not "
+                    f"read the cursor {cursor!r} as sent (next_is={self.config.next_is!r}, "
+                    f"cursor_param={self.config.cursor_param!r}); stopping instead of reading it forever"
+                )
             yield page
             if page.next_cursor is None:
                 return
+            if page.next_cursor in seen:
+                raise IngestError(
+                    f"{page.url}: the next page {page.next_cursor!r} was already read in this run (a cycle); "
+                    "stopping instead of reading it forever"
+                )
+            seen.add(page.next_cursor)
+            last_ids = ids
             cursor = page.next_cursor
 
     def commit(self, page: Page, written: int) -> None:
