@@ -29,6 +29,17 @@ class ProjectionNotFittedError(EmbedderError, RuntimeError):
     """No trained Matryoshka projection is available where one is required."""
 
 
+class ModalityNotFittedError(EmbedderError, RuntimeError):
+    """An item has an image (or text) but the projection was fitted on items without any: it would
+    silently drop that part of the item, so the item is refused, naming it."""
+
+    def __init__(self, message: str, *, index: int | None = None, item_id: Any = None) -> None:
+        self.reason = message
+        self.index = index
+        self.item_id = item_id
+        super().__init__(located(message, index, item_id))
+
+
 class EmbeddingVersionMismatchError(EmbedderError, RuntimeError):
     """A collection was written with another embedding version than the one in use."""
 

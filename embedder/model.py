@@ -18,7 +18,7 @@ import numpy as np
 from PIL import Image
 
 from embedder.encoders import EfficientNetEncoder, ImageEncoder, SentenceTransformerEncoder, TextEncoder
-from embedder.errors import EmbedderError, InvalidItemError, ProjectionNotFittedError
+from embedder.errors import EmbedderError, InvalidItemError, ModalityNotFittedError, ProjectionNotFittedError
 from embedder.images import ImageSource, load_rgb
 from embedder.projection import ProjectionArtifact, RawFeatures
 
@@ -42,6 +42,22 @@ class Item:
     @property
     def has_text(self) -> bool:
         return isinstance(self.text, str) and bool(self.text.strip())
+
+
+def check_modalities(items: Sequence[Item], projection: ProjectionArtifact) -> None:
+    """Refuse (naming the item) an item with an image or text the projection never saw in training: its
+    weights on that block were never fitted, so the part would be dropped or turned into noise, silently."""
+    fitted = projection.space.fitted_modalities
+    for i, item in enumerate(items):
+        for modality, has in (("image", item.has_image), ("text", item.has_text)):
+            if has and modality not in fitted:
+                raise ModalityNotFittedError(
+                    f"projection {projection.version} was fitted on items without any {modality}, so it cannot "
+                    f"embed this item's {modality}: send the item without it, or fit a projection on items "
+                    f"that have {modality}s",
+                    index=i,
+                    item_id=item.id,
+                )
 
 
 def check_items(items: Sequence[Item]) -> None:
@@ -172,6 +188,8 @@ class Embedder:
             raise ProjectionNotFittedError(
                 "no Matryoshka projection loaded; train one with `embedstore fit-projection`"
             )
+        check_items(items)
+        check_modalities(items, self.projection)
         return self.projection.project(self.raw_features(items), dims)
 
 

@@ -98,6 +98,23 @@ class FeatureSpace:
     def in_dim(self) -> int:
         return self.image_dim + self.text_dim + 2
 
+    @property
+    def fitted_modalities(self) -> tuple[str, ...]:
+        """The modalities the training items had (a modality absent from them keeps identity statistics,
+        and the projection learned nothing from it: its block of the input is noise to the weights)."""
+
+        def fitted(mean: np.ndarray, std: np.ndarray) -> bool:
+            return bool(np.any(mean != 0.0) or np.any(std != 1.0))
+
+        return tuple(
+            m
+            for m, on in (
+                ("image", fitted(self.image_mean, self.image_std)),
+                ("text", fitted(self.text_mean, self.text_std)),
+            )
+            if on
+        )
+
     @classmethod
     def fit(cls, raw: RawFeatures) -> FeatureSpace:
         def stats(block: np.ndarray, present: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -81,3 +81,25 @@ def test_embedding_needs_a_projection(image_encoder, text_encoder):
         bare.embed([Item("a", text="hello")])
     with pytest.raises(ProjectionNotFittedError):
         _ = bare.version
+
+
+def test_a_modality_the_projection_never_saw_is_refused_not_dropped(image_encoder, text_encoder, emoji_features):
+    """A projection fitted on text alone learned nothing from the image block: an image would vanish silently."""
+    from embedder.errors import ModalityNotFittedError
+    from embedder.projection import RawFeatures
+
+    raw = emoji_features
+    n = len(raw.has_text)
+    text_only = RawFeatures(np.zeros_like(raw.image), raw.text, np.zeros(n, bool), np.asarray(raw.has_text))
+    sig = Embedder(image_encoder, text_encoder).encoder_signatures()
+    art = fit_projection(text_only, None, TrainConfig(epochs=2), encoders=sig, progress=False)
+    assert art.space.fitted_modalities == ("text",)
+    emb = Embedder(image_encoder, text_encoder, art)
+    assert emb.embed([Item("t", text="a red apple")]).shape == (1, 512)
+    with pytest.raises(ModalityNotFittedError, match=r"item 1, id 'img'.*without any image"):
+        emb.embed([Item("t", text="a red apple"), Item("img", image=png((200, 0, 0)), text="a red apple")])
+    image_only = RawFeatures(raw.image, np.zeros_like(raw.text), np.asarray(raw.has_image), np.zeros(n, bool))
+    art = fit_projection(image_only, None, TrainConfig(epochs=2), encoders=sig, progress=False)
+    assert art.space.fitted_modalities == ("image",)
+    with pytest.raises(ModalityNotFittedError, match="without any text"):
+        Embedder(image_encoder, text_encoder, art).embed([Item("q", text="seven")])

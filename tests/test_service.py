@@ -251,6 +251,25 @@ def test_no_projection_and_version_mismatch_are_failed_precondition(tmp_path, im
         assert client.count().count == 1
 
 
+def test_a_modality_the_projection_never_saw_is_failed_precondition(tmp_path, image_encoder, text_encoder, emoji_items,
+                                                                    emoji_features):  # fmt: skip
+    from embedder.projection import RawFeatures, TrainConfig, fit_projection
+
+    raw, n = emoji_features, len(emoji_features.has_text)
+    text_only = RawFeatures(np.zeros_like(raw.image), raw.text, np.zeros(n, bool), np.asarray(raw.has_text))
+    sig = Embedder(image_encoder, text_encoder).encoder_signatures()
+    art = fit_projection(text_only, None, TrainConfig(epochs=2), encoders=sig, progress=False)
+    server = make_server(tmp_path, Embedder(image_encoder, text_encoder, art))
+    face = emoji_items[0]
+    with BackgroundServer(server) as bg, Client(bg.target) as client:
+        with pytest.raises(FailedPrecondition, match=r"item 1, id 'b'.*without any image"):
+            client.upsert([Item("a", text="fine"), Item("b", image=face.image, text=face.text)])
+        assert client.count().count == 0  # nothing of the request was stored
+        results = list(client.embed_stream([Item("t", text="hello"), Item("i", image=face.image)]))
+        assert results[0].vector is not None and results[0].error is None  # the stream goes on past it
+        assert results[1].vector is None and results[1].error[0] == "FAILED_PRECONDITION"
+
+
 # ------------------------------------------------------ health, reflection, auth
 def test_health_goes_serving_after_load_and_not_serving_on_shutdown(tmp_path, embedder):
     from typer.testing import CliRunner

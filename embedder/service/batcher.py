@@ -28,7 +28,7 @@ import numpy as np
 
 from embedder.errors import EmbedderError, InvalidItemError, ProjectionNotFittedError
 from embedder.images import load_rgb
-from embedder.model import Embedder, Item, check_items
+from embedder.model import Embedder, Item, check_items, check_modalities
 from embedder.projection import RawFeatures
 
 
@@ -107,6 +107,7 @@ class MicroBatcher:
             )
         items = list(items)
         check_items(items)
+        check_modalities(items, self.embedder.projection)
         if self._queued + len(items) > self.max_queue:
             raise Overloaded(
                 f"embed queue is full ({self._queued} items waiting, limit {self.max_queue}); retry with backoff"

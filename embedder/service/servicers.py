@@ -30,6 +30,7 @@ from embedder.errors import (
     EmbedderError,
     EmbeddingVersionMismatchError,
     InvalidItemError,
+    ModalityNotFittedError,
     ModelUnavailableError,
     ProjectionNotFittedError,
 )
@@ -85,6 +86,7 @@ STATUS: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
     (PointNotFoundError, grpc.StatusCode.NOT_FOUND),
     (CollectionNotFoundError, grpc.StatusCode.NOT_FOUND),
     (ProjectionNotFittedError, grpc.StatusCode.FAILED_PRECONDITION),
+    (ModalityNotFittedError, grpc.StatusCode.FAILED_PRECONDITION),
     (EmbeddingVersionMismatchError, grpc.StatusCode.FAILED_PRECONDITION),
     (SchemaMismatchError, grpc.StatusCode.FAILED_PRECONDITION),
     (Overloaded, grpc.StatusCode.RESOURCE_EXHAUSTED),
