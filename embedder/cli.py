@@ -158,13 +158,19 @@ def fit_projection_cmd(
     except (EmbedderError, ValueError, OSError) as exc:
         _fail(exc)
     if as_json:
-        console.print_json(json.dumps({**report.as_dict(), "path": str(target)}))
+        modalities = list(artifact.space.fitted_modalities)
+        console.print_json(json.dumps({**report.as_dict(), "modalities": modalities, "path": str(target)}))
         return
     how = f"on {report.n_labels_used} labels and" if report.n_labels_used else "without labels, on"
     console.print(
-        f"projection {report.version} fitted {how} {report.n_items} items ({report.epochs_run} epochs), "
-        f"saved to {target}"
+        f"projection {report.version} fitted {how} {report.n_items} items "
+        f"({'+'.join(artifact.space.fitted_modalities)}; {report.epochs_run} epochs), saved to {target}"
     )
+    if len(artifact.space.fitted_modalities) < 2:
+        console.print(
+            f"[yellow]its items had no {'image' if 'image' not in artifact.space.fitted_modalities else 'text'}: "
+            "it will refuse items that have one[/]"
+        )
     if report.knn:
         from rich.table import Table
 

@@ -103,6 +103,7 @@ def test_fit_projection_command_trains_saves_and_will_not_overwrite_by_accident(
     report = json.loads(result.output)
     first = ProjectionArtifact.load(out)
     assert report["version"] == first.version and report["path"] == str(out)
+    assert report["modalities"] == ["image", "text"]
     assert report["n_items"] == n and report["n_test"] > 0
     assert report["n_labels_used"] == n - report["n_test"] == first.training["n_labeled"]  # held-out labels unused
     assert set(report["knn"]) == {"128", "256", "512", "raw"} and all(0 <= v <= 1 for v in report["knn"].values())
