@@ -601,7 +601,27 @@ def store_facet(
         with open_store(settings) as store:
             console.print_json(json.dumps(store.facet(settings.collection, key, filter=flt)))
     except StoreError as exc:
+        if "has no payload index" in str(exc):
+            _fail(ValueError(f"{exc} (from the command line: embedstore store index {key})"))
         _fail(exc)
+
+
+@store_app.command("index")
+def store_index(
+    key: Annotated[str, typer.Argument(help="Payload field to index, e.g. source.")],
+    kind: Annotated[str, typer.Option(help="keyword, integer, float or bool.")] = "keyword",
+    path: PathOpt = None,
+    collection: CollectionOpt = None,
+) -> None:
+    """Index a payload field, so it can be faceted on and filtered on fast (idempotent)."""
+    settings = _settings(path, collection=collection)
+    try:
+        with open_store(settings) as store:
+            store.create_payload_index(settings.collection, key, kind)
+            indexed = sorted(store.collection_info(settings.collection).payload_indexes)
+    except StoreError as exc:
+        _fail(exc)
+    console.print(f"indexed {key!r} ({kind}) in {settings.collection!r}; indexed fields: {indexed}")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -57,7 +57,8 @@ def test_store_info_and_facet_commands(tmp_path):
     with EdgeStore(path) as store:
         store.create_collection("items")
         x = np.random.default_rng(1).normal(size=(6, 512))
-        store.upsert("items", list("abcdef"), x, [{"label": "cat"}] * 4 + [{"label": "dog"}] * 2)
+        payloads = [{"label": "cat", "source": "web"}] * 4 + [{"label": "dog", "source": "shop"}] * 2
+        store.upsert("items", list("abcdef"), x, payloads)
     result = runner.invoke(app, ["store", "info", "--path", str(path)])
     assert result.exit_code == 0, result.output
     assert '"points": 6' in result.output
@@ -66,6 +67,15 @@ def test_store_info_and_facet_commands(tmp_path):
     assert json.loads(result.output) == {"cat": 4, "dog": 2}
     result = runner.invoke(app, ["store", "facet", "label", "--path", str(path), "-c", "items", "--filter", "{bad"])
     assert result.exit_code == 2 and "not JSON" in result.output
+    facet_source = ["store", "facet", "source", "--path", str(path), "-c", "items"]
+    result = runner.invoke(app, facet_source)
+    assert result.exit_code == 2 and "embedstore store index source" in " ".join(result.output.split())
+    result = runner.invoke(app, ["store", "index", "source", "--path", str(path), "-c", "items"])
+    assert result.exit_code == 0 and "'source'" in result.output, result.output
+    result = runner.invoke(app, facet_source)
+    assert result.exit_code == 0 and json.loads(result.output) == {"web": 4, "shop": 2}
+    result = runner.invoke(app, ["store", "index", "n", "--kind", "text", "--path", str(path), "-c", "items"])
+    assert result.exit_code == 2 and "must be one of" in " ".join(result.output.split())
 
 
 def test_store_commands_report_errors_cleanly(tmp_path):
