@@ -65,6 +65,10 @@ _KINDS = {
 }
 
 
+def _kind_name(data_type: Any) -> str:
+    return next((name for name, t in _KINDS.items() if t == data_type), "other")
+
+
 @contextlib.contextmanager
 def _edge_errors(what: str) -> Iterator[None]:
     """Turn qdrant-edge's bare Exceptions into the store's error hierarchy."""
@@ -237,6 +241,7 @@ class EdgeStore(VectorStore):
                 "pending_optimize": self._pending.get(name, 0),
             },
             payload_indexes=tuple(sorted(info.payload_schema)),
+            payload_index_kinds={k: _kind_name(v.data_type) for k, v in sorted(info.payload_schema.items())},
         )
 
     def _get_metadata(self, name: str) -> dict[str, Any]:

@@ -10,10 +10,10 @@ from the start. Memory holds at most ``window x page_size`` points.
 
 What is copied: every point's 512D vector (the 128D prefix is recomputed from it,
 exactly as on any upsert), its whole payload (labels, pseudo-labels, statuses,
-``embedding_version``...) and the collection's metadata (the embedding version, the
-labeling run registry). Point ids are the same (UUIDv5 of the caller's id). The
-target collection is created with ``spec`` (shards and replicas on a cluster), or
-must already have the same vector layout.
+``embedding_version``...), the collection's metadata (the embedding version, the
+labeling run registry) and the payload indexes made beyond the schema's. Point ids
+are the same (UUIDv5 of the caller's id). The target collection is created with
+``spec`` (shards and replicas on a cluster), or must already have the same vector layout.
 
 A copy, not a sync: points changed in the source after they were copied are not
 copied again, and a finished migration is not re-run (``restart=True`` copies
@@ -73,6 +73,12 @@ def migrate(
     dest = target_collection or collection
     total = source.count(collection)  # also: a missing source collection fails here, before anything is written
     target.ensure_collection(dest, spec)
+    # payload indexes made beyond the schema's (e.g. `embedstore store index source`): facets and filters on
+    # them must work on the target too
+    have = target.collection_info(dest).payload_indexes
+    for key, kind in source.collection_info(collection).payload_index_kinds.items():
+        if key not in have and kind != "other":
+            target.create_payload_index(dest, key, kind)
     meta = target.collection_metadata(dest)
     state = meta.get(MIGRATION_KEY) or {}
     resumed = False

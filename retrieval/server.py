@@ -113,7 +113,7 @@ class QdrantServerStore(VectorStore):
         self._known: set[str] = set()
         # Local mode keeps no payload schema; remember what was indexed so facets
         # refuse the same keys as on a server.
-        self._local_indexes: dict[str, set[str]] = {}
+        self._local_indexes: dict[str, dict[str, str]] = {}  # local mode keeps no payload schema: name -> kind
 
     def __repr__(self) -> str:
         return f"QdrantServerStore({self.target!r})"
@@ -210,7 +210,7 @@ class QdrantServerStore(VectorStore):
                 metadata=req.metadata,
             )
         self._known.add(name)
-        self._local_indexes[name] = set()
+        self._local_indexes[name] = {}
 
     def _collection_layout(self, name: str) -> dict[str, Any]:
         with self._call(f"reading collection {name!r}", name):
@@ -243,6 +243,7 @@ class QdrantServerStore(VectorStore):
         meta = (info.config.metadata or {}).get(_META_KEY) or {}
         params = info.config.params
         stored = CollectionSpec.from_stored(meta["spec"]).__dict__ if "spec" in meta else {}
+        kinds = self._payload_index_kinds(name)
         return CollectionInfo(
             name=name,
             backend=self.backend,
@@ -255,7 +256,8 @@ class QdrantServerStore(VectorStore):
                 "replication_factor": params.replication_factor or stored.get("replication_factor"),
                 "status": str(info.status.value) if info.status else None,
             },
-            payload_indexes=tuple(sorted(self._payload_indexes(name))),
+            payload_indexes=tuple(sorted(kinds)),
+            payload_index_kinds=dict(sorted(kinds.items())),
         )
 
     def _get_metadata(self, name: str) -> dict[str, Any]:
@@ -271,13 +273,17 @@ class QdrantServerStore(VectorStore):
         with self._call(f"indexing {key!r} in {name!r}", name):
             self.client.create_payload_index(name, key, field_schema=_KINDS[kind], wait=True)
         if self.local:
-            self._local_indexes.setdefault(name, set()).add(key)
+            self._local_indexes.setdefault(name, {})[key] = kind
 
     def _payload_indexes(self, name: str) -> set[str]:
+        return set(self._payload_index_kinds(name))
+
+    def _payload_index_kinds(self, name: str) -> dict[str, str]:
         if self.local:
-            return set(self._local_indexes.get(name, ()))
+            return dict(self._local_indexes.get(name, {}))
         with self._call(f"reading collection {name!r}", name):
-            return set(self.client.get_collection(name).payload_schema)
+            schema = self.client.get_collection(name).payload_schema
+        return {k: next((n for n, t in _KINDS.items() if t == v.data_type), "other") for k, v in schema.items()}
 
     # ------------------------------------------------------------------ writes
     def _upsert_request(

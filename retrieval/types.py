@@ -48,3 +48,5 @@ class CollectionInfo:
     indexed_vectors_count: int
     spec: dict[str, Any] = field(default_factory=dict)
     payload_indexes: tuple[str, ...] = ()
+    #: each indexed payload field's kind (keyword, integer, float, bool; "other" for kinds made outside embedstore)
+    payload_index_kinds: dict[str, str] = field(default_factory=dict)

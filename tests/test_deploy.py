@@ -103,10 +103,12 @@ def _filled_edge(path: Path, n: int = 700):
     x, labels = clustered(n, n_clusters=5, seed=3)
     ids = [f"item-{i}" for i in range(n)]
     payloads = [
-        {"label": f"c{labels[i]}", "text": f"item {i}"} if i % 3 == 0 else {"text": f"item {i}"} for i in range(n)
+        {"label": f"c{labels[i]}", "text": f"item {i}", "n": i} if i % 3 == 0 else {"text": f"item {i}", "n": i}
+        for i in range(n)
     ]
     store = make_edge(path)
     store.create_collection("items")
+    store.create_payload_index("items", "n", "integer")  # an index beyond the schema's
     store.upsert("items", ids, x, payloads)
     store.update_collection_metadata("items", {"embedding_version": "v-test", "labeling": {"active": None}})
     store.flush()
@@ -134,6 +136,9 @@ def test_migrate_round_trip_edge_to_server_keeps_ids_vectors_payload_and_metadat
         assert [h.id for h in got_hits] == [h.id for h in want_hits]
         np.testing.assert_allclose([h.score for h in got_hits], [h.score for h in want_hits], atol=1e-5)
         assert target.count("items", {"label": "c1"}) == source.count("items", {"label": "c1"})
+        kinds = target.collection_info("items").payload_index_kinds
+        assert kinds == source.collection_info("items").payload_index_kinds and kinds["n"] == "integer"
+        assert target.count("items", {"n": {"lt": 10}}) == 10
         again = migrate(source, target, "items")  # finished: nothing to do
         assert again.copied == 0 and again.total == len(ids)
 

@@ -284,6 +284,9 @@ def test_count_and_facet(store, collection):
     )
     store.create_payload_index(collection, "colour")
     assert store.facet(collection, "colour") == {"red": 2, "blue": 1}
+    store.create_payload_index(collection, "size", "float")
+    kinds = store.collection_info(collection).payload_index_kinds
+    assert kinds["colour"] == "keyword" and kinds["size"] == "float"
 
 
 # ---------------------------------------------------------------------- delete
@@ -308,6 +311,8 @@ def test_collection_lifecycle(store):
     assert "t_life" in store.list_collections()
     info = store.collection_info("t_life")
     assert info.points_count == 0 and {"label", "pseudo_label", "pseudo_status", "split"} <= set(info.payload_indexes)
+    assert set(info.payload_index_kinds) == set(info.payload_indexes)
+    assert {info.payload_index_kinds[k] for k in ("label", "pseudo_label", "pseudo_status", "split")} == {"keyword"}
     store.drop_collection("t_life")
     assert not store.collection_exists("t_life")
     with pytest.raises(CollectionNotFoundError):
