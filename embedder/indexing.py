@@ -57,8 +57,12 @@ def item_payload(item: Item, version: str) -> dict[str, Any]:
     if isinstance(item.image, (str, Path)):
         payload.setdefault("image_uri", str(item.image))
     payload[VERSION_KEY] = version
-    payload[SOURCE_KEY] = "+".join(m for m, has in (("image", item.has_image), ("text", item.has_text)) if has)
+    payload[SOURCE_KEY] = _made_from(item)
     return payload
+
+
+def _made_from(item: Item) -> str:
+    return "+".join(m for m, has in (("image", item.has_image), ("text", item.has_text)) if has)
 
 
 @dataclass
@@ -147,12 +151,11 @@ def _is_url(uri: object) -> bool:
     return isinstance(uri, str) and uri.startswith(("http://", "https://"))
 
 
-def _fetcher(timeout_s: float = 30.0, attempts: int = 3) -> Callable[[str], bytes]:
-    """GET an image URL (redirects followed), retrying transport errors, 429 and 5xx with jittered backoff."""
+def _fetcher(client: Any, attempts: int = 3) -> Callable[[str], bytes]:
+    """GET an image URL with ``client`` (an httpx.Client), retrying transport errors, 429 and 5xx with
+    jittered backoff."""
     import httpx
     from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_random_exponential
-
-    client = httpx.Client(timeout=timeout_s, follow_redirects=True)
 
     def transient(exc: BaseException) -> bool:
         if isinstance(exc, httpx.HTTPStatusError):
@@ -206,6 +209,7 @@ def reindex(
     report = ReindexReport(version=version)
     pending: list[tuple[str, Item, dict[str, Any]]] = []
     get_url = fetch
+    clients: list[Any] = []  # the default fetcher's httpx.Client, made on the first URL and closed at the end
 
     def fetched(batch: list[tuple[str, Item, dict[str, Any]]]) -> list[tuple[str, Item, dict[str, Any]]]:
         """The batch with URL images fetched; points whose fetch fails go to ``unreadable``."""
@@ -213,7 +217,11 @@ def reindex(
         good = []
         for pid, item, payload in batch:
             if _is_url(item.image):
-                get_url = get_url or _fetcher()
+                if get_url is None:
+                    import httpx
+
+                    clients.append(httpx.Client(timeout=30.0, follow_redirects=True))
+                    get_url = _fetcher(clients[0])
                 try:
                     item = Item(id=item.id, image=get_url(str(item.image)), text=item.text)
                 except Exception as exc:  # any fetch failure: name it and go on
@@ -236,27 +244,31 @@ def reindex(
                 batch = batch[: exc.index] + batch[exc.index + 1 :]
         if not batch:
             return
-        payloads = [{**p[2], VERSION_KEY: version} for p in batch]
+        payloads = [{**p[2], VERSION_KEY: version, SOURCE_KEY: _made_from(p[1])} for p in batch]
         store.upsert(collection, [p[0] for p in batch], vectors, payloads)
         report.reembedded += len(batch)
         if progress:
             progress(len(batch))
 
-    for record in store.iter_records(collection, page_size=batch_size, with_payload=True):
-        payload = dict(record.payload or {})
-        payload.pop("external_id", None)
-        if payload.get(VERSION_KEY) == version:
-            report.already_current += 1
-            continue
-        text, uri = payload.get("text"), payload.get("image_uri")
-        made_from = str(payload.get(SOURCE_KEY) or "").split("+")  # [""] on points stored before the field
-        if (not text and not uri) or ("image" in made_from and not uri) or ("text" in made_from and not text):
-            report.missing_source.append(record.id)
-            continue
-        pending.append((record.id, Item(id=record.id, text=text, image=uri), payload))
-        if len(pending) >= batch_size:
-            flush()
-    flush()
+    try:
+        for record in store.iter_records(collection, page_size=batch_size, with_payload=True):
+            payload = dict(record.payload or {})
+            payload.pop("external_id", None)
+            if payload.get(VERSION_KEY) == version:
+                report.already_current += 1
+                continue
+            text, uri = payload.get("text"), payload.get("image_uri")
+            made_from = str(payload.get(SOURCE_KEY) or "").split("+")  # [""] on points stored before the field
+            if (not text and not uri) or ("image" in made_from and not uri) or ("text" in made_from and not text):
+                report.missing_source.append(record.id)
+                continue
+            pending.append((record.id, Item(id=record.id, text=text, image=uri), payload))
+            if len(pending) >= batch_size:
+                flush()
+        flush()
+    finally:
+        for client in clients:
+            client.close()
     if not report.missing_source and not report.unreadable:
         store.update_collection_metadata(collection, {VERSION_KEY: version})
     return report

@@ -81,9 +81,12 @@ def test_reindex_will_not_re_embed_an_image_it_has_no_source_for(tmp_path, two_e
         index_items(store, "emoji", old, items)
         made_from = {r.id: r.payload["embedded_from"] for r in store.iter_records("emoji")}
         assert made_from == {a.id: "image+text", b.id: "text", c.id: "image+text"}
+        store.delete_payload_keys("emoji", [b.id], ["embedded_from"])  # a point stored before the field
         report = reindex(store, "emoji", new)
         assert report.missing_source == [a.id] and report.reembedded == 2
         assert store.collection_metadata("emoji")[VERSION_KEY] == old.version  # not switched
+        after = {r.id: r.payload.get("embedded_from") for r in store.iter_records("emoji")}
+        assert after == {a.id: "image+text", b.id: "text", c.id: "image+text"}  # reindex records what it used
         store.delete_payload_keys("emoji", [c.id], ["image_uri"])  # a path lost later is caught the same way
         store.set_payload("emoji", {c.id: {VERSION_KEY: old.version}})
         assert sorted(reindex(store, "emoji", new).missing_source) == sorted([a.id, c.id])
