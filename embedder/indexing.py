@@ -25,6 +25,14 @@ from retrieval import CollectionSpec, FilterLike, Hit, VectorStore
 
 VERSION_KEY = "embedding_version"
 SOURCE_KEY = "embedded_from"
+#: collection metadata beside the version: how many labels the projection was fitted on, which a labeling job
+#: reads to warn that its calibration is optimistic (``labeling.job.PROJECTION_LABELS_KEY``, same name)
+PROJECTION_LABELS_KEY = "projection_labels"
+
+
+def _version_metadata(embedder: Embedder) -> dict[str, Any]:
+    n = embedder.projection.training.get("n_labeled", 0) if embedder.projection is not None else 0
+    return {VERSION_KEY: embedder.version, PROJECTION_LABELS_KEY: int(n or 0)}
 
 
 def stored_version(store: VectorStore, collection: str) -> str | None:
@@ -37,7 +45,7 @@ def require_version(store: VectorStore, collection: str, embedder: Embedder, *, 
     stored = stored_version(store, collection)
     if stored is None:
         if claim:
-            store.update_collection_metadata(collection, {VERSION_KEY: current})
+            store.update_collection_metadata(collection, _version_metadata(embedder))
         return current
     if stored != current:
         raise EmbeddingVersionMismatchError(collection, stored, current)
@@ -270,5 +278,5 @@ def reindex(
         for client in clients:
             client.close()
     if not report.missing_source and not report.unreadable:
-        store.update_collection_metadata(collection, {VERSION_KEY: version})
+        store.update_collection_metadata(collection, _version_metadata(embedder))
     return report

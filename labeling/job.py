@@ -33,6 +33,9 @@ from labeling.snapshot import neighbour_graph, query_graph, read_snapshot, row_i
 from retrieval import VectorStore
 
 DEFAULT_RUNS_DIR = Path("./data/runs")
+#: collection metadata the embedder writes with the embedding version: how many labels its projection was
+#: fitted on (``embedder.indexing`` writes it under the same name; labeling does not import the embedder)
+PROJECTION_LABELS_KEY = "projection_labels"
 
 
 @dataclass
@@ -143,6 +146,14 @@ def run_job(
     index = {c: i for i, c in enumerate(classes)}
     y = np.array([index[lab] if lab is not None else -1 for lab in snap.labels], np.int64)
     warnings = check_seed(y, classes, cfg)
+    n_projection_labels = store.collection_metadata(collection).get(PROJECTION_LABELS_KEY)
+    if isinstance(n_projection_labels, int) and n_projection_labels > 0:
+        warnings.append(
+            f"the collection's vectors come from a projection fitted on {n_projection_labels} labels "
+            "(fit-projection --labels): where they include this job's ground truth, the projection has pulled "
+            "those points toward their classes, so held-out scores, calibration and the gate read optimistic. "
+            "A label-free projection (fit-projection's default) avoids it"
+        )
     for w in warnings:
         emit(JobEvent("guards", message=w))
     n_gt = int((y >= 0).sum())

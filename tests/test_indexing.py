@@ -30,6 +30,11 @@ def test_index_records_the_version_and_search_finds_items(tmp_path, two_embedder
         report = index_items(store, "emoji", emb, items)
         assert report.written == 60 and not report.skipped
         assert store.collection_metadata("emoji")[VERSION_KEY] == emb.version
+        # what the labeling job reads to warn of optimistic calibration (the fixture's projection used labels)
+        from labeling.job import PROJECTION_LABELS_KEY
+
+        n_labeled = emb.projection.training["n_labeled"]
+        assert n_labeled > 0 and store.collection_metadata("emoji")[PROJECTION_LABELS_KEY] == n_labeled
         rec = store.retrieve("emoji", [items[0].id])[0]
         assert rec.payload[VERSION_KEY] == emb.version
         assert rec.payload["label"] == items[0].label and rec.payload["label_source"] == "human"

@@ -77,8 +77,10 @@ def pseudo(p):
 # ---------------------------------------------------------------- both adapters
 def test_a_job_on_each_store_adapter(store, collection, emoji_data, tmp_path):
     load(store, collection, emoji_data, n=700, seed_fraction=0.15)
+    store.update_collection_metadata(collection, {"projection_labels": 25})  # as the embedder records it
     before = payloads(store, collection)
     result = run_job(store, collection, LabelingConfig(**FAST, truth_field="hidden_label"), runs_dir=tmp_path)
+    assert any("projection fitted on 25 labels" in w for w in result.report["warnings"])
     after = payloads(store, collection)
     # ground truth untouched, and nothing written on ground-truth points
     for pid, p in before.items():
