@@ -21,6 +21,7 @@ app.add_typer(keys_app, name="keys")
 console = Console()
 
 PathOpt = Annotated[Optional[Path], typer.Option("--path", help="Edge store directory (EMBEDSTORE_PATH).")]  # noqa: UP045
+DATASET_HELP = "A bundled dataset: emoji, emoji_subcategory, rotten_tomatoes, mnist or fashion_mnist."
 CollectionOpt = Annotated[Optional[str], typer.Option("--collection", "-c", help="Collection (EMBEDSTORE_COLLECTION).")]  # noqa: UP045
 
 
@@ -96,7 +97,7 @@ def _write_projection(artifact, out: Path) -> None:
 
 @app.command("fit-projection")
 def fit_projection_cmd(
-    dataset: Annotated[Optional[str], typer.Option(help="A bundled dataset (emoji, rotten_tomatoes, ...).")] = None,  # noqa: UP045
+    dataset: Annotated[Optional[str], typer.Option(help=DATASET_HELP)] = None,  # noqa: UP045
     manifest: Annotated[Optional[Path], typer.Option(help="JSONL/CSV manifest: id, image, text, label.")] = None,  # noqa: UP045
     out: Annotated[
         Optional[Path],  # noqa: UP045
@@ -186,7 +187,7 @@ def fit_projection_cmd(
 
 @app.command("index")
 def index_cmd(
-    dataset: Annotated[Optional[str], typer.Option(help="emoji, rotten_tomatoes or mnist.")] = None,  # noqa: UP045
+    dataset: Annotated[Optional[str], typer.Option(help=DATASET_HELP)] = None,  # noqa: UP045
     manifest: Annotated[Optional[Path], typer.Option(help="JSONL/CSV manifest: id, image, text, label.")] = None,  # noqa: UP045
     path: PathOpt = None,
     collection: CollectionOpt = None,

@@ -105,3 +105,10 @@ def test_a_missing_manifest_is_named(tmp_path):
 
     with pytest.raises(DatasetUnavailableError, match="does not exist"):
         manifest_items(tmp_path / "nope.jsonl")
+
+
+def test_the_cli_names_every_bundled_dataset():
+    from embedder.cli import DATASET_HELP
+    from embedder.datasets import DATASETS
+
+    assert all(name in DATASET_HELP for name in DATASETS)
