@@ -85,14 +85,20 @@ def _write_projection(artifact, out: Path) -> None:
     tmp = out.with_name(f".{out.name}.new-{os.getpid()}")
     old = out.with_name(f".{out.name}.old-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
+    moved_aside = False
     try:
         artifact.save(tmp)
         if out.exists():
             os.replace(out, old)
+            moved_aside = True
         os.replace(tmp, out)
+    except BaseException:
+        if moved_aside and not out.exists():
+            os.replace(old, out)  # the swap failed half-way: the old projection goes back
+        raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    shutil.rmtree(old, ignore_errors=True)
+    shutil.rmtree(old, ignore_errors=True)  # only after the new one is in place
 
 
 @app.command("fit-projection")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 from typer.testing import CliRunner
 
 from embedder.cli import app
@@ -139,3 +140,34 @@ def test_fit_projection_command_refuses_bad_arguments(tmp_path, monkeypatch):
     result = runner.invoke(app, ["fit-projection", "--manifest", str(bad)])
     assert result.exit_code == 2 and "pseudo_status" in result.output
     assert not (tmp_path / "projection").exists()
+
+
+def test_a_failed_projection_swap_puts_the_old_one_back(tmp_path, monkeypatch):
+    import os
+
+    from embedder import cli
+
+    out = tmp_path / "projection"
+    out.mkdir()
+    (out / "projection.json").write_text('{"old": true}')
+
+    class Artifact:
+        def save(self, directory):
+            directory.mkdir()
+            (directory / "projection.json").write_text('{"new": true}')
+
+    real_replace = os.replace
+
+    def replace(src, dst):
+        if str(src).endswith(f".projection.new-{os.getpid()}"):
+            raise OSError("disk full")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(OSError, match="disk full"):
+        cli._write_projection(Artifact(), out)
+    assert json.loads((out / "projection.json").read_text()) == {"old": True}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["projection"]  # nothing half-written left beside it
+    monkeypatch.setattr(os, "replace", real_replace)
+    cli._write_projection(Artifact(), out)
+    assert json.loads((out / "projection.json").read_text()) == {"new": True}
