@@ -8,7 +8,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 from rich.console import Console
-from rich.table import Column, Table
+from rich.table import Table
 
 from retrieval import StoreError, StoreLockedError, StoreSettings, open_store
 
@@ -163,11 +163,6 @@ def _run_via_server(server: str, token: str | None, collection: str, fields: dic
     return report  # type: ignore[return-value]
 
 
-def _id_column(name: str, ids: list[str]) -> Column:
-    """A table column that shows ids whole (they are what the next command takes), whatever the terminal width."""
-    return Column(name, no_wrap=True, min_width=min(max((len(i) for i in ids), default=0), 48))
-
-
 @label_app.command("runs")
 def runs_cmd(
     path: PathOpt = None,
@@ -188,8 +183,10 @@ def runs_cmd(
     if as_json:
         console.print_json(json.dumps(dataclasses.asdict(reg)))
         return
+    from labeling.present import id_column
+
     table = Table(
-        _id_column("run", [r.run_id for r in reg.runs]),
+        id_column("run", [r.run_id for r in reg.runs]),
         "status",
         "model",
         "points",
@@ -328,8 +325,10 @@ def suspicious_cmd(
     if as_json:
         console.print_json(json.dumps([dataclasses.asdict(s) for s in found]))
         return
+    from labeling.present import id_column
+
     table = Table(
-        _id_column("id", [s.id for s in found]),
+        id_column("id", [s.id for s in found]),
         "pseudo-label",
         "confidence",
         "agreement",

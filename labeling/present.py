@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -63,11 +63,17 @@ def rich_events(console: Console, *, enabled: bool = True) -> Iterator[Events]:
         yield on_event
 
 
+def id_column(name: str, ids: Sequence[str]) -> Column:
+    """A table column that shows ids whole (they are what the next command takes) whatever the terminal's width,
+    up to 48 characters."""
+    return Column(name, no_wrap=True, min_width=min(max((len(i) for i in ids), default=0), 48))
+
+
 def neighbour_table(view: Inspection, *, text_width: int = 40) -> Table:
     """A point's neighbours with their labels, pseudo-labels, status, confidence and text."""
     table = Table(
         "similarity",
-        Column("id", no_wrap=True, min_width=min(max((len(n.point.id) for n in view.neighbours), default=0), 48)),
+        id_column("id", [n.point.id for n in view.neighbours]),
         "text",
         "ground truth",
         "pseudo-label",
