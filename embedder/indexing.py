@@ -122,7 +122,7 @@ def _drop_bad(embedder: Embedder, batch: list[Item], report: IndexReport) -> lis
             check_items([item])
             embedder.decode([item])
         except InvalidItemError as exc:
-            report.skipped.append((item.id, str(exc)))
+            report.skipped.append((item.id, exc.reason))  # the id is the key; "item 0" would mislead
             continue
         good.append(item)
     return good

@@ -107,3 +107,4 @@ def test_bad_items_fail_the_run_or_are_reported(tmp_path, two_embedders, emoji_i
         report = index_items(store, "emoji", emb, items, skip_bad=True)
         assert report.written == 3
         assert [s[0] for s in report.skipped] == ["broken", "empty"]
+        assert "neither" in report.skipped[1][1] and "item 0" not in report.skipped[1][1]  # no per-item index
