@@ -11,14 +11,18 @@ class EmbedderError(Exception):
     """Base class of every error raised by :mod:`embedder`."""
 
 
-class InvalidItemError(EmbedderError, ValueError):
-    """An item cannot be embedded (empty, corrupt image, unreadable file, ...). Nothing was embedded."""
+class _ItemError(EmbedderError):
+    """An error about one item of a batch: ``reason`` alone, and the message naming the item's index and id."""
 
     def __init__(self, message: str, *, index: int | None = None, item_id: Any = None) -> None:
         self.reason = message
         self.index = index
         self.item_id = item_id
         super().__init__(located(message, index, item_id))
+
+
+class InvalidItemError(_ItemError, ValueError):
+    """An item cannot be embedded (empty, corrupt image, unreadable file, ...). Nothing was embedded."""
 
 
 class ModelUnavailableError(EmbedderError, RuntimeError):
@@ -29,15 +33,9 @@ class ProjectionNotFittedError(EmbedderError, RuntimeError):
     """No trained Matryoshka projection is available where one is required."""
 
 
-class ModalityNotFittedError(EmbedderError, RuntimeError):
+class ModalityNotFittedError(_ItemError, RuntimeError):
     """An item has an image (or text) but the projection was fitted on items without any: it would
     silently drop that part of the item, so the item is refused, naming it."""
-
-    def __init__(self, message: str, *, index: int | None = None, item_id: Any = None) -> None:
-        self.reason = message
-        self.index = index
-        self.item_id = item_id
-        super().__init__(located(message, index, item_id))
 
 
 class EmbeddingVersionMismatchError(EmbedderError, RuntimeError):

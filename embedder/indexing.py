@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import httpx
+
 from embedder.errors import EmbeddingVersionMismatchError, InvalidItemError
 from embedder.model import Embedder, Item, check_items
 from retrieval import CollectionSpec, FilterLike, Hit, VectorStore
@@ -162,7 +164,6 @@ def _is_url(uri: object) -> bool:
 def _fetcher(client: Any, attempts: int = 3) -> Callable[[str], bytes]:
     """GET an image URL with ``client`` (an httpx.Client), retrying transport errors, 429 and 5xx with
     jittered backoff."""
-    import httpx
     from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_random_exponential
 
     def transient(exc: BaseException) -> bool:
@@ -216,20 +217,14 @@ def reindex(
     version = embedder.version
     report = ReindexReport(version=version)
     pending: list[tuple[str, Item, dict[str, Any]]] = []
-    get_url = fetch
-    clients: list[Any] = []  # the default fetcher's httpx.Client, made on the first URL and closed at the end
+    client = httpx.Client(timeout=30.0, follow_redirects=True)  # no connection until the first image URL
+    get_url = fetch or _fetcher(client)
 
     def fetched(batch: list[tuple[str, Item, dict[str, Any]]]) -> list[tuple[str, Item, dict[str, Any]]]:
         """The batch with URL images fetched; points whose fetch fails go to ``unreadable``."""
-        nonlocal get_url
         good = []
         for pid, item, payload in batch:
             if _is_url(item.image):
-                if get_url is None:
-                    import httpx
-
-                    clients.append(httpx.Client(timeout=30.0, follow_redirects=True))
-                    get_url = _fetcher(clients[0])
                 try:
                     item = Item(id=item.id, image=get_url(str(item.image)), text=item.text)
                 except Exception as exc:  # any fetch failure: name it and go on
@@ -275,8 +270,7 @@ def reindex(
                 flush()
         flush()
     finally:
-        for client in clients:
-            client.close()
+        client.close()
     if not report.missing_source and not report.unreadable:
         store.update_collection_metadata(collection, _version_metadata(embedder))
     return report

@@ -69,6 +69,11 @@ class QueryPlan:
 PAYLOAD_INDEX_KINDS = ("keyword", "integer", "float", "bool")
 
 
+def payload_kind_name(engine_kinds: Mapping[str, Any], data_type: Any) -> str:
+    """The name (one of PAYLOAD_INDEX_KINDS) of an engine's payload index type; "other" for one we never make."""
+    return next((name for name, t in engine_kinds.items() if t == data_type), "other")
+
+
 class VectorStore(abc.ABC):
     """A collection store with a 128D-prefix shortlist and a 512D rerank.
 

@@ -35,6 +35,7 @@ from retrieval.base import (
     group_by_payload,
     has_id_point_ids,
     hit_from,
+    payload_kind_name,
     record_from,
     vector_names,
 )
@@ -63,10 +64,6 @@ _KINDS = {
     "float": qe.PayloadSchemaType.Float,
     "bool": qe.PayloadSchemaType.Bool,
 }
-
-
-def _kind_name(data_type: Any) -> str:
-    return next((name for name, t in _KINDS.items() if t == data_type), "other")
 
 
 @contextlib.contextmanager
@@ -241,7 +238,9 @@ class EdgeStore(VectorStore):
                 "pending_optimize": self._pending.get(name, 0),
             },
             payload_indexes=tuple(sorted(info.payload_schema)),
-            payload_index_kinds={k: _kind_name(v.data_type) for k, v in sorted(info.payload_schema.items())},
+            payload_index_kinds={
+                k: payload_kind_name(_KINDS, v.data_type) for k, v in sorted(info.payload_schema.items())
+            },
         )
 
     def _get_metadata(self, name: str) -> dict[str, Any]:

@@ -26,6 +26,7 @@ from retrieval.base import (
     group_by_payload,
     has_id_point_ids,
     hit_from,
+    payload_kind_name,
     record_from,
     vector_names,
 )
@@ -283,7 +284,7 @@ class QdrantServerStore(VectorStore):
             return dict(self._local_indexes.get(name, {}))
         with self._call(f"reading collection {name!r}", name):
             schema = self.client.get_collection(name).payload_schema
-        return {k: next((n for n, t in _KINDS.items() if t == v.data_type), "other") for k, v in schema.items()}
+        return {k: payload_kind_name(_KINDS, v.data_type) for k, v in schema.items()}
 
     # ------------------------------------------------------------------ writes
     def _upsert_request(
