@@ -88,9 +88,21 @@ def preprocess(images: Sequence[Image.Image], size: int) -> np.ndarray:
         if img.size == (size, size):
             out[i] = arr
             continue
-        shrink = img.width > size and img.height > size
-        out[i] = cv2.resize(arr, (size, size), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
+        out[i] = _square(arr, size, cv2)
     return out
+
+
+def _square(arr: np.ndarray, size: int, cv2: Any) -> np.ndarray:
+    """One picture to ``size`` x ``size``: area averaging on a side that shrinks, bilinear on one that grows.
+
+    A picture that shrinks on one side and grows on the other (a 1000x200 strip) takes two steps: area
+    averaging on the long side first (bilinear there would alias its fine detail into moire), then bilinear."""
+    h, w = arr.shape[:2]
+    if w > size and h > size:
+        return cv2.resize(arr, (size, size), interpolation=cv2.INTER_AREA)
+    if w > size or h > size:
+        arr = cv2.resize(arr, (min(w, size), min(h, size)), interpolation=cv2.INTER_AREA)
+    return cv2.resize(arr, (size, size), interpolation=cv2.INTER_LINEAR)
 
 
 def _file_sha(path: Path) -> str:

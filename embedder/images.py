@@ -1,24 +1,43 @@
 """Decoding item images into RGB pictures the encoders can take.
 
 Accepts PNG, JPEG, WebP and GIF (first frame) as bytes or as a file path.
-Transparency is composited on white (emoji and icons are drawn on transparent
-backgrounds; black would change their meaning), palette and grayscale images
-become RGB. Anything unreadable is an :class:`InvalidItemError` naming the item.
+What a viewer shows is what gets embedded:
+
+* the EXIF orientation is applied (a phone photo stored sideways with an
+  orientation tag is embedded upright, as every viewer shows it);
+* transparency is composited on white (emoji and icons are drawn on transparent
+  backgrounds; black would change their meaning), whether it comes from an alpha
+  channel, a palette entry or a PNG colour key (``tRNS`` on RGB or grayscale);
+* 16-bit grayscale is scaled to 8 bits (not clipped, which would turn most of it
+  white); palette and grayscale images become RGB;
+* a side longer than any encoder input (``MAX_SIDE``) is shrunk right after
+  decoding, by area averaging, so a batch holds small pictures whatever the
+  upload: an 8000x8000 PNG of a few KB would otherwise hold ~200 MB until the
+  encoder resized it. Each side is bounded on its own: the encoders squash every
+  picture to a square anyway, so this is the first half of the same area average,
+  and a 4000x100 strip keeps its 100 rows.
+
+Anything unreadable is an :class:`InvalidItemError` naming the item.
 """
 
 from __future__ import annotations
 
 import io
 import os
+import warnings
 from pathlib import Path
 
-from PIL import Image, UnidentifiedImageError
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from embedder.errors import InvalidItemError
 
 ImageSource = bytes | bytearray | memoryview | str | os.PathLike | Image.Image
 ACCEPTED_FORMATS = ("PNG", "JPEG", "WEBP", "GIF")
 MAX_PIXELS = 64_000_000  # refuse decompression bombs with a clear error rather than PIL's warning
+# Each side of a decoded picture is shrunk to at most this many pixels: the largest encoder input the
+# settings allow (EMBEDSTORE_IMAGE_SIZE <= 1024; 224 by default). Pictures within it are untouched.
+MAX_SIDE = 1024
 
 
 def load_rgb(source: ImageSource, *, index: int | None = None, item_id: object = None) -> Image.Image:
@@ -34,6 +53,8 @@ def load_rgb(source: ImageSource, *, index: int | None = None, item_id: object =
     elif isinstance(source, (str, os.PathLike)):
         stream = Path(source)
         what = f"image file {str(stream)!r}"
+        if stream.is_dir():
+            raise InvalidItemError(f"{what} is a directory, not an image file", index=index, item_id=item_id)
         if not stream.is_file():
             raise InvalidItemError(f"{what} does not exist", index=index, item_id=item_id)
         if stream.stat().st_size == 0:
@@ -43,7 +64,11 @@ def load_rgb(source: ImageSource, *, index: int | None = None, item_id: object =
             f"image must be bytes, a path or a PIL image, got {type(source).__name__}", index=index, item_id=item_id
         )
     try:
-        with Image.open(stream) as img:
+        # the size check below refuses bombs with a clear error; PIL's own warning would only be noise
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            opened = Image.open(stream)
+        with opened as img:
             if img.format not in ACCEPTED_FORMATS:
                 raise InvalidItemError(
                     f"{what}: format {img.format} is not one of {', '.join(ACCEPTED_FORMATS)}",
@@ -55,6 +80,8 @@ def load_rgb(source: ImageSource, *, index: int | None = None, item_id: object =
                     f"{what}: {img.width}x{img.height} is larger than {MAX_PIXELS} pixels", index=index, item_id=item_id
                 )
             img.seek(0)  # GIF/animated WebP: the first frame
+            if img.format == "JPEG" and max(img.size) > 2 * MAX_SIDE:
+                img.draft(None, (MAX_SIDE, MAX_SIDE))  # decode at 1/2, 1/4 or 1/8 scale, never below MAX_SIDE
             img.load()
             return to_rgb(img)
     except InvalidItemError:
@@ -64,14 +91,59 @@ def load_rgb(source: ImageSource, *, index: int | None = None, item_id: object =
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
-    """RGB copy of ``img``; any transparency is composited on white."""
-    if img.mode == "P":
-        img = img.convert("RGBA") if "transparency" in img.info else img.convert("RGB")
+    """RGB copy of ``img`` as a viewer shows it: EXIF orientation applied, any transparency composited on
+    white, 16-bit grayscale scaled to 8 bits, sides over ``MAX_SIDE`` shrunk (see the module docstring)."""
+    img = ImageOps.exif_transpose(img) or img
+    if img.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+        img = _gray16_to_l(img)
+    if "transparency" in img.info and img.mode in ("P", "L", "RGB"):
+        # a palette entry or a PNG colour key (tRNS) marks a colour as see-through
+        img = img.convert("RGBA")
+    elif img.mode == "P":
+        img = img.convert("RGB")
     if img.mode in ("LA", "La", "PA"):
         img = img.convert("RGBA")
+    if img.mode == "1":
+        img = img.convert("L")  # one byte a pixel, not three, while it is still full size
+    elif img.mode not in ("RGB", "RGBA", "RGBa", "L"):
+        img = img.convert("RGB")  # CMYK, YCbCr, F, ...
+    img = _bounded(img)  # before the RGB copy and the composite: they then work on the small picture
     if img.mode in ("RGBA", "RGBa"):
         background = Image.new("RGBA", img.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, img.convert("RGBA")).convert("RGB")
-    if img.mode != "RGB":
-        return img.convert("RGB")
-    return img.copy()
+    return img.convert("RGB") if img.mode != "RGB" else img.copy()
+
+
+def _gray16_to_l(img: Image.Image) -> Image.Image:
+    """16-bit (or 32-bit integer) grayscale -> 8-bit "L", scaled rather than clipped.
+
+    PNG's 16-bit grayscale arrives as "I;16" or "I" depending on the Pillow version; both hold 0-65535, so
+    both are divided by 257 (65535 -> 255). An "I" picture whose values all fit in 0-255 is taken as
+    8-bit data in a wide mode and kept as it is; one with values beyond 16 bits is scaled by its maximum.
+    """
+    transparency = img.info.get("transparency")
+    arr = np.asarray(img, dtype=np.int64) if img.mode.startswith("I;16") else np.asarray(img.convert("I"), np.int64)
+    top = int(arr.max()) if arr.size else 0
+    if top <= 255 and not img.mode.startswith("I;16"):
+        scaled = arr
+        key = transparency
+    else:
+        div = 257.0 if top <= 65535 else top / 255.0
+        scaled = np.rint(arr / div)
+        key = None if transparency is None else round(transparency / div)
+    out = Image.fromarray(np.clip(scaled, 0, 255).astype(np.uint8))  # 2-D uint8: "L"
+    if key is not None:
+        out.info["transparency"] = key
+    return out
+
+
+def _bounded(img: Image.Image) -> Image.Image:
+    """``img`` with each side shrunk (area averaging) to at most ``MAX_SIDE``; itself when both fit."""
+    size = (min(img.width, MAX_SIDE), min(img.height, MAX_SIDE))
+    if size == img.size:
+        return img
+    if img.mode == "RGBA":
+        # averaging premultiplied colour, so a see-through pixel's hidden colour does not bleed into its
+        # neighbours' edge (the composite on white follows)
+        return img.convert("RGBa").resize(size, Image.Resampling.BOX).convert("RGBA")
+    return img.resize(size, Image.Resampling.BOX)
