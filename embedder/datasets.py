@@ -30,6 +30,7 @@ import zipfile
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -286,13 +287,37 @@ def manifest_items(path: str | Path) -> list[Item]:
     as they are), so metadata such as a source, a date or a held-back truth can be filtered
     on and read by the labeling job (``--truth-field``). Columns the system writes itself
     (``external_id``, ``embedding_version``, ``image_uri``, the ``pseudo_*`` fields, ...)
-    are refused, naming the row and the column."""
+    are refused, naming the row and the column.
+
+    The whole file is checked before any item is returned, so a bad row stops an ``index`` run
+    before it writes anything: UTF-8 (a byte-order mark, as Excel writes, is fine), ids present,
+    strings or integers, and unique across the file (an id given twice would otherwise overwrite
+    the first silently), ``text``/``image`` strings, ``label`` a string or an integer. ``image``
+    must be a file path: an http(s) URL is refused (``embedstore ingest`` fetches images from
+    APIs). ``image_uri`` records the absolute path, so ``reindex`` finds the file from any folder.
+    """
     path = Path(path)
-    if not path.is_file():
-        raise DatasetUnavailableError(f"manifest {path} does not exist")
-    rows: list[dict[str, str]] = []
-    if path.suffix.lower() in (".jsonl", ".ndjson"):
-        for n, line in enumerate(path.read_text().splitlines(), 1):
+    if path.is_dir() or not path.is_file():
+        raise DatasetUnavailableError(f"manifest {path} {'is a directory' if path.is_dir() else 'does not exist'}")
+    suffix = path.suffix.lower()
+    if suffix not in (".jsonl", ".ndjson", ".csv"):
+        raise DatasetUnavailableError(f"manifest {path} must be .jsonl or .csv")
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        raise DatasetUnavailableError(
+            f"{path}:{line}: not UTF-8 (byte {raw[exc.start]:#04x} at offset {exc.start}); save the file as UTF-8"
+        ) from None
+    rows: list[tuple[int, dict[str, Any]]] = []
+    if suffix == ".csv":
+        reader = csv.DictReader(io.StringIO(text, newline=""))
+        rows = [(reader.line_num, row) for row in reader]
+    else:
+        # split on newlines only: str.splitlines would also cut a JSON string at U+2028, U+0085, ...,
+        # which json.dumps(ensure_ascii=False) writes as they are
+        for n, line in enumerate(text.split("\n"), 1):
             if line.strip():
                 try:
                     row = json.loads(line)
@@ -300,34 +325,54 @@ def manifest_items(path: str | Path) -> list[Item]:
                     raise DatasetUnavailableError(f"{path}:{n}: not JSON ({exc})") from None
                 if not isinstance(row, dict):
                     raise DatasetUnavailableError(f"{path}:{n}: each line must be a JSON object")
-                rows.append(row)
-    elif path.suffix.lower() == ".csv":
-        with open(path, newline="") as f:
-            rows = list(csv.DictReader(f))
-    else:
-        raise DatasetUnavailableError(f"manifest {path} must be .jsonl or .csv")
+                rows.append((n, row))
     reserved = _reserved_payload_keys()
+    manifest_dir = path.resolve().parent
+    first_row: dict[str, int] = {}
     items = []
-    for n, row in enumerate(rows, 1):
-        if row.get("id") in (None, ""):
-            raise DatasetUnavailableError(f"{path}: row {n} has no id")
+    for n, row in rows:
+        where = f"{path}:{n}"
+        pid = row.get("id")
+        if pid is None or pid == "":
+            raise DatasetUnavailableError(f"{where}: no id")
+        if isinstance(pid, bool) or not isinstance(pid, (str, int)):
+            raise DatasetUnavailableError(f"{where}: id must be a string or an integer, got {pid!r}")
+        pid = str(pid)
+        if pid in first_row:
+            raise DatasetUnavailableError(
+                f"{where}: id {pid!r} is also on line {first_row[pid]}; ids must be unique (the second would "
+                "overwrite the first)"
+            )
+        first_row[pid] = n
+        where = f"{where} (id {pid!r})"
         if None in row:  # csv.DictReader's key for cells beyond the header
-            raise DatasetUnavailableError(f"{path}: row {n} (id {row['id']!r}) has more cells than the header")
+            raise DatasetUnavailableError(f"{where}: more cells than the header")
         extra = {k: v for k, v in row.items() if k not in MANIFEST_COLUMNS and v not in (None, "")}
         clash = sorted(k for k in extra if k in reserved)
         if clash:
             raise DatasetUnavailableError(
-                f"{path}: row {n} (id {row['id']!r}) sets {clash}: the system writes "
+                f"{where}: sets {clash}: the system writes "
                 f"{'that field' if len(clash) == 1 else 'those fields'} itself; rename the column"
             )
+        for column in ("image", "text"):
+            value = row.get(column)
+            if value is not None and not isinstance(value, str):
+                raise DatasetUnavailableError(f"{where}: {column} must be a string, got {value!r}")
+        label = row.get("label")
+        if label is not None and (isinstance(label, bool) or not isinstance(label, (str, int))):
+            raise DatasetUnavailableError(f"{where}: label must be a string or an integer, got {label!r}")
         image = row.get("image") or None
         if image is not None:
-            image = Path(image) if Path(image).is_absolute() else path.parent / image
-        label = row.get("label")
+            if image.lower().startswith(("http://", "https://")):
+                raise DatasetUnavailableError(
+                    f"{where}: image {image!r} is a URL; a manifest's images are files (download them, or "
+                    "ingest from the API with `embedstore ingest`)"
+                )
+            image = Path(image) if Path(image).is_absolute() else manifest_dir / image
         payload = extra | ({"image_uri": str(image)} if image is not None else {})
         items.append(
             Item(
-                id=str(row["id"]),
+                id=pid,
                 image=image,
                 text=row.get("text") or None,
                 label=None if label in (None, "") else str(label),

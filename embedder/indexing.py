@@ -14,14 +14,17 @@ path), ``embedding_version``, and the item's own payload fields.
 
 from __future__ import annotations
 
+import contextlib
+import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import httpx
+import numpy as np
 
-from embedder.errors import EmbeddingVersionMismatchError, InvalidItemError
+from embedder.errors import EmbeddingVersionMismatchError, InvalidItemError, _ItemError
 from embedder.model import Embedder, Item, check_items
 from retrieval import CollectionSpec, FilterLike, Hit, VectorStore
 
@@ -94,27 +97,84 @@ def index_items(
 ) -> IndexReport:
     """Embed ``items`` and upsert them (idempotent: same ids, same points).
 
-    A bad item (unreadable image, empty item) fails the run naming it, or with
-    ``skip_bad`` is left out and listed in the report: never silently dropped.
+    All or nothing: every item is checked and embedded before the first write, so a bad item (unreadable
+    image, empty item, an id given twice) fails the run naming its position in ``items`` and its id, and
+    the store is left as it was, not even a new empty collection created. With ``skip_bad`` a bad item is
+    left out and listed in the report instead: never silently dropped. The vectors wait in memory, or in
+    a temporary file beyond ``_SPOOL_ITEMS`` items (2 KB an item).
     """
-    store.ensure_collection(collection, spec)  # spec: shards/replicas when this run creates it
-    version = require_version(store, collection, embedder, claim=True)
+    if store.collection_exists(collection):
+        require_version(store, collection, embedder)  # fail before the embedding, not after it
+    ids = [getattr(it, "id", None) for it in items]
+    _refuse_repeated_ids(ids)
     report = IndexReport()
-    starts: Any = range(0, len(items), batch_size)
-    if progress:
-        from rich.progress import track
+    kept: list[Item] = []
+    with contextlib.ExitStack() as stack:
+        vectors: np.ndarray | None = None  # allocated at the first batch, when the width is known
+        starts: Any = range(0, len(items), batch_size)
+        if progress:
+            from rich.progress import track
 
-        starts = track(starts, description=f"indexing {len(items)} items into {collection}")
-    for start in starts:
-        batch = list(items[start : start + batch_size])
-        if skip_bad:
-            batch = _drop_bad(embedder, batch, report)
-            if not batch:
-                continue
-        vectors = embedder.embed(batch)
-        store.upsert(collection, [it.id for it in batch], vectors, [item_payload(it, version) for it in batch])
-        report.written += len(batch)
+            starts = track(starts, description=f"embedding {len(items)} items")
+        for start in starts:
+            batch = list(items[start : start + batch_size])
+            if skip_bad:
+                batch = _drop_bad(embedder, batch, report)
+                if not batch:
+                    continue
+            try:
+                got = embedder.embed(batch)
+            except _ItemError as exc:
+                # the position in the whole run, not in this batch ("item 24" of a 300-row manifest misleads)
+                at = None if exc.index is None or skip_bad else start + exc.index
+                raise type(exc)(exc.reason, index=at, item_id=exc.item_id) from None
+            if vectors is None:
+                vectors = _vector_buffer(len(items), got.shape[1], stack)
+            vectors[len(kept) : len(kept) + len(batch)] = got
+            kept.extend(batch)
+        if vectors is None:
+            return report
+        store.ensure_collection(collection, spec)  # spec: shards/replicas when this run creates it
+        version = require_version(store, collection, embedder, claim=True)
+        writes: Any = range(0, len(kept), batch_size)
+        if progress:
+            from rich.progress import track
+
+            writes = track(writes, description=f"writing {len(kept)} points to {collection}")
+        for start in writes:
+            batch = kept[start : start + batch_size]
+            store.upsert(
+                collection,
+                [it.id for it in batch],
+                np.asarray(vectors[start : start + len(batch)]),
+                [item_payload(it, version) for it in batch],
+            )
+            report.written += len(batch)
     return report
+
+
+#: beyond this many items the vectors of an index run wait in a temporary file rather than in memory
+_SPOOL_ITEMS = 100_000
+
+
+def _vector_buffer(n: int, dim: int, stack: contextlib.ExitStack) -> np.ndarray:
+    if n <= _SPOOL_ITEMS:
+        return np.empty((n, dim), np.float32)
+    folder = stack.enter_context(tempfile.TemporaryDirectory(prefix="embedstore-index-"))
+    return np.lib.format.open_memmap(Path(folder) / "vectors.npy", mode="w+", dtype=np.float32, shape=(n, dim))
+
+
+def _refuse_repeated_ids(ids: Sequence[Any]) -> None:
+    first: dict[Any, int] = {}
+    for i, pid in enumerate(ids):
+        if pid in first and pid is not None:
+            raise InvalidItemError(
+                f"id {pid!r} is also item {first[pid]}'s; ids must be unique in a run (the second would "
+                "overwrite the first)",
+                index=i,
+                item_id=pid,
+            )
+        first.setdefault(pid, i)
 
 
 def _drop_bad(embedder: Embedder, batch: list[Item], report: IndexReport) -> list[Item]:
@@ -122,6 +182,7 @@ def _drop_bad(embedder: Embedder, batch: list[Item], report: IndexReport) -> lis
     for item in batch:
         try:
             check_items([item])
+            embedder.check_texts([item])
             embedder.decode([item])
         except InvalidItemError as exc:
             report.skipped.append((item.id, exc.reason))  # the id is the key; "item 0" would mislead

@@ -81,11 +81,23 @@ def test_manifest_csv_leaves_empty_cells_out_of_the_payload(tmp_path):
 @pytest.mark.parametrize(
     ("name", "content", "message"),
     [
-        ("a.jsonl", '{"id": "x", "text": "t", "pseudo_label": "cat"}\n', r"row 1 \(id 'x'\) sets \['pseudo_label'\]"),
+        (
+            "a.jsonl",
+            '{"id": "x", "text": "t", "pseudo_label": "cat"}\n',
+            r"a.jsonl:1 \(id 'x'\): sets \['pseudo_label'\]",
+        ),
         ("a.jsonl", '{"id": "x", "text": "t", "embedding_version": "v"}\n', "embedding_version"),
         ("a.csv", "id,text,external_id\nx,t,y\n", r"sets \['external_id'\]"),
-        ("a.csv", "id,text\nx,t,extra\n", "row 1 .* more cells than the header"),
-        ("a.csv", "id,text\n,t\n", "row 1 has no id"),
+        ("a.csv", "id,text\nx,t,extra\n", r"a.csv:2 \(id 'x'\): more cells than the header"),
+        ("a.csv", "id,text\n,t\n", "a.csv:2: no id"),
+        ("a.csv", "id,text\nx,t\ny,u\nx,v\n", "a.csv:4: id 'x' is also on line 2; ids must be unique"),
+        ("a.jsonl", '{"id": "x", "text": "t"}\n{"id": "x", "text": "u"}\n', "a.jsonl:2: id 'x' is also on line 1"),
+        ("a.jsonl", '{"id": true, "text": "t"}\n', "a.jsonl:1: id must be a string or an integer, got True"),
+        ("a.jsonl", '{"id": {"a": 1}, "text": "t"}\n', "id must be a string or an integer"),
+        ("a.jsonl", '{"id": "x", "text": 0}\n', r"a.jsonl:1 \(id 'x'\): text must be a string, got 0"),
+        ("a.jsonl", '{"id": "x", "image": 5}\n', "image must be a string, got 5"),
+        ("a.jsonl", '{"id": "x", "text": "t", "label": {"k": "v"}}\n', "label must be a string or an integer"),
+        ("a.jsonl", '{"id": "x", "image": "https://e.org/a.png"}\n', "is a URL; a manifest's images are files"),
         ("a.jsonl", '{"id": "x"}\n[1, 2]\n', "a.jsonl:2: each line must be a JSON object"),
         ("a.jsonl", '{"id": "x"\n', "a.jsonl:1: not JSON"),
         ("a.txt", "id\nx\n", "must be .jsonl or .csv"),
@@ -98,6 +110,32 @@ def test_manifest_errors_name_the_row_and_what_is_wrong(tmp_path, name, content,
     path.write_text(content)
     with pytest.raises(DatasetUnavailableError, match=message):
         manifest_items(path)
+
+
+def test_manifest_encodings_and_line_ends(tmp_path, monkeypatch):
+    from embedder.datasets import manifest_items
+
+    # Excel's "CSV UTF-8" starts with a byte-order mark; CRLF line ends and a quoted multi-line cell
+    path = tmp_path / "bom.csv"
+    path.write_bytes('\ufeffid,text,label\r\nr1,"two\r\nlines",fresh\r\nr2,caf\u00e9,rotten\r\n'.encode())
+    r1, r2 = manifest_items(path)
+    assert (r1.id, r1.text, r1.label) == ("r1", "two\r\nlines", "fresh") and (r2.id, r2.text) == ("r2", "caf\u00e9")
+    # JSON written with ensure_ascii=False keeps U+2028 / U+0085 inside its strings: not line breaks
+    path = tmp_path / "u.jsonl"
+    path.write_text(json.dumps({"id": "a", "text": "one\u2028two\x85three"}, ensure_ascii=False) + "\r\n")
+    (a,) = manifest_items(path)
+    assert a.text == "one\u2028two\x85three"
+    # not UTF-8: the line and the byte, not a traceback
+    path = tmp_path / "latin1.jsonl"
+    path.write_bytes(b'{"id": "a", "text": "ok"}\n{"id": "b", "text": "caf\xe9"}\n')
+    with pytest.raises(DatasetUnavailableError, match=r"latin1.jsonl:2: not UTF-8 \(byte 0xe9"):
+        manifest_items(path)
+    # image_uri is absolute even when the manifest was named relative to the working folder
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "r.jsonl").write_text('{"id": "a", "image": "pics/a.png"}\n')
+    monkeypatch.chdir(tmp_path)
+    (a,) = manifest_items("m/r.jsonl")
+    assert a.payload["image_uri"] == str(tmp_path / "m" / "pics" / "a.png") and a.image.is_absolute()
 
 
 def test_a_missing_manifest_is_named(tmp_path):

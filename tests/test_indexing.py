@@ -97,13 +97,31 @@ def test_reindex_will_not_re_embed_an_image_it_has_no_source_for(tmp_path, two_e
         assert sorted(reindex(store, "emoji", new).missing_source) == sorted([a.id, c.id])
 
 
+def test_a_bad_item_in_a_later_batch_writes_nothing(tmp_path, two_embedders, emoji_items):
+    """All or nothing across batches: earlier batches are not written before a later one fails."""
+    emb, _ = two_embedders
+    good = emoji_items[:10]
+    with make_edge(tmp_path) as store:
+        index_items(store, "emoji", emb, good[:2])
+        before = {r.id: r.payload for r in store.iter_records("emoji")}
+        items = [*good, Item("truncated", image=b"\x89PNG\r\n\x1a\n\x00\x00"), *emoji_items[10:13]]
+        with pytest.raises(InvalidItemError, match=r"item 10, id 'truncated'"):  # its place in the run
+            index_items(store, "emoji", emb, items, batch_size=4)
+        assert {r.id: r.payload for r in store.iter_records("emoji")} == before
+        # an id given twice, batches apart: refused before anything is embedded, naming both places
+        twice = [*good[:6], Item(good[1].id, text="another item with the same id")]
+        with pytest.raises(InvalidItemError, match=rf"item 6, id '{good[1].id}': id .* is also item 1's"):
+            index_items(store, "emoji", emb, twice, batch_size=4)
+        assert store.count("emoji") == 2
+
+
 def test_bad_items_fail_the_run_or_are_reported(tmp_path, two_embedders, emoji_items):
     emb, _ = two_embedders
     items = [*emoji_items[:3], Item("broken", image=b"not an image"), Item("empty")]
     with make_edge(tmp_path) as store:
         with pytest.raises(InvalidItemError, match=r"id .empty.: item has neither"):
             index_items(store, "emoji", emb, items)
-        assert store.count("emoji") == 0  # the failing batch wrote nothing
+        assert not store.collection_exists("emoji")  # nothing written, not even an empty collection
         report = index_items(store, "emoji", emb, items, skip_bad=True)
         assert report.written == 3
         assert [s[0] for s in report.skipped] == ["broken", "empty"]
