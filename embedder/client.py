@@ -152,10 +152,23 @@ def _image_bytes(image: ImageLike) -> bytes:
     return path.read_bytes()
 
 
+def _wire_text(text: str | None, what: str = "text") -> str:
+    """``text`` checked to be sendable: protobuf strings are UTF-8, which a lone surrogate cannot be."""
+    if text is None:
+        return ""
+    if not isinstance(text, str):
+        raise InvalidArgument(f"{what} must be a string, got {type(text).__name__}")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InvalidArgument(f"{what} is not valid Unicode ({exc.reason} at character {exc.start})") from None
+    return text
+
+
 def _item_message(item: ItemLike) -> types_pb2.Item:
     """An Item, a text (str), image bytes or an image path (Path) as the wire Item."""
     if isinstance(item, str):
-        return types_pb2.Item(text=item)
+        return types_pb2.Item(text=_wire_text(item))
     if isinstance(item, (bytes, bytearray, Path)):
         return types_pb2.Item(image=_image_bytes(item))
     if isinstance(item, Item):
@@ -164,7 +177,10 @@ def _item_message(item: ItemLike) -> types_pb2.Item:
             if not isinstance(item.image, (bytes, bytearray, str, Path)):
                 raise InvalidArgument(f"item {item.id!r}: image must be bytes or a file path to send over gRPC")
             image = _image_bytes(item.image)
-        return types_pb2.Item(id=str(item.id or ""), image=image, text=item.text or "")
+        where = f"item {item.id!r}"
+        return types_pb2.Item(
+            id=_wire_text(str(item.id or ""), f"{where}: id"), image=image, text=_wire_text(item.text, f"{where}: text")
+        )
     raise InvalidArgument(f"cannot send {type(item).__name__} as an item: give an Item, a str, bytes or a Path")
 
 
@@ -278,9 +294,17 @@ class Client:
     ) -> Iterator[StreamResult]:
         """Stream many items; results come back in order, a bad item as a result with ``error`` set."""
 
+        local: list[ServiceError] = []  # an item this side could not send (a missing file, a lone surrogate)
+
         def requests() -> Iterator[embedding_pb2.EmbedStreamRequest]:
-            for x in items:
-                yield embedding_pb2.EmbedStreamRequest(item=_item_message(x), dimensions=dimensions)
+            for n, x in enumerate(items):
+                try:
+                    message = _item_message(x)
+                except ServiceError as exc:
+                    # gRPC would only report "Exception iterating requests!" and cancel the call: keep the reason
+                    local.append(type(exc)(f"stream item {n}: {exc.message}"))
+                    raise
+                yield embedding_pb2.EmbedStreamRequest(item=message, dimensions=dimensions)
 
         try:
             for r in self._embed.EmbedStream(requests(), timeout=timeout, metadata=self._metadata):
@@ -289,7 +313,11 @@ class Client:
                 else:
                     yield StreamResult(r.sequence, r.id, np.asarray(r.embedding.values, dtype=np.float32))
         except grpc.RpcError as exc:
+            if local:
+                raise local[0] from None
             raise _translate(exc, self.max_bytes) from None
+        if local:  # the call may end cleanly with the results of the items sent before the bad one
+            raise local[0]
 
     def info(self) -> dict[str, Any]:
         r = self._call(self._embed.Info, embedding_pb2.InfoRequest())
@@ -360,7 +388,7 @@ class Client:
             request.query.point_id = str(point_id)
         else:
             request.query.item.CopyFrom(
-                types_pb2.Item(text=text or "", image=_image_bytes(image) if image is not None else b"")
+                types_pb2.Item(text=_wire_text(text), image=_image_bytes(image) if image is not None else b"")
             )
         if filter:
             dict_to_struct(filter, request.filter)

@@ -402,6 +402,18 @@ class SentenceTransformerEncoder:
     def signature(self) -> dict[str, Any]:
         return {"model": self.name, "dim": self.dim, "max_seq_length": int(self.model.max_seq_length)}
 
+    def unreadable(self, texts: Sequence[str]) -> list[int]:
+        """Positions of the texts in which the model knows no token: the tokenizer reads them as [UNK] only, or
+        as nothing (an emoji, a zero-width space). Every such text would embed the same, so the embedder refuses
+        them rather than store a vector that matches all the others."""
+        tokenizer = getattr(self.model, "tokenizer", None)
+        if tokenizer is None or not texts:
+            return []
+        unk = tokenizer.unk_token_id
+        with self._lock:  # a fast tokenizer is not safe to call from two threads at once ("Already borrowed")
+            ids = tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+        return [i for i, seq in enumerate(ids) if all(t == unk for t in seq)]
+
     def encode(self, texts: Sequence[str]) -> np.ndarray:
         if not texts:
             return np.zeros((0, self.dim), dtype=np.float32)

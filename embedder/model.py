@@ -71,6 +71,13 @@ def check_items(items: Sequence[Item]) -> None:
             raise InvalidItemError(f"text must be a string, got {type(item.text).__name__}", index=i, item_id=item.id)
         if item.text is not None and len(item.text) > MAX_TEXT_CHARS:
             raise InvalidItemError(f"text is longer than {MAX_TEXT_CHARS} characters", index=i, item_id=item.id)
+        if item.text is not None:
+            try:
+                item.text.encode("utf-8")
+            except UnicodeEncodeError as exc:
+                raise InvalidItemError(
+                    f"text is not valid Unicode ({exc.reason} at character {exc.start})", index=i, item_id=item.id
+                ) from None
         if isinstance(item.image, (bytes, bytearray)) and len(item.image) == 0:
             raise InvalidItemError("image bytes are empty", index=i, item_id=item.id)
         if not item.has_image and not item.has_text:
@@ -149,8 +156,27 @@ class Embedder:
         check_items(items)
         return self.encode_decoded(items, self.decode(items))
 
+    def check_texts(self, items: Sequence[Item]) -> None:
+        """Refuse (naming the item) a text in which the text model knows no token (an emoji alone, a
+        zero-width space): it would read as [UNK] only and embed exactly like every other such text."""
+        unreadable = getattr(self.text_encoder, "unreadable", None)
+        idx = [i for i, it in enumerate(items) if it.has_text]
+        if unreadable is None or not idx:
+            return
+        bad = unreadable([items[i].text.strip() for i in idx])  # type: ignore[union-attr]
+        if bad:
+            i = idx[bad[0]]
+            text = items[i].text.strip()  # type: ignore[union-attr]
+            raise InvalidItemError(
+                f"text {text[:40]!r} has no word the text model knows (it reads as [UNK] only, so it would embed "
+                "like every other such text); add words, e.g. an emoji's name",
+                index=i,
+                item_id=items[i].id,
+            )
+
     def encode_decoded(self, items: Sequence[Item], pictures: Sequence[Image.Image | None]) -> RawFeatures:
         """Encoder outputs for checked ``items`` whose images :meth:`decode` already produced."""
+        self.check_texts(items)
         n = len(items)
         has_image = np.array([p is not None for p in pictures], dtype=bool)
         has_text = np.array([it.has_text for it in items], dtype=bool)

@@ -66,6 +66,9 @@ def test_nested_dims_and_determinism(fitted):
         ([Item("bad", image=b"\x89PNG garbage")], "item 0, id 'bad'.*cannot be decoded"),
         ([Item("ok", text="x"), Item("zero", image=b"")], "item 1, id 'zero'.*empty"),
         ([Item("num", text=42)], "text must be a string"),  # type: ignore[arg-type]
+        ([Item("ok", text="x"), Item("s", text="bad \ud800")], r"item 1, id 's': text is not valid Unicode"),
+        ([Item("ok", text="x"), Item("e", text=" \U0001f436 ")], r"item 1, id 'e': text '\U0001f436' has no word"),
+        ([Item("zw", text="\u200b")], "item 0, id .zw.*no word the text model knows"),
     ],
 )
 def test_bad_items_fail_the_batch_naming_the_item(fitted, items, needle):

@@ -119,6 +119,23 @@ def test_embed_stream_many_items_in_order_with_inband_errors(served, embedder, e
     np.testing.assert_allclose(np.stack([results[i].vector for i in good]), local, atol=1e-5)
 
 
+def test_texts_the_model_cannot_read_are_refused_naming_the_item(served, emoji_items):
+    """An emoji alone reads as [UNK] only: every such text would embed the same, so it is refused; a lone
+    surrogate cannot even be sent (protobuf strings are UTF-8): a clear client-side error, not a traceback."""
+    _, client, _ = served
+    with pytest.raises(InvalidArgument, match=r"item 1, id 'dog'.*has no word the text model knows"):
+        client.embed([Item("ok", text="a dog"), Item("dog", text="\U0001f436")])
+    results = list(
+        client.embed_stream([Item("a", text="a dog"), Item("b", text="\U0001f355 \u200b"), Item("c", text="pizza")])
+    )
+    assert results[1].vector is None and "has no word the text model knows" in results[1].error[1]
+    assert results[0].vector is not None and results[2].vector is not None  # the stream goes on
+    with pytest.raises(InvalidArgument, match=r"item 'x': text is not valid Unicode \(surrogates not allowed"):
+        client.embed([Item("x", text="broken \ud800 text")])
+    with pytest.raises(InvalidArgument, match=r"stream item 1: .*does not exist"):
+        list(client.embed_stream([Item("a", text="fine"), Item("b", image=emoji_items[0].image.parent / "nope.png")]))
+
+
 def test_search_by_text_image_vector_and_point(served, embedder):
     _, client, items = served
     target = items[7]
