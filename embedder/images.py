@@ -86,7 +86,14 @@ def load_rgb(source: ImageSource, *, index: int | None = None, item_id: object =
             return to_rgb(img)
     except InvalidItemError:
         raise
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+    except UnidentifiedImageError:
+        # PIL's own message names a BytesIO object's address: say what was expected instead
+        raise InvalidItemError(
+            f"{what} cannot be decoded as an image (not a {', '.join(ACCEPTED_FORMATS)} file)",
+            index=index,
+            item_id=item_id,
+        ) from None
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
         raise InvalidItemError(f"{what} cannot be decoded as an image ({exc})", index=index, item_id=item_id) from None
 
 

@@ -81,7 +81,11 @@ def check_items(items: Sequence[Item]) -> None:
         if isinstance(item.image, (bytes, bytearray)) and len(item.image) == 0:
             raise InvalidItemError("image bytes are empty", index=i, item_id=item.id)
         if not item.has_image and not item.has_text:
-            raise InvalidItemError("item has neither an image nor a non-empty text", index=i, item_id=item.id)
+            raise InvalidItemError(
+                "item has neither an image nor a non-empty text (an empty image field counts as none)",
+                index=i,
+                item_id=item.id,
+            )
 
 
 class Embedder:
