@@ -29,7 +29,9 @@ def _pool(api: str):
 
 
 def _fail(exc: Exception) -> None:
-    console.print(f"[red]error:[/] {exc}")
+    from embedder.environment import error_text
+
+    console.print(f"[red]error:[/] {error_text(exc)}")
     raise typer.Exit(code=2)
 
 
@@ -50,7 +52,10 @@ def add_cmd(
         typer.Option(help="The raw key; prompted for (hidden) when not given, so it stays out of shell history."),
     ] = None,
     budget: Annotated[Optional[int], typer.Option(help="Requests allowed per window.")] = None,  # noqa: UP045
-    window_s: Annotated[float, typer.Option(help="Budget window in seconds.")] = 60.0,
+    window_s: Annotated[
+        Optional[float],  # noqa: UP045
+        typer.Option(help="Budget window in seconds (60 for a new key; a key added again keeps its own)."),
+    ] = None,
 ) -> None:
     """Add a key (idempotent); prints its id."""
     raw = key if key is not None else typer.prompt("API key", hide_input=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import email.utils
 import http.server
 import logging
@@ -85,6 +86,26 @@ def test_keys_are_known_by_id_and_leased_least_recently_used_first(pool):
     assert {pool.lease(wait=0).key_id for _ in range(4)} == {ids[0], ids[2]}
     with pytest.raises(KeyPoolError, match="no key"):
         pool.disable(ids[1])
+
+
+def test_a_budget_window_must_be_positive_and_adding_again_keeps_what_is_not_given(pool):
+    for bad in (0, -1, 0.0004, float("nan")):
+        with pytest.raises(KeyPoolError, match="window must be at least 1 ms"):
+            pool.add(KEYS[0], budget=3, window_s=bad)  # 0 or less restarted the window on every lease
+    assert pool.list() == []
+    kid = pool.add(KEYS[0], budget=3, window_s=120)
+    assert pool.add(KEYS[0]) == kid  # again, without budget or window
+    (info,) = pool.list()
+    assert (info.budget, info.window_s) == (3, 120.0)  # kept (the budget used to be dropped)
+    pool.add(KEYS[0], budget=5)
+    (info,) = pool.list()
+    assert (info.budget, info.window_s) == (5, 120.0)
+    granted = 0
+    with contextlib.suppress(KeyPoolError):
+        for _ in range(10):
+            pool.lease(wait=0)
+            granted += 1
+    assert granted == 5
 
 
 def test_real_http_answers_set_cooldowns_to_the_second_and_401_deactivates(pool, api):

@@ -297,12 +297,18 @@ class KeyPool:
         return f"{kid}:{field}"
 
     # --------------------------------------------------------------------- admin
-    def add(self, raw: str, *, budget: int | None = None, window_s: float = 60.0) -> str:
-        """Add a key (idempotent: the same key gets the same id and keeps its state). Returns its id."""
+    def add(self, raw: str, *, budget: int | None = None, window_s: float | None = None) -> str:
+        """Add a key (idempotent: the same key gets the same id and keeps its state). Returns its id.
+
+        ``budget`` requests per ``window_s`` seconds (default 60). Adding a known key again changes only
+        what is given: a budget or window left out keeps the key's current one."""
         if not isinstance(raw, str) or not raw.strip():
             raise KeyPoolError("an API key must be a non-empty string")
         if budget is not None and budget < 1:
             raise KeyPoolError(f"budget must be a positive number of requests per window, got {budget}")
+        if window_s is not None and not window_s >= 0.001:  # also refuses NaN
+            # a window of 0 or less restarts on every lease: the budget would never bind
+            raise KeyPoolError(f"the budget window must be at least 1 ms, got {window_s} s")
         raw = raw.strip()
         kid = key_id(self.pool, raw)
         stored = self._fernet.encrypt(raw.encode()).decode() if self._fernet else raw
@@ -312,12 +318,17 @@ class KeyPool:
             exists = pipe.hget(stats, self._stat(kid, "state"))
             pipe.multi()
             pipe.hset(secrets, kid, stored)
-            fields = {self._stat(kid, "budget"): budget or 0, self._stat(kid, "window_ms"): int(window_s * 1000)}
+            fields: dict[str, Any] = {}
+            if budget is not None or not exists:
+                fields[self._stat(kid, "budget")] = budget or 0
+            if window_s is not None or not exists:
+                fields[self._stat(kid, "window_ms")] = int((60.0 if window_s is None else window_s) * 1000)
             if not exists:
                 fields[self._stat(kid, "state")] = ACTIVE
                 fields[self._stat(kid, "added_at")] = int(time.time() * 1000)
                 pipe.zadd(ready, {kid: 0})
-            pipe.hset(stats, mapping=fields)
+            if fields:
+                pipe.hset(stats, mapping=fields)
 
         self._call(self.r.transaction, tx, stats)
         log.info("key %s added to pool %s", kid, self.pool)
