@@ -34,7 +34,9 @@ def _settings(path: Path | None = None, **overrides: object) -> StoreSettings:
 
 
 def _fail(exc: Exception) -> None:
-    console.print(f"[red]error:[/] {exc}")
+    from embedder.environment import error_text
+
+    console.print(f"[red]error:[/] {error_text(exc)}")
     raise typer.Exit(code=2)
 
 
@@ -240,36 +242,41 @@ def ingest_cmd(
     from embedder.errors import EmbedderError
     from embedder.ingest import KeyPoolError
     from embedder.ingest.config import KeyPoolSettings
-    from embedder.ingest.http_source import Checkpoint, HttpSource, HttpSourceConfig, IngestError, ingest_http
+    from embedder.ingest.http_source import Checkpoint, HttpSource, IngestError, ingest_http
 
     settings = _settings(path, collection=collection)
     kind, _, arg = source.partition(":")
     try:
-        embedder = _embedder()
         if kind in ("manifest", "dataset") and arg:
             items = manifest_items(arg) if kind == "manifest" else load_items(arg)
+            embedder = _embedder()
             with open_store(settings) as store:
                 report = _index(store, settings, embedder, items, skip_bad)
             console.print(f"ingested {report.written} items into {settings.collection!r}")
             skipped = report.skipped
         else:
-            config_path = Path(source)
-            if not config_path.is_file():
-                _fail(ValueError(f"--source {source!r}: not a config file, manifest:PATH or dataset:NAME"))
-            config = HttpSourceConfig(**json.loads(config_path.read_text()))
+            config = _source_config(source)  # before the models load: a config mistake shows at once
             ks = KeyPoolSettings()
             url = ks.redis_url.get_secret_value()
             pool = ks.pool(config.pool) if config.pool else None
+            target = settings.url if settings.backend == "server" else str(Path(settings.path).resolve())
             checkpoint = Checkpoint(
-                redis_lib.Redis.from_url(url, socket_timeout=5), config.name, pool.url if pool else ""
+                redis_lib.Redis.from_url(url, socket_timeout=5),
+                config.name,
+                pool.url if pool else "",
+                scope=json.dumps([settings.backend, target, settings.collection, config.url]),
             )
             src = HttpSource(config, pool=pool, checkpoint=checkpoint)
+            embedder = _embedder()
             with open_store(settings) as store:
                 rep = ingest_http(
                     src, store, settings.collection, embedder, skip_bad=skip_bad, restart=restart, progress=True
                 )
             if rep.already_done:
-                console.print(f"source {config.name!r} was already ingested to its end; --restart reads it again")
+                console.print(
+                    f"source {config.name!r} was already ingested to its end into {settings.collection!r}; "
+                    "--restart reads it again"
+                )
             console.print(
                 f"ingested {rep.written} items from {rep.pages} pages into {settings.collection!r}"
                 + (f" (resumed at cursor {rep.resumed_from})" if rep.resumed_from else "")
@@ -279,6 +286,27 @@ def ingest_cmd(
         _fail(exc)
     for item_id, why in skipped:
         console.print(f"[yellow]skipped[/] {item_id}: {why}")
+
+
+def _source_config(source: str):  # -> HttpSourceConfig
+    """The HTTP source config file ``source``, every mistake named with the file."""
+    from embedder.ingest.http_source import HttpSourceConfig
+
+    path = Path(source)
+    if not path.is_file():
+        raise ValueError(f"--source {source!r}: not a config file, manifest:PATH or dataset:NAME")
+    try:
+        raw = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ValueError(f"source config {source}: not JSON ({exc})") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"source config {source}: must be a JSON object of HttpSourceConfig fields")
+    try:
+        return HttpSourceConfig(**raw)
+    except (TypeError, ValueError) as exc:
+        from embedder.environment import error_text
+
+        raise ValueError(f"source config {source}: {error_text(exc)}") from None
 
 
 ServerOpt = Annotated[
@@ -325,7 +353,7 @@ def search_cmd(
     try:
         if local:
             settings = _settings(path, collection=collection)
-            with open_store(settings) as store:
+            with open_store(settings, create=False) as store:
                 query = Item("query", image=image, text=text)
                 hits = search_items(store, settings.collection, _embedder(), query, top_k=top_k, filter=flt)
             rows = [(h.score, h.id, h.payload or {}) for h in hits]
@@ -367,7 +395,7 @@ def inspect_cmd(
     try:
         if local:
             settings = _settings(path, collection=collection)
-            with open_store(settings) as store:
+            with open_store(settings, create=False) as store:
                 view = inspect_neighbours(store, settings.collection, point_id, k)
         else:
             with _client(server, token) as client:
@@ -442,6 +470,13 @@ def migrate_cmd(
 
     from retrieval.migrate import migrate
 
+    if not to_server.strip():
+        _fail(ValueError("--to-server needs the Qdrant server's URL, e.g. http://qdrant:6333"))
+    if to_server.strip() == ":memory:":  # kept for trying the command (and for its test), but said plainly
+        console.print(
+            "[yellow]warning:[/] --to-server :memory: is qdrant-client's in-process test mode: the copy is "
+            "discarded when this command exits"
+        )
     try:
         source_settings = _settings(path, collection=collection, backend="edge")
         target_settings = _settings(
@@ -454,7 +489,7 @@ def migrate_cmd(
         )
         columns = ("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
         with (
-            open_store(source_settings) as source,
+            open_store(source_settings, create=False) as source,
             open_store(target_settings) as target,
             Progress(*columns, console=console) as bar,
         ):
@@ -472,6 +507,13 @@ def migrate_cmd(
             )
     except (StoreError, ValueError) as exc:
         _fail(exc)
+    if report.already_done:
+        console.print(
+            f"{report.target_collection!r} on {to_server} already holds a finished copy of "
+            f"{source_settings.collection!r} ({report.total} points); nothing copied. A migration is a copy, not a "
+            "sync: --restart copies the collection again, with any changes made since"
+        )
+        return
     how = "resumed, " if report.resumed else ""
     console.print(
         f"copied {report.copied} points ({how}{report.pages} batches); "
@@ -504,7 +546,7 @@ def ui_cmd(
     if host not in ("127.0.0.1", "localhost", "::1") and not tokens:
         console.print("[yellow]warning:[/] serving beyond localhost without a token (set EMBEDSTORE_GRPC_TOKENS)")
     try:
-        store = open_store(settings)
+        store = open_store(settings, create=False)
     except StoreError as exc:
         _fail(exc)
     with store:
@@ -546,7 +588,7 @@ def reindex_cmd(path: PathOpt = None, collection: CollectionOpt = None) -> None:
     settings = _settings(path, collection=collection)
     try:
         embedder = _embedder()
-        with open_store(settings) as store:
+        with open_store(settings, create=False) as store:
             report = reindex(store, settings.collection, embedder)
     except (EmbedderError, StoreError) as exc:
         _fail(exc)
@@ -574,7 +616,7 @@ def store_info(path: PathOpt = None, collection: CollectionOpt = None) -> None:
     """Collections, point counts and indexes."""
     settings = _settings(path)
     try:
-        with open_store(settings) as store:
+        with open_store(settings, create=False) as store:
             names = [collection] if collection else store.list_collections()
             for name in names:
                 info = store.collection_info(name)
@@ -605,7 +647,7 @@ def store_facet(
     except json.JSONDecodeError as exc:
         _fail(ValueError(f"--filter is not JSON: {exc}"))
     try:
-        with open_store(settings) as store:
+        with open_store(settings, create=False) as store:
             console.print_json(json.dumps(store.facet(settings.collection, key, filter=flt)))
     except StoreError as exc:
         if "has no payload index" in str(exc):
@@ -623,7 +665,7 @@ def store_index(
     """Index a payload field, so it can be faceted on and filtered on fast (idempotent)."""
     settings = _settings(path, collection=collection)
     try:
-        with open_store(settings) as store:
+        with open_store(settings, create=False) as store:
             store.create_payload_index(settings.collection, key, kind)
             indexed = sorted(store.collection_info(settings.collection).payload_indexes)
     except StoreError as exc:
@@ -631,5 +673,26 @@ def store_index(
     console.print(f"indexed {key!r} ({kind}) in {settings.collection!r}; indexed fields: {indexed}")
 
 
+def main(argv: list[str] | None = None) -> None:
+    """The ``embedstore`` console script: `.env` for every ``EMBEDSTORE_*`` variable, a warning for a name
+    nothing reads, and a bad setting reported by its variable (exit 2) rather than as a traceback."""
+    import os
+
+    from pydantic import ValidationError
+
+    from embedder.environment import describe_validation_error, load_dotenv, unknown_variables
+
+    load_dotenv()
+    warn = Console(stderr=True)
+    for name, near in unknown_variables(os.environ):
+        hint = f" (did you mean {near}?)" if near else ""
+        warn.print(f"[yellow]warning:[/] {name} is not an embedstore setting{hint}; it is ignored")
+    try:
+        app(args=argv, prog_name="embedstore")
+    except ValidationError as exc:
+        console.print(f"[red]error:[/] {describe_validation_error(exc)}")
+        raise SystemExit(2) from None
+
+
 if __name__ == "__main__":  # pragma: no cover
-    app()
+    main()

@@ -44,7 +44,9 @@ def _settings(path: Path | None, collection: str | None) -> StoreSettings:
 
 
 def _fail(exc: Exception) -> None:
-    msg = str(exc)
+    from embedder.environment import error_text
+
+    msg = error_text(exc)
     if isinstance(exc, StoreLockedError):
         msg += (
             ". The embedded store has one owner process: if `embedstore serve` holds it, add --server HOST:PORT "
@@ -56,7 +58,7 @@ def _fail(exc: Exception) -> None:
 
 def _open(path: Path | None, collection: str | None) -> tuple[Any, str]:
     settings = _settings(path, collection)
-    return open_store(settings), settings.collection
+    return open_store(settings, create=False), settings.collection
 
 
 @label_app.command("run")

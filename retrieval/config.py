@@ -34,6 +34,8 @@ class StoreSettings(BaseSettings):
     collection: str = "items"
     shortlist: int = Field(100, ge=1, le=10_000)
     prefer_grpc: bool = True
+    # the port qdrant-client dials for gRPC; the URL's port is the REST one (Qdrant: 6333 REST, 6334 gRPC)
+    qdrant_grpc_port: int = Field(6334, ge=1, le=65535)
     timeout: int = Field(60, ge=1)
     shard_number: int = Field(1, ge=1)
     replication_factor: int = Field(1, ge=1)

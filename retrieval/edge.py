@@ -42,6 +42,7 @@ from retrieval.base import (
 from retrieval.errors import (
     DimensionError,
     InvalidFilterError,
+    InvalidInputError,
     SchemaMismatchError,
     StoreError,
     StoreLockedError,
@@ -99,9 +100,18 @@ class EdgeStore(VectorStore):
         indexing_threshold_kb: int | None = None,
         full_scan_threshold_kb: int = 10_000,
         max_search_threads: int | None = None,
+        create: bool = True,
     ) -> None:
         super().__init__(shortlist=shortlist, write_batch_size=write_batch_size)
         self.path = Path(path)
+        if self.path.exists() and not self.path.is_dir():
+            raise InvalidInputError(f"store path {str(self.path)!r} is a file, not an embedded store directory")
+        if not create and not (self.path / "collections").is_dir():
+            # a typo'd --path would otherwise open as a new, empty store and read as "nothing there"
+            raise StoreError(
+                f"no embedded store at {str(self.path)!r} (EMBEDSTORE_PATH / --path); `embedstore index` or "
+                "`ingest` creates one"
+            )
         self.auto_optimize = auto_optimize
         self.optimize_min_pending = optimize_min_pending
         self.optimize_ratio = optimize_ratio

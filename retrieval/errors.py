@@ -71,7 +71,10 @@ class CollectionNotFoundError(StoreError, LookupError):
 
     def __init__(self, collection: str) -> None:
         self.collection = collection
-        super().__init__(f"collection {collection!r} does not exist (create it with ensure_collection)")
+        super().__init__(
+            f"collection {collection!r} does not exist (`embedstore index` / `ingest` create one; in Python, "
+            "ensure_collection)"
+        )
 
 
 class CollectionExistsError(StoreError):

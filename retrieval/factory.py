@@ -9,10 +9,11 @@ from retrieval.config import StoreSettings
 from retrieval.schema import CollectionSpec
 
 
-def open_store(settings: StoreSettings | None = None, **overrides: Any) -> VectorStore:
+def open_store(settings: StoreSettings | None = None, *, create: bool = True, **overrides: Any) -> VectorStore:
     """The store described by ``settings`` (default: from the environment).
 
-    ``overrides`` are StoreSettings fields, e.g. ``open_store(path="/tmp/s")``.
+    ``overrides`` are StoreSettings fields, e.g. ``open_store(path="/tmp/s")``. ``create=False`` refuses
+    an embedded store directory that does not exist yet (commands that only read or change one).
     """
     settings = settings or StoreSettings()
     if overrides:
@@ -21,7 +22,7 @@ def open_store(settings: StoreSettings | None = None, **overrides: Any) -> Vecto
     if settings.backend == "edge":
         from retrieval.edge import EdgeStore
 
-        return EdgeStore(settings.path, shortlist=settings.shortlist)
+        return EdgeStore(settings.path, shortlist=settings.shortlist, create=create)
     from retrieval.server import QdrantServerStore
 
     # EMBEDSTORE_URL=:memory: selects qdrant-client's local mode (tests, development).
@@ -31,6 +32,7 @@ def open_store(settings: StoreSettings | None = None, **overrides: Any) -> Vecto
         location=":memory:" if local else None,
         api_key=settings.api_key.get_secret_value() if settings.api_key else None,
         prefer_grpc=settings.prefer_grpc,
+        grpc_port=settings.qdrant_grpc_port,
         timeout=settings.timeout,
         shortlist=settings.shortlist,
     )

@@ -44,6 +44,7 @@ class MigrationReport:
     total: int  # points in the target at the end
     resumed: bool  # whether this run continued an interrupted one
     pages: int
+    already_done: bool = False  # a finished copy was found: nothing was read (a copy, not a sync: --restart)
 
 
 def migrate(
@@ -92,7 +93,7 @@ def migrate(
             )
         if state.get("done"):
             n = target.count(dest)
-            return MigrationReport(collection, dest, 0, n, False, 0)
+            return MigrationReport(collection, dest, 0, n, False, 0, already_done=True)
         offset = state.get("next_offset")
         copied_before = int(state.get("copied", 0))
         resumed = offset is not None

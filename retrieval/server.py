@@ -84,6 +84,7 @@ class QdrantServerStore(VectorStore):
         api_key: str | None = None,
         location: str | None = None,
         prefer_grpc: bool = True,
+        grpc_port: int = 6334,
         timeout: int = 60,
         client: QdrantClient | None = None,
         shortlist: int = 100,
@@ -98,12 +99,18 @@ class QdrantServerStore(VectorStore):
         if client is None:
             try:
                 client = QdrantClient(
-                    url=url, location=location, api_key=api_key, prefer_grpc=prefer_grpc, timeout=timeout
+                    url=url,
+                    location=location,
+                    api_key=api_key,
+                    prefer_grpc=prefer_grpc,
+                    grpc_port=grpc_port,
+                    timeout=timeout,
                 )
             except Exception as exc:  # bad URL, unreachable at connect time, ...
                 raise StoreUnavailableError(f"cannot connect to Qdrant at {url or location}: {exc}") from exc
         self.client = client
-        self.target = url or location or "client"
+        # with gRPC preferred, qdrant-client dials grpc_port whatever port the URL names: say which one
+        self.target = f"{url} (gRPC port {grpc_port})" if url and prefer_grpc else url or location or "client"
         self.local = self.client._client.__class__.__name__ == "QdrantLocal"
         self._local_lock = threading.RLock()
         # a server answers several scroll streams at once (a cluster spreads them over its shards' nodes);

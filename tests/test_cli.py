@@ -80,6 +80,14 @@ def test_store_info_and_facet_commands(tmp_path):
 
 
 def test_store_commands_report_errors_cleanly(tmp_path):
+    typo = tmp_path / "typo"
+    result = runner.invoke(app, ["store", "info", "--path", str(typo)])
+    assert result.exit_code == 2 and "no embedded store at" in result.output
+    assert not typo.exists()  # a typo'd path is not created as a new, empty store
+    (tmp_path / "file").write_text("x")
+    result = runner.invoke(app, ["store", "info", "--path", str(tmp_path / "file")])
+    assert result.exit_code == 2 and "is a file, not an embedded store directory" in " ".join(result.output.split())
+    EdgeStore(tmp_path).close()
     result = runner.invoke(app, ["store", "facet", "label", "--path", str(tmp_path), "-c", "missing"])
     assert result.exit_code == 2
     assert "collection 'missing' does not exist" in result.output
@@ -171,3 +179,54 @@ def test_a_failed_projection_swap_puts_the_old_one_back(tmp_path, monkeypatch):
     monkeypatch.setattr(os, "replace", real_replace)
     cli._write_projection(Artifact(), out)
     assert json.loads((out / "projection.json").read_text()) == {"new": True}
+
+
+# ------------------------------------------------------------- EMBEDSTORE_* and .env
+def _main(argv, capsys):
+    from embedder.cli import main
+
+    with pytest.raises(SystemExit) as done:
+        main(argv)
+    out = capsys.readouterr()
+    return done.value.code, out.out + out.err
+
+
+def test_a_bad_setting_names_its_variable_not_a_traceback(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("EMBEDSTORE_SHORTLIST", "-5")
+    monkeypatch.setenv("EMBEDSTORE_BACKEND", "foo")
+    code, out = _main(["store", "info"], capsys)
+    assert code == 2 and "Traceback" not in out
+    assert "EMBEDSTORE_BACKEND=foo: Input should be 'edge' or 'server'" in " ".join(out.split())
+    assert "EMBEDSTORE_SHORTLIST=-5: Input should be greater than or equal to 1" in " ".join(out.split())
+    monkeypatch.delenv("EMBEDSTORE_SHORTLIST")
+    monkeypatch.setenv("EMBEDSTORE_BACKEND", "server")
+    code, out = _main(["store", "info"], capsys)
+    assert code == 2 and "EMBEDSTORE_BACKEND=server needs EMBEDSTORE_URL" in " ".join(out.split())
+
+
+def test_dotenv_covers_every_variable_and_typos_are_reported(tmp_path, monkeypatch, capsys):
+    """`.env` reaches the variables Typer and the model cache read too (it reached only the settings classes);
+    the environment still wins over `.env`; a misspelt name is reported with the nearest real one."""
+    import os
+
+    from embedder.environment import known_variables
+
+    monkeypatch.chdir(tmp_path)
+    for name in [n for n in os.environ if n.startswith("EMBEDSTORE_")]:
+        monkeypatch.delenv(name)
+    for name in ("EMBEDSTORE_SERVER", "EMBEDSTORE_COLECTION"):  # main() copies them in: removed at teardown
+        monkeypatch.setenv(name, "")
+        monkeypatch.delenv(name)
+    port = 9  # discard: nothing listens there
+    (tmp_path / ".env").write_text(
+        f"EMBEDSTORE_SERVER=127.0.0.1:{port}\nEMBEDSTORE_COLECTION=emoji\nEMBEDSTORE_PATH=./from-dotenv\n"
+    )
+    monkeypatch.setenv("EMBEDSTORE_PATH", str(tmp_path / "from-env"))
+    code, out = _main(["search", "red heart"], capsys)
+    assert code == 2 and f"127.0.0.1:{port}" in out  # the server named in .env was the one dialled
+    assert "EMBEDSTORE_COLECTION is not an embedstore setting (did you mean EMBEDSTORE_COLLECTION?)" in " ".join(
+        out.split()
+    )
+    assert os.environ["EMBEDSTORE_PATH"] == str(tmp_path / "from-env")  # not overwritten by .env
+    assert {"EMBEDSTORE_SERVER", "EMBEDSTORE_RUNS_DIR", "EMBEDSTORE_CACHE", "EMBEDSTORE_GRPC_PORT"} <= known_variables()

@@ -46,3 +46,14 @@ def test_open_store_with_overrides_builds_the_server_adapter():
 def test_collection_spec_carries_cluster_settings():
     spec = collection_spec(StoreSettings(shard_number=6, replication_factor=2))
     assert (spec.shard_number, spec.replication_factor) == (6, 2)
+
+
+def test_an_unreachable_server_names_the_grpc_port_that_was_dialled(monkeypatch):
+    from retrieval import StoreUnavailableError
+
+    monkeypatch.setenv("EMBEDSTORE_QDRANT_GRPC_PORT", "9")  # discard: nothing listens
+    settings = StoreSettings(backend="server", url="http://127.0.0.1:6333", timeout=2)
+    assert settings.qdrant_grpc_port == 9
+    with open_store(settings) as store, pytest.raises(StoreUnavailableError, match=r"gRPC port 9\)") as err:
+        store.list_collections()
+    assert "127.0.0.1:9" in str(err.value)  # the port qdrant-client dialled is the one named

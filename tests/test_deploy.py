@@ -140,7 +140,7 @@ def test_migrate_round_trip_edge_to_server_keeps_ids_vectors_payload_and_metadat
         assert kinds == source.collection_info("items").payload_index_kinds and kinds["n"] == "integer"
         assert target.count("items", {"n": {"lt": 10}}) == 10
         again = migrate(source, target, "items")  # finished: nothing to do
-        assert again.copied == 0 and again.total == len(ids)
+        assert again.copied == 0 and again.total == len(ids) and again.already_done
 
 
 class _Interrupted(Exception):
@@ -175,4 +175,7 @@ def test_migrate_command_copies_to_a_server_and_reports(tmp_path):
     # ":memory:" is qdrant-client's local mode, the same adapter as a real URL
     result = CliRunner().invoke(app, ["migrate", "--to-server", ":memory:", "--path", str(tmp_path / "edge")])
     assert result.exit_code == 0, result.output
-    assert f"now holds {len(ids)}" in result.output
+    flat = " ".join(result.output.split())
+    assert f"now holds {len(ids)}" in flat and "the copy is discarded when this command exits" in flat
+    result = CliRunner().invoke(app, ["migrate", "--to-server", " ", "--path", str(tmp_path / "edge")])
+    assert result.exit_code == 2 and "--to-server needs the Qdrant server's URL" in result.output

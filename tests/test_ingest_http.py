@@ -292,6 +292,41 @@ def test_ingest_cli(api, redis_server, fitted_projection, tmp_path, monkeypatch)
     assert result.exit_code == 2 and "it-5" in result.output  # without --skip-bad the bad item stops the run
     result = runner.invoke(app, ["ingest", "--source", "nonsense", *common])
     assert result.exit_code == 2 and "manifest:PATH" in " ".join(result.output.split())
+    # the same source into another collection has its own checkpoint (it was skipped as "already ingested")
+    result = runner.invoke(app, ["ingest", "--source", str(config), "--path", str(tmp_path / "store"), "-c", "copy",
+                                 "--skip-bad"])  # fmt: skip
+    assert result.exit_code == 0 and "ingested 13 items from 4 pages into 'copy'" in " ".join(result.output.split())
+    # config mistakes are named with the file, before any model loads
+    for content, needle in [("{bad json", "not JSON"), ("[1, 2]", "must be a JSON object"),
+                            (json.dumps({"name": name}), "url: Field required")]:  # fmt: skip
+        config.write_text(content)
+        result = runner.invoke(app, ["ingest", "--source", str(config), *common])
+        flat = " ".join(result.output.split())
+        assert result.exit_code == 2 and f"source config {config}: " in flat and needle in flat, flat
+
+
+def test_an_answer_that_is_not_json_names_the_url(redis_server, embedder, tmp_path):
+    class Html(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.send_header("content-type", "text/html")
+            self.end_headers()
+            self.wfile.write(b"<html>login page</html>")
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Html)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/items"
+        src, pool = make_source(url, redis_server.url)
+        pool.add("k")
+        with make_edge(tmp_path) as store, pytest.raises(IngestError) as err:
+            ingest_http(src, store, "c", embedder)
+        assert url in str(err.value) and "not JSON (text/html" in str(err.value) and "login page" in str(err.value)
+    finally:
+        server.shutdown()
 
 
 def test_shards_are_walked_concurrently_sharing_one_pool(api, redis_server, embedder, tmp_path):

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import logging
 import time
 from collections.abc import Callable, Iterator
@@ -90,9 +91,14 @@ class HttpSourceConfig(BaseModel):
 class Checkpoint:
     """The source's resume point in Redis: the next cursor, pages and items done, whether it finished."""
 
-    def __init__(self, client: Any, name: str, url: str = "") -> None:
+    def __init__(self, client: Any, name: str, url: str = "", *, scope: str = "") -> None:
+        """``scope`` names where the items go and where they come from (store, collection, start URL): the
+        same source ingested into another collection or store, or from an edited URL, has its own resume
+        point; keyed by the name alone, a second target was skipped as "already ingested"."""
         self.r = client
-        self.key = f"{{embedstore:ingest:{name}}}:state"
+        self.scope = scope
+        tag = hashlib.sha256(scope.encode()).hexdigest()[:12] if scope else ""
+        self.key = f"{{embedstore:ingest:{name}}}:{tag + ':' if tag else ''}state"
         self.url = url
 
     def _call(self, fn: Callable[..., Any], *args: Any) -> Any:
@@ -164,7 +170,9 @@ class HttpSource:
         """This source and one more per configured shard, each with its own checkpoint (same pool, same client)."""
         out = [self]
         for shard, url in sorted(self.config.shards.items()):
-            cp = Checkpoint(self.checkpoint.r, f"{self.config.name}.{shard}", self.checkpoint.url)
+            cp = Checkpoint(
+                self.checkpoint.r, f"{self.config.name}.{shard}", self.checkpoint.url, scope=self.checkpoint.scope
+            )
             out.append(
                 HttpSource(self.config, pool=self.pool, checkpoint=cp, client=self.http, start_url=url, shard=shard)
             )
@@ -261,7 +269,15 @@ class HttpSource:
         """One page: its items (images downloaded by ``workers`` threads) and the items that could not be read."""
         cfg = self.config
         url, params = self._page_url(cursor)
-        body = self.get(url, params=params).json()
+        response = self.get(url, params=params)
+        try:
+            body = response.json()
+        except ValueError:
+            kind = response.headers.get("content-type", "no content type")
+            raise IngestError(
+                f"{response.request.url}: answered {response.status_code} with a body that is not JSON ({kind}, "
+                f"{len(response.content)} bytes, starting {response.text[:60]!r})"
+            ) from None
         if not isinstance(body, dict) or not isinstance(body.get(cfg.items_key), list):
             raise IngestError(f"{url}: the answer has no list under {cfg.items_key!r}")
         raws = body[cfg.items_key]
