@@ -234,6 +234,82 @@ def grpc_floor(target: str, seconds: float) -> dict[str, Any]:
             "p50_ms": p50, "p99_ms": p99}  # fmt: skip
 
 
+# ------------------------------------------------------- compiled client
+CPP_DIR = ROOT / "benchmarks" / "cpp_client"
+
+
+def _median_row(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """One row from several rounds of it: the median of each figure, and the rounds' p50s."""
+    out = dict(rounds[0])
+    for key in ("qps", "p50_ms", "p99_ms"):
+        out[key] = round(float(np.median([r[key] for r in rounds])), 3)
+    out["round_p50_ms"] = [r["p50_ms"] for r in rounds]
+    return out
+
+
+def build_cpp_client(cache: Path | None = None) -> tuple[Path | None, str]:
+    """Compile benchmarks/cpp_client/search_client.cc against the system's gRPC C++ (Debian:
+    libgrpc++-dev, protobuf-compiler-grpc). Returns (binary, "") or (None, why not). Cached under
+    ~/.cache/embedstore/cpp-client/<digest of the sources and protos>, so a rerun does not recompile."""
+    import hashlib
+    import subprocess
+
+    tools = {t: shutil.which(t) for t in ("g++", "protoc", "grpc_cpp_plugin", "pkg-config")}
+    missing = [t for t, where in tools.items() if where is None]
+    if missing:
+        return None, f"not built: {', '.join(missing)} not found (Debian: g++ libgrpc++-dev protobuf-compiler-grpc)"
+    flags = subprocess.run(
+        ["pkg-config", "--cflags", "--libs", "grpc++", "protobuf"], capture_output=True, text=True, check=False
+    )
+    if flags.returncode != 0:
+        return None, f"not built: pkg-config finds no grpc++/protobuf ({flags.stderr.strip()})"
+    protos = ["embedstore/v1/types.proto", "embedstore/v1/store.proto"]
+    sources = [ROOT / "protos" / p for p in protos] + [CPP_DIR / "health_check.proto", CPP_DIR / "search_client.cc"]
+    digest = hashlib.sha256(b"".join(f.read_bytes() for f in sources) + flags.stdout.encode()).hexdigest()[:12]
+    out = (cache or Path.home() / ".cache" / "embedstore" / "cpp-client") / digest
+    binary = out / "search_client"
+    if binary.exists():
+        return binary, ""
+    build = Path(tempfile.mkdtemp(prefix="cpp-client-"))
+    try:
+        steps = [
+            [tools["protoc"], f"-I{ROOT / 'protos'}", f"-I{CPP_DIR}", f"--cpp_out={build}", f"--grpc_out={build}",
+             f"--plugin=protoc-gen-grpc={tools['grpc_cpp_plugin']}", *protos, "health_check.proto"],
+            [tools["g++"], "-O2", "-std=c++17", f"-I{build}", str(CPP_DIR / "search_client.cc"),
+             *[str(build / p.replace(".proto", s)) for p in protos for s in (".pb.cc", ".grpc.pb.cc")],
+             str(build / "health_check.pb.cc"), str(build / "health_check.grpc.pb.cc"),
+             *flags.stdout.split(), "-o", str(build / "search_client")],
+        ]  # fmt: skip
+        for cmd in steps:
+            run = subprocess.run(cmd, capture_output=True, text=True, check=False)
+            if run.returncode != 0:
+                return None, f"not built: {Path(cmd[0]).name} failed: {run.stderr.strip()[-800:]}"
+        out.mkdir(parents=True, exist_ok=True)
+        shutil.move(str(build / "search_client"), binary)
+        return binary, ""
+    finally:
+        shutil.rmtree(build, ignore_errors=True)
+
+
+def cpp_rows(binary: Path, target: str, queries: np.ndarray, seconds: float, work: Path) -> list[dict[str, Any]]:
+    """The empty Health.Check and Search by vector from the compiled client, one blocking call at a time."""
+    import subprocess
+
+    qfile = work / "queries.f32"
+    np.ascontiguousarray(queries, dtype="<f4").tofile(qfile)
+    run = subprocess.run(
+        [str(binary), target, COLLECTION, str(qfile), str(queries.shape[1]), str(seconds), "200"],
+        capture_output=True, text=True, check=True, timeout=seconds * 2 + 120,
+    )  # fmt: skip
+    got = json.loads(run.stdout)
+    names = {"health": "Health.Check (C++ client)", "search": "Search (C++ client)"}
+    return [
+        {"rpc": names[k], "clients": 1, "qps": round(v["calls"] / v["seconds"], 1), "p50_ms": round(v["p50_ms"], 3),
+         "p99_ms": round(v["p99_ms"], 3)}
+        for k, v in got.items()
+    ]  # fmt: skip
+
+
 # ------------------------------------------------------------------ embed
 def embed_rows(target: str, projection_dir: Path, items: list[Any], batch: int) -> list[dict[str, Any]]:
     from concurrent.futures import ThreadPoolExecutor
@@ -303,6 +379,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--epochs", type=int, default=40, help="projection training epochs (its quality is not measured here)"
     )
+    parser.add_argument(
+        "--rounds", type=int, default=3, help="interleaved rounds of the single-client rows (median reported)"
+    )
+    parser.add_argument(
+        "--no-cpp-client", action="store_true", help="skip the compiled client's rows (built with g++ and gRPC C++)"
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "grpc.json")
     args = parser.parse_args(argv)
 
@@ -327,34 +409,61 @@ def main(argv: list[str] | None = None) -> int:
         with Client(target) as client:
             client.wait_ready(300)
             assert client.count(collection=COLLECTION).count == args.n
-        rows.append(grpc_floor(target, args.seconds))
-        print(rows[-1], flush=True)
-        rows.append(sync_search(target, queries, args.seconds))
-        print(rows[-1], flush=True)
+        # the single-client rows in interleaved rounds (Python floor, Python Search, then the compiled client's
+        # two): this shared machine drifts, so each row's figure is the median of its rounds' p50s
+        cpp_note, binary = "skipped (--no-cpp-client)", None
+        if not args.no_cpp_client:
+            binary, cpp_note = build_cpp_client()
+            if binary is None:
+                print(f"C++ client {cpp_note}", flush=True)
+        rounds: dict[str, list[dict[str, Any]]] = {}
+        for r in range(args.rounds):
+            got = [grpc_floor(target, args.seconds), sync_search(target, queries, args.seconds)]
+            if binary is not None:
+                got += cpp_rows(binary, target, queries, args.seconds, work)
+            for row in got:
+                rounds.setdefault(row["rpc"], []).append(row)
+                print(f"round {r + 1}/{args.rounds}: {row}", flush=True)
+        rows.extend(_median_row(rs) for rs in rounds.values())
         for clients in (1, 8, 32):
             rows.append(asyncio.run(grpc_search(target, queries, clients, args.seconds)))
             print(rows[-1], flush=True)
         for row in embed_rows(target, projection_dir, items[: args.embed_items], 64):
             rows.append(row)
             print(row, flush=True)
+        proc.terminate()  # SIGTERM: the server drains and closes the store
+        proc.join(60)
+        # the in-process call again, on the same store once the server has let it go: the baseline is the
+        # mean of before and after, so a drift of the machine during the gRPC rows shows in their spread
+        after = inprocess_search(work / "store", queries, args.seconds)
+        after["rpc"] = "Search (in-process store call, after the server)"
+        rows.append(after)
+        print(after, flush=True)
     finally:
         if proc is not None and proc.is_alive():
-            proc.terminate()  # SIGTERM: the server drains and closes the store
+            proc.terminate()
             proc.join(30)
         shutil.rmtree(work, ignore_errors=True)
 
-    inproc = rows[0]["p50_ms"]
+    inproc = round((rows[0]["p50_ms"] + after["p50_ms"]) / 2, 3)
     grpc1 = next(r for r in rows if r["rpc"] == "Search (sync client)")["p50_ms"]
+    cpp = next((r["p50_ms"] for r in rows if r["rpc"] == "Search (C++ client)"), None)
     embed_local = next(r for r in rows if r["rpc"].startswith("Embed (in-process"))["items_per_s"]
     embed_stream = next(r for r in rows if r["rpc"].startswith("EmbedStream"))["items_per_s"]
     result = {
         "n": args.n,
         "rows": rows,
+        "inprocess_p50_ms": inproc,  # mean of the in-process call before and after the server
         "search_overhead_p50_ms": round(grpc1 - inproc, 3),
         "grpc_floor_p50_ms": next(r for r in rows if r["rpc"].startswith("Health.Check"))["p50_ms"],
+        # the same Search from a compiled client (C++ gRPC core, no Python on the client side): the part of
+        # the overhead that the server and the wire add; None when the client could not be built (see note)
+        "search_overhead_p50_ms_cpp_client": None if cpp is None else round(cpp - inproc, 3),
+        "cpp_client": cpp_note or "built",
         "embed_stream_vs_inprocess": round(embed_stream / embed_local, 3),
         "targets": {
             "search overhead p50 <= 0.5 ms": grpc1 - inproc <= 0.5,
+            "search overhead p50 <= 0.5 ms (C++ client)": None if cpp is None else cpp - inproc <= 0.5,
             "EmbedStream >= 0.9 x in-process": embed_stream / embed_local >= 0.9,
         },
         "machine": machine_info(),  # CPU, Python and package versions (benchmarks/machine.py)
@@ -362,7 +471,8 @@ def main(argv: list[str] | None = None) -> int:
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps({k: result[k] for k in ("search_overhead_p50_ms", "embed_stream_vs_inprocess", "targets")}))
+    keys = ("search_overhead_p50_ms", "search_overhead_p50_ms_cpp_client", "embed_stream_vs_inprocess", "targets")
+    print(json.dumps({k: result[k] for k in keys}))
     print(f"saved {args.out}")
     return 0
 

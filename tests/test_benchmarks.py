@@ -90,6 +90,23 @@ def test_grpc_benchmark_writes_the_documented_format(tmp_path, emoji_items):
     assert search == {("Search", 1), ("Search", 8), ("Search", 32)}
     assert isinstance(result["search_overhead_p50_ms"], float)
     assert result["embed_stream_vs_inprocess"] > 0
+    # the compiled client's rows are there exactly when it could be built here, and say why when not
+    cpp = {r["rpc"] for r in result["rows"] if "C++" in r["rpc"]}
+    if result["cpp_client"] == "built":
+        assert cpp == {"Health.Check (C++ client)", "Search (C++ client)"}
+        assert isinstance(result["search_overhead_p50_ms_cpp_client"], float)
+    else:
+        assert result["cpp_client"].startswith("not built:") and not cpp
+        assert result["search_overhead_p50_ms_cpp_client"] is None
+
+
+def test_grpc_benchmark_says_why_the_compiled_client_was_not_built(tmp_path, monkeypatch):
+    bench = _bench_module("grpc_load")
+    monkeypatch.setenv("PATH", str(tmp_path))  # no g++, protoc or grpc_cpp_plugin on it
+    binary, why = bench.build_cpp_client(tmp_path / "cache")
+    assert binary is None
+    assert why.startswith("not built:") and "g++" in why and "grpc_cpp_plugin" in why
+    assert not (tmp_path / "cache").exists()
 
 
 def test_labeling_job_benchmark_writes_the_documented_format(tmp_path):
