@@ -309,6 +309,23 @@ def _source_config(source: str):  # -> HttpSourceConfig
         raise ValueError(f"source config {source}: {error_text(exc)}") from None
 
 
+def _source_fetcher(source: str):  # -> Callable[[str], bytes]
+    """GET an image URL the way the ingest of ``source`` did: its retries, and a key from its pool when the
+    source's images need one (``image_auth``)."""
+    import redis as redis_lib
+
+    from embedder.ingest.config import KeyPoolSettings
+    from embedder.ingest.http_source import Checkpoint, HttpSource
+
+    config = _source_config(source)
+    ks = KeyPoolSettings()
+    pool = ks.pool(config.pool) if config.pool else None
+    # a checkpoint object is part of a source; reindex never reads or writes it
+    unused = Checkpoint(redis_lib.Redis.from_url(ks.redis_url.get_secret_value(), socket_timeout=5), config.name)
+    src = HttpSource(config, pool=pool, checkpoint=unused)
+    return lambda url: src.get(url, keyed=config.image_auth).content
+
+
 ServerOpt = Annotated[
     str, typer.Option("--server", envvar="EMBEDSTORE_SERVER", help="gRPC server address (host:port).")
 ]
@@ -580,17 +597,30 @@ def health_cmd(
 
 
 @app.command("reindex")
-def reindex_cmd(path: PathOpt = None, collection: CollectionOpt = None) -> None:
+def reindex_cmd(
+    path: PathOpt = None,
+    collection: CollectionOpt = None,
+    source: Annotated[
+        Optional[str],  # noqa: UP045
+        typer.Option(
+            help="The HTTP source config the collection was ingested with: image URLs are fetched again through "
+            "its key pool (for APIs whose images need a key, `image_auth`); without it, plain GETs."
+        ),
+    ] = None,
+) -> None:
     """Re-embed a collection with the current projection (resumable), then switch its version."""
     from embedder.errors import EmbedderError
     from embedder.indexing import reindex
+    from embedder.ingest import KeyPoolError
+    from embedder.ingest.http_source import IngestError
 
     settings = _settings(path, collection=collection)
     try:
+        fetch = _source_fetcher(source) if source else None
         embedder = _embedder()
         with open_store(settings, create=False) as store:
-            report = reindex(store, settings.collection, embedder)
-    except (EmbedderError, StoreError) as exc:
+            report = reindex(store, settings.collection, embedder, fetch=fetch)
+    except (EmbedderError, StoreError, KeyPoolError, IngestError, ValueError) as exc:
         _fail(exc)
     console.print(
         f"re-embedded {report.reembedded}, already current {report.already_current}, version {report.version}"

@@ -52,6 +52,11 @@ class Catalog(http.server.BaseHTTPRequestHandler):
         parts = urlsplit(self.path)
         if parts.path.startswith("/img/"):
             name = parts.path.rsplit("/", 1)[1].removesuffix(".png")
+            if (
+                st.get("image_keys")
+                and self.headers.get("authorization", "").removeprefix("Bearer ") not in (st["image_keys"])
+            ):
+                return self._send(401, b"images need a key")
             if not name.isdigit() or name in st.get("gone", ()):
                 return self._send(404, b"no such image")
             return self._send(200, png((int(name) * 17 % 255, 120, 30)), "image/png")
@@ -181,6 +186,42 @@ def test_reindex_refetches_image_urls_and_lists_what_it_cannot_redo(
         assert item.id == "it-0"
         got = store.retrieve("catalog", ["it-0"], with_vectors=True)[0].vector
         assert float(got @ newer.embed([item])[0]) > 0.999
+
+
+def test_reindex_fetches_keyed_image_urls_through_the_sources_pool(
+    api, redis_server, embedder, emoji_features, tmp_path, monkeypatch
+):
+    """An API whose images need a key: `reindex` alone cannot fetch them (401, listed), `reindex --source`
+    fetches them through the source's key pool, as the ingest did."""
+    from typer.testing import CliRunner
+
+    from embedder.cli import app
+    from embedder.projection import TrainConfig, fit_projection
+
+    url, state = api
+    state["items"] = [it for it in state["items"] if "image_base64" not in it and it["id"] != "it-5"]
+    state["image_keys"] = {"good-key"}
+    name = f"keyed-{uuid.uuid4().hex[:6]}"
+    source, pool = make_source(url, redis_server.url, name=name, image_auth=True)
+    pool.add("good-key")
+    with make_edge(tmp_path / "store") as store:
+        assert ingest_http(source, store, "catalog", embedder).written == len(state["items"])
+    newer = fit_projection(
+        emoji_features, None, TrainConfig(epochs=2, seed=8), encoders=embedder.encoder_signatures(), progress=False
+    )
+    newer.save(tmp_path / "newer")
+    monkeypatch.setenv("EMBEDSTORE_PROJECTION", str(tmp_path / "newer"))
+    monkeypatch.setenv("EMBEDSTORE_REDIS_URL", redis_server.url)
+    config = tmp_path / "source.json"
+    config.write_text(json.dumps({"name": name, "url": url, "pool": pool.pool, "image_auth": True}))
+    runner = CliRunner()
+    common = ["reindex", "--path", str(tmp_path / "store"), "-c", "catalog"]
+    result = runner.invoke(app, common)
+    flat = " ".join(result.output.split())
+    assert result.exit_code == 1 and "unreadable it-0" in flat and "401" in flat
+    result = runner.invoke(app, [*common, "--source", str(config)])
+    assert result.exit_code == 0, result.output
+    assert f"version {newer.version}" in " ".join(result.output.split())
 
 
 def test_a_relative_next_url_is_followed_when_next_is_url(api, redis_server, embedder, tmp_path):
