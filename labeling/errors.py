@@ -30,6 +30,10 @@ class ReviewFileError(LabelingError, ValueError):
     """A review import file that cannot be applied; nothing was written."""
 
 
+class UnknownAnswerIdsError(ReviewFileError, LookupError):
+    """Answers for ids the collection does not hold; nothing was written (NOT_FOUND over gRPC)."""
+
+
 class LabelConflictError(ReviewFileError):
     """Answers that would replace a different human label; nothing was written."""
 

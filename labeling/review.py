@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from labeling.errors import LabelConflictError, ReviewFileError
+from labeling.errors import LabelConflictError, ReviewFileError, UnknownAnswerIdsError
 from labeling.inspect import REVIEW, LabelState, Neighbour, _inspected, agreement
 from labeling.runs import load_registry, resolve
 from retrieval import Filter, Match, VectorStore
@@ -195,7 +195,7 @@ def submit_labels(
     found = {r.id: r.payload or {} for r in store.retrieve(collection, ids, missing_ok=True)}
     missing = [i for i in ids if i not in found]
     if missing:
-        raise ReviewFileError(f"{len(missing)} id(s) are not in collection {collection!r}: {missing[:10]}")
+        raise UnknownAnswerIdsError(f"{len(missing)} id(s) are not in collection {collection!r}: {missing[:10]}")
     conflicts = []
     updates = []
     unchanged = 0

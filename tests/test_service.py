@@ -254,6 +254,9 @@ def test_unknown_ids_are_not_found(served):
 def test_no_projection_and_version_mismatch_are_failed_precondition(tmp_path, image_encoder, text_encoder, embedder):
     bare = Embedder(image_encoder, text_encoder)
     with BackgroundServer(make_server(tmp_path / "a", bare)) as bg, Client(bg.target) as client:
+        # the store and labeling services work on stored vectors; the embedding service says it cannot serve
+        assert client.health() == "SERVING" and client.health(SERVICES[1]) == "SERVING"
+        assert client.health(SERVICES[0]) == "NOT_SERVING"
         with pytest.raises(FailedPrecondition, match="fit-projection"):
             client.embed(["hello"])
         assert client.upsert_vectors(["raw"], np.ones((1, 512))) == 1  # raw vectors need no projection
@@ -266,6 +269,50 @@ def test_no_projection_and_version_mismatch_are_failed_precondition(tmp_path, im
         with pytest.raises(FailedPrecondition, match="reindex"):
             client.upsert([Item("t2", text="again")])
         assert client.count().count == 1
+
+
+def test_refusals_leave_nothing_behind_and_are_counted_by_their_code(tmp_path, embedder):
+    """A refused Upsert makes no collection; a reply over the size limit is RESOURCE_EXHAUSTED naming the sizes
+    (grpc failed the send with a bare traceback and counted OK); an unknown answer id is NOT_FOUND."""
+    metrics_port = free_port()
+    server = make_server(tmp_path, embedder, max_message_mb=1, metrics_port=metrics_port)
+    with BackgroundServer(server) as bg, Client(bg.target) as client:
+        with pytest.raises(InvalidArgument, match="NaN"):
+            client.upsert_vectors(["a"], np.ones((1, 512)), [{"score": float("nan")}], collection="fresh")
+        with pytest.raises(NotFound):
+            client.count(collection="fresh")  # no empty collection was made by the refused call
+        ids = [f"v{i}" for i in range(900)]
+        vectors = np.random.default_rng(0).normal(size=(900, 512))
+        for s in range(0, 900, 300):
+            client.upsert_vectors(ids[s : s + 300], vectors[s : s + 300])
+        with pytest.raises(ResourceExhausted, match=r"the reply would be \d+ bytes, over the server's limit"):
+            client.get(ids, with_vectors=True)
+        assert len(client.get(ids[:100], with_vectors=True)) == 100
+        with pytest.raises(NotFound, match="not in collection"):
+            client.submit_labels({"no-such-point": "cat"})
+        text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics").read().decode()
+        assert 'embedstore_grpc_requests_total{code="RESOURCE_EXHAUSTED",method="Get"} 1.0' in text
+
+
+def test_busy_ports_are_named_not_a_traceback(tmp_path, embedder):
+    import asyncio
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(OSError, match=rf"cannot bind gRPC port 127.0.0.1:{port} \(EMBEDSTORE_GRPC_PORT\)"):
+            asyncio.run(make_server(tmp_path, embedder, port=port).start())
+        server = make_server(tmp_path, embedder, metrics_port=port)
+
+        async def start_and_stop() -> None:
+            try:
+                await server.start()
+            finally:
+                await server.stop(0)
+
+        with pytest.raises(OSError, match=r"cannot bind the metrics port .*EMBEDSTORE_GRPC_METRICS_PORT"):
+            asyncio.run(start_and_stop())
 
 
 def test_a_modality_the_projection_never_saw_is_failed_precondition(tmp_path, image_encoder, text_encoder, emoji_items,
@@ -386,6 +433,20 @@ def test_tls(tmp_path, embedder):
             assert client.embed(["over tls"]).shape == (1, 512)
         with Client(f"localhost:{bg.port}", timeout=2) as plain, pytest.raises(Unavailable):
             plain.count()
+        # the command line over TLS: the container healthcheck beside the server follows its settings (port,
+        # certificate), and search / inspect take the CA from EMBEDSTORE_SERVER_CA
+        from typer.testing import CliRunner
+
+        from embedder.cli import app
+
+        env = {"EMBEDSTORE_GRPC_PORT": str(bg.port), "EMBEDSTORE_GRPC_TLS_CERT": str(cert_path)}
+        result = CliRunner().invoke(app, ["health"], env=env)
+        assert result.exit_code == 0 and f"localhost:{bg.port}: SERVING" in result.output, result.output
+        result = CliRunner().invoke(app, ["health"], env={"EMBEDSTORE_GRPC_PORT": str(bg.port)})
+        assert result.exit_code == 1  # plaintext against a TLS server
+        search = ["search", "over tls", "--server", f"localhost:{bg.port}", "--json"]
+        result = CliRunner().invoke(app, search, env={"EMBEDSTORE_SERVER_CA": str(cert_path)})
+        assert result.exit_code == 0, result.output
 
 
 # ------------------------------------------------------------ limits and load

@@ -44,6 +44,7 @@ SERVICES = (
     labeling_pb2.DESCRIPTOR.services_by_name["LabelingService"].full_name,
 )
 HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
+EMBEDDING_SERVICE = SERVICES[0]
 
 
 class AuthInterceptor(grpc.aio.ServerInterceptor):
@@ -155,32 +156,53 @@ class EmbedstoreServer:
         for name in ("", *SERVICES):
             await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         address = f"{s.host}:{s.port}"
-        if s.tls_cert is not None and s.tls_key is not None:
-            creds = grpc.ssl_server_credentials([(s.tls_key.read_bytes(), s.tls_cert.read_bytes())])
-            self.port = self._server.add_secure_port(address, creds)
-        else:
-            self.port = self._server.add_insecure_port(address)
+        try:
+            if s.tls_cert is not None and s.tls_key is not None:
+                creds = grpc.ssl_server_credentials([(s.tls_key.read_bytes(), s.tls_cert.read_bytes())])
+                self.port = self._server.add_secure_port(address, creds)
+            else:
+                self.port = self._server.add_insecure_port(address)
+        except RuntimeError as exc:  # grpcio raises where older releases returned 0
+            raise OSError(f"cannot bind gRPC port {address} (EMBEDSTORE_GRPC_PORT): {exc}") from None
         if not self.port:
-            raise OSError(f"cannot bind gRPC port {address}")
+            raise OSError(f"cannot bind gRPC port {address} (EMBEDSTORE_GRPC_PORT)")
         await self._server.start()
         if s.metrics_port:
             from prometheus_client import start_http_server
 
-            self._metrics_http, _ = start_http_server(s.metrics_port, addr=s.host, registry=self.metrics.registry)
+            try:
+                self._metrics_http, _ = start_http_server(s.metrics_port, addr=s.host, registry=self.metrics.registry)
+            except OSError as exc:
+                await self._server.stop(0)
+                raise OSError(
+                    f"cannot bind the metrics port {s.host}:{s.metrics_port} (EMBEDSTORE_GRPC_METRICS_PORT; 0 turns "
+                    f"metrics off): {exc.strerror or exc}"
+                ) from None
             self.metrics_port = self._metrics_http.server_port
         self._loading = asyncio.get_running_loop().create_task(self._load())
         log.info("embedstore gRPC listening on %s:%s (%s)", s.host, self.port, "TLS" if s.tls_cert else "plaintext")
         return self.port
 
     async def _load(self) -> None:
+        store: VectorStore | None = None
         try:
-            embedder = await asyncio.to_thread(self._embedder_factory)
+            # the store first: it is quick to open, and a store another process holds is then reported at once,
+            # not after the models have loaded
             store = await asyncio.to_thread(self._store_factory)
             await asyncio.to_thread(store.ensure_collection, self.rt.default_collection, self.rt.collection_spec)
+            embedder = await asyncio.to_thread(self._embedder_factory)
+        except asyncio.CancelledError:  # stopped while loading (a rollout): a clean stop, not a failure
+            log.info("stopped while loading")
+            if store is not None:
+                await asyncio.to_thread(store.close)
+            raise
         except BaseException as exc:  # stays NOT_SERVING; serve() reports it
             self.load_error = exc
-            self.rt.load_failure = str(exc)
-            log.error("loading failed: %s", exc)
+            self.rt.load_failure = str(exc) or type(exc).__name__
+            log.error("loading failed: %s", self.rt.load_failure)
+            if store is not None:
+                with contextlib.suppress(Exception):
+                    await asyncio.to_thread(store.close)
             return
         batcher = MicroBatcher(
             embedder,
@@ -195,6 +217,14 @@ class EmbedstoreServer:
         self.rt.ready = True
         for name in ("", *SERVICES):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        if embedder.projection is None:
+            # the store and labeling services work on stored vectors; embedding needs a projection
+            await self.health.set(EMBEDDING_SERVICE, health_pb2.HealthCheckResponse.NOT_SERVING)
+            log.warning(
+                "no Matryoshka projection loaded: %s is NOT_SERVING, and Upsert of items and Search by text or "
+                "image answer FAILED_PRECONDITION (fit one with `embedstore fit-projection`; EMBEDSTORE_PROJECTION)",
+                EMBEDDING_SERVICE,
+            )
         log.info("embedstore ready (embedding version %s)", embedder.projection.version if embedder.projection else "-")
 
     async def wait_ready(self, timeout: float = 120.0) -> None:
@@ -236,7 +266,7 @@ class EmbedstoreServer:
         await self.start()
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):  # SIGHUP: a closed terminal, drained too
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.add_signal_handler(sig, stop.set)
         assert self._loading is not None

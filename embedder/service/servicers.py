@@ -56,6 +56,7 @@ from labeling.errors import (
     RunNotFoundError,
     RunStateError,
     SeedError,
+    UnknownAnswerIdsError,
 )
 from labeling.inspect import MAX_K, inspect_neighbours
 from labeling.job import JobEvent, run_job
@@ -71,7 +72,7 @@ from retrieval.errors import (
     StoreLockedError,
     StoreUnavailableError,
 )
-from retrieval.schema import CollectionSpec, check_collection_name
+from retrieval.schema import CollectionSpec, check_collection_name, check_ids, check_vectors, prepare_payloads
 
 log = logging.getLogger("embedstore.service")
 DIMENSIONS = (128, 256, 512)
@@ -94,6 +95,7 @@ STATUS: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
     (StoreLockedError, grpc.StatusCode.UNAVAILABLE),
     (ModelUnavailableError, grpc.StatusCode.UNAVAILABLE),
     (LabelConflictError, grpc.StatusCode.FAILED_PRECONDITION),
+    (UnknownAnswerIdsError, grpc.StatusCode.NOT_FOUND),
     (ReviewFileError, grpc.StatusCode.INVALID_ARGUMENT),
     (SeedError, grpc.StatusCode.FAILED_PRECONDITION),
     (RunStateError, grpc.StatusCode.FAILED_PRECONDITION),
@@ -199,6 +201,13 @@ class Runtime:
 T = TypeVar("T")
 
 
+def _cancel_code(context: Any) -> grpc.StatusCode:
+    """How a call that ended by cancellation is counted: DEADLINE_EXCEEDED when its deadline had passed,
+    CANCELLED otherwise (the client went away or cancelled it)."""
+    left = context.time_remaining()
+    return grpc.StatusCode.DEADLINE_EXCEEDED if left is not None and left <= 0 else grpc.StatusCode.CANCELLED
+
+
 def _rpc(method: str) -> Callable[[Callable[..., Awaitable[T]]], Callable[..., Awaitable[T]]]:
     """Status mapping, metrics and logging for a unary-response RPC."""
 
@@ -209,12 +218,22 @@ def _rpc(method: str) -> Callable[[Callable[..., Awaitable[T]]], Callable[..., A
             start = time.perf_counter()
             code = grpc.StatusCode.OK
             try:
-                return await fn(self, request, context)
+                reply = await fn(self, request, context)
+                size = reply.ByteSize() if hasattr(reply, "ByteSize") else 0
+                if size > rt.max_message_bytes:
+                    # grpc would fail the send with a bare traceback in the log and the call counted as OK
+                    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+                    await context.abort(
+                        code,
+                        f"the reply would be {size} bytes, over the server's limit of {rt.max_message_bytes} "
+                        "(EMBEDSTORE_GRPC_MAX_MESSAGE_MB): ask for fewer results, or without payload / vectors",
+                    )
+                return reply
             except NotReady as exc:
                 code = grpc.StatusCode.UNAVAILABLE
                 await context.abort(code, str(exc))
             except asyncio.CancelledError:
-                code = grpc.StatusCode.CANCELLED
+                code = _cancel_code(context)
                 raise
             except Exception as exc:
                 if isinstance(exc, grpc.aio.AbortError):
@@ -313,13 +332,16 @@ class EmbeddingServicer(embedding_pb2_grpc.EmbeddingServiceServicer):
                     response.error.message = str(exc)
                 yield response
             await reading
-        except asyncio.CancelledError:
-            code = grpc.StatusCode.CANCELLED
+        except (asyncio.CancelledError, GeneratorExit):
+            # GeneratorExit: grpc closes the response stream of a client that cancelled or went away
+            code = _cancel_code(context)
             raise
         except Exception as exc:
             code = status_of(exc)
             await context.abort(code, str(exc))
         finally:
+            if code == grpc.StatusCode.OK and context.cancelled():
+                code = _cancel_code(context)
             reading.cancel()
             with contextlib.suppress(BaseException):
                 await reading
@@ -375,8 +397,10 @@ class StoreServicer(store_pb2_grpc.StoreServiceServicer):
             payloads.append(payload)
         version = ""
         if to_embed:
-            await self.rt.in_store(store.ensure_collection, collection, self.rt.collection_spec)
-            version = await self.rt.in_store(require_version, store, collection, embedder)
+            exists = await self.rt.in_store(store.collection_exists, collection)
+            # a new collection is made only when the write is certain (below): a refused call makes nothing
+            version = await self.rt.in_store(require_version, store, collection, embedder) if exists else ""
+            version = version or embedder.version  # no projection: FAILED_PRECONDITION, as before
             items = [convert.item(points[i].item, points[i].id) for i in to_embed]
             try:
                 embedded = await batcher.embed(items, 512)
@@ -387,6 +411,11 @@ class StoreServicer(store_pb2_grpc.StoreServiceServicer):
                 vectors[i] = row
                 payloads[i] = item_payload(item, version) | payloads[i]
                 payloads[i][VERSION_KEY] = version
+        # the store's own checks (ids, vectors, payloads) before the collection is made: a refused point
+        # leaves no empty collection behind
+        ext = check_ids([p.id for p in points], what="request")
+        prepare_payloads(payloads, ext)
+        check_vectors(vectors, ext)
         if context.time_remaining() is not None and context.time_remaining() <= 0:
             raise asyncio.CancelledError  # the caller has gone: write nothing
         async with self.rt.write_lock:  # claim the version and write as one step per server
@@ -528,7 +557,8 @@ class LabelingServicer(labeling_pb2_grpc.LabelingServiceServicer):
             try:
                 config = LabelingConfig(**fields)
             except ValidationError as exc:
-                raise convert.BadRequest(f"invalid labeling config: {exc}") from exc
+                bad = "; ".join(f"{'.'.join(str(x) for x in e['loc']) or 'config'}: {e['msg']}" for e in exc.errors())
+                raise convert.BadRequest(f"invalid labeling config: {bad}") from exc
             if collection in rt.labeling_jobs:
                 raise JobRunningError(f"a labeling job is already running on collection {collection!r}")
             rt.labeling_jobs.add(collection)
