@@ -43,6 +43,7 @@ WORKDIR /home/embedstore
 # warm-up at build time: load both encoders once (ONNX export of the image encoder lands in the cache)
 RUN python -c "from embedder.encoders import EfficientNetEncoder, SentenceTransformerEncoder; EfficientNetEncoder(); SentenceTransformerEncoder()"
 EXPOSE 50051 9464
+# `embedstore health` follows the server's own EMBEDSTORE_GRPC_PORT and, with EMBEDSTORE_GRPC_TLS_CERT, TLS
 HEALTHCHECK --interval=10s --timeout=5s --start-period=60s --retries=5 \
-    CMD ["embedstore", "health", "--target", "127.0.0.1:50051"]
+    CMD ["embedstore", "health"]
 CMD ["embedstore", "serve"]

@@ -216,6 +216,11 @@ def index_cmd(
     except (EmbedderError, StoreError) as exc:
         _fail(exc)
     console.print(f"indexed {report.written} items into {settings.collection!r} ({embedder.version})")
+    if report.kept_answers:
+        console.print(
+            f"kept {report.kept_answers} human answer(s) given since (label import / the web page) over the "
+            "items' own labels; labeling runs' pseudo-labels are kept too"
+        )
     for item_id, why in report.skipped:
         console.print(f"[yellow]skipped[/] {item_id}: {why}")
 
@@ -336,9 +341,9 @@ TokenOpt = Annotated[
 
 
 def _client(server: str, token: str | None):
-    from embedder.client import Client
+    from embedder.client import Client, tls_from_env
 
-    return Client(server, token=token)
+    return Client(server, token=token, **tls_from_env())  # EMBEDSTORE_SERVER_CA / _TLS / _TLS_NAME
 
 
 @app.command("search")
@@ -574,25 +579,37 @@ def ui_cmd(
 
 @app.command("health")
 def health_cmd(
-    target: Annotated[str, typer.Option(help="host:port of the gRPC service.")] = "127.0.0.1:50051",
+    target: Annotated[
+        Optional[str],  # noqa: UP045
+        typer.Option(help="host:port of the gRPC service (default: this host, port EMBEDSTORE_GRPC_PORT or 50051)."),
+    ] = None,
     service: Annotated[str, typer.Option(help="Service name to check; empty = the whole server.")] = "",
     timeout: Annotated[float, typer.Option(help="Seconds before giving up.")] = 3.0,
 ) -> None:
-    """Ask the service's gRPC health service; exit 0 when SERVING, 1 otherwise (the container healthcheck)."""
-    import grpc
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    """Ask the service's gRPC health service; exit 0 when SERVING, 1 otherwise (the container healthcheck).
 
+    Beside the server (its container) it follows the server's own settings: the port from
+    EMBEDSTORE_GRPC_PORT, and TLS when EMBEDSTORE_GRPC_TLS_CERT is set, verifying the server with that
+    certificate (a self-signed one, or a file holding the chain) unless EMBEDSTORE_SERVER_CA names the CA;
+    EMBEDSTORE_SERVER_TLS_NAME when the certificate does not name the dialled host."""
+    import os
+
+    from embedder.client import Client, ServiceError, tls_from_env
+
+    port = os.environ.get("EMBEDSTORE_GRPC_PORT", "50051")
+    own_cert = os.environ.get("EMBEDSTORE_GRPC_TLS_CERT")
+    target = target or (f"localhost:{port}" if own_cert else f"127.0.0.1:{port}")
     try:
-        with grpc.insecure_channel(target) as channel:
-            reply = health_pb2_grpc.HealthStub(channel).Check(
-                health_pb2.HealthCheckRequest(service=service), timeout=timeout
-            )
-    except grpc.RpcError as exc:
-        console.print(f"[red]{target}: {exc.code().name}: {exc.details()}[/]")
+        tls = tls_from_env()
+        if own_cert and "root_certificates" not in tls and not tls.get("tls"):
+            tls["root_certificates"] = Path(own_cert)
+        with Client(target, **tls) as client:
+            status = client.health(service, timeout=timeout)
+    except ServiceError as exc:
+        console.print(f"[red]{target}: {exc.code.name}: {exc.message}[/]")
         raise typer.Exit(1) from None
-    status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
     console.print(f"{target}: {status}")
-    if reply.status != health_pb2.HealthCheckResponse.SERVING:
+    if status != "SERVING":
         raise typer.Exit(1)
 
 

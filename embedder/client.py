@@ -16,6 +16,7 @@ they are sent (:class:`MessageTooLarge`), with a hint to send smaller batches.
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -202,6 +203,25 @@ def _inspected(m: labeling_pb2.InspectedPoint) -> InspectedPoint:
     return InspectedPoint(m.id, _label_state(m.state), struct_to_dict(m.payload, True) or {})
 
 
+def tls_from_env(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """Client TLS settings from the environment, as the command line uses them: ``EMBEDSTORE_SERVER_CA`` (a
+    PEM file to verify the server with; implies TLS), ``EMBEDSTORE_SERVER_TLS=true`` (TLS with the system's
+    roots) and ``EMBEDSTORE_SERVER_TLS_NAME`` (the name the server's certificate carries, when it is not the
+    host dialled). Empty when none is set: plaintext."""
+    env = os.environ if environ is None else environ
+    out: dict[str, Any] = {}
+    if env.get("EMBEDSTORE_SERVER_CA"):
+        ca = Path(env["EMBEDSTORE_SERVER_CA"])
+        if not ca.is_file():
+            raise InvalidArgument(f"EMBEDSTORE_SERVER_CA={ca}: no such certificate file")
+        out["root_certificates"] = ca
+    if env.get("EMBEDSTORE_SERVER_TLS", "").strip().lower() in ("1", "true", "yes", "on"):
+        out["tls"] = True
+    if env.get("EMBEDSTORE_SERVER_TLS_NAME"):
+        out["tls_name"] = env["EMBEDSTORE_SERVER_TLS_NAME"]
+    return out
+
+
 # ----------------------------------------------------------------------- client
 class Client:
     """Synchronous client over one gRPC channel (thread-safe; share one per process)."""
@@ -213,6 +233,7 @@ class Client:
         token: str | None = None,
         tls: bool = False,
         root_certificates: bytes | str | Path | None = None,
+        tls_name: str | None = None,
         timeout: float | None = 30.0,
         max_message_mb: int = 64,
         collection: str = "",
@@ -225,6 +246,8 @@ class Client:
             ("grpc.max_receive_message_length", self.max_bytes),
             ("grpc.max_send_message_length", self.max_bytes),
         ]
+        if tls_name:  # the name the server's certificate must carry, when it is not the dialled host
+            options.append(("grpc.ssl_target_name_override", tls_name))
         if tls or root_certificates is not None:
             roots = root_certificates
             if isinstance(roots, (str, Path)):
@@ -275,9 +298,9 @@ class Client:
                 raise Unavailable(f"{self.target} is not SERVING after {timeout:.0f}s")
             time.sleep(0.1)
 
-    def health(self, service: str = "") -> str:
+    def health(self, service: str = "", *, timeout: float = 5.0) -> str:
         """The health status name of ``service`` (``""``: the whole server)."""
-        response = self._call(self._health.Check, health_pb2.HealthCheckRequest(service=service), timeout=5.0)
+        response = self._call(self._health.Check, health_pb2.HealthCheckRequest(service=service), timeout=timeout)
         return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
 
     # ------------------------------------------------------------ embedding

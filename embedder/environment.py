@@ -29,6 +29,9 @@ OTHER_VARIABLES = {
     "EMBEDSTORE_TOKEN": "bearer token sent to that server",
     "EMBEDSTORE_RUNS_DIR": "where `label run` writes its run folders (./data/runs)",
     "EMBEDSTORE_CACHE": "model and data cache (~/.cache/embedstore)",
+    "EMBEDSTORE_SERVER_CA": "CA certificate (PEM) the command line verifies a TLS server with",
+    "EMBEDSTORE_SERVER_TLS": "true: TLS to the server with the system's root certificates",
+    "EMBEDSTORE_SERVER_TLS_NAME": "the name the server's certificate carries, when not the dialled host",
 }
 
 

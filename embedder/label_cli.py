@@ -143,14 +143,17 @@ def _run_local(path: Path | None, collection: str | None, cfg: Any, runs_dir: Pa
 
 def _run_via_server(server: str, token: str | None, collection: str, fields: dict[str, Any], progress: bool) -> dict:
     """The same job through gRPC RunLabelingJob, with the same progress bars."""
-    from embedder.client import Client, ServiceError
+    from embedder.client import Client, ServiceError, tls_from_env
     from embedder.service.convert import struct_to_dict
     from labeling.job import JobEvent
     from labeling.present import rich_events
 
     report: dict[str, Any] | None = None
     try:
-        with Client(server, token=token, timeout=None) as client, rich_events(console, enabled=progress) as events:
+        with (
+            Client(server, token=token, timeout=None, **tls_from_env()) as client,
+            rich_events(console, enabled=progress) as events,
+        ):
             for e in client.run_labeling_job(fields, collection=collection):
                 if e.stage == "done":
                     report = struct_to_dict(e.run.report)
@@ -249,10 +252,10 @@ def review_cmd(
     from labeling.review import export_review, write_review
 
     if server is not None:
-        from embedder.client import Client, ServiceError
+        from embedder.client import Client, ServiceError, tls_from_env
 
         try:
-            with Client(server, token=token) as client:
+            with Client(server, token=token, **tls_from_env()) as client:
                 found = client.review_queue(limit=limit or 100_000, collection=collection or "")
         except ServiceError as exc:
             _fail(exc)
@@ -282,11 +285,11 @@ def import_cmd(
     from labeling.review import import_labels, read_answers
 
     if server is not None:
-        from embedder.client import Client, ServiceError
+        from embedder.client import Client, ServiceError, tls_from_env
 
         try:
             answers, unanswered = read_answers(file)
-            with Client(server, token=token) as client:
+            with Client(server, token=token, **tls_from_env()) as client:
                 written, unchanged = client.submit_labels(
                     answers, source=source, overwrite_human=overwrite_human, collection=collection or ""
                 )
