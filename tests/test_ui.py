@@ -178,6 +178,31 @@ def test_correcting_a_label_writes_human_ground_truth_and_never_silently_overwri
     assert pid not in browser.find_element(By.ID, "review").text  # answered: out of the queue
 
 
+def test_a_cross_site_form_post_is_refused_and_bad_offsets_are_400(world):
+    """Without tokens the page is open on localhost: another site's page must still not be able to write a
+    label through the user's browser (CSRF; the browser sends its Origin)."""
+    store = world["store"]
+    pid = next(r.id for r in store.iter_records("items", filter={"pseudo_status": "review"}))
+    before = store.retrieve("items", [pid])[0].payload.get("label")
+
+    def post(origin: str | None) -> int:
+        req = urllib.request.Request(f"{world['open']}/point/{pid}/label", data=b"label=Pwned&replace=true")
+        if origin:
+            req.add_header("Origin", origin)
+        try:
+            with urllib.request.urlopen(req) as resp:
+                return resp.status
+        except HTTPError as err:
+            return err.code
+
+    assert post("https://evil.example") == 403
+    assert store.retrieve("items", [pid])[0].payload.get("label") == before
+    for path in ("/points?offset=garbage", "/suspicious?offset=zzz"):
+        with pytest.raises(HTTPError) as err:
+            urllib.request.urlopen(world["open"] + path)
+        assert err.value.code == 400  # was a 500 from an uncaught ValueError
+
+
 def test_item_text_is_escaped_never_executed(world, browser):
     browser.get(world["open"] + "/point/p1")
     assert browser.find_element(By.ID, "text").text == SCRIPT_TEXT  # shown as text, verbatim

@@ -32,7 +32,7 @@ import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 from fastapi import FastAPI, Form, Request
 from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse, Response
@@ -87,11 +87,24 @@ def create_app(
 
     @app.middleware("http")
     async def require_token(request: Request, call_next: Callable[[Request], Any]) -> Response:
+        if request.method not in ("GET", "HEAD", "OPTIONS") and not same_origin(request):
+            # a page on another site must not write labels through the user's browser (CSRF): without tokens
+            # nothing else would stop it, and a token cookie is SameSite=Strict but Origin is checked anyway
+            return page(request, "error.html", status_code=403, message="cross-site request refused")
         if request.url.path in ("/login", "/healthz") or authorised(request):
             return await call_next(request)
         return templates.TemplateResponse(
             request, "login.html", {"collection": collection, "error": None}, status_code=401
         )
+
+    def same_origin(request: Request) -> bool:
+        """Origin (or, without it, Referer) names this page's own host; a browser sends one of them on a
+        form post. A request with neither (curl, a script) is not a browser's cross-site request."""
+        source = request.headers.get("origin") or request.headers.get("referer")
+        if not source:
+            return True
+        got = urlsplit(source)
+        return got.scheme in ("http", "https") and got.netloc == request.headers.get("host", request.url.netloc)
 
     def page(request: Request, name: str, status_code: int = 200, **ctx: Any) -> HTMLResponse:
         return templates.TemplateResponse(request, name, {"collection": collection, **ctx}, status_code=status_code)
@@ -183,7 +196,7 @@ def create_app(
 
         try:
             got, unapplied = locked(read)
-        except StoreError as exc:
+        except (StoreError, ValueError) as exc:  # ValueError: an offset that is no point id
             return page(request, "error.html", status_code=400, message=str(exc))
         rows = [_row(r.id, resolve(r.payload, unapplied)) for r in got.records]
         query = {"status": status, "label": label, "pseudo": pseudo}
@@ -241,7 +254,7 @@ def create_app(
     def suspects(request: Request, offset: str | None = None) -> HTMLResponse:
         try:
             found, nxt = locked(suspicious_page, store, collection, offset=offset, window=256, k=10)
-        except StoreError as exc:
+        except (StoreError, ValueError) as exc:  # ValueError: an offset that is no point id
             return page(request, "error.html", status_code=400, message=str(exc))
         next_url = f"/suspicious?offset={quote(nxt)}" if nxt else None
         return page(request, "suspicious.html", suspects=found, next_url=next_url)
