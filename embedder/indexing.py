@@ -82,6 +82,9 @@ def _made_from(item: Item) -> str:
 class IndexReport:
     written: int = 0
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (item id, why)
+    #: points whose human answer (given through `label import`, the web page or SubmitLabels) was kept over
+    #: the label the item came with
+    kept_answers: int = 0
 
 
 def index_items(
@@ -134,6 +137,7 @@ def index_items(
             kept.extend(batch)
         if vectors is None:
             return report
+        existed = store.collection_exists(collection)
         store.ensure_collection(collection, spec)  # spec: shards/replicas when this run creates it
         version = require_version(store, collection, embedder, claim=True)
         writes: Any = range(0, len(kept), batch_size)
@@ -143,14 +147,35 @@ def index_items(
             writes = track(writes, description=f"writing {len(kept)} points to {collection}")
         for start in writes:
             batch = kept[start : start + batch_size]
-            store.upsert(
-                collection,
-                [it.id for it in batch],
-                np.asarray(vectors[start : start + len(batch)]),
-                [item_payload(it, version) for it in batch],
-            )
+            payloads = [item_payload(it, version) for it in batch]
+            if existed:
+                payloads = _keep_labeling(store, collection, batch, payloads, report)
+            store.upsert(collection, [it.id for it in batch], np.asarray(vectors[start : start + len(batch)]), payloads)
             report.written += len(batch)
     return report
+
+
+def _keep_labeling(
+    store: VectorStore, collection: str, batch: list[Item], payloads: list[dict[str, Any]], report: IndexReport
+) -> list[dict[str, Any]]:
+    """Indexing an item again replaces its payload, but not what was learned about it since: the labeling
+    runs' fields (``pseudo_*``; the run registry still points at them) and a human answer given through
+    embedstore (``labeled_at`` set: `label import`, the web page, SubmitLabels), which is newer than the
+    item's own label. Without this, re-running `index` on the same manifest wiped both silently."""
+    from labeling.runs import PREV_FIELD, PSEUDO_FIELDS
+
+    old = {r.id: r.payload or {} for r in store.retrieve(collection, [it.id for it in batch], missing_ok=True)}
+    out = []
+    for item, new in zip(batch, payloads, strict=True):
+        before = old.get(item.id)
+        if before:
+            new = new | {k: before[k] for k in (*PSEUDO_FIELDS, PREV_FIELD) if k in before}
+            if before.get("labeled_at") and before.get("label") not in (None, ""):
+                if new.get("label") != before["label"]:
+                    report.kept_answers += 1
+                new |= {k: before[k] for k in ("label", "label_source", "labeled_at") if k in before}
+        out.append(new)
+    return out
 
 
 #: beyond this many items the vectors of an index run wait in a temporary file rather than in memory
@@ -165,16 +190,19 @@ def _vector_buffer(n: int, dim: int, stack: contextlib.ExitStack) -> np.ndarray:
 
 
 def _refuse_repeated_ids(ids: Sequence[Any]) -> None:
-    first: dict[Any, int] = {}
+    first: dict[str, int] = {}
     for i, pid in enumerate(ids):
-        if pid in first and pid is not None:
+        if pid is None:
+            continue  # check_items names an item without an id
+        key = str(pid)  # 7 and "7" are one point: the point id is derived from the id's text
+        if key in first:
             raise InvalidItemError(
-                f"id {pid!r} is also item {first[pid]}'s; ids must be unique in a run (the second would "
+                f"id {pid!r} is also item {first[key]}'s; ids must be unique in a run (the second would "
                 "overwrite the first)",
                 index=i,
                 item_id=pid,
             )
-        first.setdefault(pid, i)
+        first[key] = i
 
 
 def _drop_bad(embedder: Embedder, batch: list[Item], report: IndexReport) -> list[Item]:

@@ -154,6 +154,23 @@ def run_job(
             "those points toward their classes, so held-out scores, calibration and the gate read optimistic. "
             "A label-free projection (fit-projection's default) avoids it"
         )
+    variants: dict[str, list[str]] = {}
+    for c in classes:
+        variants.setdefault(" ".join(c.split()).casefold(), []).append(c)
+    for same in (v for v in variants.values() if len(v) > 1):
+        # "Flags" and "flags " are two classes to the model: say so, as the user likely meant one
+        warnings.append(
+            f"labels {same} differ only by case or spacing and are learned as {len(same)} separate classes; "
+            "relabel them to one spelling if they mean the same class"
+        )
+    if snap.truth is not None:
+        outside = sorted({t for t in snap.truth if t is not None and t not in index})
+        if outside:
+            warnings.append(
+                f"truth field {cfg.truth_field!r} holds {len(outside)} value(s) that no ground-truth label has "
+                f"(e.g. {outside[:3]}): the job cannot propose them; they count as wrong in the accepted labels' "
+                "precision and are left out of the pool's macro-F1"
+            )
     for w in warnings:
         emit(JobEvent("guards", message=w))
     n_gt = int((y >= 0).sum())
@@ -382,12 +399,15 @@ def _final_metrics(outcome: LabelingOutcome, classes: list[str], truth: np.ndarr
     }
     if truth is not None:
         t = truth[outcome.pool]
-        known = t != -1
+        known = t != -1  # -2: a truth value no seed label has; the job cannot propose it, so it counts as wrong
         if (acc & known).any():
             out["pseudo_precision"] = float((dec.label[acc & known] == t[acc & known]).mean())
+        scored = t >= 0  # macro-F1 is over the job's classes
+        if scored.any():
+            out["pool_macro_f1_vs_truth"] = macro_f1(outcome.probs.argmax(axis=1)[scored], t[scored], len(classes))
         if known.any():
-            out["pool_macro_f1_vs_truth"] = macro_f1(outcome.probs.argmax(axis=1)[known], t[known], len(classes))
             out["truth_known"] = int(known.sum())
+            out["truth_outside_classes"] = int((t == -2).sum())
     return out
 
 

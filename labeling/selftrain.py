@@ -232,16 +232,16 @@ def check_seed(y: np.ndarray, classes: list[str], config: LabelingConfig) -> lis
     thin = {classes[i]: int(c) for i, c in enumerate(counts) if c < config.min_class_examples}
     if thin:
         problems.append(f"classes with fewer than {config.min_class_examples} ground-truth examples: {thin}")
-    if problems and not config.allow_sparse_seed:
-        raise SeedError(
-            "; ".join(problems) + ". Pseudo-labels from so thin a seed are unreliable; label more points, "
-            "or pass --allow-sparse-seed to run anyway (the override is recorded in the run)"
-        )
-    if counts.min() < 2:
+    if counts.min() < 2:  # first: no override helps here, so the override is not what to suggest
         unusable = [classes[i] for i in np.flatnonzero(counts < 2)]
         raise SeedError(
             f"classes {unusable} have fewer than 2 ground-truth examples: they cannot be learned or calibrated, "
             "even with --allow-sparse-seed; label at least 2 of each"
+        )
+    if problems and not config.allow_sparse_seed:
+        raise SeedError(
+            "; ".join(problems) + ". Pseudo-labels from so thin a seed are unreliable; label more points, "
+            "or pass --allow-sparse-seed to run anyway (the override is recorded in the run)"
         )
     warnings.extend(f"overridden (--allow-sparse-seed): {p}" for p in problems)
     return warnings

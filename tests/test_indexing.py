@@ -97,6 +97,25 @@ def test_reindex_will_not_re_embed_an_image_it_has_no_source_for(tmp_path, two_e
         assert sorted(reindex(store, "emoji", new).missing_source) == sorted([a.id, c.id])
 
 
+def test_indexing_again_keeps_human_answers_and_pseudo_labels(tmp_path, two_embedders, emoji_items):
+    """Re-running `index` on the same items replaced whole payloads: answers given through `label import` and
+    every run's pseudo-labels were wiped while the run registry still pointed at them."""
+    from labeling.review import submit_labels
+
+    emb, _ = two_embedders
+    items = emoji_items[:8]
+    with make_edge(tmp_path) as store:
+        index_items(store, "emoji", emb, items)
+        store.set_payload("emoji", {items[1].id: {"pseudo_label": "x", "pseudo_status": "accepted"}})
+        submit_labels(store, "emoji", [(items[2].id, "Corrected")], overwrite_human=True)
+        report = index_items(store, "emoji", emb, items)
+        got = {r.id: r.payload for r in store.iter_records("emoji")}
+        assert (got[items[1].id]["pseudo_label"], got[items[1].id]["pseudo_status"]) == ("x", "accepted")
+        assert got[items[2].id]["label"] == "Corrected" and got[items[2].id]["labeled_at"]
+        assert report.kept_answers == 1
+        assert got[items[3].id]["label"] == items[3].label  # untouched points get the item's label as before
+
+
 def test_a_bad_item_in_a_later_batch_writes_nothing(tmp_path, two_embedders, emoji_items):
     """All or nothing across batches: earlier batches are not written before a later one fails."""
     emb, _ = two_embedders

@@ -316,6 +316,27 @@ def test_the_seed_guard_refuses_three_percent_and_the_override_runs_and_is_recor
         assert load_registry(store, "sparse").get(result.run_id).allow_sparse_seed is True
 
 
+def test_truth_outside_the_seed_classes_and_label_spelling_variants_are_reported_not_fatal(emoji_data, tmp_path):
+    """A truth value no seed label has crashed the job after training (a negative class index reached
+    macro-F1); labels that differ only by case were learned as separate classes without a word."""
+    store = make_edge(tmp_path / "store")
+    with store:
+        load(store, "t", emoji_data, n=600, seed_fraction=0.15)
+        got = payloads(store, "t")
+        pool = [pid for pid, p in got.items() if "label" not in p][:5]
+        store.set_payload("t", {pid: {"hidden_label": "A class nobody labelled"} for pid in pool})
+        seeded = sorted(pid for pid, p in got.items() if p.get("label") == "Flags")[:3]
+        store.set_payload("t", {pid: {"label": "flags "} for pid in seeded})
+        cfg = LabelingConfig(**{**FAST, "max_iterations": 1}, truth_field="hidden_label", allow_sparse_seed=True,
+                             min_class_examples=2)  # fmt: skip
+        result = run_job(store, "t", cfg, runs_dir=tmp_path)
+        warnings = " ".join(result.report["warnings"])
+        assert "holds 1 value(s) that no ground-truth label has" in warnings
+        assert "['Flags', 'flags '] differ only by case or spacing" in warnings
+        final = result.report["final"]
+        assert final["truth_outside_classes"] == 5 and 0.0 <= final["pool_macro_f1_vs_truth"] <= 1.0
+
+
 def test_calibration_lowers_held_out_ece_of_a_random_forest(emoji_data, tmp_path):
     # Random Forest votes are under-confident on many classes: calibration must fix that on held-out labels.
     store = make_edge(tmp_path / "store")

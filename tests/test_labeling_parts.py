@@ -177,6 +177,9 @@ def test_seed_guard_refuses_a_three_percent_seed_and_the_override_is_recorded():
     y[0] = 1
     with pytest.raises(SeedError, match="fewer than 2"):
         check_seed(y, ["a", "b"], LabelingConfig(allow_sparse_seed=True))
+    with pytest.raises(SeedError, match="fewer than 2") as err:  # without the override: not suggested, as
+        check_seed(y, ["a", "b"], LabelingConfig())  # it would not help
+    assert "even with --allow-sparse-seed" in str(err.value) and "or pass --allow-sparse-seed" not in str(err.value)
 
 
 def test_drift_test_sees_a_shifted_seed_and_not_a_random_one():
