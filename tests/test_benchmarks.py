@@ -32,7 +32,7 @@ def test_search_benchmark_writes_the_documented_format(tmp_path):
     subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "search.py"), "--n", "3000", "--queries", "20",
          "--methods", "edge_prefetch,edge_full512_hnsw,numpy_exact", "--out", str(out)],
-        check=True, cwd=ROOT, timeout=600, capture_output=True,
+        check=True, cwd=ROOT, timeout=1800, capture_output=True,
     )  # fmt: skip
     result = json.loads(out.read_text())
     assert result["n"] == 3000
@@ -79,7 +79,7 @@ def test_grpc_benchmark_writes_the_documented_format(tmp_path, emoji_items):
     subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "grpc_load.py"), "--n", "2000", "--seconds", "0.5",
          "--embed-items", "64", "--epochs", "2", "--out", str(out)],
-        check=True, cwd=ROOT, timeout=600, capture_output=True,
+        check=True, cwd=ROOT, timeout=1800, capture_output=True,
     )  # fmt: skip
     result = json.loads(out.read_text())
     assert result["n"] == 2000
@@ -114,7 +114,7 @@ def test_labeling_job_benchmark_writes_the_documented_format(tmp_path):
     subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "labeling_job.py"), "--n", "3000", "--seed-fraction", "0.9",
          "--classes", "2", "--iterations", "2", "--out", str(out)],
-        check=True, cwd=ROOT, timeout=600, capture_output=True,
+        check=True, cwd=ROOT, timeout=1800, capture_output=True,
     )  # fmt: skip
     result = json.loads(out.read_text())
     # 1,350 labels per class and a 540-row slice: above the 250 per class and 500 in all below which the
@@ -145,7 +145,7 @@ def test_self_training_benchmark_writes_the_documented_format(tmp_path):
     subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "self_training.py"), "--quick", "--epochs", "5",
          "--methods", "embedstore_no_neighbourhood,supervised_xgb,label_spreading", "--out", str(out)],
-        check=True, cwd=ROOT, timeout=900, capture_output=True,
+        check=True, cwd=ROOT, timeout=1800, capture_output=True,
     )  # fmt: skip
     result = json.loads(out.read_text())
     keys = {"dataset", "seed_fraction", "method", "seed", "macro_f1", "pseudo_precision", "mean_confidence",
@@ -167,7 +167,7 @@ def test_self_training_benchmark_writes_the_documented_format(tmp_path):
     subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "self_training.py"), "--quick", "--epochs", "5", "--resume",
          "--methods", "embedstore_no_neighbourhood,supervised_xgb,label_spreading", "--out", str(out)],
-        check=True, cwd=ROOT, timeout=900, capture_output=True,
+        check=True, cwd=ROOT, timeout=1800, capture_output=True,
     )  # fmt: skip
     assert json.loads(out.read_text())["rows"] == result["rows"]
     # --refresh reruns only the selected rows another commit or another environment produced, each written in
@@ -182,7 +182,7 @@ def test_self_training_benchmark_writes_the_documented_format(tmp_path):
     subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "self_training.py"), "--quick", "--epochs", "5", "--refresh",
          "--methods", "supervised_xgb,label_spreading", "--out", str(out)],
-        check=True, cwd=ROOT, timeout=900, capture_output=True,
+        check=True, cwd=ROOT, timeout=1800, capture_output=True,
     )  # fmt: skip
     saved = json.loads(out.read_text())
     refreshed = saved["rows"]
@@ -209,7 +209,7 @@ def test_labeling_scale_benchmark_measures_each_size_in_its_own_process(tmp_path
     subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "labeling_scale.py"), "--sizes", "1500:1", "3000:2",
          "--out", str(out)],
-        check=True, cwd=ROOT, timeout=600, capture_output=True,
+        check=True, cwd=ROOT, timeout=1800, capture_output=True,
         env={**os.environ, "EMBEDSTORE_BENCH_CACHE": str(tmp_path)},
     )  # fmt: skip
     result = json.loads(out.read_text())
@@ -230,7 +230,7 @@ def test_labeling_classes_benchmark_times_every_fit_as_the_class_count_grows(tmp
     printed = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "labeling_classes.py"), "--classes", "3,6", "--points", "240",
          "--iterations", "2", "--learners", "xgboost,random_forest", "--out", str(out)],
-        check=True, cwd=ROOT, timeout=600, capture_output=True, text=True,
+        check=True, cwd=ROOT, timeout=1800, capture_output=True, text=True,
     ).stdout  # fmt: skip
     runs = {(r["learner"], r["classes"]): r for r in json.loads(out.read_text())["runs"]}
     assert set(runs) == {(lr, c) for lr in ("xgboost", "random_forest") for c in (3, 6)}
@@ -335,7 +335,7 @@ def test_self_training_config_variant_is_applied_and_recorded_on_our_rows_only(t
         [sys.executable, str(ROOT / "benchmarks" / "self_training.py"), "--quick", "--epochs", "5",
          "--methods", "embedstore_no_neighbourhood,supervised_xgb", "--config", '{"max_iterations": 1}',
          "--out", str(out)],
-        check=True, cwd=ROOT, timeout=900, capture_output=True,
+        check=True, cwd=ROOT, timeout=1800, capture_output=True,
     )  # fmt: skip
     rows = {r["method"]: r for r in json.loads(out.read_text())["rows"]}
     assert rows["embedstore_no_neighbourhood"]["config"] == {"max_iterations": 1}
