@@ -78,11 +78,11 @@ def load_dotenv(path: str | os.PathLike[str] = ".env", environ: MutableMapping[s
 def unknown_variables(names: Iterable[str]) -> list[tuple[str, str | None]]:
     """(name, nearest known name or None) for each ``EMBEDSTORE_*`` name that nothing reads."""
     known = known_variables()
+    tails = {k[len(PREFIX) :]: k for k in known}
     out = []
     for name in sorted({n for n in names if n.upper().startswith(PREFIX)}):
         if name.upper() in known:
             continue
-        tails = {k[len(PREFIX) :]: k for k in known}
         close = difflib.get_close_matches(name.upper()[len(PREFIX) :], sorted(tails), n=1, cutoff=0.8)
         out.append((name, tails[close[0]] if close else None))
     return out
