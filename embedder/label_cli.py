@@ -198,12 +198,15 @@ def runs_cmd(
         "accepted",
         "quarantined",
         "review",
+        "gate",
         "held-out F1",
         "created",
     )
     for r in reg.runs:
         mark = " (active)" if r.run_id == reg.active else (" (pending)" if r.run_id == reg.pending else "")
         f1 = r.summary.get("heldout_macro_f1")
+        gate = r.summary.get("gate_threshold_written")  # runs from before the field have none
+        gate_cell = "closed" if r.summary.get("gate_closed") else ("" if gate is None else f"{gate:.2f}")
         table.add_row(
             r.run_id,
             r.status + mark,
@@ -212,6 +215,7 @@ def runs_cmd(
             str(r.counts.get("accepted", "")),
             str(r.counts.get("quarantined", "")),
             str(r.counts.get("review", "")),
+            gate_cell,
             "" if f1 is None else f"{f1:.3f}",
             r.created_at,
         )

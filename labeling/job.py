@@ -27,7 +27,16 @@ from labeling.drift import c2st
 from labeling.errors import LabelingError
 from labeling.gate import ACCEPTED, STATUS_NAMES
 from labeling.plots import iteration_curves, reliability_diagram
-from labeling.runs import RUN_FIELD, BatchHook, RunRecord, apply_run, new_run_id, utcnow
+from labeling.runs import (
+    RUN_FIELD,
+    BatchHook,
+    RunRecord,
+    apply_run,
+    clear_pseudo_state,
+    labelled_with_pseudo_state,
+    new_run_id,
+    utcnow,
+)
 from labeling.selftrain import LabelingInput, LabelingOutcome, LearnerFactory, SelfTrainer, check_seed
 from labeling.snapshot import neighbour_graph, query_graph, read_snapshot, row_index
 from retrieval import VectorStore
@@ -232,6 +241,10 @@ def run_job(
         LabelingInput(snap.x, y, classes, graph, truth), gate_threshold=gate_threshold, cap_factor=cap_factor
     )
     timings["train"] = time.perf_counter() - t0
+    written_gate = _written_gate(outcome, cfg.threshold, cfg.threshold_min_support)
+    if written_gate["message"]:
+        warnings.append(written_gate["message"])
+        emit(JobEvent("gate", message=written_gate["message"]))
 
     # ---- report (before the write: a failed write still leaves the evidence)
     run_dir = Path(runs_dir) / collection / run_id
@@ -259,6 +272,9 @@ def run_job(
         "eval_mode": outcome.eval_mode,
         "models_per_iteration": outcome.n_models,
         "gate_threshold": outcome.gate_threshold,
+        # what the written iteration's gate actually used (raised when held-out truth showed over-confidence)
+        "gate_threshold_written": written_gate["threshold"],
+        "gate_closed": written_gate["closed"],
         "iterations": [asdict(s) for s in outcome.iterations],
         "chosen_iteration": outcome.chosen_iteration,
         "stop_reason": outcome.stop_reason,
@@ -312,6 +328,8 @@ def run_job(
             "heldout_ece": final["heldout_ece"],
             "iterations": len(outcome.iterations),
             "chosen_iteration": outcome.chosen_iteration,
+            "gate_threshold_written": written_gate["threshold"],
+            "gate_closed": written_gate["closed"],
             "breaker_tripped": outcome.breaker_tripped,
             "drifted": drift.drifted,
         },
@@ -325,6 +343,11 @@ def run_job(
             on_write_batch(b)
 
     written = apply_run(store, collection, record, rows, batch_size=store.write_batch_size, on_batch=on_batch)
+    # Seed points still carrying an older run's verdict (labelled after that run through a manifest, or
+    # answered before answers cleared it) would count twice in the status facets: the label is the verdict.
+    report["cleared_stale_pseudo"] = clear_pseudo_state(
+        store, collection, labelled_with_pseudo_state(store, collection)
+    )
     timings["write"] = time.perf_counter() - t0
     timings["total"] = time.perf_counter() - t_job
     report["written"] = written
@@ -374,6 +397,40 @@ class _WriteRows(Sequence[tuple[str, dict[str, Any]]]):
                 "labeling_model": self.model_name,
             },
         )
+
+
+def _written_gate(outcome: LabelingOutcome, configured: float, min_support: int) -> dict[str, Any]:
+    """The threshold the written iteration's gate used, and a warning when it is not the configured one.
+
+    The per-iteration threshold is raised above the configured one when held-out ground truth shows the
+    calibrated scores over-confident there (``gate.validated_threshold``); at 1.0 the gate is closed and
+    nothing is accepted. Only the per-iteration rows said so: the top-level threshold stayed the configured
+    one, so a run that accepted nothing gave no reason."""
+    chosen = next((s for s in outcome.iterations if s.iteration == outcome.chosen_iteration), None)
+    used = outcome.gate_threshold if chosen is None or chosen.gate_threshold is None else chosen.gate_threshold
+    closed = used >= 1.0
+    base = max(configured, outcome.gate_threshold)  # the drift guard may have raised the configured one
+    message = None
+    if closed:
+        message = (
+            f"GATE CLOSED at the written iteration {outcome.chosen_iteration}: at no threshold from {base:.2f} up "
+            f"were the held-out ground-truth rows scoring that high at least as accurate as their calibrated "
+            f"confidence (with at least {min_support} such rows), so no pseudo-label was accepted. More ground "
+            "truth, above all for the classes the model is sure of, lets it open."
+        )
+    elif used > base + 1e-9:
+        ev = (chosen.threshold_evidence if chosen is not None else None) or {}
+        detail = ""
+        if ev.get("accuracy") is not None:
+            detail = (
+                f" (at {used:.2f}: {ev['support']} held-out rows, {ev['accuracy']:.1%} correct at a mean confidence "
+                f"of {ev['mean_confidence']:.3f})"
+            )
+        message = (
+            f"the gate was raised from {base:.2f} to {used:.2f} at the written iteration {outcome.chosen_iteration}: "
+            f"held-out ground truth showed the calibrated scores over-confident below it{detail}"
+        )
+    return {"threshold": float(used), "closed": bool(closed), "message": message}
 
 
 def _counts(values: list[Any]) -> dict[str, int]:

@@ -51,21 +51,33 @@ def iteration_curves(iterations: list[dict[str, Any]], path: Path, *, threshold:
     """Held-out macro-F1 and ECE, accepted count, and (when truth is known) pseudo-label precision per iteration."""
     plt = _plt()
     its = [r["iteration"] for r in iterations]
+    # The collapse breaker's iteration was scored but never gated: it has a held-out F1 (the reason it
+    # stopped) and no accepted set, so it is marked on the quality panel and left off the other two.
+    gated = [r for r in iterations if not r.get("breaker")]
+    broke = [r for r in iterations if r.get("breaker")]
     fig, axes = plt.subplots(1, 3, figsize=(14, 4))
     axes[0].plot(its, [r["heldout_after"]["macro_f1"] for r in iterations], "o-", label="held-out macro-F1")
     axes[0].plot(its, [r["heldout_after"]["ece"] for r in iterations], "s--", label="held-out ECE (calibrated)")
     axes[0].axvline(chosen, color="green", alpha=0.4, label=f"written: iteration {chosen}")
+    for r in broke:
+        axes[0].plot(
+            [r["iteration"]],
+            [r["heldout_after"]["macro_f1"]],
+            "X",
+            color="red",
+            markersize=10,
+            label=f"collapse breaker: stopped at {r['iteration']}",
+        )
     axes[0].set_title("held-out quality")
     axes[0].legend(fontsize=8)
-    axes[1].plot(its, [r["counts"].get("accepted", 0) for r in iterations], "o-", label="accepted")
-    axes[1].plot(its, [r["revoked"] for r in iterations], "x--", label="revoked")
+    g_its = [r["iteration"] for r in gated]
+    axes[1].plot(g_its, [r["counts"].get("accepted", 0) for r in gated], "o-", label="accepted")
+    axes[1].plot(g_its, [r["revoked"] for r in gated], "x--", label="revoked")
     axes[1].set_title("pseudo-labels")
     axes[1].legend(fontsize=8)
-    prec = [(r["iteration"], r["pseudo_precision"]) for r in iterations if r.get("pseudo_precision") is not None]
+    prec = [(r["iteration"], r["pseudo_precision"]) for r in gated if r.get("pseudo_precision") is not None]
     conf = [
-        (r["iteration"], r["mean_accepted_confidence"])
-        for r in iterations
-        if r.get("mean_accepted_confidence") is not None
+        (r["iteration"], r["mean_accepted_confidence"]) for r in gated if r.get("mean_accepted_confidence") is not None
     ]
     if prec:
         axes[2].plot([p[0] for p in prec], [p[1] for p in prec], "o-", label="precision vs known truth")

@@ -39,7 +39,7 @@ def rich_events(console: Console, *, enabled: bool = True) -> Iterator[Events]:
         tasks: dict[str, Any] = {}
 
         def on_event(e: JobEvent) -> None:
-            if e.message and e.stage in ("guards", "drift"):
+            if e.message and e.stage in ("guards", "drift", "gate"):
                 progress.console.print(f"[yellow bold]warning:[/] {e.message}")
             if e.stage not in _STAGES:
                 if e.stage == "train" and "iteration" in tasks:
@@ -116,15 +116,16 @@ def iteration_table(report: dict[str, Any]) -> Table:
     )
     for r in report["iterations"]:
         written = r["iteration"] == report["chosen_iteration"]
+        broke = bool(r.get("breaker"))  # scored, never gated: no counts to show (see IterationStats.breaker)
         row = [
             f"{r['iteration']}{' *' if written else ''}",
             _f(r["heldout_after"]["macro_f1"]),
             _f(r["heldout_before"]["ece"]),
             _f(r["heldout_after"]["ece"]),
             r["calibration_method"],
-            str(r["counts"].get("accepted", "")) if r["counts"].get("accepted") is not None else "",
-            str(r["revoked"]),
-            str(r["counts"].get("review", "")),
+            "breaker" if broke else str(r["counts"].get("accepted", "")),
+            "-" if broke else str(r["revoked"]),
+            "-" if broke else str(r["counts"].get("review", "")),
             _f(r.get("mean_accepted_confidence")),
         ]
         if has_truth:

@@ -8,7 +8,8 @@
   ``labeled_at``). The whole file is validated first; nothing is written when any
   row is bad. A point that already has a *human* label with a different value is
   never silently overwritten: the import refuses, naming the conflicts, unless
-  ``overwrite_human`` is set.
+  ``overwrite_human`` is set. An answered point loses the run's pseudo-label fields: the
+  answer is its verdict now (it leaves the review queue and the status counts).
 * ``suspicious`` ranks accepted pseudo-labels by how strongly their neighbourhood
   contradicts them (kNN label-quality in the spirit of cleanlab: the point's own
   vote left out, similarity-weighted share of its labelled neighbours agreeing).
@@ -27,7 +28,7 @@ import numpy as np
 
 from labeling.errors import LabelConflictError, ReviewFileError, UnknownAnswerIdsError
 from labeling.inspect import REVIEW, LabelState, Neighbour, _inspected, agreement
-from labeling.runs import load_registry, resolve
+from labeling.runs import PREV_FIELD, PSEUDO_FIELDS, clear_pseudo_state, load_registry, resolve
 from retrieval import Filter, Match, VectorStore
 
 IMAGE_KEYS = ("image_uri", "image", "image_url", "image_path", "thumbnail")
@@ -216,6 +217,10 @@ def submit_labels(
             f"{conflicts[:10]}; pass --overwrite-human to replace them"
         )
     written = store.set_payload(collection, updates) if updates else 0
+    # The answer replaces the run's verdict on the point (see runs.clear_pseudo_state); written after the
+    # label, so an interruption between the two leaves the label and a stale verdict, never neither.
+    run_keys = (*PSEUDO_FIELDS, PREV_FIELD)
+    clear_pseudo_state(store, collection, [pid for pid, _ in answers if any(k in found[pid] for k in run_keys)])
     return ImportResult(written=written, unchanged=unchanged, skipped_unanswered=0)
 
 

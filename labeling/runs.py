@@ -36,7 +36,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from labeling.errors import RunNotFoundError, RunStateError
-from retrieval import Filter, Match, VectorStore
+from retrieval import Filter, IsEmpty, Match, VectorStore
 
 REGISTRY_KEY = "labeling"
 MAX_RUNS_KEPT = 100
@@ -205,6 +205,8 @@ def _write_rows(
         for point, fields in chunk:
             if point not in current:
                 continue  # deleted since the snapshot
+            if current[point].get("label") not in (None, ""):
+                continue  # answered since the snapshot: ground truth is the verdict
             prev = _previous_state(current[point], record.run_id, unapplied)
             updates.append((point, {**fields, RUN_FIELD: record.run_id, PREV_FIELD: prev}))
         if updates:
@@ -212,6 +214,29 @@ def _write_rows(
         if on_batch is not None:
             on_batch(b)
     return written
+
+
+def clear_pseudo_state(store: VectorStore, collection: str, ids: Sequence[str]) -> int:
+    """Drop the pseudo-label fields of points that now have ground truth. Returns points changed.
+
+    A human answer replaces the run's verdict on that point: left in place, a ``review`` status on an
+    answered point kept counting in facets, the web page's overview and its status filter, and a later
+    rollback would have restored a pseudo-label onto ground truth. The point's label and the run's own
+    record (counts, report) are untouched."""
+    if not ids:
+        return 0
+    return store.delete_payload_keys(collection, list(ids), [*PSEUDO_FIELDS, PREV_FIELD], missing_ok=True)
+
+
+def labelled_with_pseudo_state(store: VectorStore, collection: str, page_size: int = 512) -> list[str]:
+    """Ids of points that have a ground-truth label and still carry a run's pseudo-label fields (answered
+    before answers cleared them, or labelled through a manifest after a run)."""
+    flt = Filter(must_not=[IsEmpty("label"), IsEmpty("pseudo_status")])
+    return [
+        r.id
+        for r in store.iter_records(collection, filter=flt, page_size=page_size)
+        if (r.payload or {}).get("label") not in (None, "")
+    ]
 
 
 def run_points(store: VectorStore, collection: str, run_id: str, page_size: int = 512) -> Iterable[list[Any]]:

@@ -126,6 +126,9 @@ class IterationStats:
     #: showed over-confidence there), and that evidence.
     gate_threshold: float | None = None
     threshold_evidence: dict[str, Any] | None = None
+    #: True for the iteration the collapse breaker stopped at: it was scored, never gated, and its (empty)
+    #: counts are not a collapse of the accepted set (the written labels are the best iteration's).
+    breaker: bool = False
 
     @property
     def f1(self) -> float:
@@ -607,6 +610,7 @@ class SelfTrainer:
                 secs["total"] = time.perf_counter() - t_start
                 stats = self._stats(it, cal, None, None, data, truth_pool, rounds, secs, (0, 0, 0))
                 stats.blend_weight, stats.blend_weights = blend_w, blend_named
+                stats.breaker = True
                 history.append(stats)
                 self._progress("iteration", {"stats": stats, "breaker": True})
                 break

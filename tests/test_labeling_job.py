@@ -20,6 +20,8 @@ from labeling.runs import (
     ROLLED_BACK,
     RunRecord,
     apply_run,
+    clear_pseudo_state,
+    labelled_with_pseudo_state,
     load_registry,
     resolve,
     rollback_run,
@@ -97,6 +99,9 @@ def test_a_job_on_each_store_adapter(store, collection, emoji_data, tmp_path):
     assert store.facet(collection, "pseudo_status") == result.report["final"]["counts"]
     report = json.loads((result.run_dir / "report.json").read_text())
     assert report["written"] == result.written and len(report["iterations"]) <= 4
+    chosen = report["iterations"][report["chosen_iteration"] - 1]
+    assert report["gate_threshold_written"] == chosen["gate_threshold"] >= 0.8 and report["gate_closed"] is False
+    assert reg.get(result.run_id).summary["gate_threshold_written"] == report["gate_threshold_written"]
     for png in ("reliability.png", "iterations.png"):
         assert (result.run_dir / png).read_bytes()[:4] == b"\x89PNG"
 
@@ -195,6 +200,7 @@ def test_ground_truth_is_untouched_and_no_accepted_label_is_below_the_gate(label
     # evaluation against the hidden truth (never trained on): accepted labels are mostly right
     assert final["pseudo_precision"] > 0.85
     assert final["counts"]["review"] == 20
+    assert result.report["cleared_stale_pseudo"] == 0  # a first run finds no seed point with a verdict
 
 
 def test_every_iteration_rescores_and_revokes(labelled):
@@ -258,6 +264,33 @@ def test_write_back_is_idempotent(labelled):
     assert reg.active == reg.get("manual-1").previous
 
 
+def test_a_point_labelled_since_the_snapshot_gets_no_pseudo_label_and_a_run_clears_stale_ones(labelled):
+    """A point answered while a run trained (the web page, SubmitLabels) kept getting the run's verdict
+    written beside its ground truth; and seed points labelled after an older run kept that run's status."""
+    store, _first, _, _ = labelled
+    p = payloads(store, "emoji")
+    pool = [pid for pid, q in p.items() if not q.get("label")]
+    answered, stale = pool[0], pool[1]
+    store.set_payload("emoji", {answered: {"label": "Flags"}})  # as if answered mid-run, bypassing the import
+    rec = RunRecord(run_id="manual-2", status="writing", created_at="now", model="test")
+    assert (
+        apply_run(
+            store, "emoji", rec, [(answered, {"pseudo_label": "Objects"}), (pool[2], {"pseudo_label": "Objects"})]
+        )
+        == 1
+    )
+    got = payloads(store, "emoji")
+    assert got[answered]["label"] == "Flags" and got[answered].get("labeling_run") != "manual-2"
+    assert got[pool[2]]["pseudo_label"] == "Objects"
+    store.set_payload("emoji", {stale: {"label": "Flags"}})  # labelled through a manifest: keeps its old status
+    assert set(labelled_with_pseudo_state(store, "emoji")) == {answered, stale}
+    assert clear_pseudo_state(store, "emoji", labelled_with_pseudo_state(store, "emoji")) == 2
+    assert labelled_with_pseudo_state(store, "emoji") == []
+    assert payloads(store, "emoji")[stale]["label"] == "Flags"  # ground truth untouched
+    rollback_run(store, "emoji", "manual-2")  # leave the shared store as the other tests expect it
+    store.delete_payload_keys("emoji", [answered, stale], ["label"])
+
+
 def test_review_export_and_import_round_trip(labelled, tmp_path):
     store, _, _, _ = labelled
     queue = review_queue(store, "emoji")
@@ -272,11 +305,16 @@ def test_review_export_and_import_round_trip(labelled, tmp_path):
     rows[-1]["label"] = ""  # not answered
     answered = tmp_path / "answered.jsonl"
     answered.write_text("\n".join(json.dumps(r) for r in rows))
+    reviews_before = store.facet("emoji", "pseudo_status")["review"]
     res = import_labels(store, "emoji", answered)
     assert res.written == len(rows) - 1 and res.skipped_unanswered == 1
     now = payloads(store, "emoji")
     for r in rows[:-1]:
         assert now[r["id"]]["label"] == truth[r["id"]] and now[r["id"]]["label_source"] == "human"
+        # the answer is the point's verdict now: no stale "review" left to count in facets and the web page
+        assert not {"pseudo_status", "pseudo_label", "pseudo_prev", "labeling_run"} & set(now[r["id"]])
+    assert store.facet("emoji", "pseudo_status").get("review", 0) == reviews_before - (len(rows) - 1)
+    assert now[rows[-1]["id"]]["pseudo_status"] == "review"  # the unanswered one keeps its verdict
     assert all(it.id != rows[0]["id"] for it in review_queue(store, "emoji"))  # answered items leave the queue
     # a different human answer for an already human-labelled point is refused, and nothing is written
     other = next(pid for pid, p in now.items() if not p.get("label"))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 from pydantic import ValidationError
@@ -253,7 +255,7 @@ class _Degrading:
         return self.inner.predict_proba(x)
 
 
-def test_breaker_rolls_back_to_the_best_iteration_on_a_forced_degradation():
+def test_breaker_rolls_back_to_the_best_iteration_on_a_forced_degradation(tmp_path):
     # without the spreading and linear blend, which would (rightly) move its weight off a degrading learner
     # and hide it
     cfg = LabelingConfig(max_iterations=6, stop_change=0.0, review_count=0, spreading=False, linear=False)
@@ -264,6 +266,53 @@ def test_breaker_rolls_back_to_the_best_iteration_on_a_forced_degradation():
     assert out.iterations[-1].f1 < best_f1
     chosen = out.iterations[out.chosen_iteration - 1]
     assert out.decision.counts()["accepted"] == chosen.counts["accepted"]  # the written labels are the best's
+    # the breaker's iteration is marked as such, not shown as an accepted set collapsing to zero
+    assert out.iterations[-1].breaker and not any(s.breaker for s in out.iterations[:-1])
+    from rich.console import Console
+
+    from labeling.present import iteration_table
+
+    rows = [dataclasses.asdict(s) for s in out.iterations]
+    console = Console(width=200, record=True)
+    console.print(
+        iteration_table(
+            {
+                "run_id": "r",
+                "eval_mode": "cv",
+                "models_per_iteration": 2,
+                "iterations": rows,
+                "chosen_iteration": out.chosen_iteration,
+            }
+        )
+    )
+    last_line = next(ln for ln in console.export_text().splitlines() if ln.strip().startswith("│ 3"))
+    assert "breaker" in last_line
+    from labeling.plots import iteration_curves
+
+    png = iteration_curves(rows, tmp_path / "it.png", threshold=0.8, chosen=out.chosen_iteration)
+    assert png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_the_written_gate_is_reported_raised_or_closed():
+    """A gate closed by the held-out evidence (threshold 1.0) accepted nothing while the report's top-level
+    threshold still read 0.8: the reason has to be said where the user looks."""
+    from types import SimpleNamespace
+
+    from labeling.job import _written_gate
+
+    def outcome(used, evidence=None):
+        it = SimpleNamespace(iteration=2, gate_threshold=used, threshold_evidence=evidence)
+        return SimpleNamespace(
+            iterations=[SimpleNamespace(iteration=1, gate_threshold=0.8), it], chosen_iteration=2, gate_threshold=0.8
+        )
+
+    same = _written_gate(outcome(0.8), 0.8, 10)
+    assert same == {"threshold": 0.8, "closed": False, "message": None}
+    raised = _written_gate(outcome(0.95, {"support": 40, "accuracy": 0.975, "mean_confidence": 0.97}), 0.8, 10)
+    assert not raised["closed"] and "raised from 0.80 to 0.95 at the written iteration 2" in raised["message"]
+    assert "40 held-out rows, 97.5% correct" in raised["message"]
+    closed = _written_gate(outcome(1.0), 0.8, 10)
+    assert closed["closed"] and closed["message"].startswith("GATE CLOSED at the written iteration 2")
 
 
 def test_propagated_features_never_echo_a_points_own_label():
