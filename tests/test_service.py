@@ -493,6 +493,35 @@ def test_overload_is_resource_exhausted(tmp_path, image_encoder, text_encoder, f
         assert grpc.StatusCode.RESOURCE_EXHAUSTED in outcomes and (1, 512) in outcomes
 
 
+def test_a_saturated_server_still_answers_health_and_counts_what_it_refuses(
+    tmp_path, image_encoder, text_encoder, fitted_projection
+):
+    """grpc's own concurrency limit counted health checks: a busy server failed its probe (and was restarted for
+    being busy), and its refusals never reached the metrics."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    slow = SlowEmbedder(image_encoder, text_encoder, fitted_projection)
+    slow.delay = 1.5
+    metrics_port = free_port()
+    server = make_server(tmp_path, slow, max_concurrent=2, max_batch=1, max_queue=64, metrics_port=metrics_port)
+    with BackgroundServer(server) as bg, Client(bg.target) as client, ThreadPoolExecutor(2) as pool:
+        busy = [pool.submit(client.embed, [f"t{i}"]) for i in range(2)]
+        deadline = time.monotonic() + 10
+        while server.limiter.in_flight < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert server.limiter.in_flight == 2
+        stub = health_pb2_grpc.HealthStub(client._channel)
+        for name in ("", SERVICES[0]):  # the probe answers while both slots are taken
+            reply = stub.Check(health_pb2.HealthCheckRequest(service=name), timeout=5)
+            assert reply.status == health_pb2.HealthCheckResponse.SERVING
+        with pytest.raises(ResourceExhausted, match="EMBEDSTORE_GRPC_MAX_CONCURRENT"):
+            client.count()
+        assert [f.result().shape for f in busy] == [(1, 512), (1, 512)]
+        assert server.limiter.in_flight == 0 and client.embed(["after"]).shape == (1, 512)  # slots given back
+        text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics").read().decode()
+        assert 'embedstore_grpc_requests_total{code="RESOURCE_EXHAUSTED",method="Count"} 1.0' in text
+
+
 def test_concurrent_clients_get_their_own_results(served, embedder):
     bg, _, items = served
     texts = [f"query number {i} about {items[i].text}" for i in range(40)]

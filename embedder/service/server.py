@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
+import inspect
 import logging
 import signal
 from collections.abc import Callable
@@ -95,6 +96,91 @@ def _denying(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
     )
 
 
+class ConcurrencyLimiter(grpc.aio.ServerInterceptor):
+    """At most ``limit`` calls in flight outside the health service; the next gets RESOURCE_EXHAUSTED.
+
+    grpc's own ``maximum_concurrent_rpcs`` counts health checks too, so a saturated server failed its
+    liveness probe and was restarted for being busy; and its refusals never reached our metrics. This
+    limiter exempts health (a probe must answer *because* the server is busy, not despite it) and counts
+    each refusal under ``embedstore_grpc_requests_total{code="RESOURCE_EXHAUSTED"}``.
+    """
+
+    def __init__(self, limit: int, metrics: Metrics | None = None) -> None:
+        self.limit = limit
+        self.in_flight = 0
+        self._metrics = metrics
+        self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}  # per method, made once
+
+    async def intercept_service(
+        self, continuation: Callable[[grpc.HandlerCallDetails], Any], details: grpc.HandlerCallDetails
+    ) -> Any:
+        handler = await continuation(details)
+        if handler is None or details.method.startswith(f"/{HEALTH_SERVICE}/"):
+            return handler
+        known = self._wrapped.get(details.method)
+        if known is None or known[0] is not handler:
+            known = (handler, self._limited(handler, details.method.rsplit("/", 1)[-1]))
+            self._wrapped[details.method] = known
+        return known[1]
+
+    def _refuse(self, method: str) -> str:
+        if self._metrics is not None:
+            self._metrics.requests.labels(method, "RESOURCE_EXHAUSTED").inc()
+        return f"server busy: {self.limit} calls already in flight (EMBEDSTORE_GRPC_MAX_CONCURRENT); retry with backoff"
+
+    def _limited(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
+        # The count is taken and released on the event loop, where every aio handler starts and ends: no lock.
+        streaming = handler.response_streaming
+        behavior = {
+            (False, False): handler.unary_unary,
+            (False, True): handler.unary_stream,
+            (True, False): handler.stream_unary,
+            (True, True): handler.stream_stream,
+        }[(handler.request_streaming, streaming)]
+        if not (inspect.iscoroutinefunction(behavior) or inspect.isasyncgenfunction(behavior)):
+            return handler  # a sync handler runs in grpc's thread pool: not ours to count
+
+        if streaming:
+
+            async def limited_stream(request: Any, context: grpc.aio.ServicerContext) -> Any:
+                if self.in_flight >= self.limit:
+                    await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, self._refuse(method))
+                self.in_flight += 1
+                try:
+                    result = behavior(request, context)
+                    if inspect.isasyncgen(result):
+                        async for reply in result:
+                            yield reply
+                    else:  # a coroutine that writes with context.write()
+                        await result
+                finally:
+                    self.in_flight -= 1
+
+            wrapped: Any = limited_stream
+        else:
+
+            async def limited_unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+                if self.in_flight >= self.limit:
+                    await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, self._refuse(method))
+                self.in_flight += 1
+                try:
+                    return await behavior(request, context)
+                finally:
+                    self.in_flight -= 1
+
+            wrapped = limited_unary
+        kinds = {
+            (False, False): grpc.unary_unary_rpc_method_handler,
+            (False, True): grpc.unary_stream_rpc_method_handler,
+            (True, False): grpc.stream_unary_rpc_method_handler,
+            (True, True): grpc.stream_stream_rpc_method_handler,
+        }
+        make = kinds[(handler.request_streaming, streaming)]
+        return make(
+            wrapped, request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer
+        )
+
+
 class EmbedstoreServer:
     """The embedstore gRPC server (grpc.aio).
 
@@ -133,12 +219,17 @@ class EmbedstoreServer:
         self._loading: asyncio.Task[None] | None = None
         self._metrics_http: Any = None
         self._stopped = False
+        self.limiter: ConcurrencyLimiter | None = None
 
     # ------------------------------------------------------------------ start
     async def start(self) -> int:
         """Bind and start serving (health NOT_SERVING until loaded); returns the bound port."""
         s = self.settings
-        interceptors = [AuthInterceptor([t.get_secret_value() for t in s.tokens], self.metrics)] if s.tokens else []
+        interceptors: list[grpc.aio.ServerInterceptor] = []
+        if s.tokens:  # first: an unauthenticated call is refused before it takes a slot
+            interceptors.append(AuthInterceptor([t.get_secret_value() for t in s.tokens], self.metrics))
+        self.limiter = ConcurrencyLimiter(s.max_concurrent, self.metrics)
+        interceptors.append(self.limiter)
         self._server = grpc.aio.server(
             interceptors=interceptors,
             options=[
@@ -146,7 +237,6 @@ class EmbedstoreServer:
                 ("grpc.max_send_message_length", s.max_message_bytes),
                 ("grpc.so_reuseport", 0),
             ],
-            maximum_concurrent_rpcs=s.max_concurrent,
         )
         embedding_pb2_grpc.add_EmbeddingServiceServicer_to_server(EmbeddingServicer(self.rt), self._server)
         store_pb2_grpc.add_StoreServiceServicer_to_server(StoreServicer(self.rt), self._server)
