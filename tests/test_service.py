@@ -290,8 +290,15 @@ def test_refusals_leave_nothing_behind_and_are_counted_by_their_code(tmp_path, e
         assert len(client.get(ids[:100], with_vectors=True)) == 100
         with pytest.raises(NotFound, match="not in collection"):
             client.submit_labels({"no-such-point": "cat"})
+        # an Embed whose reply cannot fit is refused before the model runs (the request itself is small)
+        embedded = server.metrics.registry.get_sample_value("embedstore_embedded_items_total") or 0.0
+        with pytest.raises(ResourceExhausted, match=r"send at most 510 items per call, or use EmbedStream"):
+            client.embed(["x"] * 600)
+        assert (server.metrics.registry.get_sample_value("embedstore_embedded_items_total") or 0.0) == embedded
+        assert client.embed(["x"] * 500).shape == (500, 512)
         text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics").read().decode()
         assert 'embedstore_grpc_requests_total{code="RESOURCE_EXHAUSTED",method="Get"} 1.0' in text
+        assert 'embedstore_grpc_requests_total{code="RESOURCE_EXHAUSTED",method="Embed"} 1.0' in text
 
 
 def test_busy_ports_are_named_not_a_traceback(tmp_path, embedder):

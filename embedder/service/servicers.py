@@ -79,6 +79,11 @@ DIMENSIONS = (128, 256, 512)
 MAX_ITEMS_PER_CALL = 4096
 SMALL_READ = 100  # top_k / ids up to this run inline on the event loop (see Runtime.read)
 
+
+class ReplyTooLarge(Exception):
+    """The reply a call asks for would be over the server's message limit (RESOURCE_EXHAUSTED)."""
+
+
 # First match wins: subclasses before their bases.
 STATUS: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
     (convert.BadRequest, grpc.StatusCode.INVALID_ARGUMENT),
@@ -91,6 +96,7 @@ STATUS: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
     (EmbeddingVersionMismatchError, grpc.StatusCode.FAILED_PRECONDITION),
     (SchemaMismatchError, grpc.StatusCode.FAILED_PRECONDITION),
     (Overloaded, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (ReplyTooLarge, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (StoreUnavailableError, grpc.StatusCode.UNAVAILABLE),
     (StoreLockedError, grpc.StatusCode.UNAVAILABLE),
     (ModelUnavailableError, grpc.StatusCode.UNAVAILABLE),
@@ -279,6 +285,16 @@ class EmbeddingServicer(embedding_pb2_grpc.EmbeddingServiceServicer):
         embedder, batcher, _ = self.rt.require()
         dims = _dims(request.dimensions)
         items = _items(request.items)
+        # A reply over the size limit is refused by _rpc after the fact; known from the count alone, it is
+        # refused here before any model work (each vector: its floats plus ~6 bytes of framing).
+        per_item = 4 * dims + 6
+        if len(items) * per_item + 64 > self.rt.max_message_bytes:
+            fits = max(1, (self.rt.max_message_bytes - 64) // per_item)
+            raise ReplyTooLarge(
+                f"{len(items)} items at {dims} dimensions make a reply of about {len(items) * per_item} bytes, over "
+                f"the server's limit of {self.rt.max_message_bytes} (EMBEDSTORE_GRPC_MAX_MESSAGE_MB): send at most "
+                f"{fits} items per call, or use EmbedStream"
+            )
         vectors = await batcher.embed(items, dims)
         self.rt.metrics.items.inc(len(items))
         response = embedding_pb2.EmbedResponse(dimensions=dims, embedding_version=embedder.version)
