@@ -433,7 +433,7 @@ def inspect_cmd(
         f"[bold]{view.point.id}[/]  label={st.label}  source={st.label_source}  "
         f"pseudo={st.pseudo_label} ({st.pseudo_status} {conf})  text={str(view.point.payload.get('text', ''))[:60]!r}"
     )
-    console.print(neighbour_table(view))
+    console.print(neighbour_table(view, width=console.width))
     console.print(agreement_line(view))
 
 

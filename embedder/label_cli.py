@@ -334,25 +334,19 @@ def suspicious_cmd(
     if as_json:
         console.print_json(json.dumps([dataclasses.asdict(s) for s in found]))
         return
-    from labeling.present import id_column
+    from labeling.present import fitted_table
 
-    table = Table(
-        id_column("id", [s.id for s in found]),
-        "pseudo-label",
-        "confidence",
-        "agreement",
-        "neighbours say",
-        "labelled",
-        "text",
-    )
-    for s in found:
-        table.add_row(
+    headers = ["id", "pseudo-label", "conf", "agreement", "neighbours say", "labelled", "text"]
+    rows = [
+        [
             s.id,
             s.pseudo_label,
             "" if s.pseudo_confidence is None else f"{s.pseudo_confidence:.3f}",
             f"{s.agreement:.2f}",
             f"{s.majority_label} ({s.majority_share:.2f})",
             str(s.labelled_neighbours),
-            (s.text or "")[:40],
-        )
-    console.print(table)
+            s.text or "",
+        ]
+        for s in found
+    ]
+    console.print(fitted_table(headers, rows, width=console.width))

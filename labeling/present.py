@@ -69,28 +69,81 @@ def id_column(name: str, ids: Sequence[str]) -> Column:
     return Column(name, no_wrap=True, min_width=min(max((len(i) for i in ids), default=0), 48))
 
 
-def neighbour_table(view: Inspection, *, text_width: int = 40) -> Table:
-    """A point's neighbours with their labels, pseudo-labels, status, confidence and text."""
+def fitted_table(
+    headers: Sequence[str],
+    rows: Sequence[Sequence[str]],
+    *,
+    width: int,
+    shrink: str = "text",
+    max_shrink: int = 40,
+    min_shrink: int = 8,
+    title: str | None = None,
+) -> Table:
+    """A table whose cells are never cut, but for the ``shrink`` column (free text), which gets what the
+    terminal has left (at most ``max_shrink``), or is left out below ``min_shrink`` characters.
+
+    Rich's own fitting squeezes every column alike: at 80 columns labels such as "Smileys & Emotion" came out
+    as "Smil… & Emot…" and numbers as "0…", while the free text kept its share. Ids, labels and numbers are
+    what a person acts on; the text is context. When even the other columns cannot fit on one line, each row is
+    shown as a block of "field value" lines instead."""
+    k = list(headers).index(shrink)
+    widths = [max([len(h), *(len(r[i]) for r in rows)]) for i, h in enumerate(headers)]
+    others = sum(w for i, w in enumerate(widths) if i != k)
+    frame = 3 * len(headers) + 1  # a rule and one space of padding on each side per column, and the last rule
+    left = width - frame - others
+    keep = left >= min(min_shrink, widths[k])
+    fits = keep or width - (frame - 3) - others >= 0
+    if not fits:  # one block per row: nothing is cut, and no column is squeezed to a letter per line
+        table = Table(Column("field", no_wrap=True, style="bold"), Column("value", overflow="fold"), title=title)
+        table.show_header = False
+        for r in rows:
+            for h, cell in zip(headers, r, strict=True):
+                table.add_row(h, cell)
+            table.add_section()
+        return table
+    cols = [i for i in range(len(headers)) if keep or i != k]
     table = Table(
-        "similarity",
-        id_column("id", [n.point.id for n in view.neighbours]),
-        "text",
-        "ground truth",
-        "pseudo-label",
-        "status",
-        "confidence",
+        *[
+            Column(
+                headers[i],
+                no_wrap=True,
+                overflow="ellipsis",
+                max_width=max(1, min(left, max_shrink)) if i == k else None,
+            )
+            for i in cols
+        ],
+        title=title,
     )
+    for r in rows:
+        table.add_row(*[r[i] for i in cols])
+    if not keep:
+        table.caption = f"({shrink} left out: the terminal is {width} columns wide)"
+    return table
+
+
+def neighbour_table(view: Inspection, *, text_width: int = 40, width: int | None = None) -> Table:
+    """A point's neighbours with their labels, pseudo-labels, status, confidence and text (``width``: the
+    terminal's, to fit the text column into it; see :func:`fitted_table`)."""
+    headers = ["similarity", "id", "text", "ground truth", "pseudo-label", "status", "confidence"]
+    rows = []
     for n in view.neighbours:
         ns = n.point.state
-        table.add_row(
-            f"{n.similarity:.3f}",
-            n.point.id,
-            str(n.point.payload.get("text", ""))[:text_width],
-            ns.label or "",
-            ns.pseudo_label or "",
-            ns.pseudo_status or "",
-            "" if ns.pseudo_confidence is None else f"{ns.pseudo_confidence:.3f}",
+        rows.append(
+            [
+                f"{n.similarity:.3f}",
+                n.point.id,
+                str(n.point.payload.get("text", ""))[:text_width],
+                ns.label or "",
+                ns.pseudo_label or "",
+                ns.pseudo_status or "",
+                "" if ns.pseudo_confidence is None else f"{ns.pseudo_confidence:.3f}",
+            ]
         )
+    if width is not None:
+        return fitted_table(headers, rows, width=width, max_shrink=text_width)
+    table = Table(*[id_column(h, [r[1] for r in rows]) if h == "id" else h for h in headers])
+    for r in rows:
+        table.add_row(*r)
     return table
 
 

@@ -431,12 +431,22 @@ def test_label_cli_in_process(emoji_data, tmp_path):
     assert result.exit_code == 2 and "already rolled back" in flat(result)
     result = runner.invoke(app, ["label", "suspicious", *common, "--json"])
     assert result.exit_code == 0, result.output
+    found = json.loads(result.output)
+    assert found
+    for columns in ("60", "80", "200"):  # labels and ids whole at any width (Rich cut them to "Smil… & Emot…")
+        result = runner.invoke(app, ["label", "suspicious", *common], env={"COLUMNS": columns})
+        assert result.exit_code == 0, result.output
+        assert all(s["id"] in result.output and s["pseudo_label"] in result.output for s in found), result.output
     with make_edge(path) as store:
         some = next(pid for pid, p in payloads(store, "items").items() if p.get("pseudo_status") == "accepted")
     result = runner.invoke(app, ["inspect", some, "-k", "3", "--local", *common, "--json"])
     assert result.exit_code == 0, result.output
     view = json.loads(result.output)
     assert view["point"]["state"]["pseudo_status"] == "accepted" and len(view["neighbours"]) == 3
+    labels = [n["point"]["state"]["label"] or n["point"]["state"]["pseudo_label"] for n in view["neighbours"]]
+    for columns in ("60", "80"):
+        result = runner.invoke(app, ["inspect", some, "-k", "3", "--local", *common], env={"COLUMNS": columns})
+        assert result.exit_code == 0 and all(lab in result.output for lab in labels if lab), result.output
     result = runner.invoke(app, ["label", "run", *common, "--max-iterations", "11"])
     assert result.exit_code == 2 and "capped at 10" in flat(result)
 
