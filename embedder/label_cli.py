@@ -220,6 +220,17 @@ def runs_cmd(
             r.created_at,
         )
     console.print(table)
+    for r in reg.runs:  # states left by an interrupted command, and what to do about them
+        if r.status == "rolling_back":
+            console.print(
+                f"[yellow]run {r.run_id}: its rollback was interrupted (labels are part on it, part on the run "
+                f"before). Finish it: `embedstore label rollback {r.run_id}`[/]"
+            )
+    if reg.pending:
+        console.print(
+            f"[yellow]run {reg.pending}: its write was interrupted (or is running now). Readers see the run before "
+            "it, whole; the next `embedstore label run` supersedes it[/]"
+        )
 
 
 @label_app.command("rollback")

@@ -44,3 +44,8 @@ class JobCancelledError(LabelingError):
 
 class JobRunningError(LabelingError, RuntimeError):
     """A labeling job is already running on this collection."""
+
+
+class JobPreconditionError(LabelingError, RuntimeError):
+    """A job that cannot give a trustworthy result in the collection's present state, refused before any work
+    (points embedded with two projections; a runs directory that cannot be written). FAILED_PRECONDITION."""

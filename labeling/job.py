@@ -13,6 +13,7 @@ graph from the store, batched) -> ``train`` (the loop of :mod:`labeling.selftrai
 from __future__ import annotations
 
 import json
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -24,27 +25,69 @@ import numpy as np
 from labeling.calibration import macro_f1
 from labeling.config import LabelingConfig
 from labeling.drift import c2st
-from labeling.errors import LabelingError
+from labeling.errors import JobPreconditionError, LabelingError, RunStateError
 from labeling.gate import ACCEPTED, STATUS_NAMES
 from labeling.plots import iteration_curves, reliability_diagram
 from labeling.runs import (
+    ROLLING_BACK,
     RUN_FIELD,
     BatchHook,
     RunRecord,
     apply_run,
     clear_pseudo_state,
     labelled_with_pseudo_state,
+    load_registry,
     new_run_id,
     utcnow,
 )
 from labeling.selftrain import LabelingInput, LabelingOutcome, LearnerFactory, SelfTrainer, check_seed
 from labeling.snapshot import neighbour_graph, query_graph, read_snapshot, row_index
-from retrieval import VectorStore
+from retrieval import Filter, IsEmpty, Match, VectorStore
 
 DEFAULT_RUNS_DIR = Path("./data/runs")
 #: collection metadata the embedder writes with the embedding version: how many labels its projection was
 #: fitted on (``embedder.indexing`` writes it under the same name; labeling does not import the embedder)
 PROJECTION_LABELS_KEY = "projection_labels"
+#: the embedding version the embedder records per point and per collection (``embedder.indexing.VERSION_KEY``)
+VERSION_KEY = "embedding_version"
+
+
+def preflight(store: VectorStore, collection: str, runs_dir: Path | str) -> None:
+    """What would make a job's work wasted or wrong, checked before any of it (read, graph, training).
+
+    * an interrupted rollback: the collection is half on one run and half on the one before it; a new run
+      would record that state as its ``previous``, and the rollback could never be finished;
+    * points embedded with another projection than the collection's (an interrupted ``reindex``): the kNN
+      graph and features would mix two incomparable vector spaces (search refuses this state too);
+    * a runs directory that cannot be written: found only after training, the work was lost.
+    """
+    reg = load_registry(store, collection)
+    stuck = [r.run_id for r in reg.runs if r.status == ROLLING_BACK]
+    if stuck:
+        raise RunStateError(
+            f"the rollback of run {stuck[-1]} was interrupted: part of the collection is back on the run before "
+            f"it and part is not. Finish it first (`embedstore label rollback {stuck[-1]}` again), then run a job"
+        )
+    version = store.collection_metadata(collection).get(VERSION_KEY)
+    if isinstance(version, str) and version:
+        flt = Filter(must_not=[Match(VERSION_KEY, version), IsEmpty(VERSION_KEY)])
+        other = store.count(collection, filter=flt)
+        if other:
+            raise JobPreconditionError(
+                f"{other} point(s) of {collection!r} were embedded with another projection than the collection's "
+                f"({version!r}): an interrupted `embedstore reindex`? Run it again to finish; a job over two "
+                "vector spaces would take neighbours that are not comparable"
+            )
+    target = Path(runs_dir) / collection
+    try:
+        target.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=target, prefix=".write-test-"):
+            pass
+    except OSError as exc:
+        raise JobPreconditionError(
+            f"cannot write the run's report under {target} ({exc.strerror or exc}): set --runs-dir "
+            "(EMBEDSTORE_RUNS_DIR) to a writable folder"
+        ) from None
 
 
 @dataclass
@@ -133,6 +176,7 @@ def run_job(
     def advance(stage: str, done: int, total: int) -> None:
         emit(JobEvent(stage, done, total))
 
+    preflight(store, collection, runs_dir)
     # ---- read
     t0 = time.perf_counter()
     snap = read_snapshot(

@@ -261,6 +261,14 @@ def rollback_run(store: VectorStore, collection: str, run_id: str, *, on_batch: 
         raise RunStateError(
             f"only the active run can be rolled back: {run_id} is {rec.status!r}, the active run is {reg.active!r}"
         )
+    if reg.pending and reg.pending != run_id:
+        # The pending run's points hold this run's labels as their `pseudo_prev`, without this run's own
+        # undo record: rolling back here would leave them showing the labels being removed.
+        raise RunStateError(
+            f"run {reg.pending} was interrupted while writing over run {run_id}'s labels, so part of {run_id}'s "
+            f"undo record may be gone: {run_id} cannot be rolled back now. Start a new `embedstore label run` (it "
+            "supersedes the interrupted one); the new run can then be rolled back onto this one"
+        )
     if not rec.undo:
         raise RunStateError(
             f"run {run_id} cannot be rolled back: the run after it was rolled back, and rollback keeps one level "

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 from labeling.config import LabelingConfig, XGBoostParams
-from labeling.errors import ReviewFileError, RunStateError, SeedError
+from labeling.errors import JobPreconditionError, ReviewFileError, RunStateError, SeedError
 from labeling.inspect import inspect_neighbours
-from labeling.job import run_job
+from labeling.job import VERSION_KEY, preflight, run_job
 from labeling.review import export_review, import_labels, review_queue, suspicious
 from labeling.runs import (
     ABANDONED,
@@ -230,6 +230,11 @@ def test_crash_mid_write_keeps_the_previous_run_whole_and_a_rerun_replaces_it(la
     assert all(pseudo(seen[pid]) == pseudo(good[pid]) for pid in good)  # readers see the previous run, whole
     partial = next(pid for pid, p in raw.items() if p.get("labeling_run") == crashed)
     assert inspect_neighbours(store, "emoji", partial, k=3).point.state.pseudo_status == good[partial]["pseudo_status"]
+    # the crashed run wrote over the first run's undo record on its points: rolling the first back now would
+    # leave those points showing the very labels being removed; refused, and nothing changes
+    with pytest.raises(RunStateError, match="interrupted while writing over run"):
+        rollback_run(store, "emoji", first.run_id)
+    assert payloads(store, "emoji") == raw and load_registry(store, "emoji").get(first.run_id).status == APPLIED
 
     rerun = run_job(store, "emoji", cfg, runs_dir=root / "runs")
     reg = load_registry(store, "emoji")
@@ -247,6 +252,42 @@ def test_crash_mid_write_keeps_the_previous_run_whole_and_a_rerun_replaces_it(la
         rollback_run(store, "emoji", rerun.run_id)
     with pytest.raises(RunStateError, match="one level"):
         rollback_run(store, "emoji", first.run_id)
+
+
+def test_a_job_is_refused_before_any_work_after_an_interrupted_rollback_or_reindex(emoji_data, tmp_path):
+    """An interrupted rollback left the collection half on two runs and a new job built on it (the rollback
+    could then never be finished); an interrupted reindex left two vector spaces that a job mixed silently;
+    an unwritable runs dir was found after all the training."""
+    with make_edge(tmp_path / "store") as store:
+        load(store, "c", emoji_data, n=300)
+        runs = tmp_path / "runs"
+        preflight(store, "c", runs)  # a sound collection passes
+        ids = [pid for pid, p in payloads(store, "c").items() if not p.get("label")]
+        rec = RunRecord(run_id="manual-r", status="writing", created_at="now", model="test")
+        apply_run(store, "c", rec, [(pid, {"pseudo_label": "Flags", "pseudo_status": "accepted"}) for pid in ids])
+
+        def crash(batch: int) -> None:
+            raise KeyboardInterrupt("power cut")
+
+        with pytest.raises(KeyboardInterrupt):
+            rollback_run(store, "c", "manual-r", on_batch=crash)
+        with pytest.raises(RunStateError, match=r"rollback of run manual-r was interrupted.*label rollback manual-r"):
+            run_job(store, "c", LabelingConfig(**FAST), runs_dir=runs)
+        rollback_run(store, "c", "manual-r")  # finishing it is what the message says, and it works
+        preflight(store, "c", runs)
+
+        store.update_collection_metadata("c", {VERSION_KEY: "v2"})
+        store.set_payload("c", {pid: {VERSION_KEY: "v2"} for pid in ids})
+        store.set_payload("c", {ids[0]: {VERSION_KEY: "v1"}, ids[1]: {VERSION_KEY: "v1"}})  # reindex cut short
+        with pytest.raises(JobPreconditionError, match=r"2 point\(s\) of 'c' were embedded with another projection"):
+            preflight(store, "c", runs)
+        store.set_payload("c", {ids[0]: {VERSION_KEY: "v2"}, ids[1]: {VERSION_KEY: "v2"}})
+        preflight(store, "c", runs)  # points without a version (raw vectors) do not count
+
+        blocked = tmp_path / "file"
+        blocked.write_text("not a folder")
+        with pytest.raises(JobPreconditionError, match="cannot write the run's report under"):
+            preflight(store, "c", blocked)
 
 
 def test_write_back_is_idempotent(labelled):

@@ -49,6 +49,7 @@ from embedstore.v1 import (
 from labeling.config import LabelingConfig
 from labeling.errors import (
     JobCancelledError,
+    JobPreconditionError,
     JobRunningError,
     LabelConflictError,
     LabelingError,
@@ -105,6 +106,7 @@ STATUS: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
     (ReviewFileError, grpc.StatusCode.INVALID_ARGUMENT),
     (SeedError, grpc.StatusCode.FAILED_PRECONDITION),
     (RunStateError, grpc.StatusCode.FAILED_PRECONDITION),
+    (JobPreconditionError, grpc.StatusCode.FAILED_PRECONDITION),
     (RunNotFoundError, grpc.StatusCode.NOT_FOUND),
     (JobRunningError, grpc.StatusCode.ABORTED),
     (JobCancelledError, grpc.StatusCode.CANCELLED),
