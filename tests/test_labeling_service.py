@@ -111,6 +111,34 @@ def test_one_job_per_collection_and_cancel_frees_it(served):
     assert events[-1].stage == "done"
 
 
+def test_ctrl_c_while_waiting_for_the_next_event_cancels_the_job_at_once(served):
+    """The client blocked inside grpc between events (a training step is silent for tens of seconds), and a
+    Ctrl-C there could go unseen until the job had finished and written its labels."""
+    import os
+    import signal
+    import threading
+
+    _bg, client, server = served
+    before = load_registry(server.rt.store, "items").active
+    config = {**QUICK, "max_iterations": 10, "stop_change": 0.0, "breaker": False}
+    stages: list[str] = []
+    ctrl_c = threading.Timer(4.0, os.kill, (os.getpid(), signal.SIGINT))
+    start = time.monotonic()
+    ctrl_c.start()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            for event in client.run_labeling_job(config):
+                stages.append(event.stage)
+    finally:
+        ctrl_c.cancel()
+    assert time.monotonic() - start < 8 and "done" not in stages
+    deadline = time.monotonic() + 60
+    while "items" in server.rt.labeling_jobs and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert "items" not in server.rt.labeling_jobs  # the call was cancelled, so the job stopped
+    assert load_registry(server.rt.store, "items").active == before  # and nothing was committed
+
+
 def test_label_cli_goes_through_the_server(served, tmp_path):
     import json
 
