@@ -16,7 +16,7 @@ import socket
 import sys
 from pathlib import Path
 
-from retrieval.errors import StoreLockedError
+from retrieval.errors import StoreError, StoreLockedError
 
 LOCK_NAME = ".embedstore.lock"
 
@@ -33,8 +33,15 @@ class DirectoryLock:
     def acquire(self) -> None:
         if self._fd is not None:
             return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:  # a read-only mount, a folder of another user's: not a traceback
+            raise StoreError(
+                f"cannot open the embedded store at {str(self.path.parent)!r}: {exc.strerror or exc} "
+                f"({exc.filename}). It needs a writable folder, even to read (its lock file and Qdrant Edge's "
+                "write-ahead log live there): copy a read-only snapshot somewhere writable to read it"
+            ) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -268,6 +268,7 @@ class VectorStore(abc.ABC):
             raise InvalidInputError(f"got {len(ext)} ids but {checked.shape[0]} vectors")
         bodies = prepare_payloads(payloads, ext)
         pids = [point_id(e) for e in ext]
+        self._check_room(collection, len(pids))  # before the first batch: a refusal writes nothing
         step = self.write_batch_size
         starts = range(0, len(pids), step)
 
@@ -594,6 +595,9 @@ class VectorStore(abc.ABC):
 
     @abc.abstractmethod
     def _payload_indexes(self, name: str) -> set[str]: ...
+
+    def _check_room(self, name: str, n_points: int) -> None:  # noqa: B027 - a hook, empty by default
+        """Raise StoreError when ``n_points`` more cannot be written safely (the embedded adapter checks disk)."""
 
     @abc.abstractmethod
     def _upsert_request(

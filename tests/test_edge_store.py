@@ -21,9 +21,11 @@ from retrieval import (
     InvalidInputError,
     QdrantServerStore,
     SchemaMismatchError,
+    StoreError,
     StoreLockedError,
     StoreUnavailableError,
 )
+from retrieval.edge import BYTES_PER_POINT, MIN_FREE_BYTES
 from tests.conftest import clustered, exact_topk, make_edge
 
 
@@ -37,6 +39,33 @@ def test_second_opener_gets_a_clear_error_naming_the_holder(tmp_path):
     # released on close: a new owner can open it
     with EdgeStore(tmp_path) as again:
         assert again.list_collections() == ["c"]
+
+
+def test_a_folder_it_cannot_write_is_a_clear_error_not_a_traceback(tmp_path):
+    """A read-only mount (or a path under a file) raised a bare OSError from the lock file."""
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(StoreError, match=r"cannot open the embedded store at .*It needs a writable folder"):
+        EdgeStore(tmp_path / "file" / "store")
+
+
+def test_too_little_free_space_is_refused_before_qdrant_edge_can_die_of_it(tmp_path):
+    """Qdrant Edge maps its files: on a full disk every command, even `store info`, died of SIGBUS without a
+    word. The adapter checks the free space first, at open and before each write, and says why."""
+    import shutil
+
+    free = shutil.disk_usage(tmp_path).free
+    with pytest.raises(StoreError, match=r"opening the store: only \d+ MiB free on the device .*SIGBUS"):
+        EdgeStore(tmp_path / "s", min_free_bytes=free + 2**40)
+    with EdgeStore(tmp_path / "s") as store:  # the refused open released its lock
+        store.create_collection("c")
+        vectors, _ = clustered(600, seed=3)
+        store.min_free_bytes = shutil.disk_usage(tmp_path).free - 5 * BYTES_PER_POINT
+        with pytest.raises(StoreError, match=r"upsert of 600 points into .c.: only"):
+            store.upsert("c", [str(i) for i in range(600)], vectors)
+        store.min_free_bytes = MIN_FREE_BYTES
+        assert store.count("c") == 0  # nothing written
+        store.upsert("c", [str(i) for i in range(600)], vectors)
+        assert store.count("c") == 600
 
 
 def test_lock_held_by_another_process_names_its_pid(tmp_path):
