@@ -77,6 +77,18 @@ def _embedder(require_projection: bool = True):
     return embedder
 
 
+def _alive(pid: int) -> bool:
+    import os
+
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
 def _write_projection(artifact, out: Path) -> None:
     """Save ``artifact`` to ``out`` whole or not at all: written beside it, then swapped in by renames."""
     import os
@@ -86,6 +98,10 @@ def _write_projection(artifact, out: Path) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.new-{os.getpid()}")
     old = out.with_name(f".{out.name}.old-{os.getpid()}")
+    for stale in out.parent.glob(f".{out.name}.new-*"):  # half-written by a fit that was killed: never used
+        pid = stale.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(stale, ignore_errors=True)
     shutil.rmtree(tmp, ignore_errors=True)
     moved_aside = False
     try:

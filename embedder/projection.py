@@ -270,6 +270,18 @@ class ProjectionArtifact:
         path = Path(directory)
         meta_path, weights_path = path / "projection.json", path / "projection.safetensors"
         if not meta_path.is_file() or not weights_path.is_file():
+            # `fit-projection --force` moves the old projection aside before moving the new one in; killed
+            # between the two renames, it leaves the old one hidden beside the path, and a new fit would make
+            # every indexed collection need a reindex
+            aside = sorted(
+                (d for d in path.parent.glob(f".{path.name}.old-*") if (d / "projection.json").is_file()),
+                key=lambda d: d.stat().st_mtime,
+            )
+            if aside:
+                raise ProjectionNotFittedError(
+                    f"no projection at {path}, but an interrupted `embedstore fit-projection --force` left the "
+                    f"previous one at {aside[-1]}: move it back (`mv {aside[-1]} {path}`) to keep using it"
+                )
             raise ProjectionNotFittedError(
                 f"no projection at {path} (expected projection.json and projection.safetensors); "
                 "train one with `embedstore fit-projection`"

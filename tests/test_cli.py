@@ -181,6 +181,31 @@ def test_a_failed_projection_swap_puts_the_old_one_back(tmp_path, monkeypatch):
     assert json.loads((out / "projection.json").read_text()) == {"new": True}
 
 
+def test_a_projection_left_aside_by_a_killed_fit_is_named_and_dead_leftovers_are_cleared(tmp_path):
+    """Killed between its two renames, `fit-projection --force` left no projection; the error said to train a
+    new one (every indexed collection would then need a reindex) while the old one sat in a hidden folder."""
+    from embedder import cli
+    from embedder.errors import ProjectionNotFittedError
+    from embedder.projection import ProjectionArtifact
+
+    out = tmp_path / "projection"
+    aside = tmp_path / ".projection.old-999999999"
+    aside.mkdir()
+    (aside / "projection.json").write_text("{}")
+    with pytest.raises(ProjectionNotFittedError, match=r"left the previous one at .*\.projection\.old-999999999: move"):
+        ProjectionArtifact.load(out)
+    dead = tmp_path / ".projection.new-999999999"  # a pid no process has
+    dead.mkdir()
+
+    class Artifact:
+        def save(self, directory):
+            directory.mkdir()
+            (directory / "projection.json").write_text('{"new": true}')
+
+    cli._write_projection(Artifact(), out)
+    assert not dead.exists() and aside.exists()  # the half-written one goes; the user's old one is theirs
+
+
 # ------------------------------------------------------------- EMBEDSTORE_* and .env
 def _main(argv, capsys):
     from embedder.cli import main
