@@ -226,11 +226,19 @@ def index_cmd(
     settings = _settings(path, collection=collection)
     try:
         items = load_items(dataset) if dataset else manifest_items(manifest)  # type: ignore[arg-type]
-        embedder = _embedder()
-        with open_store(settings) as store:
+        with open_store(settings) as store:  # first: a store another process holds is said before the models load
+            embedder = _embedder()
             report = _index(store, settings, embedder, items, skip_bad)
     except (EmbedderError, StoreError) as exc:
         _fail(exc)
+    except KeyboardInterrupt:
+        # Embedding is all or nothing, the write is batched: interrupted while writing, the collection holds part
+        # of the items. Indexing is idempotent (ids are UUIDv5 of the item ids), so the same command finishes it.
+        console.print(
+            f"[yellow]interrupted:[/] {settings.collection!r} may hold part of these items if the write had "
+            "begun; run the same command again to finish (it is idempotent)"
+        )
+        raise typer.Exit(130) from None
     console.print(f"indexed {report.written} items into {settings.collection!r} ({embedder.version})")
     if report.kept_answers:
         console.print(
