@@ -301,6 +301,11 @@ def ingest_cmd(
                 rep = ingest_http(
                     src, store, settings.collection, embedder, skip_bad=skip_bad, restart=restart, progress=True
                 )
+            if rep.stale_checkpoint:
+                console.print(
+                    f"[yellow]note:[/] the checkpoint of source {config.name!r} had progress, but "
+                    f"{settings.collection!r} is missing or empty in this store: read again from the start"
+                )
             if rep.already_done:
                 console.print(
                     f"source {config.name!r} was already ingested to its end into {settings.collection!r}; "

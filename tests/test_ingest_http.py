@@ -151,6 +151,11 @@ def test_ingest_all_pages_rotating_keys_and_listing_bad_items(api, redis_server,
         assert again.already_done and again.pages == 0 and len(state["calls"]) == n_calls
         ingest_http(source, store, "catalog", embedder, skip_bad=True, restart=True)
         assert store.count("catalog") == 13
+        # the checkpoint (in Redis) outlives the store: with the collection gone, "already ingested" wrote nothing
+        store.drop_collection("catalog")
+        fresh = ingest_http(source, store, "catalog", embedder, skip_bad=True)
+        assert fresh.stale_checkpoint and not fresh.already_done and fresh.written == 13
+        assert store.count("catalog") == 13
 
 
 def test_reindex_refetches_image_urls_and_lists_what_it_cannot_redo(

@@ -144,6 +144,8 @@ class IngestReport:
     skipped: list[tuple[str, str]] = field(default_factory=list)
     resumed_from: str | None = None
     already_done: bool = False
+    #: the checkpoint had progress but the collection is gone or empty (a deleted or restored store): read again
+    stale_checkpoint: bool = False
 
 
 class HttpSource:
@@ -366,6 +368,11 @@ def ingest_http(
     shards = source.shard_sources()
     report = IngestReport()
     states = {s.shard: (s.checkpoint.load() if not restart else {}) for s in shards}
+    if any(states.values()) and not (store.collection_exists(collection) and store.count(collection) > 0):
+        # The checkpoint lives in Redis and outlives the store: resuming (or "already ingested") would write
+        # nothing into a collection that no longer holds anything
+        restart, report.stale_checkpoint = True, True
+        states = {s.shard: {} for s in shards}
     report.resumed_from = states["main"].get("cursor")
     report.already_done = all(st.get("done") == "1" for st in states.values())
     write_lock = threading.Lock()
