@@ -102,6 +102,13 @@ def test_one_job_per_collection_and_cancel_frees_it(served):
         list(client.run_labeling_job(QUICK))
     before = load_registry(server.rt.store, "items").active
     call.cancel()
+    deadline = time.monotonic() + 10
+    while "items" not in server.rt.labeling_stopping and "items" in server.rt.labeling_jobs:
+        time.sleep(0.01)
+        assert time.monotonic() < deadline
+    assert "items" in server.rt.labeling_stopping  # a 10-iteration job is far from done: it is winding down
+    with pytest.raises(Aborted, match="was cancelled and is stopping"):  # said so, not "already running"
+        list(client.run_labeling_job(QUICK))
     deadline = time.monotonic() + 60
     while "items" in server.rt.labeling_jobs and time.monotonic() < deadline:
         time.sleep(0.2)

@@ -180,6 +180,7 @@ class Runtime:
     inline_reads: bool = True
     runs_dir: Path = Path("./data/runs")
     labeling_jobs: set[str] = field(default_factory=set)  # collections with a job running
+    labeling_stopping: set[str] = field(default_factory=set)  # of those, jobs cancelled and not yet stopped
 
     async def in_store(self, fn: Callable[..., Any], *args: Any, **kw: Any) -> Any:
         loop = asyncio.get_running_loop()
@@ -325,10 +326,14 @@ class EmbeddingServicer(embedding_pb2_grpc.EmbeddingServiceServicer):
             except InvalidItemError as exc:  # name the item by its position in the stream
                 raise InvalidItemError(exc.reason, index=seq, item_id=req.item.id or None) from exc
 
+        inflight: set[asyncio.Future[Any]] = set()  # every item's task, until its reply is sent
+
         async def reader() -> None:
             seq = 0
             async for req in request_iterator:
-                await window.put((seq, req.item.id, asyncio.ensure_future(submit(seq, req))))
+                task = asyncio.ensure_future(submit(seq, req))
+                inflight.add(task)
+                await window.put((seq, req.item.id, task))
                 seq += 1
             await window.put(None)
 
@@ -341,6 +346,7 @@ class EmbeddingServicer(embedding_pb2_grpc.EmbeddingServiceServicer):
                 seq, item_id, task = entry
                 response = embedding_pb2.EmbedStreamResponse(sequence=seq, id=item_id)
                 try:
+                    inflight.discard(task)
                     convert.fill_vector(response.embedding, await task)
                     metrics.items.inc()
                 except (convert.BadRequest, EmbedderError, InvalidInputError) as exc:
@@ -363,6 +369,13 @@ class EmbeddingServicer(embedding_pb2_grpc.EmbeddingServiceServicer):
             reading.cancel()
             with contextlib.suppress(BaseException):
                 await reading
+            # A stream that ends early (the client left, shutdown) leaves items queued: cancel them, and take the
+            # outcome of those already failed (a shutdown logged one "exception never retrieved" per item)
+            for task in inflight:
+                if not task.done():
+                    task.cancel()
+                elif not task.cancelled():
+                    task.exception()
             metrics.requests.labels("EmbedStream", code.name).inc()
             metrics.latency.labels("EmbedStream").observe(time.perf_counter() - start)
 
@@ -577,6 +590,11 @@ class LabelingServicer(labeling_pb2_grpc.LabelingServiceServicer):
             except ValidationError as exc:
                 bad = "; ".join(f"{'.'.join(str(x) for x in e['loc']) or 'config'}: {e['msg']}" for e in exc.errors())
                 raise convert.BadRequest(f"invalid labeling config: {bad}") from exc
+            if collection in rt.labeling_stopping:
+                raise JobRunningError(
+                    f"the labeling job on collection {collection!r} was cancelled and is stopping (at its next step, "
+                    "at most one training step away): retry in a little while"
+                )
             if collection in rt.labeling_jobs:
                 raise JobRunningError(f"a labeling job is already running on collection {collection!r}")
             rt.labeling_jobs.add(collection)
@@ -626,7 +644,15 @@ class LabelingServicer(labeling_pb2_grpc.LabelingServiceServicer):
             if owned:
                 if job is not None and not job.done():
                     # the job thread stops at its next step; the collection is free once it has
-                    job.add_done_callback(lambda _: rt.labeling_jobs.discard(collection))
+                    rt.labeling_stopping.add(collection)
+
+                    def freed(f: asyncio.Future[Any]) -> None:
+                        rt.labeling_jobs.discard(collection)
+                        rt.labeling_stopping.discard(collection)
+                        if not f.cancelled():
+                            f.exception()  # retrieved: its JobCancelledError is the expected end, not a log error
+
+                    job.add_done_callback(freed)
                 else:
                     rt.labeling_jobs.discard(collection)
             metrics.requests.labels("RunLabelingJob", code.name).inc()
