@@ -8,7 +8,6 @@ from typing import Annotated, Any, Optional
 
 import typer
 from rich.console import Console
-from rich.table import Table
 
 from retrieval import StoreError, StoreLockedError, StoreSettings, open_store
 
@@ -188,10 +187,10 @@ def runs_cmd(
     if as_json:
         console.print_json(json.dumps(dataclasses.asdict(reg)))
         return
-    from labeling.present import id_column
+    from labeling.present import fitted_table
 
-    table = Table(
-        id_column("run", [r.run_id for r in reg.runs]),
+    headers = [
+        "run",
         "status",
         "model",
         "points",
@@ -201,24 +200,29 @@ def runs_cmd(
         "gate",
         "held-out F1",
         "created",
-    )
+    ]
+    rows = []
     for r in reg.runs:
         mark = " (active)" if r.run_id == reg.active else (" (pending)" if r.run_id == reg.pending else "")
         f1 = r.summary.get("heldout_macro_f1")
         gate = r.summary.get("gate_threshold_written")  # runs from before the field have none
         gate_cell = "closed" if r.summary.get("gate_closed") else ("" if gate is None else f"{gate:.2f}")
-        table.add_row(
-            r.run_id,
-            r.status + mark,
-            r.model,
-            str(r.points),
-            str(r.counts.get("accepted", "")),
-            str(r.counts.get("quarantined", "")),
-            str(r.counts.get("review", "")),
-            gate_cell,
-            "" if f1 is None else f"{f1:.3f}",
-            r.created_at,
+        rows.append(
+            [
+                r.run_id,
+                r.status + mark,
+                r.model,
+                str(r.points),
+                str(r.counts.get("accepted", "")),
+                str(r.counts.get("quarantined", "")),
+                str(r.counts.get("review", "")),
+                gate_cell,
+                "" if f1 is None else f"{f1:.3f}",
+                r.created_at,
+            ]
         )
+    # every cell whole at any width (piped output is 80 columns: 'app…', 'wri…'); the date gives way first
+    table = fitted_table(headers, rows, width=console.width, shrink="created", min_shrink=10, max_shrink=25)
     console.print(table)
     for r in reg.runs:  # states left by an interrupted command, and what to do about them
         if r.status == "rolling_back":

@@ -463,9 +463,11 @@ def test_label_cli_in_process(emoji_data, tmp_path):
     reg = json.loads(result.output)
     assert next(r["run_id"] for r in reg["runs"]) == first and reg["pending"] is None
     second = reg["active"]
-    result = runner.invoke(app, ["label", "runs", *common], env={"COLUMNS": "60"})  # a narrow terminal
-    assert result.exit_code == 0, result.output
-    assert first in result.output and second in result.output  # the ids rollback takes, whole
+    for columns in ("60", "80", "200"):  # a narrow terminal, a pipe (80), a wide one: every cell whole
+        result = runner.invoke(app, ["label", "runs", *common], env={"COLUMNS": columns})
+        assert result.exit_code == 0, result.output
+        assert first in result.output and second in result.output  # the ids rollback takes, whole
+        assert "applied (active)" in result.output and "…" not in result.output, result.output
     result = runner.invoke(app, ["label", "rollback", second, *common])
     assert result.exit_code == 0 and f"active run is now {first}" in flat(result), result.output
     result = runner.invoke(app, ["label", "rollback", second, *common])
