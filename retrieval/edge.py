@@ -515,7 +515,10 @@ def _to_edge_filter(flt: Filter) -> qe.Filter:
         if isinstance(cond, Filter):
             return _to_edge_filter(cond)
         if isinstance(cond, Match):
-            return qe.FieldCondition(key=cond.key, match=qe.MatchValue(cond.value))
+            # qdrant-edge-py 0.9 reads a Python bool as an int (bool is an int subclass): True matched the
+            # int 1, never True. numpy's bool is no int, so the binding takes it as the bool it is.
+            value = np.bool_(cond.value) if isinstance(cond.value, bool) else cond.value
+            return qe.FieldCondition(key=cond.key, match=qe.MatchValue(value))
         if isinstance(cond, MatchAny):
             return qe.FieldCondition(key=cond.key, match=qe.MatchAny(list(cond.values)))
         if isinstance(cond, Range):

@@ -163,6 +163,19 @@ def test_filters_restrict_search_count_and_scroll(store, collection):
     assert len(page.records) == 40 and all(r.payload["split"] == "test" for r in page.records)
 
 
+def test_bools_and_ints_match_as_themselves(store, collection):
+    """On Edge a bool match value was read as an int: {"flag": True} matched the int 1 and never True."""
+    x, _ = clustered(4, seed=5)
+    store.upsert(collection, ["t", "f", "one", "zero"], x, [{"flag": True}, {"flag": False}, {"flag": 1}, {"flag": 0}])
+    found = {
+        repr(v): sorted(r.id for r in store.scroll(collection, filter={"flag": v}, limit=10).records)
+        for v in (True, False, 1, 0)
+    }
+    assert found == {"True": ["t"], "False": ["f"], "1": ["one"], "0": ["zero"]}
+    assert [h.id for h in store.search(collection, x[2], top_k=4, filter=Filter(must=[Match("flag", True)]))] == ["t"]
+    assert store.count(collection, Filter(must_not=[Match("flag", False)])) == 3
+
+
 def test_exact_search_honours_filter(store, collection):
     _, x = load(store, collection, 150)
     hits = store.search(collection, x[0], top_k=10, exact=True, filter={"split": "test"})
