@@ -149,7 +149,28 @@ def _external_str(external_id: ExternalId, index: int | None = None) -> str:
     text = str(external_id)
     if not text or len(text) > 1024:
         raise InvalidInputError("external id must be 1..1024 characters", index=index, item_id=external_id)
+    if _bad_unicode(text) is not None:
+        raise InvalidInputError(
+            f"external id is not valid Unicode (a lone surrogate at position {_bad_unicode(text)})",
+            index=index,
+            item_id=external_id,
+        )
     return text
+
+
+def _bad_unicode(text: str) -> int | None:
+    """The position of the first character UTF-8 cannot encode (a lone surrogate), or None."""
+    if text.isascii():
+        return None
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        return exc.start
+    return None
+
+
+#: Integers the engines keep exactly: Qdrant stores int64 (Edge turned larger ones into floats silently).
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 
 
 def check_ids(ids: Sequence[ExternalId], *, what: str = "batch") -> list[str]:
@@ -276,9 +297,9 @@ def check_payload(
         )
     body: dict[str, Any] = {}
     for key, value in payload.items():
-        if not isinstance(key, str) or not key:
+        if not isinstance(key, str) or not key or _bad_unicode(key) is not None:
             raise InvalidPayloadError(
-                f"payload keys must be non-empty strings, got {key!r}", index=index, item_id=item_id
+                f"payload keys must be non-empty valid strings, got {key!a}", index=index, item_id=item_id
             )
         value = _plain(value, f"payload[{key!r}]", index, item_id)
         if key in INDEXED_KEYWORD_FIELDS and value is not None and not isinstance(value, str):
@@ -296,7 +317,23 @@ def _plain(value: Any, where: str, index: int | None, item_id: Any) -> Any:
     """``value`` as plain JSON types (numpy scalars and tuples converted), or InvalidPayloadError."""
     if isinstance(value, np.generic):
         value = value.item()
-    if value is None or isinstance(value, (bool, int, str)):
+    if value is None or isinstance(value, bool):
+        return value
+    if isinstance(value, str):
+        if (bad := _bad_unicode(value)) is not None:
+            raise InvalidPayloadError(
+                f"{where} is not valid Unicode (a lone surrogate at position {bad}); the engine cannot store it",
+                index=index,
+                item_id=item_id,
+            )
+        return value
+    if isinstance(value, int):
+        if not INT64_MIN <= value <= INT64_MAX:
+            raise InvalidPayloadError(
+                f"{where} = {value} is outside the 64-bit integers the store keeps exactly; store it as a string",
+                index=index,
+                item_id=item_id,
+            )
         return value
     if isinstance(value, float):
         if not math.isfinite(value):
@@ -305,8 +342,10 @@ def _plain(value: Any, where: str, index: int | None, item_id: Any) -> Any:
     if isinstance(value, Mapping):
         out = {}
         for k, v in value.items():
-            if not isinstance(k, str):
-                raise InvalidPayloadError(f"{where} has a non-string key {k!r}", index=index, item_id=item_id)
+            if not isinstance(k, str) or _bad_unicode(k) is not None:
+                raise InvalidPayloadError(
+                    f"{where} has a key that is not a valid string: {k!a}", index=index, item_id=item_id
+                )
             out[k] = _plain(v, f"{where}[{k!r}]", index, item_id)
         return out
     if isinstance(value, (list, tuple)):

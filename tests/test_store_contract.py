@@ -429,7 +429,21 @@ def test_bad_batches_are_refused(store, collection):
         store.upsert(collection, ["a", "b", "c"], v, [{}, {}, {EXTERNAL_ID_KEY: "z"}])
     with pytest.raises(InvalidInputError):
         store.upsert(collection, ["a", None, "c"], v)
+    # what the engines cannot keep is refused up front, not failed (or altered) mid-write: a lone surrogate
+    # (Edge raised a bare TypeError after earlier batches were written), an int past int64 (Edge made it a float)
+    with pytest.raises(InvalidPayloadError, match=r"item 2, id 'c'.*payload\['t'\] is not valid Unicode"):
+        store.upsert(collection, ["a", "b", "c"], v, [{}, {}, {"t": "bad \ud800"}])
+    with pytest.raises(InvalidPayloadError, match=r"item 1.*not a valid string"):
+        store.upsert(collection, ["a", "b", "c"], v, [{}, {"meta": {"k\udc80": 1}}, {}])
+    with pytest.raises(InvalidPayloadError, match=r"item 0.*outside the 64-bit integers"):
+        store.upsert(collection, ["a", "b", "c"], v, [{"n": 2**64 + 1}, {}, {}])
+    with pytest.raises(InvalidInputError, match=r"item 1.*external id is not valid Unicode"):
+        store.upsert(collection, ["a", "b\ud800", "c"], v)
     assert store.count(collection) == 0
+    store.upsert(collection, ["a", "b"], v[:2], [{"n": 2**63 - 1, "m": -(2**63)}, {"t": "emoji \U0001f600 ok"}])
+    got = {r.id: r.payload for r in store.retrieve(collection, ["a", "b"])}
+    assert (got["a"]["n"], got["a"]["m"], got["b"]["t"]) == (2**63 - 1, -(2**63), "emoji \U0001f600 ok")
+    store.delete(collection, ["a", "b"])
     # numpy scalars in payloads are fine: they become plain JSON numbers
     store.upsert(collection, ["a"], v[:1], [{"confidence": np.float32(0.75), "k": np.int64(3)}])
     assert store.retrieve(collection, ["a"])[0].payload["k"] == 3
