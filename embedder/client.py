@@ -27,7 +27,7 @@ import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from embedder.model import Item
-from embedder.service.convert import dict_to_struct, struct_to_dict
+from embedder.service.convert import BadRequest, dict_to_struct, struct_to_dict
 from embedstore.v1 import (
     embedding_pb2,
     embedding_pb2_grpc,
@@ -55,6 +55,14 @@ class ServiceError(Exception):
 
 class InvalidArgument(ServiceError):
     code = grpc.StatusCode.INVALID_ARGUMENT
+
+
+def _struct(value: Mapping[str, Any], target: Any) -> None:
+    """``dict_to_struct``, its refusals raised as the client's own InvalidArgument (one hierarchy)."""
+    try:
+        dict_to_struct(value, target)
+    except BadRequest as exc:
+        raise InvalidArgument(str(exc)) from None
 
 
 class NotFound(ServiceError):
@@ -256,6 +264,7 @@ class Client:
         else:
             self._channel = grpc.insecure_channel(target, options=options)
         self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
+        self._closed = False
         self._embed = embedding_pb2_grpc.EmbeddingServiceStub(self._channel)
         self._store = store_pb2_grpc.StoreServiceStub(self._channel)
         self._labeling = labeling_pb2_grpc.LabelingServiceStub(self._channel)
@@ -263,7 +272,12 @@ class Client:
 
     # ------------------------------------------------------------- plumbing
     def close(self) -> None:
+        self._closed = True
         self._channel.close()
+
+    def _require_open(self) -> None:
+        if self._closed:  # grpc's own error here is a bare ValueError, outside ServiceError
+            raise Unavailable("this client was closed; make a new Client")
 
     def __enter__(self) -> Client:
         return self
@@ -278,8 +292,9 @@ class Client:
                 f"request is {size} bytes, over the {self.max_bytes // 2**20} MiB message limit; "
                 "send smaller batches (or raise max_message_mb here and EMBEDSTORE_GRPC_MAX_MESSAGE_MB on the server)"
             )
+        self._require_open()
         try:
-            return method(request, timeout=timeout or self.timeout, metadata=self._metadata)
+            return method(request, timeout=self.timeout if timeout is None else timeout, metadata=self._metadata)
         except grpc.RpcError as exc:
             raise _translate(exc, self.max_bytes) from None
 
@@ -330,6 +345,7 @@ class Client:
                 yield embedding_pb2.EmbedStreamRequest(item=message, dimensions=dimensions)
 
         try:
+            self._require_open()
             for r in self._embed.EmbedStream(requests(), timeout=timeout, metadata=self._metadata):
                 if r.HasField("error"):
                     yield StreamResult(r.sequence, r.id, None, (r.error.status, r.error.message))
@@ -358,7 +374,7 @@ class Client:
         request = store_pb2.UpsertRequest(collection=collection or self.collection)
         for item in items:
             point = request.points.add(id=str(item.id), item=_item_message(item), label=item.label or "")
-            dict_to_struct(item.payload, point.payload)
+            _struct(item.payload, point.payload)
         return int(self._call(self._store.Upsert, request, timeout).written)
 
     def upsert_vectors(
@@ -381,7 +397,7 @@ class Client:
             if labels is not None and labels[i]:
                 point.label = str(labels[i])
             if payloads is not None:
-                dict_to_struct(payloads[i], point.payload)
+                _struct(payloads[i], point.payload)
         return int(self._call(self._store.Upsert, request, timeout).written)
 
     def search(
@@ -399,6 +415,9 @@ class Client:
         timeout: float | None = None,
     ) -> list[ScoredPoint]:
         """Neighbours of a text and/or image, a 512D vector, or a stored point (exactly one kind of query)."""
+        if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
+            # 0 would read as "not set" on the wire (proto3) and come back as 10 hits
+            raise InvalidArgument(f"top_k must be an int >= 1, got {top_k!r}")
         kinds = sum([text is not None or image is not None, vector is not None, point_id is not None])
         if kinds != 1:
             raise InvalidArgument("give exactly one query: text and/or image, vector, or point_id")
@@ -414,7 +433,7 @@ class Client:
                 types_pb2.Item(text=_wire_text(text), image=_image_bytes(image) if image is not None else b"")
             )
         if filter:
-            dict_to_struct(filter, request.filter)
+            _struct(filter, request.filter)
         response = self._call(self._store.Search, request, timeout)
         return [
             ScoredPoint(h.id, h.score, struct_to_dict(h.payload, h.HasField("payload")) if with_payload else None)
@@ -458,7 +477,7 @@ class Client:
     ) -> CountResult:
         request = store_pb2.CountRequest(collection=collection or self.collection, facet=facet or "")
         if filter:
-            dict_to_struct(filter, request.filter)
+            _struct(filter, request.filter)
         response = self._call(self._store.Count, request)
         facets = sorted(response.facets.items(), key=lambda kv: (-kv[1], kv[0]))
         return CountResult(int(response.count), dict(facets))
@@ -498,8 +517,9 @@ class Client:
         """
         request = labeling_pb2.RunLabelingJobRequest(collection=collection or self.collection)
         if config:
-            dict_to_struct(dict(config), request.config)
+            _struct(dict(config), request.config)
         try:
+            self._require_open()
             yield from self._labeling.RunLabelingJob(request, timeout=timeout, metadata=self._metadata)
         except grpc.RpcError as exc:
             raise _translate(exc, self.max_bytes) from None

@@ -530,6 +530,24 @@ def test_a_saturated_server_still_answers_health_and_counts_what_it_refuses(
         assert 'embedstore_grpc_requests_total{code="RESOURCE_EXHAUSTED",method="Count"} 1.0' in text
 
 
+def test_client_mistakes_are_service_errors_too(served):
+    """The client raised a server-side BadRequest (a ValueError) for a bad payload, a bare ValueError after
+    close(), and sent top_k=0 as 'unset', which came back as 10 hits."""
+    import datetime
+
+    bg, _, items = served
+    client = Client(bg.target)
+    with pytest.raises(InvalidArgument, match="date"):
+        client.upsert_vectors(["d"], np.ones((1, 512)), [{"when": datetime.date(2026, 1, 1)}])
+    with pytest.raises(InvalidArgument, match="top_k must be an int >= 1"):
+        client.search(items[0].text, top_k=0)
+    client.close()
+    with pytest.raises(Unavailable, match="closed"):
+        client.count()
+    with pytest.raises(Unavailable, match="closed"):
+        list(client.embed_stream(["x"]))
+
+
 def test_concurrent_clients_get_their_own_results(served, embedder):
     bg, _, items = served
     texts = [f"query number {i} about {items[i].text}" for i in range(40)]
