@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, overload
@@ -159,7 +159,7 @@ def jsonable(obj: Any) -> Any:
 def run_job(
     store: VectorStore,
     collection: str,
-    config: LabelingConfig | None = None,
+    config: LabelingConfig | Mapping[str, Any] | None = None,
     *,
     runs_dir: Path | str = DEFAULT_RUNS_DIR,
     events: Events | None = None,
@@ -167,7 +167,8 @@ def run_job(
     on_write_batch: BatchHook | None = None,
 ) -> JobResult:
     """Run one labeling job on ``collection`` and write its pseudo-labels back (see the module docstring)."""
-    cfg = config or LabelingConfig()
+    # a dict of LabelingConfig fields is validated here (it failed later with an AttributeError)
+    cfg = LabelingConfig(**config) if isinstance(config, Mapping) else (config or LabelingConfig())
     emit = events or (lambda e: None)
     run_id = new_run_id()
     t_job = time.perf_counter()

@@ -1,4 +1,10 @@
-"""Learners behind one small contract (scikit-learn style): ``fit`` then ``predict_proba``.
+"""Learners behind one small contract: ``fit(x, y, w)`` then ``predict_proba(x)``.
+
+This is the loop's internal protocol, not scikit-learn's estimator API: ``y`` is a soft target matrix and
+``w`` a weight per row, both required, and there is no ``get_params`` / ``clone``. What follows scikit-learn's
+shape for users is the job's result (``JobResult.predict_proba`` on new vectors); a learner of one's own for
+``run_job(learner_factory=...)`` implements this protocol. All three here check their input the same way:
+2-D, finite features of the width they were trained on, and targets whose rows sum to 1.
 
 Training targets are *soft*: an (n, C) matrix whose rows sum to 1 (one-hot for
 ground truth and hard pseudo-labels, a convex mixture for Mixup rows), with a
@@ -41,6 +47,21 @@ def check_targets(x: np.ndarray, y: np.ndarray, w: np.ndarray, n_classes: int) -
         raise ValueError("fit needs at least one training row")
     if not np.all(np.isfinite(x)) or np.any(w < 0) or np.any(y < 0):
         raise ValueError("training features must be finite, weights and targets non-negative")
+    if not np.allclose(y.sum(axis=1), 1.0, atol=1e-6):
+        raise ValueError("soft targets must be rows that sum to 1 (one-hot for hard labels)")
+
+
+def check_features(x: Any, n_features: int | None, who: str) -> np.ndarray:
+    """Rows to score: 2-D, finite, as wide as the training rows (the three learners differed here: one scored
+    NaN rows with confident probabilities, one failed with an IndexError on a 1-D row)."""
+    x = np.asarray(x)
+    if x.ndim != 2:
+        raise ValueError(f"{who}.predict_proba needs a 2-D array (n, d); got shape {x.shape}")
+    if n_features is not None and x.shape[1] != n_features:
+        raise ValueError(f"the model was trained on {n_features} features, got {x.shape[1]}")
+    if not np.all(np.isfinite(x)):
+        raise ValueError(f"{who}.predict_proba: features must be finite (NaN or infinity found)")
+    return x
 
 
 def _all_classes(model: Any, x: np.ndarray, n_classes: int) -> np.ndarray:
@@ -125,8 +146,8 @@ class XGBoostLearner:
 
         if self.booster_ is None:
             raise RuntimeError("XGBoostLearner is not fitted")
-        if x.shape[1] != self.booster_.num_features():  # xgboost would silently accept too few columns
-            raise ValueError(f"the model was trained on {self.booster_.num_features()} features, got {x.shape[1]}")
+        # the width check matters: xgboost would silently accept too few columns
+        x = check_features(x, self.booster_.num_features(), "XGBoostLearner")
         p = self.booster_.predict(xgb.DMatrix(x), iteration_range=(0, self.best_rounds_ or 0))
         if self.n_classes == 2:
             p = np.column_stack([1.0 - p, p])
@@ -255,6 +276,7 @@ class RandomForestLearner:
     def predict_proba(self, x: np.ndarray) -> np.ndarray:
         if self.model_ is None:
             raise RuntimeError("RandomForestLearner is not fitted")
+        x = check_features(x, self.model_.n_features_in_, "RandomForestLearner")
         return _all_classes(self.model_, x, self.n_classes)
 
 
@@ -282,7 +304,8 @@ class LinearLearner:
         #: a fitted model of the same classes (the previous iteration's) whose weights L-BFGS starts from:
         #: each self-training round moves the solution a little, so this cuts the iterations it needs
         self.warm_from = warm_from
-        self.model_ = None
+        self.model_: Any = None  # a LogisticRegression, or the one class index it was trained on
+        self.n_features_: int | None = None
 
     def fit(
         self, x: np.ndarray, y: np.ndarray, w: np.ndarray, eval_set: tuple[np.ndarray, np.ndarray] | None = None
@@ -294,9 +317,18 @@ class LinearLearner:
 
         check_targets(x, y, w, self.n_classes)
         xe, ye, we = expand_soft(x, y, w)
+        self.n_features_ = x.shape[1]
+        if len(np.unique(ye)) == 1:  # L-BFGS refuses one class; the tree learners predict it with certainty
+            self.model_ = int(ye[0])
+            return self
         model = LogisticRegression(C=self.c, max_iter=self.max_iter)
         prev = self.warm_from.model_ if self.warm_from is not None else None
-        if prev is not None and np.array_equal(prev.classes_, np.unique(ye)) and prev.coef_.shape[1] == x.shape[1]:
+        if (
+            prev is not None
+            and not isinstance(prev, int)
+            and np.array_equal(prev.classes_, np.unique(ye))
+            and prev.coef_.shape[1] == x.shape[1]
+        ):
             model.set_params(warm_start=True)
             model.coef_, model.intercept_ = prev.coef_.copy(), prev.intercept_.copy()
         with warnings.catch_warnings():  # a few hundred L-BFGS steps are plenty for a read-out; say nothing
@@ -310,6 +342,11 @@ class LinearLearner:
     def predict_proba(self, x: np.ndarray) -> np.ndarray:
         if self.model_ is None:
             raise RuntimeError("LinearLearner is not fitted")
+        x = check_features(x, self.n_features_, "LinearLearner")
+        if isinstance(self.model_, int):  # trained on one class: it is certain of it, as the tree learners are
+            out = np.zeros((x.shape[0], self.n_classes))
+            out[:, self.model_] = 1.0
+            return out
         return _all_classes(self.model_, x, self.n_classes)
 
 

@@ -436,6 +436,7 @@ class VectorStore(abc.ABC):
     ) -> list[list[Hit]]:
         """:meth:`search` for many query vectors in one planned batch (same order out)."""
         self._require(collection)
+        top_k, shortlist = _plain_int(top_k), _plain_int(shortlist)
         if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= MAX_TOP_K:
             raise InvalidInputError(f"top_k must be an int in 1..{MAX_TOP_K}, got {top_k!r}")
         if shortlist is None:
@@ -481,10 +482,12 @@ class VectorStore(abc.ABC):
     ) -> ScrollPage:
         """One page of points in id order; pass ``page.next_offset`` back for the next page."""
         self._require(collection)
+        limit = _plain_int(limit)
         if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= 100_000:
             raise InvalidInputError(f"limit must be an int in 1..100000, got {limit!r}")
-        if offset is not None and not isinstance(offset, str):
-            raise InvalidInputError(f"offset must be a next_offset string from a previous page, got {offset!r}")
+        if offset is not None and not _is_uuid(offset):
+            # Edge raised a bare ValueError, and the server adapter returned an empty page: "the end", silently
+            raise InvalidInputError(f"offset must be a next_offset from a previous page (a point id), got {offset!r}")
         _check_with_vectors(with_vectors)
         return self._scroll(collection, self._resolve_filter(filter), limit, offset, with_payload, with_vectors)
 
@@ -555,6 +558,7 @@ class VectorStore(abc.ABC):
                 f"cannot facet on {key!r}: it has no payload index (indexed: {sorted(indexed)}); "
                 "call create_payload_index first"
             )
+        limit = _plain_int(limit)
         if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
             raise InvalidInputError(f"facet limit must be a positive int, got {limit!r}")
         counts = self._facet(collection, key, self._resolve_filter(filter), limit)
@@ -735,3 +739,18 @@ def record_from(r: Any, with_payload: bool, with_vectors: WithVectors) -> Record
         payload=payload if with_payload else None,
         vector=_vector_out(r.vector, with_vectors),
     )
+
+
+def _plain_int(value: Any) -> Any:
+    """A numpy integer (from argsort, len of an array, ...) as the int it is; anything else unchanged."""
+    return int(value) if isinstance(value, np.integer) else value
+
+
+def _is_uuid(value: Any) -> bool:
+    if not isinstance(value, str):
+        return False
+    try:
+        uuid.UUID(value)
+    except ValueError:
+        return False
+    return True

@@ -162,6 +162,12 @@ def as_filter(spec: FilterLike) -> Filter | None:
         return None if spec.is_empty() else spec
     if not isinstance(spec, Mapping):
         raise InvalidFilterError(f"a filter must be a Filter, a dict or None, got {type(spec).__name__}")
+    if set(spec) & _STRUCTURED and not set(spec) <= _STRUCTURED:
+        fields = sorted(str(k) for k in set(spec) - _STRUCTURED)
+        raise InvalidFilterError(
+            f"a filter dict mixes must/should/must_not with field names {fields}: put the fields inside 'must' "
+            "(or use only field names)"
+        )
     if spec and set(spec) <= _STRUCTURED:
         parts = {}
         for name, flat in spec.items():
@@ -182,6 +188,12 @@ def _flat_conditions(flat: Mapping[str, Any]) -> list[Condition]:
             conds.append(IsEmpty(key))
         elif isinstance(value, Mapping):
             unknown = set(value) - {"gt", "gte", "lt", "lte"}
+            if unknown == set(value):  # no bound at all: a nested match, written as a nested dict
+                first = sorted(unknown, key=str)[0]
+                raise InvalidFilterError(
+                    f"filter on {key!r}: a dict value is a range (gt, gte, lt, lte); to match a field inside "
+                    f"{key!r}, use a dotted key, e.g. {{{f'{key}.{first}'!r}: {value[first]!r}}}"
+                )
             if unknown:
                 raise InvalidFilterError(
                     f"filter on {key!r}: unknown range bound(s) {sorted(unknown)}; use gt, gte, lt, lte"

@@ -9,7 +9,7 @@ import pytest
 from pydantic import ValidationError
 
 from labeling.calibration import TemperatureCalibrator, brier, calibrate, ece, macro_f1
-from labeling.config import LabelingConfig, XGBoostParams
+from labeling.config import ForestParams, LabelingConfig, XGBoostParams
 from labeling.drift import c2st
 from labeling.errors import SeedError
 from labeling.gate import ACCEPTED, QUARANTINED, REVIEW, StateGate
@@ -562,3 +562,32 @@ def test_repeated_folds_run_one_chain_per_fold_and_draw_and_score_with_all_of_th
     assert np.isfinite(two.probs).all() and np.allclose(two.probs.sum(axis=1), 1.0)
     acc = two.decision.status == ACCEPTED
     assert acc.any() and (two.decision.label[acc] == data.truth[two.pool][acc]).mean() > 0.9
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: XGBoostLearner(3, XGBoostParams(max_rounds=10), seed=0),
+        lambda: RandomForestLearner(3, ForestParams(n_estimators=10), seed=0),
+        lambda: LinearLearner(3),
+    ],
+    ids=["xgboost", "random_forest", "linear"],
+)
+def test_the_three_learners_check_their_input_alike(make):
+    """They differed: XGBoost scored NaN rows with confident probabilities and failed a 1-D row with an
+    IndexError; the linear learner alone refused a one-class training set."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(60, 8))
+    y = np.eye(3)[rng.integers(0, 3, 60)]
+    w = np.ones(60)
+    model = make().fit(x, y, w)
+    with pytest.raises(ValueError, match="2-D"):
+        model.predict_proba(x[0])
+    with pytest.raises(ValueError, match="finite"):
+        model.predict_proba(np.where(np.arange(8) == 3, np.nan, x[:2]))
+    with pytest.raises(ValueError, match="trained on 8 features"):
+        model.predict_proba(x[:2, :5])
+    with pytest.raises(ValueError, match="sum to 1"):
+        make().fit(x, y * 5, w)
+    one = make().fit(x, np.eye(3)[np.zeros(60, int)], w)  # a single class: certain of it, whatever the learner
+    assert np.allclose(one.predict_proba(x[:4]), np.eye(3)[[0, 0, 0, 0]], atol=1e-4)

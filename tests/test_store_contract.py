@@ -201,6 +201,15 @@ def test_bad_filters_are_refused(store, collection, bad):
         store.count(collection, bad)
 
 
+def test_two_natural_filter_mistakes_get_messages_that_say_what_to_do(store, collection):
+    """Both read "unknown range bound(s)" before, which sent the user looking at ranges."""
+    load(store, collection, 5)
+    with pytest.raises(InvalidFilterError, match=r"mixes must/should/must_not with field names \['n'\]"):
+        store.count(collection, {"must": {"split": "test"}, "n": 1})
+    with pytest.raises(InvalidFilterError, match=r"use a dotted key, e.g. \{'meta.a': 1\}"):
+        store.count(collection, {"meta": {"a": 1}})
+
+
 # ----------------------------------------------------------------------- scroll
 def test_paged_scroll_visits_every_point_once(store, collection):
     ids, _ = load(store, collection, 700)
@@ -217,6 +226,13 @@ def test_paged_scroll_visits_every_point_once(store, collection):
     assert pages == 6
     assert sorted(seen) == sorted(ids)
     assert len([r.id for r in store.iter_records(collection, page_size=50, filter={"split": "train"})]) == 560
+    # a made-up offset: a bare ValueError on Edge and a silent empty page ("the end") on the server adapter
+    with pytest.raises(InvalidInputError, match="offset must be a next_offset"):
+        store.scroll(collection, limit=10, offset="page-2")
+    # numpy integers, as user code makes them, are ints
+    assert len(store.scroll(collection, limit=np.int64(7)).records) == 7
+    x0 = store.retrieve(collection, [ids[0]], with_vectors=True)[0].vector
+    assert len(store.search(collection, x0, top_k=np.int64(3), shortlist=np.int32(50))) == 3
 
 
 def test_scroll_partitions_are_disjoint_id_ranges_that_cover_the_collection_in_order(store, collection):
