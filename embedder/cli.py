@@ -247,6 +247,17 @@ def index_cmd(
         )
     for item_id, why in report.skipped:
         console.print(f"[yellow]skipped[/] {item_id}: {why}")
+    _say_truncated(report.truncated)
+
+
+def _say_truncated(truncated: list[tuple[str, int]]) -> None:
+    if truncated:
+        first_id, pieces = truncated[0]
+        console.print(
+            f"[yellow]note:[/] {len(truncated)} text(s) are longer than the text model reads (its max_seq_length); "
+            f"only their beginning is embedded (e.g. {first_id!r}: {pieces} pieces). Split long documents into "
+            "passages to embed all of them"
+        )
 
 
 @app.command("ingest")
@@ -282,6 +293,7 @@ def ingest_cmd(
             with open_store(settings) as store:
                 report = _index(store, settings, embedder, items, skip_bad)
             console.print(f"ingested {report.written} items into {settings.collection!r}")
+            _say_truncated(report.truncated)
             skipped = report.skipped
         else:
             config = _source_config(source)  # before the models load: a config mistake shows at once

@@ -414,6 +414,21 @@ class SentenceTransformerEncoder:
             ids = tokenizer(list(texts), add_special_tokens=False)["input_ids"]
         return [i for i, seq in enumerate(ids) if all(t == unk for t in seq)]
 
+    def overlong(self, texts: Sequence[str]) -> list[tuple[int, int]]:
+        """(position, word pieces) of the texts longer than the model reads (``max_seq_length``, less its two
+        special tokens): their ends are cut before the encoder, so they do not reach the vector."""
+        tokenizer = getattr(self.model, "tokenizer", None)
+        if tokenizer is None or not texts:
+            return []
+        limit = int(self.model.max_seq_length) - 2
+        # a word piece is at least one character: shorter texts cannot be over the limit (most texts, no work)
+        long = [i for i, t in enumerate(texts) if len(t) > limit]
+        if not long:
+            return []
+        with self._lock:
+            ids = tokenizer([texts[i] for i in long], add_special_tokens=False)["input_ids"]
+        return [(i, len(seq)) for i, seq in zip(long, ids, strict=True) if len(seq) > limit]
+
     def encode(self, texts: Sequence[str]) -> np.ndarray:
         if not texts:
             return np.zeros((0, self.dim), dtype=np.float32)

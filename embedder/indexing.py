@@ -85,6 +85,8 @@ class IndexReport:
     #: points whose human answer (given through `label import`, the web page or SubmitLabels) was kept over
     #: the label the item came with
     kept_answers: int = 0
+    #: (item id, word pieces) of texts longer than the text model reads: only their beginning is embedded
+    truncated: list[tuple[str, int]] = field(default_factory=list)
 
 
 def index_items(
@@ -131,6 +133,10 @@ def index_items(
                 # the position in the whole run, not in this batch ("item 24" of a 300-row manifest misleads)
                 at = None if exc.index is None or skip_bad else start + exc.index
                 raise type(exc)(exc.reason, index=at, item_id=exc.item_id) from None
+            overlong = getattr(embedder.text_encoder, "overlong", None)
+            if overlong is not None:
+                texts = [(it.id, it.text) for it in batch if it.has_text]
+                report.truncated += [(texts[i][0], n) for i, n in overlong([t for _, t in texts])]
             if vectors is None:
                 vectors = _vector_buffer(len(items), got.shape[1], stack)
             vectors[len(kept) : len(kept) + len(batch)] = got

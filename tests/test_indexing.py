@@ -145,3 +145,14 @@ def test_bad_items_fail_the_run_or_are_reported(tmp_path, two_embedders, emoji_i
         assert report.written == 3
         assert [s[0] for s in report.skipped] == ["broken", "empty"]
         assert "neither" in report.skipped[1][1] and "item 0" not in report.skipped[1][1]  # no per-item index
+
+
+def test_texts_longer_than_the_model_reads_are_reported(tmp_path, two_embedders, emoji_items):
+    """Word pieces past the text model's max_seq_length are cut before the encoder, and nothing said so."""
+    emb, _ = two_embedders
+    long_text = " ".join(["review"] + ["plot acting music scenery"] * 150)  # ~600 word pieces
+    items = [*emoji_items[:3], Item("long", text=long_text)]
+    with make_edge(tmp_path) as store:
+        report = index_items(store, "emoji", emb, items)
+    assert report.written == 4
+    assert [i for i, _ in report.truncated] == ["long"] and report.truncated[0][1] > 500
