@@ -309,7 +309,9 @@ class VectorStore(abc.ABC):
     def set_payload(
         self,
         collection: str,
-        updates: Mapping[ExternalId, Mapping[str, Any]] | Iterable[tuple[ExternalId, Mapping[str, Any]]],
+        updates: Mapping[str, Mapping[str, Any]]
+        | Mapping[int, Mapping[str, Any]]
+        | Iterable[tuple[ExternalId, Mapping[str, Any]]],
         *,
         missing_ok: bool = False,
     ) -> int:

@@ -233,10 +233,14 @@ def check_vectors(vectors: Any, ids: Sequence[Any] | None = None, *, what: str =
             i = start + int(np.flatnonzero(~finite)[0])
             raise InvalidVectorError(f"{what} contains NaN or infinity (in float32)", index=i, item_id=name(i))
         for bad, msg in (
-            (~block.any(axis=1), f"{what} is all zeros (cosine needs a direction)"),
+            (
+                ~block.any(axis=1),
+                f"{what} is all zeros in float32 (cosine needs a direction; values below ~1e-45 underflow to 0 "
+                "there: scale the vector up, its direction is what counts)",
+            ),
             (
                 ~block[:, :PREFIX_DIM].any(axis=1),
-                f"{what}'s first {PREFIX_DIM} dims are all zeros (no prefix to shortlist on)",
+                f"{what}'s first {PREFIX_DIM} dims are all zeros in float32 (no prefix to shortlist on)",
             ),
         ):
             if bad.any():

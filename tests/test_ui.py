@@ -127,6 +127,27 @@ def test_overview_shows_counts_the_run_its_curves_and_reliability_diagram(world,
     assert all(_image_loaded(browser, i) for i in imgs)
 
 
+def test_the_overview_says_when_its_counts_include_a_pending_write(world):
+    """The status counts read raw payloads: during (or after an interrupted) write they mix two runs' labels."""
+    import urllib.request
+
+    from labeling.runs import load_registry, save_registry
+
+    def page() -> str:
+        return urllib.request.urlopen(world["open"] + "/").read().decode()
+
+    assert 'id="pending-run"' not in page()
+    store = world["store"]
+    reg = load_registry(store, "items")
+    reg.pending = "20990101T000000-abcdef"
+    save_registry(store, "items", reg)
+    try:
+        assert 'id="pending-run"' in page() and "20990101T000000-abcdef is writing, or was interrupted" in page()
+    finally:
+        reg.pending = None
+        save_registry(store, "items", reg)
+
+
 def test_a_point_shows_its_neighbours_with_disagreements_marked(world, browser):
     browser.get(world["open"] + "/points?status=accepted")
     cards = browser.find_elements(By.CSS_SELECTOR, "#points .point-card a")
