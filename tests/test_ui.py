@@ -186,6 +186,10 @@ def test_correcting_a_label_writes_human_ground_truth_and_never_silently_overwri
     browser.find_element(By.ID, "save").click()
     assert "saved: fox" in _wait_for(browser, "saved").text
     assert browser.find_element(By.ID, "label").text.startswith("fox (human)")  # visible at once
+    browser.refresh()  # the outcome is shown once, not again on a reload
+    assert not browser.find_elements(By.ID, "saved")
+    browser.get(f"{world['open']}/point/{pid}?saved=Pwned&error=call+0800")  # and never from a crafted link
+    assert not browser.find_elements(By.ID, "saved") and not browser.find_elements(By.ID, "error")
     payload = store.retrieve("items", [pid])[0].payload
     assert payload["label"] == "fox" and payload["label_source"] == "human"
     # another person's different answer is refused, visibly, and the store keeps the first

@@ -25,6 +25,7 @@ that ``/login`` sets (HttpOnly, SameSite=Strict: a cross-site form cannot post w
 
 from __future__ import annotations
 
+import base64
 import hmac
 import json
 import mimetypes
@@ -53,6 +54,7 @@ PLACEHOLDER_SVG = (
     '<text x="48" y="52" font-size="11" text-anchor="middle" fill="#888">no image</text></svg>'
 )
 RUN_FILES = {"reliability.png", "iterations.png"}
+FLASH = "embedstore_flash"  # a form post's outcome, shown once on the page it redirects to
 STATUS_FILTERS = ("accepted", "quarantined", "review")
 
 
@@ -205,7 +207,16 @@ def create_app(
         return page(request, "points.html", rows=rows, query=query, next_url=next_url, statuses=STATUS_FILTERS)
 
     @app.get("/point/{point_id:path}", response_class=HTMLResponse)
-    def point(request: Request, point_id: str, saved: str | None = None, error: str | None = None) -> HTMLResponse:
+    def point(request: Request, point_id: str) -> HTMLResponse:
+        # The outcome of the form post comes in a one-shot cookie, not the query string: a crafted link could
+        # otherwise show "saved: ..." or any error text on this page.
+        saved = error = None
+        try:
+            flash = json.loads(base64.urlsafe_b64decode(request.cookies.get(FLASH, "")) or b"{}")
+        except ValueError:  # binascii.Error and JSONDecodeError are ValueErrors
+            flash = {}
+        if isinstance(flash, dict) and flash.get("point") == point_id:
+            saved, error = flash.get("saved"), flash.get("error")
         try:
             ins = locked(inspect_neighbours, store, collection, point_id, k)
         except PointNotFoundError:
@@ -221,7 +232,7 @@ def create_app(
             }
             for n in ins.neighbours
         ]
-        return page(
+        resp = page(
             request,
             "point.html",
             p=_row(ins.point.id, ins.point.payload),
@@ -232,18 +243,28 @@ def create_app(
             saved=saved,
             error=error,
         )
+        if FLASH in request.cookies:
+            resp.delete_cookie(FLASH, path="/")
+        return resp
 
     @app.post("/point/{point_id:path}/label")
     def set_label(point_id: str, label: str = Form(...), replace: bool = Form(False)) -> Response:
         target = f"/point/{quote(point_id, safe='')}"
+
+        def back(**outcome: str) -> Response:
+            resp = RedirectResponse(target, status_code=303)
+            # base64: a cookie value cannot carry every character a label or message may have
+            body = base64.urlsafe_b64encode(json.dumps({"point": point_id, **outcome}).encode()).decode()
+            resp.set_cookie(FLASH, body, max_age=60, httponly=True, samesite="strict", path="/")
+            return resp
+
         try:
             locked(submit_labels, store, collection, [(point_id, label.strip())], overwrite_human=replace)
         except LabelConflictError:
-            msg = "this point already has a different human label; tick 'replace' to overwrite it"
-            return RedirectResponse(f"{target}?error={quote(msg)}", status_code=303)
+            return back(error="this point already has a different human label; tick 'replace' to overwrite it")
         except (LabelingError, StoreError) as exc:
-            return RedirectResponse(f"{target}?error={quote(str(exc))}", status_code=303)
-        return RedirectResponse(f"{target}?saved={quote(label.strip())}", status_code=303)
+            return back(error=str(exc))
+        return back(saved=label.strip())
 
     @app.get("/review", response_class=HTMLResponse)
     def review(request: Request) -> HTMLResponse:
