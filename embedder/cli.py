@@ -597,6 +597,13 @@ def ui_cmd(
         typer.Option(help="Directories local thumbnails may be served from (repeatable; default: the current one)."),
     ] = None,
     k: Annotated[int, typer.Option(help="Neighbours shown per point.")] = 12,
+    allowed_host: Annotated[
+        Optional[list[str]],  # noqa: UP045
+        typer.Option(
+            help="Host names the page answers to (repeatable). Default: loopback names when bound to loopback "
+            "(stops DNS rebinding), any otherwise."
+        ),
+    ] = None,
 ) -> None:
     """Serve the inspection web page: runs, points with their neighbours, review queue, corrections."""
     import uvicorn
@@ -612,8 +619,24 @@ def ui_cmd(
         store = open_store(settings, create=False)
     except StoreError as exc:
         _fail(exc)
+    loopback = host in ("127.0.0.1", "localhost", "::1")
+    hosts = allowed_host or (["127.0.0.1", "localhost", "::1"] if loopback else None)
     with store:
-        web = create_app(store, settings.collection, tokens=tokens, image_roots=image_root or [Path.cwd()], k=k)
+        if not store.collection_exists(settings.collection):
+            _fail(
+                StoreError(
+                    f"no collection {settings.collection!r} in this store (collections: {store.list_collections()}); "
+                    "pick one with -c / EMBEDSTORE_COLLECTION"
+                )
+            )
+        web = create_app(
+            store,
+            settings.collection,
+            tokens=tokens,
+            image_roots=image_root or [Path.cwd()],
+            k=k,
+            allowed_hosts=hosts,
+        )
         console.print(f"embedstore ui on http://{host}:{port} (collection {settings.collection!r})")
         uvicorn.run(web, host=host, port=port, log_level="warning")
 

@@ -20,6 +20,8 @@ from __future__ import annotations
 import csv
 import datetime as _dt
 import json
+import unicodedata
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -176,6 +178,32 @@ def import_labels(
     return ImportResult(result.written, result.unchanged, unanswered)
 
 
+MAX_LABEL_CHARS = 200
+
+
+def label_problem(label: str) -> str | None:
+    """Why ``label`` cannot be a class name (None when it can): empty, over ``MAX_LABEL_CHARS``, or holding a
+    control or invisible format character (a newline, a zero-width space) that makes two labels look alike."""
+    if not label.strip():
+        return "the label is empty"
+    if len(label) > MAX_LABEL_CHARS:
+        return f"the label has {len(label)} characters; at most {MAX_LABEL_CHARS}"
+    bad = next((ch for ch in label if unicodedata.category(ch) in ("Cc", "Cf")), None)
+    if bad is not None:
+        return f"the label holds an invisible or control character {bad!r} ({unicodedata.name(bad, 'unnamed')})"
+    return None
+
+
+def same_class_spelt_otherwise(label: str, known: Iterable[str]) -> str | None:
+    """A known class that differs from ``label`` only by case or spacing ("objects", "Food  &  Drink"): the job
+    would learn it as a class of its own."""
+
+    def norm(x: str) -> str:
+        return " ".join(x.split()).casefold()
+
+    return next((k for k in known if k != label and norm(k) == norm(label)), None)
+
+
 def submit_labels(
     store: VectorStore,
     collection: str,
@@ -188,6 +216,9 @@ def submit_labels(
     bad = [i for i, (pid, label) in enumerate(answers) if not pid or not isinstance(label, str) or not label.strip()]
     if bad:
         raise ReviewFileError(f"answers {bad[:10]} have an empty id or label")
+    for pid, label in answers:
+        if (why := label_problem(label)) is not None:
+            raise ReviewFileError(f"answer for {pid!r}: {why} (nothing was written)")
     if not source or not isinstance(source, str):
         raise ReviewFileError("label_source must be a non-empty string")
     ids = [a[0] for a in answers]

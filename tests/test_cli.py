@@ -91,6 +91,9 @@ def test_store_commands_report_errors_cleanly(tmp_path):
     result = runner.invoke(app, ["store", "facet", "label", "--path", str(tmp_path), "-c", "missing"])
     assert result.exit_code == 2
     assert "collection 'missing' does not exist" in result.output
+    # the web page on a collection that is not there: said at start, not a 500 on every page
+    result = runner.invoke(app, ["ui", "--path", str(tmp_path), "-c", "missing", "--port", "1"])
+    assert result.exit_code == 2 and "no collection 'missing' in this store" in " ".join(result.output.split())
     with EdgeStore(tmp_path):
         result = runner.invoke(app, ["store", "info", "--path", str(tmp_path)])
     assert result.exit_code == 2 and "in use by" in result.output

@@ -256,6 +256,42 @@ def test_unauthenticated_access_is_refused_when_a_token_is_set(world, browser):
     browser.find_element(By.ID, "token").send_keys(TOKEN)
     browser.find_element(By.ID, "login").click()
     assert _wait_for(browser, "by-status")  # signed in: the overview
+    browser.find_element(By.ID, "logout").click()  # and out again: the cookie is gone
+    _wait_for(browser, "token")
+    browser.get(world["locked"] + "/")
+    assert not browser.find_elements(By.ID, "by-status")
+
+
+def test_a_typo_is_not_made_a_class_and_other_hosts_are_refused(world, browser):
+    """Any string was saved as ground truth: "objects" beside "Objects", a zero-width space, a new class by
+    mistake; the next job then refused to start (a class with one example). And the page answered any Host:
+    a DNS-rebinding site could read and write it through the browser."""
+    store = world["store"]
+    pid = next(r.id for r in store.iter_records("items", filter={"pseudo_status": "review"}))
+    before = store.retrieve("items", [pid])[0].payload.get("label")
+
+    def answer(text: str, new_class: bool = False) -> str:
+        browser.get(f"{world['open']}/point/{pid}")
+        box = browser.find_element(By.ID, "label-input")
+        box.clear()
+        box.send_keys(text)
+        if new_class:
+            browser.find_element(By.ID, "new-class").click()
+        browser.find_element(By.ID, "save").click()
+        WebDriverWait(browser, 15).until(lambda b: b.find_elements(By.ID, "error") or b.find_elements(By.ID, "saved"))
+        return (browser.find_elements(By.ID, "error") or browser.find_elements(By.ID, "saved"))[0].text
+
+    assert "did you mean 'dog'" in answer("Dog")
+    assert "not one of the 3 classes here; tick 'new class'" in answer("dinosaur")
+    assert "invisible or control character" in answer("dog\u200b")
+    assert store.retrieve("items", [pid])[0].payload.get("label") == before  # none of them written
+    assert "saved: wolf" in answer("wolf", new_class=True)  # a new class, on purpose
+    assert store.retrieve("items", [pid])[0].payload["label"] == "wolf"
+    store.delete_payload_keys("items", [pid], ["label", "label_source", "labeled_at"])  # as the other tests expect
+    req = urllib.request.Request(world["open"] + "/", headers={"Host": "attacker.example"})
+    with pytest.raises(HTTPError) as err:
+        urllib.request.urlopen(req)
+    assert err.value.code == 421
 
 
 def test_suspicious_and_points_pages_paginate(world, browser):

@@ -41,13 +41,33 @@ from fastapi.templating import Jinja2Templates
 
 from labeling.errors import LabelingError
 from labeling.inspect import LabelState, inspect_neighbours
-from labeling.review import LabelConflictError, image_ref, review_queue, submit_labels, suspicious_page
+from labeling.review import (
+    LabelConflictError,
+    image_ref,
+    label_problem,
+    review_queue,
+    same_class_spelt_otherwise,
+    submit_labels,
+    suspicious_page,
+)
 from labeling.runs import load_registry, resolve
 from retrieval import Filter, Match, VectorStore
 from retrieval.errors import PointNotFoundError, StoreError
 
 TEMPLATES = Path(__file__).with_name("templates")
 COOKIE = "embedstore_token"
+SESSION_S = 12 * 3600  # the sign-in cookie's life: a working day, then sign in again
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+
+
+def _host_name(host: str) -> str:
+    """The name in a Host header, without its port (``[::1]:8080`` -> ``::1``)."""
+    host = host.strip().lower()
+    if host.startswith("["):
+        return host[1 : host.find("]")] if "]" in host else host
+    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+
+
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".gif", ".webp", ".bmp"}
 PLACEHOLDER_SVG = (
     '<svg xmlns="http://www.w3.org/2000/svg" width="96" height="96"><rect width="96" height="96" fill="#eee"/>'
@@ -66,13 +86,19 @@ def create_app(
     image_roots: Sequence[str | Path] = (),
     k: int = 12,
     page_size: int = 48,
+    allowed_hosts: Sequence[str] | None = LOOPBACK_HOSTS,
 ) -> FastAPI:
-    """The web app over an open ``store``; store calls are serialised (one lock), pages stay small."""
+    """The web app over an open ``store``; store calls are serialised (one lock), pages stay small.
+
+    ``allowed_hosts``: the host names requests may be addressed to (the ``Host`` header; None: any). The
+    default, loopback only, stops DNS rebinding: a site whose name resolves to 127.0.0.1 would otherwise read
+    and write an open page through the user's browser (same origin to the browser, so CSRF checks pass)."""
     app = FastAPI(title="embedstore", docs_url=None, redoc_url=None, openapi_url=None)
     templates = Jinja2Templates(directory=str(TEMPLATES))  # autoescape is on for .html
     lock = threading.Lock()
     roots = [Path(r).resolve() for r in image_roots]
     secrets = [t for t in tokens if t]
+    allowed = {h.lower().strip("[]") for h in allowed_hosts or ()}
 
     def locked(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         with lock:
@@ -89,11 +115,13 @@ def create_app(
 
     @app.middleware("http")
     async def require_token(request: Request, call_next: Callable[[Request], Any]) -> Response:
+        if allowed_hosts is not None and _host_name(request.headers.get("host", "")) not in allowed:
+            return Response("unknown host (see `embedstore ui --allowed-host`)", status_code=421)
         if request.method not in ("GET", "HEAD", "OPTIONS") and not same_origin(request):
             # a page on another site must not write labels through the user's browser (CSRF): without tokens
             # nothing else would stop it, and a token cookie is SameSite=Strict but Origin is checked anyway
             return page(request, "error.html", status_code=403, message="cross-site request refused")
-        if request.url.path in ("/login", "/healthz") or authorised(request):
+        if request.url.path in ("/login", "/logout", "/healthz") or authorised(request):
             return await call_next(request)
         return templates.TemplateResponse(
             request, "login.html", {"collection": collection, "error": None}, status_code=401
@@ -109,7 +137,16 @@ def create_app(
         return got.scheme in ("http", "https") and got.netloc == request.headers.get("host", request.url.netloc)
 
     def page(request: Request, name: str, status_code: int = 200, **ctx: Any) -> HTMLResponse:
-        return templates.TemplateResponse(request, name, {"collection": collection, **ctx}, status_code=status_code)
+        resp = templates.TemplateResponse(request, name, {"collection": collection, **ctx}, status_code=status_code)
+        resp.headers["Cache-Control"] = "no-store"  # Back must not show a point as it was before a save
+        return resp
+
+    def known_classes() -> list[str]:
+        """The classes in use: ground-truth labels and pseudo-labels (two facets on indexed fields)."""
+        names = {str(k) for k in store.facet(collection, "label")} | {
+            str(k) for k in store.facet(collection, "pseudo_label")
+        }
+        return sorted(names)
 
     @app.get("/healthz")
     def healthz() -> dict[str, str]:
@@ -124,7 +161,13 @@ def create_app(
         if secrets and not any(hmac.compare_digest(token.encode(), s.encode()) for s in secrets):
             return page(request, "login.html", status_code=401, error="wrong token")
         resp = RedirectResponse("/", status_code=303)
-        resp.set_cookie(COOKIE, token, httponly=True, samesite="strict")
+        resp.set_cookie(COOKIE, token, httponly=True, samesite="strict", max_age=SESSION_S)
+        return resp
+
+    @app.get("/logout")
+    def logout() -> Response:
+        resp = RedirectResponse("/login", status_code=303)
+        resp.delete_cookie(COOKIE)
         return resp
 
     @app.get("/", response_class=HTMLResponse)
@@ -242,13 +285,16 @@ def create_app(
             agreement=ins.agreement,
             saved=saved,
             error=error,
+            classes=locked(known_classes),
         )
         if FLASH in request.cookies:
             resp.delete_cookie(FLASH, path="/")
         return resp
 
     @app.post("/point/{point_id:path}/label")
-    def set_label(point_id: str, label: str = Form(...), replace: bool = Form(False)) -> Response:
+    def set_label(
+        point_id: str, label: str = Form(...), replace: bool = Form(False), new_class: bool = Form(False)
+    ) -> Response:
         target = f"/point/{quote(point_id, safe='')}"
 
         def back(**outcome: str) -> Response:
@@ -258,13 +304,24 @@ def create_app(
             resp.set_cookie(FLASH, body, max_age=60, httponly=True, samesite="strict", path="/")
             return resp
 
+        label = label.strip()
+        # A typo here is ground truth: it became a class of its own, and the next job refused to start (a class
+        # with one example). Known classes pass; a spelling variant of one is refused; a new one must be ticked.
+        if (why := label_problem(label)) is not None:
+            return back(error=why)
+        known = locked(known_classes)
+        if label not in known:
+            if (other := same_class_spelt_otherwise(label, known)) is not None:
+                return back(error=f"did you mean {other!r}? {label!r} differs from it only by case or spacing")
+            if not new_class:
+                return back(error=f"{label!r} is not one of the {len(known)} classes here; tick 'new class' to add it")
         try:
-            locked(submit_labels, store, collection, [(point_id, label.strip())], overwrite_human=replace)
+            locked(submit_labels, store, collection, [(point_id, label)], overwrite_human=replace)
         except LabelConflictError:
             return back(error="this point already has a different human label; tick 'replace' to overwrite it")
         except (LabelingError, StoreError) as exc:
             return back(error=str(exc))
-        return back(saved=label.strip())
+        return back(saved=label)
 
     @app.get("/review", response_class=HTMLResponse)
     def review(request: Request) -> HTMLResponse:
