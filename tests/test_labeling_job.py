@@ -367,6 +367,9 @@ def test_review_export_and_import_round_trip(labelled, tmp_path):
     assert not payloads(store, "emoji")[other].get("label")
     with pytest.raises(ReviewFileError, match="not in collection"):
         import_labels(store, "emoji", _file(tmp_path, "id,label\nnope,Flags\n"))
+    with pytest.raises(ReviewFileError, match="invisible or control character"):  # looks like Flags, is not
+        import_labels(store, "emoji", _file(tmp_path, f"id,label\n{other},Flags\u200b\n"))
+    assert not payloads(store, "emoji")[other].get("label")
 
 
 def _file(tmp_path, text):
