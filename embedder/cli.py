@@ -9,6 +9,7 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 
+from embedder.environment import remote_collection
 from embedder.keys_cli import keys_app
 from embedder.label_cli import label_app
 from retrieval import StoreError, StoreSettings, collection_spec, open_store
@@ -422,7 +423,7 @@ def search_cmd(
             rows = [(h.score, h.id, h.payload or {}) for h in hits]
         else:
             with _client(server, token) as client:
-                found = client.search(text, image, top_k=top_k, filter=flt, collection=collection or "")
+                found = client.search(text, image, top_k=top_k, filter=flt, collection=remote_collection(collection))
             rows = [(h.score, h.id, h.payload or {}) for h in found]
     except (EmbedderError, StoreError, ServiceError) as exc:
         _fail(exc)
@@ -462,7 +463,7 @@ def inspect_cmd(
                 view = inspect_neighbours(store, settings.collection, point_id, k)
         else:
             with _client(server, token) as client:
-                view = client.inspect(point_id, k=k, collection=collection or "")
+                view = client.inspect(point_id, k=k, collection=remote_collection(collection))
     except (ServiceError, StoreError) as exc:
         _fail(exc)
     if as_json:
@@ -502,6 +503,12 @@ def serve_cmd(
     except ValueError as exc:
         _fail(exc)
     store_settings = _settings(path, collection=collection)
+    if server_settings.host not in ("127.0.0.1", "localhost", "::1") and not server_settings.tokens:
+        logging.getLogger("embedstore.server").warning(
+            "listening on %s without a bearer token: anyone who can reach the port can read and write the store "
+            "(set EMBEDSTORE_GRPC_TOKENS)",
+            server_settings.host,
+        )
     server = EmbedstoreServer(
         server_settings,
         embedder_factory=lambda: Embedder.from_settings(EmbedderSettings()),

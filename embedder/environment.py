@@ -116,3 +116,10 @@ def error_text(exc: BaseException) -> str:
     from pydantic import ValidationError
 
     return describe_validation_error(exc) if isinstance(exc, ValidationError) else str(exc)
+
+
+def remote_collection(collection: str | None) -> str:
+    """The collection a command sends to a server: ``-c``, else ``EMBEDSTORE_COLLECTION`` when set (the
+    environment or .env), else "" (the server's default). The variable was ignored over ``--server``, and a
+    labeling job wrote its pseudo-labels into the server's default collection."""
+    return collection or os.environ.get("EMBEDSTORE_COLLECTION", "").strip()

@@ -9,6 +9,7 @@ from typing import Annotated, Any, Optional
 import typer
 from rich.console import Console
 
+from embedder.environment import remote_collection
 from retrieval import StoreError, StoreLockedError, StoreSettings, open_store
 
 label_app = typer.Typer(help="Self-training labeling jobs against the store.", no_args_is_help=True)
@@ -117,7 +118,12 @@ def run_cmd(
     except ValidationError as exc:
         _fail(ValueError(f"invalid labeling config: {exc}"))
     if server is not None:
-        report = _run_via_server(server, token, collection or "", fields, progress and not as_json)
+        if runs_dir != Path("./data/runs"):
+            console.print(
+                "[yellow]note:[/] --runs-dir / EMBEDSTORE_RUNS_DIR applies to jobs run here; the server writes its "
+                "run directories under its EMBEDSTORE_GRPC_RUNS_DIR"
+            )
+        report = _run_via_server(server, token, remote_collection(collection), fields, progress and not as_json)
     else:
         report = _run_local(path, collection, cfg, runs_dir, progress and not as_json)
     if as_json:
@@ -275,7 +281,7 @@ def review_cmd(
 
         try:
             with Client(server, token=token, **tls_from_env()) as client:
-                found = client.review_queue(limit=limit or 100_000, collection=collection or "")
+                found = client.review_queue(limit=limit or 100_000, collection=remote_collection(collection))
         except ServiceError as exc:
             _fail(exc)
         n = write_review([review_item_from_proto(q) for q in found], export)
@@ -310,7 +316,7 @@ def import_cmd(
             answers, unanswered = read_answers(file)
             with Client(server, token=token, **tls_from_env()) as client:
                 written, unchanged = client.submit_labels(
-                    answers, source=source, overwrite_human=overwrite_human, collection=collection or ""
+                    answers, source=source, overwrite_human=overwrite_human, collection=remote_collection(collection)
                 )
         except (ServiceError, LabelingError) as exc:
             _fail(exc)

@@ -33,6 +33,7 @@ import datetime as _dt
 import hashlib
 import json
 import math
+import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -261,6 +262,9 @@ class ProjectionArtifact:
             "training": self.training,
         }
         (path / "projection.json").write_text(json.dumps(meta, indent=2) + "\n")
+        # safetensors writes its file 0600: a service running as another user (the image's uid 10001, with the
+        # folder mounted read-only) could not read it. It gets the mode the umask gives the json beside it.
+        os.chmod(path / "projection.safetensors", (path / "projection.json").stat().st_mode & 0o777)
         return path
 
     @classmethod

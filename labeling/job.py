@@ -85,8 +85,9 @@ def preflight(store: VectorStore, collection: str, runs_dir: Path | str) -> None
             pass
     except OSError as exc:
         raise JobPreconditionError(
-            f"cannot write the run's report under {target} ({exc.strerror or exc}): set --runs-dir "
-            "(EMBEDSTORE_RUNS_DIR) to a writable folder"
+            f"cannot write the run's report under {target} ({exc.strerror or exc}): point the runs directory at "
+            "a writable folder (`label run --runs-dir` / EMBEDSTORE_RUNS_DIR; for `embedstore serve`, "
+            "EMBEDSTORE_GRPC_RUNS_DIR)"
         ) from None
 
 

@@ -258,3 +258,14 @@ def test_dotenv_covers_every_variable_and_typos_are_reported(tmp_path, monkeypat
     )
     assert os.environ["EMBEDSTORE_PATH"] == str(tmp_path / "from-env")  # not overwritten by .env
     assert {"EMBEDSTORE_SERVER", "EMBEDSTORE_RUNS_DIR", "EMBEDSTORE_CACHE", "EMBEDSTORE_GRPC_PORT"} <= known_variables()
+
+
+def test_commands_over_a_server_send_the_collection_the_environment_names(monkeypatch):
+    """`label run --server` ignored EMBEDSTORE_COLLECTION and wrote pseudo-labels into the server's default
+    collection; `search` and `inspect` read the wrong one the same way."""
+    from embedder.environment import remote_collection
+
+    monkeypatch.delenv("EMBEDSTORE_COLLECTION", raising=False)
+    assert remote_collection(None) == ""  # nothing set: the server's default
+    monkeypatch.setenv("EMBEDSTORE_COLLECTION", "emoji")
+    assert remote_collection(None) == "emoji" and remote_collection("other") == "other"

@@ -222,6 +222,15 @@ def test_keys_are_encrypted_at_rest_when_a_secret_is_set(redis_server):
         wrong.lease(wait=0)
 
 
+def test_an_encrypted_key_is_never_sent_as_ciphertext_without_the_secret(redis_server):
+    """With EMBEDSTORE_KEY_SECRET unset (compose's default is empty) the stored ciphertext was leased as the key:
+    the API got a Fernet token, answered 401, and the key was deactivated."""
+    name = f"enc-{uuid.uuid4().hex[:6]}"
+    KeyPool(name, redis_server.url, secret="correct horse").add(KEYS[1])
+    with pytest.raises(KeyPoolError, match="stored encrypted and EMBEDSTORE_KEY_SECRET is not set"):
+        KeyPool(name, redis_server.url, secret="").lease(wait=0)
+
+
 def test_redis_down_is_a_clear_error_and_recovery_works(tmp_path):
     server = RedisServer(tmp_path)
     try:

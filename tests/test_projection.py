@@ -95,6 +95,9 @@ def test_save_load_round_trip_and_tamper_detection(tmp_path):
     raw, labels = synthetic_raw(120)
     art = fit_projection(raw, labels, TrainConfig(epochs=3), encoders={"image": {"model": "m"}}, progress=False)
     art.save(tmp_path / "p")
+    # readable by whoever may read the json beside it (safetensors wrote 0600: the container's uid could not)
+    weights_mode = (tmp_path / "p" / "projection.safetensors").stat().st_mode & 0o777
+    assert weights_mode == (tmp_path / "p" / "projection.json").stat().st_mode & 0o777 and weights_mode & 0o044
     meta = json.loads((tmp_path / "p" / "projection.json").read_text())
     assert meta["version"] == art.version and meta["nested_dims"] == [128, 256, 512]
     assert meta["training"]["data_sha256"] and meta["encoders"] == {"image": {"model": "m"}}

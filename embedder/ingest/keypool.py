@@ -202,6 +202,15 @@ def key_id(pool: str, raw: str) -> str:
     return "k_" + hashlib.sha256(f"{pool}\0{raw}".encode()).hexdigest()[:12]
 
 
+#: Prefix of a key stored encrypted, so a reader without the secret knows it holds ciphertext, not a key.
+ENCRYPTED = "fernet:"
+
+
+def _legacy_token(value: str) -> bool:
+    """A key encrypted before the prefix: a Fernet token (version byte 0x80: base64 "gAAAAA", 100+ chars)."""
+    return value.startswith("gAAAAA") and len(value) >= 100
+
+
 def _fernet(secret: str | None) -> Any:
     if not secret:
         return None
@@ -311,7 +320,7 @@ class KeyPool:
             raise KeyPoolError(f"the budget window must be at least 1 ms, got {window_s} s")
         raw = raw.strip()
         kid = key_id(self.pool, raw)
-        stored = self._fernet.encrypt(raw.encode()).decode() if self._fernet else raw
+        stored = ENCRYPTED + self._fernet.encrypt(raw.encode()).decode() if self._fernet else raw
         ready, _, stats, secrets = self.keys
 
         def tx(pipe: Any) -> None:
@@ -409,6 +418,14 @@ class KeyPool:
         kid, value = got[0], got[1]
         if kid:
             secret = value.decode() if value is not None else ""
+            encrypted = secret.startswith(ENCRYPTED) or _legacy_token(secret)
+            secret = secret.removeprefix(ENCRYPTED)
+            if encrypted and self._fernet is None:
+                # without this the ciphertext went to the API as the key, and the API's 401 deactivated it
+                raise KeyPoolError(
+                    f"key {kid.decode()} is stored encrypted and EMBEDSTORE_KEY_SECRET is not set (or empty): set "
+                    "the secret it was added with"
+                )
             if self._fernet is not None and secret:
                 from cryptography.fernet import InvalidToken
 
