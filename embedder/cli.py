@@ -667,7 +667,9 @@ def health_cmd(
 
     from embedder.client import Client, ServiceError, tls_from_env
 
-    port = os.environ.get("EMBEDSTORE_GRPC_PORT", "50051")
+    port = os.environ.get("EMBEDSTORE_GRPC_PORT", "50051").strip()
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        _fail(ValueError(f"EMBEDSTORE_GRPC_PORT={port!r}: not a port number (1-65535)"))
     own_cert = os.environ.get("EMBEDSTORE_GRPC_TLS_CERT")
     target = target or (f"localhost:{port}" if own_cert else f"127.0.0.1:{port}")
     try:

@@ -88,6 +88,16 @@ def check_items(items: Sequence[Item]) -> None:
             )
 
 
+def projection_present(path: str | Path | None) -> bool:
+    """Whether ``path`` holds a projection to load: missing, and an empty folder (what Docker makes of a bind
+    mount whose host folder does not exist yet), both mean none (the service then runs with embedding
+    NOT_SERVING); a folder with files in it is loaded, and a broken one is an error."""
+    if not path:
+        return False
+    p = Path(path)
+    return p.exists() and (not p.is_dir() or any(p.iterdir()))
+
+
 class Embedder:
     """Encoders + fusion + Matryoshka projection.
 
@@ -119,7 +129,7 @@ class Embedder:
             s.image_model, size=s.image_size, backend=s.image_backend, weights=s.image_weights, threads=s.threads
         )
         text = SentenceTransformerEncoder(s.text_model, threads=s.threads)
-        projection = ProjectionArtifact.load(s.projection) if s.projection and Path(s.projection).exists() else None
+        projection = ProjectionArtifact.load(s.projection) if projection_present(s.projection) else None
         return cls(image, text, projection)
 
     @property

@@ -269,3 +269,10 @@ def test_commands_over_a_server_send_the_collection_the_environment_names(monkey
     assert remote_collection(None) == ""  # nothing set: the server's default
     monkeypatch.setenv("EMBEDSTORE_COLLECTION", "emoji")
     assert remote_collection(None) == "emoji" and remote_collection("other") == "other"
+
+
+def test_health_names_a_bad_port_variable(monkeypatch):
+    """EMBEDSTORE_GRPC_PORT=abc went raw into the target ("127.0.0.1:abc"; Rich even drew an emoji)."""
+    monkeypatch.setenv("EMBEDSTORE_GRPC_PORT", "abc")
+    result = runner.invoke(app, ["health"])
+    assert result.exit_code == 2 and "EMBEDSTORE_GRPC_PORT='abc': not a port number" in result.output

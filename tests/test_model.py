@@ -106,3 +106,15 @@ def test_a_modality_the_projection_never_saw_is_refused_not_dropped(image_encode
     assert art.space.fitted_modalities == ("image",)
     with pytest.raises(ModalityNotFittedError, match="without any text"):
         Embedder(image_encoder, text_encoder, art).embed([Item("q", text="seven")])
+
+
+def test_an_empty_projection_folder_counts_as_none(tmp_path):
+    """Docker makes a missing bind-mount source an empty folder: `serve` then exited ("no projection at ...")
+    where a missing path leaves it running with embedding NOT_SERVING, as the README says."""
+    from embedder.model import projection_present
+
+    assert not projection_present(tmp_path / "missing") and not projection_present(None)
+    (tmp_path / "empty").mkdir()
+    assert not projection_present(tmp_path / "empty")
+    (tmp_path / "empty" / "projection.json").write_text("{}")
+    assert projection_present(tmp_path / "empty")  # files there: loaded, and a broken one is an error
