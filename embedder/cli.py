@@ -217,6 +217,13 @@ def index_cmd(
     path: PathOpt = None,
     collection: CollectionOpt = None,
     skip_bad: Annotated[bool, typer.Option(help="Skip (and list) bad items instead of failing.")] = False,
+    seed_fraction: Annotated[
+        Optional[float],  # noqa: UP045
+        typer.Option(
+            help="Keep labels on a stratified share of the items only (e.g. 0.1); the others' labels go to the "
+            "payload field 'truth' (for `label run --truth-field truth`). Default: keep every label."
+        ),
+    ] = None,
 ) -> None:
     """Embed items with the fitted projection and upsert them into the store."""
     from embedder.datasets import load_items, manifest_items
@@ -227,10 +234,12 @@ def index_cmd(
     settings = _settings(path, collection=collection)
     try:
         items = load_items(dataset) if dataset else manifest_items(manifest)  # type: ignore[arg-type]
+        if seed_fraction is not None:
+            items = _hold_back_labels(items, seed_fraction)
         with open_store(settings) as store:  # first: a store another process holds is said before the models load
             embedder = _embedder()
             report = _index(store, settings, embedder, items, skip_bad)
-    except (EmbedderError, StoreError) as exc:
+    except (EmbedderError, StoreError, ValueError) as exc:
         _fail(exc)
     except KeyboardInterrupt:
         # Embedding is all or nothing, the write is batched: interrupted while writing, the collection holds part
@@ -249,6 +258,26 @@ def index_cmd(
     for item_id, why in report.skipped:
         console.print(f"[yellow]skipped[/] {item_id}: {why}")
     _say_truncated(report.truncated)
+
+
+def _hold_back_labels(items: list, fraction: float) -> list:
+    """A labeling job needs unlabelled points: a bundled dataset labels every item, so `label run` after a plain
+    `index --dataset` had nothing to label. Keeps a stratified ``fraction`` of the labels (as the demo's seed);
+    the others move to the payload field ``truth``, so a run can be scored against them."""
+    import dataclasses
+
+    from embedder.demo import stratified_seed
+
+    if not 0 < fraction <= 1:
+        raise ValueError(f"--seed-fraction must be in (0, 1], got {fraction}")
+    labelled = [i for i, it in enumerate(items) if it.label]
+    keep = {labelled[j] for j in stratified_seed([items[i].label for i in labelled], fraction, 7919).tolist()}
+    return [
+        it
+        if i in keep or not it.label
+        else dataclasses.replace(it, label=None, payload={**it.payload, "truth": it.label})
+        for i, it in enumerate(items)
+    ]
 
 
 def _say_truncated(truncated: list[tuple[str, int]]) -> None:

@@ -276,3 +276,19 @@ def test_health_names_a_bad_port_variable(monkeypatch):
     monkeypatch.setenv("EMBEDSTORE_GRPC_PORT", "abc")
     result = runner.invoke(app, ["health"])
     assert result.exit_code == 2 and "EMBEDSTORE_GRPC_PORT='abc': not a port number" in result.output
+
+
+def test_index_can_hold_back_labels_so_a_job_has_points_to_label():
+    """`index --dataset emoji` labelled every item, so the README's next step, `label run`, had nothing to do."""
+    from embedder.cli import _hold_back_labels
+    from embedder.model import Item
+
+    items = [Item(f"i{n}", text=f"t{n}", label=("a", "b", "c")[n % 3]) for n in range(90)] + [Item("u", text="x")]
+    out = _hold_back_labels(items, 0.1)
+    kept = [it for it in out if it.label]
+    assert len(kept) == 9 and {it.label for it in kept} == {"a", "b", "c"}  # ceil(0.1 x 30) = 3 of each class
+    held = [it for it in out if not it.label and "truth" in it.payload]
+    assert len(held) == 81 and all(it.payload["truth"] == items[int(it.id[1:])].label for it in held)
+    assert out[-1].label is None and "truth" not in out[-1].payload  # an unlabelled item stays as it was
+    result = runner.invoke(app, ["index", "--dataset", "emoji", "--seed-fraction", "1.5"])
+    assert result.exit_code == 2 and "--seed-fraction must be in (0, 1]" in result.output
