@@ -388,11 +388,19 @@ def run_job(
         if on_write_batch is not None:
             on_write_batch(b)
 
-    written = apply_run(store, collection, record, rows, batch_size=store.write_batch_size, on_batch=on_batch)
+    written = apply_run(
+        store,
+        collection,
+        record,
+        rows,
+        batch_size=store.write_batch_size,
+        on_batch=on_batch,
+        label_field=cfg.label_field,
+    )
     # Seed points still carrying an older run's verdict (labelled after that run through a manifest, or
     # answered before answers cleared it) would count twice in the status facets: the label is the verdict.
     report["cleared_stale_pseudo"] = clear_pseudo_state(
-        store, collection, labelled_with_pseudo_state(store, collection)
+        store, collection, labelled_with_pseudo_state(store, collection, label_field=cfg.label_field)
     )
     timings["write"] = time.perf_counter() - t0
     timings["total"] = time.perf_counter() - t_job

@@ -155,8 +155,11 @@ def apply_run(
     *,
     batch_size: int = 512,
     on_batch: BatchHook | None = None,
+    label_field: str = "label",
 ) -> int:
-    """Write a run's per-point fields as a unit (see the module docstring). Returns points written."""
+    """Write a run's per-point fields as a unit (see the module docstring). Returns points written.
+
+    A point whose ``label_field`` was set since the job's snapshot (answered meanwhile) is not written."""
     reg = load_registry(store, collection)
     if reg.pending and reg.pending != record.run_id:
         with contextlib.suppress(RunNotFoundError):
@@ -172,7 +175,7 @@ def apply_run(
     unapplied = reg.unapplied - {record.run_id}
 
     with store.bulk_write():  # one optimize at the end (Edge), not one midway as well
-        written = _write_rows(store, collection, record, rows, unapplied, batch_size, on_batch)
+        written = _write_rows(store, collection, record, rows, unapplied, batch_size, on_batch, label_field)
     store.flush()
     reg = load_registry(store, collection)
     rec = reg.get(record.run_id)
@@ -196,6 +199,7 @@ def _write_rows(
     unapplied: set[str],
     batch_size: int,
     on_batch: BatchHook | None,
+    label_field: str = "label",
 ) -> int:
     written = 0
     for b, start in enumerate(range(0, len(rows), batch_size)):
@@ -205,7 +209,7 @@ def _write_rows(
         for point, fields in chunk:
             if point not in current:
                 continue  # deleted since the snapshot
-            if current[point].get("label") not in (None, ""):
+            if current[point].get(label_field) not in (None, ""):
                 continue  # answered since the snapshot: ground truth is the verdict
             prev = _previous_state(current[point], record.run_id, unapplied)
             updates.append((point, {**fields, RUN_FIELD: record.run_id, PREV_FIELD: prev}))
@@ -228,14 +232,16 @@ def clear_pseudo_state(store: VectorStore, collection: str, ids: Sequence[str]) 
     return store.delete_payload_keys(collection, list(ids), [*PSEUDO_FIELDS, PREV_FIELD], missing_ok=True)
 
 
-def labelled_with_pseudo_state(store: VectorStore, collection: str, page_size: int = 512) -> list[str]:
-    """Ids of points that have a ground-truth label and still carry a run's pseudo-label fields (answered
-    before answers cleared them, or labelled through a manifest after a run)."""
-    flt = Filter(must_not=[IsEmpty("label"), IsEmpty("pseudo_status")])
+def labelled_with_pseudo_state(
+    store: VectorStore, collection: str, page_size: int = 512, *, label_field: str = "label"
+) -> list[str]:
+    """Ids of points that have a ground-truth label (``label_field``) and still carry a run's pseudo-label
+    fields (answered before answers cleared them, or labelled through a manifest after a run)."""
+    flt = Filter(must_not=[IsEmpty(label_field), IsEmpty("pseudo_status")])
     return [
         r.id
         for r in store.iter_records(collection, filter=flt, page_size=page_size)
-        if (r.payload or {}).get("label") not in (None, "")
+        if (r.payload or {}).get(label_field) not in (None, "")
     ]
 
 

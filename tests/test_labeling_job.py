@@ -254,6 +254,18 @@ def test_crash_mid_write_keeps_the_previous_run_whole_and_a_rerun_replaces_it(la
         rollback_run(store, "emoji", first.run_id)
 
 
+def test_the_answered_since_snapshot_guard_reads_the_jobs_own_label_field(emoji_data, tmp_path):
+    """With label_field='gt', a point's 'label' is just payload: it must not stop the run's write."""
+    with make_edge(tmp_path / "store") as store:
+        load(store, "c", emoji_data, n=40)
+        ids = list(payloads(store, "c"))
+        store.set_payload("c", {ids[0]: {"label": "x"}, ids[1]: {"gt": "Flags"}})
+        rec = RunRecord(run_id="g", status="writing", created_at="now", model="test")
+        rows = [(pid, {"pseudo_label": "Flags"}) for pid in ids[:2]]
+        assert apply_run(store, "c", rec, rows, label_field="gt") == 1  # ids[0] written, ids[1] answered in 'gt'
+        assert labelled_with_pseudo_state(store, "c", label_field="gt") == []
+
+
 def test_a_job_is_refused_before_any_work_after_an_interrupted_rollback_or_reindex(emoji_data, tmp_path):
     """An interrupted rollback left the collection half on two runs and a new job built on it (the rollback
     could then never be finished); an interrupted reindex left two vector spaces that a job mixed silently;
