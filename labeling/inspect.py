@@ -28,6 +28,13 @@ from labeling.runs import load_registry, resolve
 from retrieval import EXTERNAL_ID_KEY, VectorStore
 from retrieval.errors import InvalidInputError
 
+
+def spelling_key(label: str) -> str:
+    """What two labels share when they differ only by case or spacing ("Flags", "flags ", "Food  &  Drink"):
+    the model learns such labels as separate classes, though a person almost surely meant one."""
+    return " ".join(label.split()).casefold()
+
+
 ACCEPTED = "accepted"
 QUARANTINED = "quarantined"
 REVIEW = "review"

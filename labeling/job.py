@@ -27,6 +27,7 @@ from labeling.config import LabelingConfig
 from labeling.drift import c2st
 from labeling.errors import JobPreconditionError, LabelingError, RunStateError
 from labeling.gate import ACCEPTED, STATUS_NAMES
+from labeling.inspect import spelling_key
 from labeling.plots import iteration_curves, reliability_diagram
 from labeling.runs import (
     ROLLING_BACK,
@@ -211,7 +212,7 @@ def run_job(
         )
     variants: dict[str, list[str]] = {}
     for c in classes:
-        variants.setdefault(" ".join(c.split()).casefold(), []).append(c)
+        variants.setdefault(spelling_key(c), []).append(c)
     for same in (v for v in variants.values() if len(v) > 1):
         # "Flags" and "flags " are two classes to the model: say so, as the user likely meant one
         warnings.append(

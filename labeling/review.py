@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from labeling.errors import LabelConflictError, ReviewFileError, UnknownAnswerIdsError
-from labeling.inspect import REVIEW, LabelState, Neighbour, _inspected, agreement
+from labeling.inspect import REVIEW, LabelState, Neighbour, _inspected, agreement, spelling_key
 from labeling.runs import PREV_FIELD, PSEUDO_FIELDS, clear_pseudo_state, load_registry, resolve
 from retrieval import Filter, Match, VectorStore
 
@@ -197,11 +197,8 @@ def label_problem(label: str) -> str | None:
 def same_class_spelt_otherwise(label: str, known: Iterable[str]) -> str | None:
     """A known class that differs from ``label`` only by case or spacing ("objects", "Food  &  Drink"): the job
     would learn it as a class of its own."""
-
-    def norm(x: str) -> str:
-        return " ".join(x.split()).casefold()
-
-    return next((k for k in known if k != label and norm(k) == norm(label)), None)
+    key = spelling_key(label)
+    return next((k for k in known if k != label and spelling_key(k) == key), None)
 
 
 def submit_labels(

@@ -322,10 +322,10 @@ class EdgeStore(VectorStore):
         )
 
     def _check_room(self, name: str, n_points: int) -> None:
+        # once per upsert call, for the whole call: a refusal before the first batch writes nothing
         self._require_space(n_points * BYTES_PER_POINT, f"upsert of {n_points} points into {name!r}")
 
     def _write_upsert(self, name: str, request: Any, n_points: int) -> None:
-        self._require_space(n_points * BYTES_PER_POINT, f"upsert of {n_points} points into {name!r}")
         with self._write_lock, _edge_errors(f"upsert into {name!r}"):
             self._shard(name).update(request)
             self._pending[name] = self._pending.get(name, 0) + n_points

@@ -149,9 +149,9 @@ def _external_str(external_id: ExternalId, index: int | None = None) -> str:
     text = str(external_id)
     if not text or len(text) > 1024:
         raise InvalidInputError("external id must be 1..1024 characters", index=index, item_id=external_id)
-    if _bad_unicode(text) is not None:
+    if (bad := _bad_unicode(text)) is not None:
         raise InvalidInputError(
-            f"external id is not valid Unicode (a lone surrogate at position {_bad_unicode(text)})",
+            f"external id is not valid Unicode (a lone surrogate at position {bad})",
             index=index,
             item_id=external_id,
         )

@@ -78,22 +78,36 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         return _denying(handler)
 
 
+def _behavior(handler: grpc.RpcMethodHandler) -> Callable[..., Any]:
+    """The servicer function a method handler calls, whatever its streaming kind."""
+    return {
+        (False, False): handler.unary_unary,
+        (False, True): handler.unary_stream,
+        (True, False): handler.stream_unary,
+        (True, True): handler.stream_stream,
+    }[(handler.request_streaming, handler.response_streaming)]
+
+
+def _replaced(handler: grpc.RpcMethodHandler, behavior: Callable[..., Any]) -> grpc.RpcMethodHandler:
+    """``handler`` with another servicer function: same streaming kind, same (de)serializers."""
+    make = {
+        (False, False): grpc.unary_unary_rpc_method_handler,
+        (False, True): grpc.unary_stream_rpc_method_handler,
+        (True, False): grpc.stream_unary_rpc_method_handler,
+        (True, True): grpc.stream_stream_rpc_method_handler,
+    }[(handler.request_streaming, handler.response_streaming)]
+    return make(
+        behavior, request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer
+    )
+
+
 def _denying(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
     message = "missing or invalid bearer token (send metadata 'authorization: Bearer <token>')"
 
     async def deny(_request: Any, context: grpc.aio.ServicerContext) -> Any:
         await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
 
-    kinds = {
-        (False, False): grpc.unary_unary_rpc_method_handler,
-        (False, True): grpc.unary_stream_rpc_method_handler,
-        (True, False): grpc.stream_unary_rpc_method_handler,
-        (True, True): grpc.stream_stream_rpc_method_handler,
-    }
-    make = kinds[(handler.request_streaming, handler.response_streaming)]
-    return make(
-        deny, request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer
-    )
+    return _replaced(handler, deny)
 
 
 class ConcurrencyLimiter(grpc.aio.ServerInterceptor):
@@ -130,17 +144,11 @@ class ConcurrencyLimiter(grpc.aio.ServerInterceptor):
 
     def _limited(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
         # The count is taken and released on the event loop, where every aio handler starts and ends: no lock.
-        streaming = handler.response_streaming
-        behavior = {
-            (False, False): handler.unary_unary,
-            (False, True): handler.unary_stream,
-            (True, False): handler.stream_unary,
-            (True, True): handler.stream_stream,
-        }[(handler.request_streaming, streaming)]
+        behavior = _behavior(handler)
         if not (inspect.iscoroutinefunction(behavior) or inspect.isasyncgenfunction(behavior)):
             return handler  # a sync handler runs in grpc's thread pool: not ours to count
 
-        if streaming:
+        if handler.response_streaming:
 
             async def limited_stream(request: Any, context: grpc.aio.ServicerContext) -> Any:
                 if self.in_flight >= self.limit:
@@ -169,16 +177,7 @@ class ConcurrencyLimiter(grpc.aio.ServerInterceptor):
                     self.in_flight -= 1
 
             wrapped = limited_unary
-        kinds = {
-            (False, False): grpc.unary_unary_rpc_method_handler,
-            (False, True): grpc.unary_stream_rpc_method_handler,
-            (True, False): grpc.stream_unary_rpc_method_handler,
-            (True, True): grpc.stream_stream_rpc_method_handler,
-        }
-        make = kinds[(handler.request_streaming, streaming)]
-        return make(
-            wrapped, request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer
-        )
+        return _replaced(handler, wrapped)
 
 
 class EmbedstoreServer:
