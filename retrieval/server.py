@@ -155,9 +155,11 @@ class QdrantServerStore(VectorStore):
             if grpc is not None and code == grpc.StatusCode.NOT_FOUND and name is not None:
                 self._known.discard(name)
                 raise CollectionNotFoundError(name) from exc
+            # the status's details, not the exception's multi-line repr with grpc's debug string
+            detail = exc.details() if callable(getattr(exc, "details", None)) else str(exc)
             if grpc is not None and code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
-                raise StoreUnavailableError(f"{what}: Qdrant at {self.target} unreachable: {exc}") from exc
-            raise StoreError(f"{what}: Qdrant gRPC error {code}: {exc}") from exc
+                raise StoreUnavailableError(f"{what}: Qdrant at {self.target} unreachable: {detail}") from exc
+            raise StoreError(f"{what}: Qdrant gRPC error {code}: {detail}") from exc
 
     # ------------------------------------------------------------- collections
     def _collection_exists(self, name: str) -> bool:

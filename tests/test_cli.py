@@ -233,6 +233,64 @@ def test_a_bad_setting_names_its_variable_not_a_traceback(tmp_path, monkeypatch,
     assert code == 2 and "EMBEDSTORE_BACKEND=server needs EMBEDSTORE_URL" in " ".join(out.split())
 
 
+def test_urls_paths_and_the_cache_are_named_by_their_variable(tmp_path, monkeypatch, capsys):
+    """A bare host in EMBEDSTORE_URL surfaced as a gRPC resolver traceback, a bad EMBEDSTORE_REDIS_URL as
+    redis-py's message naming no variable, an unwritable EMBEDSTORE_CACHE as a FileNotFoundError traceback,
+    and a missing EMBEDSTORE_IMAGE_WEIGHTS / EMBEDSTORE_TEXT_MODEL did not say which setting held the path."""
+    from embedder.encoders import SentenceTransformerEncoder, cache_dir
+    from embedder.errors import ModelUnavailableError
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("EMBEDSTORE_BACKEND", "server")
+    for bad, says in [("qdrant", "must be a URL such as http://localhost:6333"), ("http://q:99999", "bad port")]:
+        monkeypatch.setenv("EMBEDSTORE_URL", bad)
+        code, out = _main(["store", "info"], capsys)
+        assert code == 2 and f"EMBEDSTORE_URL={bad}: {says}" in " ".join(out.split()) and "Traceback" not in out
+    monkeypatch.setenv("EMBEDSTORE_URL", ":memory:")
+    assert StoreSettings().url == ":memory:"  # local mode stays accepted
+    monkeypatch.setenv("EMBEDSTORE_REDIS_URL", "localhost:6379:secretpw")
+    code, out = _main(["keys", "list", "api"], capsys)
+    flat = " ".join(out.split())
+    assert code == 2 and "EMBEDSTORE_REDIS_URL=<hidden>: must be a URL such as redis://" in flat
+    assert "secretpw" not in out  # a Redis URL may carry a password: never printed back
+
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    monkeypatch.setenv("EMBEDSTORE_CACHE", str(blocker / "cache"))  # under a file: cannot be created
+    with pytest.raises(ModelUnavailableError, match=r"EMBEDSTORE_CACHE=.*cannot create it"):
+        cache_dir()
+    monkeypatch.setenv("EMBEDSTORE_CACHE", str(tmp_path / "new" / "cache"))
+    assert cache_dir().is_dir()  # created when missing
+    with pytest.raises(ModelUnavailableError, match="EMBEDSTORE_TEXT_MODEL"):
+        SentenceTransformerEncoder(tmp_path / "no-model")
+
+
+def test_health_dials_the_interface_the_server_binds(monkeypatch):
+    """`health` always dialled 127.0.0.1, so a server bound to one address (EMBEDSTORE_GRPC_HOST) was
+    reported down by its own container healthcheck."""
+    from concurrent import futures
+
+    import grpc
+    from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    servicer = health.HealthServicer()
+    servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.2:0")  # all of 127/8 is loopback on Linux; 127.0.0.1 is not bound
+    server.start()
+    try:
+        monkeypatch.setenv("EMBEDSTORE_GRPC_PORT", str(port))
+        monkeypatch.setenv("EMBEDSTORE_GRPC_HOST", "127.0.0.2")
+        result = runner.invoke(app, ["health", "--timeout", "5"])
+        assert result.exit_code == 0 and f"127.0.0.2:{port}: SERVING" in result.output
+        monkeypatch.setenv("EMBEDSTORE_GRPC_HOST", "0.0.0.0")  # a wildcard bind answers on loopback: dialled there
+        result = runner.invoke(app, ["health", "--timeout", "1"])
+        assert result.exit_code == 1 and f"127.0.0.1:{port}" in result.output
+    finally:
+        server.stop(None)
+
+
 def test_dotenv_covers_every_variable_and_typos_are_reported(tmp_path, monkeypatch, capsys):
     """`.env` reaches the variables Typer and the model cache read too (it reached only the settings classes);
     the environment still wins over `.env`; a misspelt name is reported with the nearest real one."""

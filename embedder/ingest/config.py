@@ -10,7 +10,7 @@
 
 from __future__ import annotations
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -21,6 +21,16 @@ class KeyPoolSettings(BaseSettings):
     key_secret: SecretStr | None = None
     key_backoff_base_s: float = Field(60.0, gt=0)
     key_backoff_cap_s: float = Field(3600.0, gt=0)
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_url(cls, value: SecretStr) -> SecretStr:
+        # redis-py's own message ("Redis URL must specify one of the following schemes") named no variable;
+        # the value itself may carry a password, so it is not echoed back
+        scheme = value.get_secret_value().strip().partition("://")[0].lower()
+        if "://" not in value.get_secret_value() or scheme not in ("redis", "rediss", "unix"):
+            raise ValueError("must be a URL such as redis://localhost:6379/0 (scheme redis://, rediss:// or unix://)")
+        return value
 
     def pool(self, name: str):  # -> KeyPool
         from embedder.ingest.keypool import KeyPool
