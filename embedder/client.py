@@ -230,6 +230,27 @@ def tls_from_env(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
     return out
 
 
+def check_target(target: str) -> str:
+    """``host:port`` (or a gRPC name with its scheme: ``unix:``, ``dns:``, ``ipv4:``, ``ipv6:``), else
+    :class:`InvalidArgument`. Without a port grpc dials 443, so ``--server myhost`` hung until its deadline
+    against a service that listens on 50051, saying only "unavailable"."""
+    target = (target or "").strip()
+    if not target:
+        raise InvalidArgument("the server address is empty: give host:port (EMBEDSTORE_SERVER or --server)")
+    if target.split(":", 1)[0] in ("unix", "unix-abstract", "dns", "ipv4", "ipv6", "vsock", "xds"):
+        return target
+    host, sep, port = target.rpartition(":")
+    if target.startswith("[") and not target.endswith("]"):  # [::1]:50051
+        host, sep, port = target.rpartition("]:")
+        host += "]"
+    if not sep or not host or host.endswith(":") or not port.isdigit() or not 0 < int(port) < 65536:
+        raise InvalidArgument(
+            f"server address {target!r} needs a port: give host:port (embedstore serve listens on 50051; "
+            "a TLS proxy usually on 443)"
+        )
+    return target
+
+
 # ----------------------------------------------------------------------- client
 class Client:
     """Synchronous client over one gRPC channel (thread-safe; share one per process)."""
@@ -246,7 +267,7 @@ class Client:
         max_message_mb: int = 64,
         collection: str = "",
     ) -> None:
-        self.target = target
+        self.target = target = check_target(target)
         self.timeout = timeout
         self.collection = collection
         self.max_bytes = max_message_mb * 1024 * 1024
@@ -259,7 +280,13 @@ class Client:
         if tls or root_certificates is not None:
             roots = root_certificates
             if isinstance(roots, (str, Path)):
-                roots = Path(roots).read_bytes()
+                try:
+                    roots = Path(roots).read_bytes()
+                except OSError as exc:
+                    raise InvalidArgument(
+                        f"cannot read the CA certificate {roots} (EMBEDSTORE_SERVER_CA or root_certificates): "
+                        f"{exc.strerror or exc}"
+                    ) from None
             self._channel = grpc.secure_channel(target, grpc.ssl_channel_credentials(roots), options=options)
         else:
             self._channel = grpc.insecure_channel(target, options=options)

@@ -546,6 +546,12 @@ def test_client_mistakes_are_service_errors_too(served):
         client.count()
     with pytest.raises(Unavailable, match="closed"):
         list(client.embed_stream(["x"]))
+    # an address without a port dialled 443 and waited out its deadline as "unavailable"
+    with pytest.raises(InvalidArgument, match="'myhost' needs a port"):
+        Client("myhost")
+    with pytest.raises(InvalidArgument, match="CA certificate"):
+        Client(bg.target, root_certificates="/no/such/ca.pem")
+    assert Client("[::1]:50051").target == "[::1]:50051" and Client("unix:/tmp/x.sock").target == "unix:/tmp/x.sock"
 
 
 def test_concurrent_clients_get_their_own_results(served, embedder):
