@@ -58,6 +58,8 @@ class ServerSettings(BaseSettings):
     ``EMBEDSTORE_GRPC_STORE_WORKERS``    threads for store writes and large reads (4)
     ``EMBEDSTORE_GRPC_INLINE_READS``     small reads (top_k/ids <= 100) on the event loop (true)
     ``EMBEDSTORE_GRPC_RUNS_DIR``         where RunLabelingJob writes run directories (``./data/runs``)
+    ``EMBEDSTORE_GRPC_DASK_SCHEDULER``   the Dask scheduler ``xgboost_dask`` jobs use (none: a local cluster);
+                                         a job's own config may not name one
     ===================================  ==================================================
     """
 
@@ -78,6 +80,7 @@ class ServerSettings(BaseSettings):
     store_workers: int = Field(4, ge=1, le=64)
     inline_reads: bool = True
     runs_dir: Path = Path("./data/runs")
+    dask_scheduler: str | None = None
 
     @field_validator("tokens", mode="before")
     @classmethod

@@ -82,6 +82,12 @@ def test_bad_requests_get_clear_status_codes(served):
         list(client.run_labeling_job({"max_iterations": 11}))
     with pytest.raises(InvalidArgument, match="treshold"):
         list(client.run_labeling_job({"treshold": 0.8}))
+    # the scheduler and thread counts are the operator's: a token holder made the server dial any address
+    # (and trust its pickled replies), or asked for thousands of threads
+    with pytest.raises(InvalidArgument, match="dask_scheduler is the server's setting"):
+        list(client.run_labeling_job({"learner": "xgboost_dask", "dask_scheduler": "tcp://127.0.0.1:9"}))
+    with pytest.raises(InvalidArgument, match=r"forest.n_jobs=5000 is more than this server's \d+ CPUs"):
+        list(client.run_labeling_job({"forest": {"n_jobs": 5000}}))
     # this seed has classes with one label: that is named first, since --allow-sparse-seed cannot help it
     with pytest.raises(FailedPrecondition, match="fewer than 2 ground-truth examples"):
         list(client.run_labeling_job(QUICK, collection="sparse"))

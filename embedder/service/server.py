@@ -208,6 +208,7 @@ class EmbedstoreServer:
             max_batch=settings.max_batch,
             inline_reads=settings.inline_reads,
             runs_dir=settings.runs_dir,
+            dask_scheduler=settings.dask_scheduler,
             collection_spec=collection_spec,
         )
         self.health = health_aio.HealthServicer()

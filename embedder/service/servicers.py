@@ -13,6 +13,7 @@ import contextlib
 import functools
 import json
 import logging
+import os
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -181,6 +182,34 @@ class Runtime:
     runs_dir: Path = Path("./data/runs")
     labeling_jobs: set[str] = field(default_factory=set)  # collections with a job running
     labeling_stopping: set[str] = field(default_factory=set)  # of those, jobs cancelled and not yet stopped
+
+    #: The Dask scheduler an ``xgboost_dask`` job may use (EMBEDSTORE_GRPC_DASK_SCHEDULER); None = a local cluster.
+    dask_scheduler: str | None = None
+
+    def job_config(self, fields: dict[str, Any]) -> LabelingConfig:
+        """A caller's labeling config, less what only the operator may choose.
+
+        ``dask_scheduler`` over the wire let any token holder make the server dial an address of their
+        choosing, send it the training matrix, and trust its pickled replies (Dask trusts its scheduler):
+        the scheduler is the server's setting. Thread counts above this machine's CPUs are refused."""
+        if "dask_scheduler" in fields:
+            raise convert.BadRequest(
+                "invalid labeling config: dask_scheduler is the server's setting (EMBEDSTORE_GRPC_DASK_SCHEDULER), "
+                "not a job's"
+            )
+        try:
+            config = LabelingConfig(**fields)
+        except ValidationError as exc:
+            bad = "; ".join(f"{'.'.join(str(x) for x in e['loc']) or 'config'}: {e['msg']}" for e in exc.errors())
+            raise convert.BadRequest(f"invalid labeling config: {bad}") from exc
+        cpus = os.cpu_count() or 1
+        for part in ("xgboost", "forest"):
+            n_jobs = getattr(config, part).n_jobs
+            if n_jobs > cpus:
+                raise convert.BadRequest(
+                    f"invalid labeling config: {part}.n_jobs={n_jobs} is more than this server's {cpus} CPUs"
+                )
+        return config.model_copy(update={"dask_scheduler": self.dask_scheduler})
 
     async def in_store(self, fn: Callable[..., Any], *args: Any, **kw: Any) -> Any:
         loop = asyncio.get_running_loop()
@@ -585,11 +614,7 @@ class LabelingServicer(labeling_pb2_grpc.LabelingServiceServicer):
             _, _, store = rt.require()
             collection = rt.collection(request.collection)
             fields = convert.struct_to_dict(request.config) if request.HasField("config") else {}
-            try:
-                config = LabelingConfig(**fields)
-            except ValidationError as exc:
-                bad = "; ".join(f"{'.'.join(str(x) for x in e['loc']) or 'config'}: {e['msg']}" for e in exc.errors())
-                raise convert.BadRequest(f"invalid labeling config: {bad}") from exc
+            config = rt.job_config(fields)
             if collection in rt.labeling_stopping:
                 raise JobRunningError(
                     f"the labeling job on collection {collection!r} was cancelled and is stopping (at its next step, "
