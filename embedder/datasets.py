@@ -270,15 +270,6 @@ def fashion_mnist_items() -> list[Item]:
 MANIFEST_COLUMNS = ("id", "image", "text", "label")
 
 
-def _reserved_payload_keys() -> frozenset[str]:
-    """Payload keys the system writes (ids, versions, the labeling job's fields): a manifest may not set them."""
-    from embedder.indexing import SOURCE_KEY, VERSION_KEY
-    from labeling.runs import PREV_FIELD, PSEUDO_FIELDS
-    from retrieval.schema import EXTERNAL_ID_KEY
-
-    return frozenset({EXTERNAL_ID_KEY, VERSION_KEY, SOURCE_KEY, "image_uri", "labeled_at", PREV_FIELD, *PSEUDO_FIELDS})
-
-
 def manifest_items(path: str | Path) -> list[Item]:
     """Items from a JSONL or CSV manifest with columns ``id``, ``image`` (a path, relative to the
     manifest's folder), ``text``, ``label`` (each optional but id, and at least one of image/text).
@@ -326,7 +317,9 @@ def manifest_items(path: str | Path) -> list[Item]:
                 if not isinstance(row, dict):
                     raise DatasetUnavailableError(f"{path}:{n}: each line must be a JSON object")
                 rows.append((n, row))
-    reserved = _reserved_payload_keys()
+    from embedder.indexing import reserved_payload_keys
+
+    reserved = reserved_payload_keys()
     manifest_dir = path.resolve().parent
     first_row: dict[str, int] = {}
     items = []

@@ -57,6 +57,16 @@ def require_version(store: VectorStore, collection: str, embedder: Embedder, *, 
     return current
 
 
+def reserved_payload_keys() -> frozenset[str]:
+    """Payload keys the system writes (ids, versions, image paths, the labeling job's fields): a manifest row or
+    an Upsert over gRPC may not set them. Over gRPC they were accepted: one point with a forged
+    ``embedding_version`` stopped every labeling job, a forged ``pseudo_status`` showed as accepted."""
+    from labeling.runs import PREV_FIELD, PSEUDO_FIELDS
+    from retrieval.schema import EXTERNAL_ID_KEY
+
+    return frozenset({EXTERNAL_ID_KEY, VERSION_KEY, SOURCE_KEY, "image_uri", "labeled_at", PREV_FIELD, *PSEUDO_FIELDS})
+
+
 def item_payload(item: Item, version: str) -> dict[str, Any]:
     """The payload stored with an embedded item: its own fields, label, text, image path, the embedding
     version, and what the vector was made from (``embedded_from``: ``image+text``, ``image`` or ``text``),

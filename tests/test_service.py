@@ -196,15 +196,18 @@ def test_pseudo_labels_show_in_inspection(tmp_path, embedder):
     rng = np.random.default_rng(1)
     base = rng.normal(size=512)
     vecs = base + 0.05 * rng.normal(size=(5, 512))
+    payloads = [
+        {"pseudo_label": "cat", "pseudo_confidence": 0.91, "pseudo_status": "accepted"},
+        {"pseudo_label": "dog", "pseudo_status": "quarantined", "pseudo_confidence": 0.55},
+        {"label": "cat"},
+        {"label": "cat"},
+        {"label": "dog"},
+    ]
+    # the labeling job's fields are written in-process (as a job does): Upsert over gRPC refuses them
+    with make_edge(tmp_path / "store") as store:
+        store.ensure_collection("items")
+        store.upsert("items", [f"p{i}" for i in range(5)], vecs, payloads)
     with BackgroundServer(make_server(tmp_path, embedder)) as bg, Client(bg.target) as client:
-        payloads = [
-            {"pseudo_label": "cat", "pseudo_confidence": 0.91, "pseudo_status": "accepted"},
-            {"pseudo_label": "dog", "pseudo_status": "quarantined", "pseudo_confidence": 0.55},
-            None,
-            None,
-            None,
-        ]
-        client.upsert_vectors([f"p{i}" for i in range(5)], vecs, payloads, labels=[None, None, "cat", "cat", "dog"])
         view = client.inspect("p1", k=4)
         st = view.point.state
         assert (st.pseudo_label, st.pseudo_status, st.effective_label) == ("dog", "quarantined", None)
@@ -230,6 +233,8 @@ def test_pseudo_labels_show_in_inspection(tmp_path, embedder):
         (lambda c, it: c.search(text="x", top_k=20_000), "top_k"),
         (lambda c, it: c.count(facet="unindexed_field"), "unindexed_field"),
         (lambda c, it: c.get([]), "no ids"),
+        (lambda c, it: c.upsert_vectors(["v1"], np.ones((1, 512)), [{"embedding_version": "x"}]), "system writes"),
+        (lambda c, it: c.upsert([Item("n1", text="t", payload={"pseudo_status": "accepted"})]), "pseudo_status"),
     ],
 )
 def test_bad_input_is_invalid_argument_and_stores_nothing(served, call, match):

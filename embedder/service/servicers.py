@@ -35,7 +35,7 @@ from embedder.errors import (
     ModelUnavailableError,
     ProjectionNotFittedError,
 )
-from embedder.indexing import VERSION_KEY, item_payload, require_version
+from embedder.indexing import VERSION_KEY, item_payload, require_version, reserved_payload_keys
 from embedder.model import Embedder, Item
 from embedder.service import convert
 from embedder.service.batcher import MicroBatcher, Overloaded
@@ -74,7 +74,14 @@ from retrieval.errors import (
     StoreLockedError,
     StoreUnavailableError,
 )
-from retrieval.schema import CollectionSpec, check_collection_name, check_ids, check_vectors, prepare_payloads
+from retrieval.schema import (
+    EXTERNAL_ID_KEY,
+    CollectionSpec,
+    check_collection_name,
+    check_ids,
+    check_vectors,
+    prepare_payloads,
+)
 
 log = logging.getLogger("embedstore.service")
 DIMENSIONS = (128, 256, 512)
@@ -438,6 +445,7 @@ class StoreServicer(store_pb2_grpc.StoreServiceServicer):
         to_embed: list[int] = []
         vectors = np.zeros((len(points), FULL_DIM), dtype=np.float32)
         payloads: list[dict[str, Any]] = []
+        reserved = reserved_payload_keys()
         for i, p in enumerate(points):
             where = f"point {i}" + (f", id {p.id!r}" if p.id else "")
             if not p.id:
@@ -447,6 +455,12 @@ class StoreServicer(store_pb2_grpc.StoreServiceServicer):
             if has_item == has_vector:
                 raise convert.BadRequest(f"{where}: give exactly one of item (image/text) or vector")
             payload = convert.struct_to_dict(p.payload, p.HasField("payload")) or {}
+            clash = sorted(k for k in payload if k in reserved and k != EXTERNAL_ID_KEY)  # the store names that one
+            if clash:
+                raise convert.BadRequest(
+                    f"{where}: payload sets {clash}: the system writes "
+                    f"{'that field' if len(clash) == 1 else 'those fields'} itself; use another key"
+                )
             if p.label:
                 payload["label"] = p.label
                 payload.setdefault("label_source", "human")
