@@ -20,6 +20,7 @@ status, so a quarantined proposal can be checked against its neighbours too).
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any
@@ -58,12 +59,11 @@ class LabelState:
             value = p.get(key)
             return None if value is None or value == "" else str(value)
 
-        conf = p.get("pseudo_confidence")
         return cls(
             label=text("label"),
             label_source=text("label_source"),
             pseudo_label=text("pseudo_label"),
-            pseudo_confidence=float(conf) if isinstance(conf, (int, float)) and not isinstance(conf, bool) else None,
+            pseudo_confidence=_number(p.get("pseudo_confidence")),
             pseudo_status=text("pseudo_status"),
         )
 
@@ -78,6 +78,32 @@ class LabelState:
     @property
     def judged_label(self) -> str | None:
         return self.effective_label or self.pseudo_label
+
+
+def _number(value: Any) -> float | None:
+    """A finite int/float payload value, else None (a bool, a string, NaN: not a score)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
+def top_classes(payload: dict[str, Any] | None) -> list[tuple[str, float]]:
+    """The ``pseudo_top`` pairs (class, probability) of a payload, malformed entries left out.
+
+    A payload is anyone's to write (a manifest, an older version, a hand edit); one point whose
+    ``pseudo_top`` held a string where a number goes made the review queue fail for everyone (the web page's
+    /review and the gRPC ListReviewQueue)."""
+    raw = (payload or {}).get("pseudo_top")
+    out: list[tuple[str, float]] = []
+    if not isinstance(raw, list):
+        return out
+    for entry in raw:
+        if isinstance(entry, (list, tuple)) and len(entry) == 2 and isinstance(entry[0], (str, int)):
+            q = _number(entry[1])
+            if q is not None and not isinstance(entry[0], bool):
+                out.append((str(entry[0]), q))
+    return out
 
 
 @dataclass(frozen=True, slots=True)

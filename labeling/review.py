@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from labeling.errors import LabelConflictError, ReviewFileError, UnknownAnswerIdsError
-from labeling.inspect import REVIEW, LabelState, Neighbour, _inspected, agreement, spelling_key
+from labeling.inspect import REVIEW, LabelState, Neighbour, _inspected, _number, agreement, spelling_key, top_classes
 from labeling.runs import PREV_FIELD, PSEUDO_FIELDS, clear_pseudo_state, load_registry, resolve
 from retrieval import Filter, Match, VectorStore
 
@@ -86,8 +86,8 @@ def review_queue(store: VectorStore, collection: str, *, limit: int | None = Non
                 image=image_ref(p),
                 pseudo_label=st.pseudo_label,
                 pseudo_confidence=st.pseudo_confidence,
-                review_score=p.get("review_score"),
-                top=[(str(c), float(q)) for c, q in (p.get("pseudo_top") or [])],
+                review_score=_number(p.get("review_score")),
+                top=top_classes(p),
                 labeling_run=p.get("labeling_run"),
             )
         )

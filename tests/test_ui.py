@@ -228,6 +228,26 @@ def test_a_cross_site_form_post_is_refused_and_bad_offsets_are_400(world):
         assert err.value.code == 400  # was a 500 from an uncaught ValueError
 
 
+def test_a_malformed_payload_does_not_take_down_the_review_queue(world):
+    """One point whose pseudo_top held a string where a number goes made /review and its /point page 500 for
+    everyone (and the gRPC ListReviewQueue INTERNAL): a payload is anyone's to write."""
+    from labeling.review import review_queue
+
+    store = world["store"]
+    pid = next(r.id for r in store.iter_records("items", filter={"pseudo_status": "review"}))
+    before = store.retrieve("items", [pid])[0].payload
+    bad = {"pseudo_top": [["red", "not-a-number"], "junk", ["fox", 0.4]], "review_score": "x", "pseudo_confidence": "y"}
+    store.set_payload("items", {pid: bad})
+    try:
+        for path in ("/review", f"/point/{pid}"):
+            with urllib.request.urlopen(world["open"] + path) as resp:
+                assert resp.status == 200
+        item = next(it for it in review_queue(store, "items") if it.id == pid)
+        assert item.top == [("fox", 0.4)] and item.review_score is None  # the malformed entries left out
+    finally:
+        store.set_payload("items", {pid: {k: before.get(k) for k in bad}})
+
+
 def test_item_text_is_escaped_never_executed(world, browser):
     browser.get(world["open"] + "/point/p1")
     assert browser.find_element(By.ID, "text").text == SCRIPT_TEXT  # shown as text, verbatim

@@ -40,7 +40,7 @@ from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse, Resp
 from fastapi.templating import Jinja2Templates
 
 from labeling.errors import LabelingError
-from labeling.inspect import LabelState, inspect_neighbours
+from labeling.inspect import LabelState, inspect_neighbours, top_classes
 from labeling.review import (
     LabelConflictError,
     image_ref,
@@ -280,7 +280,7 @@ def create_app(
             "point.html",
             p=_row(ins.point.id, ins.point.payload),
             state=ins.point.state,
-            top=ins.point.payload.get("pseudo_top") or [],
+            top=top_classes(ins.point.payload),
             neighbours=neighbours,
             agreement=ins.agreement,
             saved=saved,
