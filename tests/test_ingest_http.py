@@ -375,6 +375,84 @@ def test_an_answer_that_is_not_json_names_the_url(redis_server, embedder, tmp_pa
         server.shutdown()
 
 
+def _recording_server(routes):
+    """A server on its own port (another origin) answering ``routes[path] -> (status, headers, body)`` and
+    recording each request's path and X-Api-Key header."""
+    seen: list[tuple[str, str | None]] = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            path = urlsplit(self.path).path
+            seen.append((path, self.headers.get("x-api-key")))
+            status, headers, body = routes(path)
+            self.send_response(status)
+            for k, v in headers.items():
+                self.send_header(k, v)
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server, f"http://127.0.0.1:{server.server_address[1]}", seen
+
+
+def test_the_key_goes_only_to_the_sources_origins(redis_server, embedder, tmp_path):
+    """The raw key went to any host an API page named: an absolute next URL, an item's image URL (with
+    image_auth), and, with a custom auth header, through a cross-origin redirect (httpx drops only
+    Authorization). Those hosts' answers also counted against the key's health."""
+    other, other_url, other_seen = _recording_server(
+        lambda path: (
+            (200, {"content-type": "image/png"}, png((1, 2, 3)))
+            if path == "/img.png"
+            else (200, {"content-type": "application/json"}, json.dumps({"items": [], "next": None}).encode())
+        )
+    )
+    page = {"items": [{"id": "a", "text": "x", "image_url": other_url + "/img.png"}], "next": other_url + "/p2"}
+
+    def api_routes(path):
+        if path == "/moved":  # the API moved a page to another host
+            return 302, {"location": other_url + "/p3"}, b""
+        if path == "/moved-here":  # a same-origin redirect keeps the key
+            return 302, {"location": "/items"}, b""
+        return 200, {"content-type": "application/json"}, json.dumps(page).encode()
+
+    api, api_url, api_seen = _recording_server(api_routes)
+    try:
+        for start in ("/items", "/moved", "/moved-here"):
+            other_seen.clear()
+            src, pool = make_source(
+                api_url + start, redis_server.url, auth_header="X-Api-Key", auth_prefix="", image_auth=True
+            )
+            key_id = pool.add("RAW-KEY-123")
+            with make_edge(tmp_path / start.strip("/")) as store:
+                ingest_http(src, store, "c", embedder)
+            assert other_seen and all(key is None for _, key in other_seen), other_seen  # never the key
+            assert api_seen[-1] == ("/items", "RAW-KEY-123") or start == "/moved"  # the API's own origin has it
+            assert pool.list()[0].key_id == key_id
+        # listed origins get it: an image CDN that needs the key
+        other_seen.clear()
+        src, pool = make_source(
+            api_url + "/items",
+            redis_server.url,
+            auth_header="X-Api-Key",
+            auth_prefix="",
+            image_auth=True,
+            key_origins=[other_url],
+        )
+        pool.add("RAW-KEY-456")
+        with make_edge(tmp_path / "cdn") as store:
+            ingest_http(src, store, "c", embedder)
+        assert ("/img.png", "RAW-KEY-456") in other_seen
+        with pytest.raises(ValueError, match="not an origin"):
+            HttpSourceConfig(name="x", url=api_url, key_origins=[other_url + "/path"])
+    finally:
+        api.shutdown()
+        other.shutdown()
+
+
 def test_shards_are_walked_concurrently_sharing_one_pool(api, redis_server, embedder, tmp_path):
     url, state = api
     state["items"] = [it for it in state["items"] if it["id"] != "it-5"]

@@ -13,8 +13,14 @@ An item has an id, a text, an image (``image_url`` fetched over HTTP, or
 configurable.
 
 Every page request leases a key (``Authorization: Bearer <key>`` by default) and
-reports the answer to the pool: a 429/403/401 puts that key aside and the
-request goes out again at once with another (the pool waits for a cooldown when
+reports the answer to the pool. The key goes only to the origins (scheme, host,
+port) of the source's ``url`` and ``shards``, plus any listed in ``key_origins``:
+a ``next`` URL, an image URL or a redirect elsewhere is fetched without it (an
+item's image URL is often whoever submitted the item's to choose), and only the
+answers of those origins count against a key's health. Redirects are followed
+by hand so that the rule holds on every hop (httpx drops only ``Authorization``
+on a cross-origin redirect, not a custom ``auth_header``). A 429/403/401 puts
+that key aside and the request goes out again at once with another (the pool waits for a cooldown when
 every key is cooling, then raises ``NoHealthyKey``). Transport errors and 5xx
 are retried with tenacity's full-jitter exponential backoff, a bounded number
 of times. Other 4xx stop the run, naming the URL and status.
@@ -39,13 +45,22 @@ from typing import Any, Literal
 from urllib.parse import urljoin
 
 import httpx
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait_random_exponential
 
 from embedder.ingest.keypool import KeyPool, KeyPoolError, KeyPoolUnavailable
 from embedder.model import Item
 
 log = logging.getLogger("embedstore.ingest")
+
+
+MAX_REDIRECTS = 10
+
+
+def _origin(url: str) -> tuple[str, str, int | None]:
+    """(scheme, host, port) with the scheme's default port filled in: what a key is bound to."""
+    u = httpx.URL(url)
+    return u.scheme, u.host.lower(), u.port or {"http": 80, "https": 443}.get(u.scheme)
 
 
 class IngestError(Exception):
@@ -79,7 +94,21 @@ class HttpSourceConfig(BaseModel):
     metadata_field: str = "metadata"
     auth_header: str = "Authorization"
     auth_prefix: str = "Bearer "
-    image_auth: bool = False  # send the key with image downloads too
+    image_auth: bool = False  # send the key with image downloads too (to the key's origins only)
+    #: More origins (``https://cdn.example.com``) the key may be sent to, besides those of ``url`` and ``shards``.
+    key_origins: list[str] = Field(default_factory=list)
+
+    @field_validator("key_origins")
+    @classmethod
+    def _origins(cls, value: list[str]) -> list[str]:
+        for origin in value:
+            try:
+                u = httpx.URL(origin)
+            except httpx.InvalidURL as exc:
+                raise ValueError(f"{origin!r} is not an origin: {exc}") from None
+            if u.scheme not in ("http", "https") or not u.host or u.path not in ("", "/") or u.query:
+                raise ValueError(f"{origin!r} is not an origin such as https://cdn.example.com (scheme, host, port)")
+        return value
     timeout_s: float = Field(30.0, gt=0)
     max_attempts: int = Field(5, ge=1, le=50)
     retry_cap_s: float = Field(30.0, gt=0)
@@ -166,7 +195,9 @@ class HttpSource:
         self.checkpoint = checkpoint
         self.start_url = start_url or config.url
         self.shard = shard
-        self.http = client or httpx.Client(timeout=config.timeout_s, follow_redirects=True)
+        self.http = client or httpx.Client(timeout=config.timeout_s)
+        self._key_origins = {_origin(u) for u in (config.url, *config.shards.values(), *config.key_origins)}
+        self._warned: set[tuple[str, str, int | None]] = set()
 
     def shard_sources(self) -> list[HttpSource]:
         """This source and one more per configured shard, each with its own checkpoint (same pool, same client)."""
@@ -181,17 +212,38 @@ class HttpSource:
         return out
 
     # ------------------------------------------------------------------ requests
+    def key_allowed(self, url: str) -> bool:
+        """Whether the pool's key may be sent to ``url``: its origin is the source's, a shard's or listed."""
+        return _origin(url) in self._key_origins
+
+    def _send(self, url: str, params: dict[str, str] | None, secret: str | None) -> tuple[httpx.Response, bool]:
+        """GET ``url``, following redirects by hand so that the key goes to allowed origins only, on every hop.
+        Returns the answer and whether its request carried the key."""
+        cfg = self.config
+        for _ in range(MAX_REDIRECTS + 1):
+            with_key = secret is not None and self.key_allowed(url)
+            if secret is not None and not with_key and _origin(url) not in self._warned:
+                self._warned.add(_origin(url))
+                log.warning("source %s: %s is not one of the key's origins: fetched without the key", cfg.name, url)
+            headers = {cfg.auth_header: cfg.auth_prefix + secret} if with_key and secret is not None else {}
+            try:
+                r = self.http.get(url, params=params, headers=headers, follow_redirects=False)
+            except httpx.TransportError as exc:
+                raise _Transient(f"{type(exc).__name__} on {url}") from exc
+            if not (r.is_redirect and "location" in r.headers):
+                return r, with_key
+            url, params = urljoin(str(r.url), r.headers["location"]), None
+        raise IngestError(f"more than {MAX_REDIRECTS} redirects from {url}")
+
     def _once(self, url: str, *, params: dict[str, str] | None, keyed: bool) -> httpx.Response:
         """One request, rotating keys on 429/403/401; raises _Transient for transport errors and 5xx."""
         cfg = self.config
         for _ in range(cfg.max_key_rotations):
-            lease = self.pool.lease(wait=cfg.key_wait_s) if (keyed and self.pool is not None) else None
-            headers = {cfg.auth_header: cfg.auth_prefix + lease.secret} if lease is not None else {}
-            try:
-                r = self.http.get(url, params=params, headers=headers)
-            except httpx.TransportError as exc:
-                raise _Transient(f"{type(exc).__name__} on {url}") from exc
-            if lease is not None:
+            # no lease for a URL the key may not go to: its answers say nothing about the key's health
+            keyed_here = keyed and self.pool is not None and self.key_allowed(url)
+            lease = self.pool.lease(wait=cfg.key_wait_s) if keyed_here else None  # type: ignore[union-attr]
+            r, sent = self._send(url, params, lease.secret if lease is not None else None)
+            if lease is not None and sent:  # the answer came from one of the key's origins
                 self.pool.report(lease.key_id, r.status_code, r.headers)  # type: ignore[union-attr]
                 if r.status_code in (401, 403, 429):
                     log.info("key %s got %d on %s: trying another key", lease.key_id, r.status_code, url)
