@@ -110,6 +110,29 @@ def test_16_bit_grayscale_is_scaled_not_clipped(mode):
     assert (got == 255).mean() < 0.01  # clipping made 99% of it white
 
 
+def test_a_16_bit_decompression_bomb_is_scaled_without_wide_copies():
+    """A 141 KB 16-bit PNG of 8000x7999 pixels passed the pixel cap and took ~1.7 GB (int64 and float64 copies
+    of every pixel) and ~6 s per decode: six in one Embed held every other client's call for 25 s."""
+    import tracemalloc
+
+    from embedder.images import MAX_SIDE
+
+    arr = np.zeros((7999, 8000), dtype=np.uint16)
+    arr[:, 4000:] = 65535  # right half white
+    data = encode(Image.fromarray(arr), "PNG")
+    del arr
+    tracemalloc.start()
+    try:
+        rgb = load_rgb(data)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 200e6, f"{peak / 1e6:.0f} MB of numpy copies"  # was ~1,000 MB (int64 + float64 of 64M pixels)
+    assert rgb.size == (MAX_SIDE, MAX_SIDE)
+    px = np.asarray(rgb)[..., 0]
+    assert px[:, :400].max() == 0 and px[:, -400:].min() == 255  # still scaled, not clipped or lost
+
+
 @pytest.mark.parametrize(("mode", "key", "ink"), [("RGB", (0, 0, 0), (200, 30, 30)), ("L", 0, 200)])
 def test_png_colour_key_transparency_is_composited_on_white(mode, key, ink):
     img = Image.new(mode, (10, 10), key)

@@ -109,6 +109,7 @@ class HttpSourceConfig(BaseModel):
             if u.scheme not in ("http", "https") or not u.host or u.path not in ("", "/") or u.query:
                 raise ValueError(f"{origin!r} is not an origin such as https://cdn.example.com (scheme, host, port)")
         return value
+
     timeout_s: float = Field(30.0, gt=0)
     max_attempts: int = Field(5, ge=1, le=50)
     retry_cap_s: float = Field(30.0, gt=0)
