@@ -32,6 +32,14 @@ def _config(name: str) -> dict:
     return yaml.safe_load(out.stdout)
 
 
+def _port(entry) -> tuple[str | None, str]:
+    """(host address, container port) of a resolved ports entry: "127.0.0.1:6379:6379/tcp" or a mapping."""
+    if isinstance(entry, dict):
+        return entry.get("host_ip"), str(entry["target"])
+    parts = str(entry).split("/")[0].split(":")
+    return (parts[0] if len(parts) == 3 else None), parts[-1]
+
+
 @pytest.mark.parametrize("name", COMPOSE_FILES)
 def test_compose_files_validate_and_wire_the_service_to_healthy_backends(name):
     cfg = _config(name)
@@ -43,7 +51,10 @@ def test_compose_files_validate_and_wire_the_service_to_healthy_backends(name):
     settings = StoreSettings(backend=env["EMBEDSTORE_BACKEND"], url=env["EMBEDSTORE_URL"])
     assert settings.backend == "server" and env["EMBEDSTORE_REDIS_URL"].startswith("redis://redis:")
     assert "embedstore" in " ".join(svc["healthcheck"]["test"]) and "health" in svc["healthcheck"]["test"]
-    assert {"50051", "9464"} <= {str(p["target"]) for p in svc["ports"]}
+    assert {"50051", "9464"} <= {_port(p)[1] for p in svc["ports"]}
+    # nothing is published beyond loopback by default: Qdrant and Redis have no key or password here
+    published = [_port(p) for s in cfg["services"].values() for p in s.get("ports", [])]
+    assert published and all(host == "127.0.0.1" for host, _ in published), published
     redis = cfg["services"]["redis"]
     assert "--appendonly" in redis["command"] and "redis-cli" in redis["healthcheck"]["test"]
     qdrants = [s for n, s in cfg["services"].items() if n.startswith("qdrant")]
