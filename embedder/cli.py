@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 
-from embedder.environment import remote_collection
+from embedder.environment import is_loopback, remote_collection
 from embedder.keys_cli import keys_app
 from embedder.label_cli import label_app
 from retrieval import StoreError, StoreSettings, collection_spec, open_store
@@ -532,10 +532,16 @@ def serve_cmd(
     except ValueError as exc:
         _fail(exc)
     store_settings = _settings(path, collection=collection)
-    if server_settings.host not in ("127.0.0.1", "localhost", "::1") and not server_settings.tokens:
+    if not is_loopback(server_settings.host) and not server_settings.tokens:
         logging.getLogger("embedstore.server").warning(
             "listening on %s without a bearer token: anyone who can reach the port can read and write the store "
             "(set EMBEDSTORE_GRPC_TOKENS)",
+            server_settings.host,
+        )
+    elif not is_loopback(server_settings.host) and server_settings.tls_cert is None:
+        logging.getLogger("embedstore.server").warning(
+            "listening on %s without TLS: the bearer tokens cross the network in clear text (set "
+            "EMBEDSTORE_GRPC_TLS_CERT and EMBEDSTORE_GRPC_TLS_KEY, or terminate TLS in front of the service)",
             server_settings.host,
         )
     server = EmbedstoreServer(
@@ -649,14 +655,14 @@ def ui_cmd(
 
     settings = _settings(path, collection=collection)
     tokens = [t.get_secret_value() for t in ServerSettings().tokens]
-    if host not in ("127.0.0.1", "localhost", "::1") and not tokens:
+    loopback = is_loopback(host)
+    if not loopback and not tokens:
         console.print("[yellow]warning:[/] serving beyond localhost without a token (set EMBEDSTORE_GRPC_TOKENS)")
     try:
         store = open_store(settings, create=False)
     except StoreError as exc:
         _fail(exc)
-    loopback = host in ("127.0.0.1", "localhost", "::1")
-    hosts = allowed_host or (["127.0.0.1", "localhost", "::1"] if loopback else None)
+    hosts = allowed_host or (sorted({"127.0.0.1", "localhost", "::1", host}) if loopback else None)
     with store:
         if not store.collection_exists(settings.collection):
             _fail(

@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -38,6 +39,21 @@ class EmbedderSettings(BaseSettings):
         if value % 32:
             raise ValueError(f"image size must be a multiple of 32, got {value}")
         return value
+
+
+def check_tls_pair(cert: Path, key: Path) -> None:
+    """Load the certificate chain and key as a TLS server does, so that a key that is not PEM, or that does not
+    match the certificate, is named as such: grpc reported both as "cannot bind gRPC port ... Failed to bind"."""
+    import ssl
+
+    try:
+        # an encrypted key would make OpenSSL prompt on the terminal: the empty password fails it instead
+        ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(cert, key, password=lambda: b"")
+    except (ssl.SSLError, OSError) as exc:
+        raise ValueError(
+            f"EMBEDSTORE_GRPC_TLS_CERT={cert} and EMBEDSTORE_GRPC_TLS_KEY={key} cannot be used: they must be a PEM "
+            f"certificate chain and its matching, unencrypted private key ({exc.strerror or exc})"
+        ) from None
 
 
 class ServerSettings(BaseSettings):
@@ -86,7 +102,17 @@ class ServerSettings(BaseSettings):
     @classmethod
     def _split_tokens(cls, value: object) -> object:
         if isinstance(value, str):
-            return [t.strip() for t in value.split(",") if t.strip()]
+            tokens = [t.strip() for t in value.split(",") if t.strip()]
+            if value.strip() and not tokens:  # "," or ", ,": meant as tokens, would silently turn auth off
+                raise ValueError("holds no token: give comma-separated tokens, or leave it empty for no auth")
+            for t in tokens:
+                # a bearer token's characters (RFC 6750): a JSON list ('["a","b"]') became tokens with its brackets
+                if not re.fullmatch(r"[A-Za-z0-9\-._~+/]+=*", t):
+                    raise ValueError(
+                        "a token may hold only letters, digits and -._~+/ (then '=' padding); "
+                        "separate tokens with commas"
+                    )
+            return tokens
         return value
 
     @model_validator(mode="after")
@@ -96,6 +122,8 @@ class ServerSettings(BaseSettings):
         for path in (self.tls_cert, self.tls_key):
             if path is not None and not Path(path).is_file():
                 raise ValueError(f"TLS file {path} does not exist")
+        if self.tls_cert is not None and self.tls_key is not None:
+            check_tls_pair(self.tls_cert, self.tls_key)
         if self.max_queue < self.max_batch:
             raise ValueError("EMBEDSTORE_GRPC_MAX_QUEUE must be >= EMBEDSTORE_GRPC_MAX_BATCH")
         return self

@@ -126,6 +126,21 @@ def error_text(exc: BaseException) -> str:
     return describe_validation_error(exc) if isinstance(exc, ValidationError) else str(exc)
 
 
+def is_loopback(host: str) -> bool:
+    """Whether binding ``host`` keeps a port on this machine: ``localhost`` or any loopback address (all of
+    127.0.0.0/8, ::1). Only the three usual names counted, so ``ui --host 127.0.0.2`` turned the web page's
+    Host check off."""
+    import ipaddress
+
+    host = host.strip().strip("[]")
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def remote_collection(collection: str | None) -> str:
     """The collection a command sends to a server: ``-c``, else ``EMBEDSTORE_COLLECTION`` when set (the
     environment or .env), else "" (the server's default). The variable was ignored over ``--server``, and a

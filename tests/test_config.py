@@ -57,3 +57,52 @@ def test_an_unreachable_server_names_the_grpc_port_that_was_dialled(monkeypatch)
     with open_store(settings) as store, pytest.raises(StoreUnavailableError, match=r"gRPC port 9\)") as err:
         store.list_collections()
     assert "127.0.0.1:9" in str(err.value)  # the port qdrant-client dialled is the one named
+
+
+def test_server_settings_refuse_what_would_turn_auth_or_tls_off_silently(tmp_path):
+    """EMBEDSTORE_GRPC_TOKENS="," parsed as no token (auth silently off) and a JSON list kept its brackets
+    in the tokens; a key that does not match its certificate failed later as "cannot bind gRPC port"."""
+    import datetime as dt
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    from embedder.config import ServerSettings
+    from embedder.environment import is_loopback
+
+    assert [t.get_secret_value() for t in ServerSettings(tokens="a-1, b_2==").tokens] == ["a-1", "b_2=="]
+    assert ServerSettings(tokens="").tokens == []
+    for bad, says in ((",", "holds no token"), (", ,", "holds no token"), ('["a","b"]', "only letters")):
+        with pytest.raises(ValidationError, match=says):
+            ServerSettings(tokens=bad)
+
+    def pem_pair(name: str):
+        key = ec.generate_private_key(ec.SECP256R1())
+        subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+        now = dt.datetime.now(dt.UTC)
+        cert = (
+            x509.CertificateBuilder().subject_name(subject).issuer_name(subject).public_key(key.public_key())
+            .serial_number(1).not_valid_before(now).not_valid_after(now + dt.timedelta(days=1))
+            .sign(key, hashes.SHA256())
+        )  # fmt: skip
+        (tmp_path / f"{name}.crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        (tmp_path / f"{name}.key").write_bytes(
+            key.private_bytes(
+                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+            )
+        )
+        return tmp_path / f"{name}.crt", tmp_path / f"{name}.key"
+
+    cert_a, key_a = pem_pair("a")
+    _, key_b = pem_pair("b")
+    assert ServerSettings(tls_cert=cert_a, tls_key=key_a).tls_cert == cert_a
+    with pytest.raises(ValidationError, match="cannot be used: they must be a PEM certificate chain and its matching"):
+        ServerSettings(tls_cert=cert_a, tls_key=key_b)
+    (tmp_path / "junk.key").write_text("not a key")
+    with pytest.raises(ValidationError, match="cannot be used"):
+        ServerSettings(tls_cert=cert_a, tls_key=tmp_path / "junk.key")
+    # every loopback address keeps the web page's Host check and silences the no-token warning
+    assert all(is_loopback(h) for h in ("127.0.0.1", "127.0.0.2", "localhost", "::1", "[::1]"))
+    assert not any(is_loopback(h) for h in ("0.0.0.0", "10.0.0.5", "::", "example.com"))

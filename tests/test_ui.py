@@ -282,6 +282,41 @@ def test_unauthenticated_access_is_refused_when_a_token_is_set(world, browser):
     assert not browser.find_elements(By.ID, "by-status")
 
 
+def test_sign_in_is_a_revocable_session_and_pages_cannot_be_framed(world):
+    """The sign-in cookie was the gRPC token itself (sign-out could not revoke it), /login took unlimited
+    guesses, and no page forbade framing (a framed label form can be clickjacked)."""
+    import http.cookiejar
+    import urllib.parse
+
+    ui = _Served(create_app(world["store"], "items", tokens=[TOKEN]))
+    try:
+        jar = http.cookiejar.CookieJar()
+        opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(jar))
+        form = urllib.parse.urlencode({"token": TOKEN}).encode()
+        with opener.open(ui.url + "/login", data=form) as resp:  # follows the 303 to the overview
+            assert resp.status == 200 and resp.headers["X-Frame-Options"] == "DENY"
+            assert "frame-ancestors 'none'" in resp.headers["Content-Security-Policy"]
+        (cookie,) = list(jar)
+        assert cookie.value != TOKEN and TOKEN not in cookie.value and len(cookie.value) >= 32
+        session = {"Cookie": f"{cookie.name}={cookie.value}"}
+        with urllib.request.urlopen(urllib.request.Request(ui.url + "/points", headers=session)) as resp:
+            assert resp.status == 200
+        opener.open(ui.url + "/logout").close()
+        with pytest.raises(HTTPError) as err:  # the same cookie, replayed after sign-out: refused
+            urllib.request.urlopen(urllib.request.Request(ui.url + "/points", headers=session))
+        assert err.value.code == 401 and err.value.headers["Cache-Control"] == "no-store"
+        assert err.value.headers["X-Frame-Options"] == "DENY"
+        codes = []
+        for _ in range(11):
+            try:
+                urllib.request.urlopen(ui.url + "/login", data=urllib.parse.urlencode({"token": "guess"}).encode())
+            except HTTPError as e:
+                codes.append(e.code)
+        assert codes == [401] * 10 + [429]  # ten wrong tokens a minute, then refused without a check
+    finally:
+        ui.stop()
+
+
 def test_a_typo_is_not_made_a_class_and_other_hosts_are_refused(world, browser):
     """Any string was saved as ground truth: "objects" beside "Objects", a zero-width space, a new class by
     mistake; the next job then refused to start (a class with one example). And the page answered any Host:

@@ -29,7 +29,9 @@ import base64
 import hmac
 import json
 import mimetypes
+import secrets as secrets_module
 import threading
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -55,8 +57,16 @@ from retrieval import Filter, Match, VectorStore
 from retrieval.errors import PointNotFoundError, StoreError
 
 TEMPLATES = Path(__file__).with_name("templates")
-COOKIE = "embedstore_token"
-SESSION_S = 12 * 3600  # the sign-in cookie's life: a working day, then sign in again
+COOKIE = "embedstore_session"
+SESSION_S = 12 * 3600  # a sign-in's life: a working day, then sign in again
+LOGIN_FAILURES_PER_MINUTE = 10  # per client address; then /login answers 429 until the minute has passed
+#: sent with every answer: no framing by other sites (a framed label form could be clickjacked), no MIME sniffing
+SECURITY_HEADERS = {
+    "X-Frame-Options": "DENY",
+    "Content-Security-Policy": "frame-ancestors 'none'",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "same-origin",
+}
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 
 
@@ -104,14 +114,28 @@ def create_app(
         with lock:
             return fn(*args, **kwargs)
 
+    # Signed-in browsers hold a random session id, not the token: the cookie was the service's bearer token
+    # itself, which signing out could not revoke. Sessions live in this process (a restart signs everyone out).
+    sessions: dict[str, float] = {}  # session id -> expiry (time.monotonic())
+    session_lock = threading.Lock()  # not the store's lock: the middleware must not wait on a store call
+    failures: dict[str, list[float]] = {}  # client address -> times of recent wrong tokens
+
+    def token_ok(given: str) -> bool:
+        return any(hmac.compare_digest(given.encode(), s.encode()) for s in secrets)
+
     def authorised(request: Request) -> bool:
         if not secrets:
             return True
-        given = request.cookies.get(COOKIE, "")
         header = request.headers.get("authorization", "")
         if header.lower().startswith("bearer "):
-            given = header[7:].strip()
-        return any(hmac.compare_digest(given.encode(), s.encode()) for s in secrets)
+            return token_ok(header[7:].strip())
+        sid = request.cookies.get(COOKIE, "")
+        with session_lock:
+            expiry = sessions.get(sid)
+            if expiry is not None and expiry < time.monotonic():
+                del sessions[sid]
+                expiry = None
+        return expiry is not None
 
     @app.middleware("http")
     async def require_token(request: Request, call_next: Callable[[Request], Any]) -> Response:
@@ -122,10 +146,11 @@ def create_app(
             # nothing else would stop it, and a token cookie is SameSite=Strict but Origin is checked anyway
             return page(request, "error.html", status_code=403, message="cross-site request refused")
         if request.url.path in ("/login", "/logout", "/healthz") or authorised(request):
-            return await call_next(request)
-        return templates.TemplateResponse(
-            request, "login.html", {"collection": collection, "error": None}, status_code=401
-        )
+            resp = await call_next(request)
+        else:
+            resp = page(request, "login.html", status_code=401, error=None)
+        resp.headers.update(SECURITY_HEADERS)
+        return resp
 
     def same_origin(request: Request) -> bool:
         """Origin (or, without it, Referer) names this page's own host; a browser sends one of them on a
@@ -158,14 +183,38 @@ def create_app(
 
     @app.post("/login")
     def login(request: Request, token: str = Form(...)) -> Response:
-        if secrets and not any(hmac.compare_digest(token.encode(), s.encode()) for s in secrets):
+        client = request.client.host if request.client else "?"
+        now = time.monotonic()
+        with session_lock:
+            recent = [t for t in failures.get(client, []) if now - t < 60]
+            failures[client] = recent
+        if len(recent) >= LOGIN_FAILURES_PER_MINUTE:
+            return page(request, "login.html", status_code=429, error="too many wrong tokens: wait a minute")
+        if secrets and not token_ok(token):
+            with session_lock:
+                failures[client].append(now)
             return page(request, "login.html", status_code=401, error="wrong token")
         resp = RedirectResponse("/", status_code=303)
-        resp.set_cookie(COOKIE, token, httponly=True, samesite="strict", max_age=SESSION_S)
+        if secrets:
+            sid = secrets_module.token_urlsafe(32)
+            with session_lock:
+                for old_sid in [k for k, exp in sessions.items() if exp < now]:
+                    del sessions[old_sid]
+                sessions[sid] = now + SESSION_S
+            resp.set_cookie(
+                COOKIE,
+                sid,
+                httponly=True,
+                samesite="strict",
+                max_age=SESSION_S,
+                secure=request.url.scheme == "https" or request.headers.get("x-forwarded-proto") == "https",
+            )
         return resp
 
     @app.get("/logout")
-    def logout() -> Response:
+    def logout(request: Request) -> Response:
+        with session_lock:
+            sessions.pop(request.cookies.get(COOKIE, ""), None)  # revoked here, not only in the browser
         resp = RedirectResponse("/login", status_code=303)
         resp.delete_cookie(COOKIE)
         return resp
