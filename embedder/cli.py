@@ -334,7 +334,7 @@ def ingest_cmd(
             checkpoint = Checkpoint(
                 redis_lib.Redis.from_url(url, socket_timeout=5),
                 config.name,
-                pool.url if pool else "",
+                url,  # masked by the checkpoint in its messages
                 scope=json.dumps([settings.backend, target, settings.collection, config.url]),
             )
             src = HttpSource(config, pool=pool, checkpoint=checkpoint)

@@ -59,7 +59,13 @@ def add_cmd(
 ) -> None:
     """Add a key (idempotent); prints its id."""
     raw = key if key is not None else typer.prompt("API key", hide_input=True)
-    console.print(_run(_pool(api).add, raw, budget=budget, window_s=window_s))
+    pool = _pool(api)
+    console.print(_run(pool.add, raw, budget=budget, window_s=window_s))
+    if not pool.encrypts:
+        console.print(
+            "[yellow]warning:[/] the key is stored in plain text in Redis: anyone who can read Redis (or its dump "
+            "files) can read it. Set EMBEDSTORE_KEY_SECRET (a long random string) to store keys encrypted."
+        )
 
 
 @keys_app.command("list")

@@ -302,6 +302,12 @@ def test_keys_cli(redis_server, monkeypatch):
         assert result.exit_code == 0 and kid in result.output
     result = runner.invoke(app, ["keys", "disable", api, kid])
     assert result.exit_code == 2 and "no key" in result.output
-    monkeypatch.setenv("EMBEDSTORE_REDIS_URL", "redis://127.0.0.1:1/0")
-    result = runner.invoke(app, ["keys", "list", api])
-    assert result.exit_code == 2 and "unreachable" in result.output
+    assert "plain text" not in result.output  # encrypted: no warning
+    monkeypatch.delenv("EMBEDSTORE_KEY_SECRET")
+    result = runner.invoke(app, ["keys", "add", api, "--key", KEYS[2]])
+    assert result.exit_code == 0 and "stored in plain text in Redis" in " ".join(result.output.split())
+    # unreachable: named without its password, whichever way the URL carries it (?password= was printed)
+    for url in ("redis://:Pw777@127.0.0.1:1/0", "redis://127.0.0.1:1/0?password=Pw777"):
+        monkeypatch.setenv("EMBEDSTORE_REDIS_URL", url)
+        result = runner.invoke(app, ["keys", "list", api])
+        assert result.exit_code == 2 and "unreachable" in result.output and "Pw777" not in result.output

@@ -48,7 +48,7 @@ import httpx
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait_random_exponential
 
-from embedder.ingest.keypool import KeyPool, KeyPoolError, KeyPoolUnavailable
+from embedder.ingest.keypool import KeyPool, KeyPoolError, KeyPoolUnavailable, safe_url
 from embedder.model import Item
 
 log = logging.getLogger("embedstore.ingest")
@@ -129,7 +129,7 @@ class Checkpoint:
         self.scope = scope
         tag = hashlib.sha256(scope.encode()).hexdigest()[:12] if scope else ""
         self.key = f"{{embedstore:ingest:{name}}}:{tag + ':' if tag else ''}state"
-        self.url = url
+        self.url = safe_url(url) if url else ""  # for messages: never the password
 
     def _call(self, fn: Callable[..., Any], *args: Any) -> Any:
         import redis

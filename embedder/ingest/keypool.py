@@ -250,17 +250,23 @@ def cooldown_from_headers(headers: Mapping[str, str] | None, now: float) -> floa
     return None
 
 
-def _safe_url(url: str) -> str:
-    """The Redis URL without its password (for error messages)."""
-    from urllib.parse import urlsplit, urlunsplit
+def safe_url(url: str) -> str:
+    """The Redis URL without its password (for messages): in the user part, or as ``?password=`` (redis-py
+    reads both; the second was printed in full)."""
+    from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
     parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = (parts.username + ":***@" if parts.username else ":***@") + (parts.hostname or "")
-    if parts.port:
-        netloc += f":{parts.port}"
-    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+    query = parts.query
+    if query:
+        pairs = parse_qsl(query, keep_blank_values=True)
+        if any(k.lower() == "password" for k, _ in pairs):
+            query = urlencode([(k, "***" if k.lower() == "password" else v) for k, v in pairs], safe="*")
+    netloc = parts.netloc
+    if parts.password is not None:
+        netloc = (parts.username + ":***@" if parts.username else ":***@") + (parts.hostname or "")
+        if parts.port:
+            netloc += f":{parts.port}"
+    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
 
 
 class KeyPool:
@@ -281,7 +287,7 @@ class KeyPool:
         if not pool or any(c in pool for c in "{}: "):
             raise KeyPoolError(f"pool name must be non-empty without braces, colons or spaces, got {pool!r}")
         self.pool = pool
-        self.url = _safe_url(redis_url)
+        self.url = safe_url(redis_url)
         self.backoff_base_ms = int(backoff_base_s * 1000)
         self.backoff_cap_ms = int(backoff_cap_s * 1000)
         self._fernet = _fernet(secret if secret is not None else os.environ.get("EMBEDSTORE_KEY_SECRET"))
@@ -409,6 +415,11 @@ class KeyPool:
                 )
             )
         return out
+
+    @property
+    def encrypts(self) -> bool:
+        """Whether keys added through this pool are stored encrypted (EMBEDSTORE_KEY_SECRET is set)."""
+        return self._fernet is not None
 
     # -------------------------------------------------------------------- leases
     def try_lease(self) -> Lease | float | None:
