@@ -233,6 +233,8 @@ def test_pseudo_labels_show_in_inspection(tmp_path, embedder):
         (lambda c, it: c.search(text="x", top_k=20_000), "top_k"),
         (lambda c, it: c.count(facet="unindexed_field"), "unindexed_field"),
         (lambda c, it: c.get([]), "no ids"),
+        # a message quoting a 20,000-character key came back as RESOURCE_EXHAUSTED (over grpc's metadata limit)
+        (lambda c, it: c.search(text="x", filter={"k" * 20_000: {"bogus": 1}}), r"\(cut: \d+ characters in all\)"),
         (lambda c, it: c.upsert_vectors(["v1"], np.ones((1, 512)), [{"embedding_version": "x"}]), "system writes"),
         (lambda c, it: c.upsert([Item("n1", text="t", payload={"pseudo_status": "accepted"})]), "pseudo_status"),
     ],

@@ -88,8 +88,11 @@ def _behavior(handler: grpc.RpcMethodHandler) -> Callable[..., Any]:
     }[(handler.request_streaming, handler.response_streaming)]
 
 
-def _replaced(handler: grpc.RpcMethodHandler, behavior: Callable[..., Any]) -> grpc.RpcMethodHandler:
-    """``handler`` with another servicer function: same streaming kind, same (de)serializers."""
+def _replaced(
+    handler: grpc.RpcMethodHandler, behavior: Callable[..., Any], *, parse: bool = True
+) -> grpc.RpcMethodHandler:
+    """``handler`` with another servicer function: same streaming kind, same (de)serializers; with
+    ``parse=False`` the request is left as bytes (a refusal has no use for it)."""
     make = {
         (False, False): grpc.unary_unary_rpc_method_handler,
         (False, True): grpc.unary_stream_rpc_method_handler,
@@ -97,7 +100,9 @@ def _replaced(handler: grpc.RpcMethodHandler, behavior: Callable[..., Any]) -> g
         (True, True): grpc.stream_stream_rpc_method_handler,
     }[(handler.request_streaming, handler.response_streaming)]
     return make(
-        behavior, request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer
+        behavior,
+        request_deserializer=handler.request_deserializer if parse else None,
+        response_serializer=handler.response_serializer,
     )
 
 
@@ -107,7 +112,8 @@ def _denying(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
     async def deny(_request: Any, context: grpc.aio.ServicerContext) -> Any:
         await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
 
-    return _replaced(handler, deny)
+    # not parsed: a caller without a token made the server decode up to EMBEDSTORE_GRPC_MAX_MESSAGE_MB per call
+    return _replaced(handler, deny, parse=False)
 
 
 class ConcurrencyLimiter(grpc.aio.ServerInterceptor):

@@ -84,6 +84,22 @@ from retrieval.schema import (
 )
 
 log = logging.getLogger("embedstore.service")
+
+#: The most UTF-8 bytes of an error's text a status carries. Messages quote the caller's input (a filter, a key):
+#: past grpc's 16 KB limit on trailing metadata the caller got "RESOURCE_EXHAUSTED: Stream removed" instead of
+#: its INVALID_ARGUMENT (the details are percent-encoded, so up to 3 bytes a byte).
+MAX_STATUS_BYTES = 3000
+
+
+def status_message(exc: BaseException) -> str:
+    """``str(exc)``, cut to :data:`MAX_STATUS_BYTES` (saying so) when longer."""
+    text = str(exc)
+    data = text.encode("utf-8", "replace")
+    if len(data) <= MAX_STATUS_BYTES:
+        return text
+    return data[:MAX_STATUS_BYTES].decode("utf-8", "ignore") + f" ... (cut: {len(text)} characters in all)"
+
+
 DIMENSIONS = (128, 256, 512)
 MAX_ITEMS_PER_CALL = 4096
 SMALL_READ = 100  # top_k / ids up to this run inline on the event loop (see Runtime.read)
@@ -276,7 +292,7 @@ def _rpc(method: str) -> Callable[[Callable[..., Awaitable[T]]], Callable[..., A
                 return reply
             except NotReady as exc:
                 code = grpc.StatusCode.UNAVAILABLE
-                await context.abort(code, str(exc))
+                await context.abort(code, status_message(exc))
             except asyncio.CancelledError:
                 code = _cancel_code(context)
                 raise
@@ -287,7 +303,7 @@ def _rpc(method: str) -> Callable[[Callable[..., Awaitable[T]]], Callable[..., A
                 code = status_of(exc)
                 if code == grpc.StatusCode.INTERNAL:
                     log.exception("%s failed", method)
-                await context.abort(code, str(exc))
+                await context.abort(code, status_message(exc))
             finally:
                 rt.metrics.requests.labels(method, code.name).inc()
                 rt.metrics.latency.labels(method).observe(time.perf_counter() - start)
@@ -352,7 +368,7 @@ class EmbeddingServicer(embedding_pb2_grpc.EmbeddingServiceServicer):
             _, batcher, _ = self.rt.require()
         except NotReady as exc:
             metrics.requests.labels("EmbedStream", "UNAVAILABLE").inc()
-            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+            await context.abort(grpc.StatusCode.UNAVAILABLE, status_message(exc))
         window: asyncio.Queue[tuple[int, str, asyncio.Future[Any]] | None] = asyncio.Queue(self.stream_window)
 
         async def submit(seq: int, req: embedding_pb2.EmbedStreamRequest) -> Any:
@@ -398,7 +414,7 @@ class EmbeddingServicer(embedding_pb2_grpc.EmbeddingServiceServicer):
             raise
         except Exception as exc:
             code = status_of(exc)
-            await context.abort(code, str(exc))
+            await context.abort(code, status_message(exc))
         finally:
             if code == grpc.StatusCode.OK and context.cancelled():
                 code = _cancel_code(context)
@@ -669,14 +685,14 @@ class LabelingServicer(labeling_pb2_grpc.LabelingServiceServicer):
             raise
         except NotReady as exc:
             code = grpc.StatusCode.UNAVAILABLE
-            await context.abort(code, str(exc))
+            await context.abort(code, status_message(exc))
         except Exception as exc:
             if isinstance(exc, grpc.aio.AbortError):
                 raise
             code = status_of(exc)
             if code == grpc.StatusCode.INTERNAL:
                 log.exception("RunLabelingJob failed")
-            await context.abort(code, str(exc))
+            await context.abort(code, status_message(exc))
         finally:
             if getter is not None and not getter.done():
                 getter.cancel()
