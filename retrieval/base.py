@@ -67,6 +67,8 @@ class QueryPlan:
 
 
 PAYLOAD_INDEX_KINDS = ("keyword", "integer", "float", "bool")
+#: the index kinds a facet counts, and the type of the values it counts for each
+_FACET_TYPES: dict[str, type] = {"keyword": str, "integer": int, "bool": bool}
 
 
 def payload_kind_name(engine_kinds: Mapping[str, Any], data_type: Any) -> str:
@@ -244,6 +246,9 @@ class VectorStore(abc.ABC):
             raise InvalidInputError(f"payload index key must be a non-empty string, got {key!r}")
         if kind not in PAYLOAD_INDEX_KINDS:
             raise InvalidInputError(f"payload index kind must be one of {PAYLOAD_INDEX_KINDS}, got {kind!r}")
+        if key in INDEXED_KEYWORD_FIELDS and kind != "keyword":
+            # an integer index on `label` left Edge's facet empty while qdrant-client's still counted the strings
+            raise InvalidInputError(f"{key!r} is one of the store's keyword fields: its index stays 'keyword'")
         self._create_payload_index(collection, key, kind)
 
     # --------------------------------------------------------------------- writes
@@ -445,9 +450,15 @@ class VectorStore(abc.ABC):
             shortlist = max(self.shortlist, top_k)
         elif isinstance(shortlist, bool) or not isinstance(shortlist, int) or shortlist < top_k:
             raise InvalidInputError(f"shortlist must be an int >= top_k ({top_k}), got {shortlist!r}")
-        if score_threshold is not None and not np.isfinite(score_threshold):
-            raise InvalidInputError(f"score_threshold must be finite, got {score_threshold!r}")
-        _check_with_vectors(with_vectors)
+        if score_threshold is not None:
+            number = isinstance(score_threshold, (int, float, np.number))
+            if isinstance(score_threshold, (bool, np.bool_)) or not number:
+                raise InvalidInputError(f"score_threshold must be a number, got {score_threshold!r}")
+            if not np.isfinite(score_threshold):
+                raise InvalidInputError(f"score_threshold must be finite, got {score_threshold!r}")
+            score_threshold = float(score_threshold)
+        with_vectors = _check_with_vectors(with_vectors)
+        with_payload = _check_with_payload(with_payload)
         full, prefix = prepare_vectors(vectors, what="query vector")
         flt = self._resolve_filter(filter)
         plan = QueryPlan(top_k, shortlist, flt, with_payload, with_vectors, exact, score_threshold)
@@ -465,7 +476,8 @@ class VectorStore(abc.ABC):
         """Points by external id, in the order asked. Unknown ids raise unless ``missing_ok``."""
         self._require(collection)
         ext = check_ids(ids)
-        _check_with_vectors(with_vectors)
+        with_vectors = _check_with_vectors(with_vectors)
+        with_payload = _check_with_payload(with_payload)
         pids = [point_id(e) for e in ext]
         found = {r.point_id: r for r in self._retrieve(collection, pids, with_payload, with_vectors)}
         if not missing_ok and len(found) < len(pids):
@@ -490,7 +502,8 @@ class VectorStore(abc.ABC):
         if offset is not None and not _is_uuid(offset):
             # Edge raised a bare ValueError, and the server adapter returned an empty page: "the end", silently
             raise InvalidInputError(f"offset must be a next_offset from a previous page (a point id), got {offset!r}")
-        _check_with_vectors(with_vectors)
+        with_vectors = _check_with_vectors(with_vectors)
+        with_payload = _check_with_payload(with_payload)
         return self._scroll(collection, self._resolve_filter(filter), limit, offset, with_payload, with_vectors)
 
     def iter_records(
@@ -554,16 +567,28 @@ class VectorStore(abc.ABC):
         self._require(collection)
         if not isinstance(key, str) or not key:
             raise InvalidInputError(f"facet key must be a non-empty string, got {key!r}")
-        indexed = self._payload_indexes(collection)
-        if key not in indexed:
+        kinds = self._payload_index_kinds(collection)
+        if key not in kinds:
             raise InvalidInputError(
-                f"cannot facet on {key!r}: it has no payload index (indexed: {sorted(indexed)}); "
+                f"cannot facet on {key!r}: it has no payload index (indexed: {sorted(kinds)}); "
                 "call create_payload_index first"
+            )
+        kind = kinds[key]
+        if kind not in _FACET_TYPES:
+            raise InvalidInputError(
+                f"cannot facet on {key!r}: its index is {kind!r}; facets count keyword, integer or bool values"
             )
         limit = _plain_int(limit)
         if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
             raise InvalidInputError(f"facet limit must be a positive int, got {limit!r}")
-        counts = self._facet(collection, key, self._resolve_filter(filter), limit)
+        # Only values of the index's own type are counted, on both adapters (the engine's rule; qdrant-client's
+        # local mode counted every value), and True is never merged into 1 by the dict (True == 1 in Python).
+        want = _FACET_TYPES[kind]
+        counts = {
+            value: n
+            for value, n in self._facet(collection, key, self._resolve_filter(filter), limit)
+            if isinstance(value, want) and (want is bool or not isinstance(value, bool))
+        }
         return dict(sorted(counts.items(), key=lambda kv: (-kv[1], str(kv[0]))))
 
     def _resolve_filter(self, spec: FilterLike) -> Filter | None:
@@ -599,8 +624,12 @@ class VectorStore(abc.ABC):
     @abc.abstractmethod
     def _set_metadata(self, name: str, metadata: dict[str, Any]) -> None: ...
 
+    def _payload_indexes(self, name: str) -> set[str]:
+        return set(self._payload_index_kinds(name))
+
     @abc.abstractmethod
-    def _payload_indexes(self, name: str) -> set[str]: ...
+    def _payload_index_kinds(self, name: str) -> dict[str, str]:
+        """Indexed payload field -> its kind (one of PAYLOAD_INDEX_KINDS, or "other")."""
 
     def _check_room(self, name: str, n_points: int) -> None:  # noqa: B027 - a hook, empty by default
         """Raise StoreError when ``n_points`` more cannot be written safely (the embedded adapter checks disk)."""
@@ -648,7 +677,8 @@ class VectorStore(abc.ABC):
     def _count(self, name: str, filter: Filter | None) -> int: ...
 
     @abc.abstractmethod
-    def _facet(self, name: str, key: str, filter: Filter | None, limit: int) -> dict[Any, int]: ...
+    def _facet(self, name: str, key: str, filter: Filter | None, limit: int) -> list[tuple[Any, int]]:
+        """(value, count) pairs as the engine gives them (a list: True and 1 are one key of a dict)."""
 
     def _after_write(self, name: str, n_written: int) -> None:  # noqa: B027 - optional hook
         """Called after a successful write batch (Edge uses it to schedule optimize)."""
@@ -678,9 +708,21 @@ def partition_bounds(part: int, parts: int) -> tuple[str | None, str | None]:
     return bound(part), bound(part + 1)
 
 
-def _check_with_vectors(value: WithVectors) -> None:
-    if value not in (True, False, FULL_VECTOR, PREFIX_VECTOR):
-        raise InvalidInputError(f"with_vectors must be a bool, {FULL_VECTOR!r} or {PREFIX_VECTOR!r}, got {value!r}")
+def _check_with_vectors(value: Any) -> WithVectors:
+    """``with_vectors`` as a bool or a vector name. ``value in (True, False, ...)`` let 1, 0 and numpy bools
+    through (1 == True), which the adapters then read differently: one as a vector name, one as nothing."""
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    if isinstance(value, str) and value in (FULL_VECTOR, PREFIX_VECTOR):
+        return value
+    raise InvalidInputError(f"with_vectors must be a bool, {FULL_VECTOR!r} or {PREFIX_VECTOR!r}, got {value!r}")
+
+
+def _check_with_payload(value: Any) -> bool:
+    """``with_payload`` as a bool: it was read by truthiness, so "no" returned the payload."""
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    raise InvalidInputError(f"with_payload must be a bool, got {value!r}")
 
 
 def vector_names(with_vectors: WithVectors) -> list[str]:

@@ -304,9 +304,10 @@ class EdgeStore(VectorStore):
         with self._write_lock, _edge_errors(f"indexing {key!r} in {name!r}"):
             self._shard(name).update(qe.UpdateOperation.create_field_index(key, _KINDS[kind]))
 
-    def _payload_indexes(self, name: str) -> set[str]:
+    def _payload_index_kinds(self, name: str) -> dict[str, str]:
         with _edge_errors(f"info of {name!r}"):
-            return set(self._shard(name).info().payload_schema)
+            schema = self._shard(name).info().payload_schema
+        return {k: payload_kind_name(_KINDS, v.data_type) for k, v in schema.items()}
 
     # ------------------------------------------------------------------ writes
     def _upsert_request(
@@ -473,7 +474,7 @@ class EdgeStore(VectorStore):
                     key=key, limit=limit, exact=True, filter=_to_edge_filter(filter) if filter is not None else None
                 )
             )
-        return {hit.value: hit.count for hit in response}
+        return [(hit.value, hit.count) for hit in response]
 
     # --------------------------------------------------------------- lifecycle
     def _flush(self) -> None:

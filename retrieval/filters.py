@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any, Union
 
 from retrieval.errors import InvalidFilterError
-from retrieval.schema import ExternalId
+from retrieval.schema import INT64_MAX, INT64_MIN, ExternalId, _bad_unicode
 
 Scalar = str | int | bool
 
@@ -34,7 +34,23 @@ Scalar = str | int | bool
 def _check_key(key: Any) -> str:
     if not isinstance(key, str) or not key:
         raise InvalidFilterError(f"filter key must be a non-empty string, got {key!r}")
+    bad = _bad_unicode(key)
+    if bad is not None:
+        raise InvalidFilterError(f"filter key {key!r} is not valid Unicode (a lone surrogate at position {bad})")
     return key
+
+
+def _check_scalar(key: str, value: Any) -> None:
+    """A match value the engines can take: a string they can encode, an int within int64. Edge raised a bare
+    TypeError / UnicodeEncodeError outside the store's errors; qdrant-client matched nothing, silently."""
+    if isinstance(value, str):
+        bad = _bad_unicode(value)
+        if bad is not None:
+            raise InvalidFilterError(
+                f"filter on {key!r}: value {value!r} is not valid Unicode (a lone surrogate at position {bad})"
+            )
+    elif isinstance(value, int) and not isinstance(value, bool) and not INT64_MIN <= value <= INT64_MAX:
+        raise InvalidFilterError(f"filter on {key!r}: {value} is outside the 64-bit integers a payload can hold")
 
 
 @dataclass(frozen=True)
@@ -51,6 +67,7 @@ class Match:
                 f"filter on {self.key!r}: match value must be a string, int or bool, got "
                 f"{type(self.value).__name__} {self.value!r} (use a range for floats)"
             )
+        _check_scalar(self.key, self.value)
 
 
 @dataclass(frozen=True)
@@ -71,6 +88,8 @@ class MatchAny:
             raise InvalidFilterError(
                 f"filter on {key!r}: match-any values must be all strings or all ints, got {vals!r}"
             )
+        for v in vals:
+            _check_scalar(key, v)
         object.__setattr__(self, "values", vals)
 
 

@@ -285,9 +285,6 @@ class QdrantServerStore(VectorStore):
         if self.local:
             self._local_indexes.setdefault(name, {})[key] = kind
 
-    def _payload_indexes(self, name: str) -> set[str]:
-        return set(self._payload_index_kinds(name))
-
     def _payload_index_kinds(self, name: str) -> dict[str, str]:
         if self.local:
             return dict(self._local_indexes.get(name, {}))
@@ -427,7 +424,7 @@ class QdrantServerStore(VectorStore):
                 exact=True,
                 consistency=self.read_consistency,
             )
-        return {hit.value: hit.count for hit in response.hits}
+        return [(hit.value, hit.count) for hit in response.hits]
 
     # --------------------------------------------------------------- lifecycle
     def _flush(self) -> None:

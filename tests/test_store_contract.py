@@ -318,6 +318,63 @@ def test_count_and_facet(store, collection):
     assert kinds["colour"] == "keyword" and kinds["size"] == "float"
 
 
+def test_facets_count_the_index_type_alike_on_every_adapter(store, collection):
+    """A keyword index holding "red", 5 and True gave {'red': 1} on Edge and all three on qdrant-client; an
+    integer index holding 1 and True merged them into one key (True == 1); a float index failed inside the
+    engine on Edge; and `label` could be re-indexed as integer, after which Edge's facet was empty."""
+    vecs = clustered(6)[0]
+    payloads = [
+        {"colour": "red", "n": 1, "flag": True},
+        {"colour": 5, "n": True, "flag": 1},
+        {"colour": True, "n": True, "flag": False},
+        {"colour": "red", "n": 2, "flag": True},
+        {"colour": "blue", "n": 1, "flag": "yes"},
+        {"n": 1.5},
+    ]
+    store.upsert(collection, [f"m{i}" for i in range(6)], vecs, payloads)
+    for key, kind in (("colour", "keyword"), ("n", "integer"), ("flag", "bool")):
+        store.create_payload_index(collection, key, kind)
+    assert store.facet(collection, "colour") == {"red": 2, "blue": 1}
+    assert store.facet(collection, "n") == {1: 2, 2: 1}  # the two True values are not counted as 1
+    facet = store.facet(collection, "flag")
+    assert facet == {True: 2, False: 1} and all(isinstance(k, bool) for k in facet)
+    store.create_payload_index(collection, "size", "float")
+    with pytest.raises(InvalidInputError, match="its index is 'float'"):
+        store.facet(collection, "size")
+    with pytest.raises(InvalidInputError, match="its index stays 'keyword'"):
+        store.create_payload_index(collection, "label", "integer")
+    assert store.collection_info(collection).payload_index_kinds["label"] == "keyword"
+
+
+def test_arguments_are_checked_alike_on_every_adapter(store, collection):
+    """Filter values the engine cannot take (a lone surrogate, an int beyond int64) raised bare TypeError /
+    UnicodeEncodeError on Edge and matched nothing on qdrant-client; with_vectors=1 passed as True on one and
+    as a vector name on the other; with_payload="no" returned payloads; score_threshold="0.5" a numpy error."""
+    ids, x = load(store, collection, 20)
+    bad_filters = [{"label": "a\ud800"}, {"n": 2**63}, {"label": {"any": ["c0", "b\udfff"]}}, {"k\ud800": "v"}]
+    calls = (
+        lambda f: store.search(collection, x[0], filter=f),
+        lambda f: store.scroll(collection, filter=f),
+        lambda f: store.count(collection, f),
+        lambda f: store.facet(collection, "label", filter=f),
+    )
+    for flt in bad_filters:
+        for call in calls:
+            with pytest.raises(InvalidFilterError):
+                call(flt)
+    assert store.count(collection, {"n": 2**63 - 1}) == 0  # the largest int64 is fine
+    for bad in (1, 0, "yes", None):
+        with pytest.raises(InvalidInputError, match="with_vectors must be a bool"):
+            store.retrieve(collection, ids[:1], with_vectors=bad)
+    (rec,) = store.retrieve(collection, ids[:1], with_vectors=np.True_)
+    assert rec.vector is not None and rec.vector.shape == (512,)
+    with pytest.raises(InvalidInputError, match="with_payload must be a bool"):
+        store.scroll(collection, with_payload="no")
+    with pytest.raises(InvalidInputError, match="score_threshold must be a number"):
+        store.search(collection, x[0], score_threshold="0.5")
+    assert store.search(collection, x[0], score_threshold=np.float32(0.5))[0].id == ids[0]
+
+
 # ---------------------------------------------------------------------- delete
 def test_delete_by_id(store, collection):
     ids, x = load(store, collection, 20)
