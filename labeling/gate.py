@@ -65,6 +65,10 @@ class StateGate:
     cap_factor: float = 1.0
     review_count: int = 0
     uncertainty: str = "margin"
+    #: Accept nothing: held-out ground truth supported no threshold (:func:`validated_threshold`). Kept apart
+    #: from ``threshold=1.0``, which accepts scores of exactly 1.0 (isotonic calibration gives many): a closed
+    #: gate reported as closed had accepted 228 such labels.
+    closed: bool = False
 
     def __post_init__(self) -> None:
         if not 0 < self.threshold <= 1:
@@ -86,6 +90,8 @@ class StateGate:
         conf = probs[np.arange(m), label]
         reason = np.zeros(m, np.int8)
         reason[conf < self.threshold] = 1
+        if self.closed:
+            reason[:] = 1
         if self.veto and neighbour_dist is not None and neighbour_count is not None:
             majority = neighbour_dist.argmax(axis=1)
             share = neighbour_dist[np.arange(m), majority]
@@ -120,8 +126,8 @@ def validated_threshold(
 
     Calibration maps are fitted on all held-out rows; the gate only uses their top tail, where a map fitted to
     the bulk can be wrong (measured: Rotten Tomatoes at a 5% seed accepted labels 75% correct at a mean
-    calibrated confidence of 0.86). When no threshold passes, 1.0 (the gate is effectively closed) is returned.
-    Returns ``(threshold, evidence)``.
+    calibrated confidence of 0.86). When no threshold passes, 1.0 is returned with ``evidence["closed"]``
+    true: the gate accepts nothing (:attr:`StateGate.closed`). Returns ``(threshold, evidence)``.
     """
     top = probs.max(axis=1)
     hit = probs.argmax(axis=1) == y
@@ -133,5 +139,11 @@ def validated_threshold(
         acc, conf = float(hit[sel].mean()), float(top[sel].mean())
         se = float(np.sqrt(max(conf * (1 - conf), 1e-12) / n))
         if acc >= conf - z * se:
-            return float(t), {"threshold": float(t), "support": n, "accuracy": acc, "mean_confidence": conf}
-    return 1.0, {"threshold": 1.0, "support": 0, "accuracy": None, "mean_confidence": None}
+            return float(t), {
+                "threshold": float(t),
+                "support": n,
+                "accuracy": acc,
+                "mean_confidence": conf,
+                "closed": False,
+            }
+    return 1.0, {"threshold": 1.0, "support": 0, "accuracy": None, "mean_confidence": None, "closed": True}

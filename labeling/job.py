@@ -463,7 +463,9 @@ def _written_gate(outcome: LabelingOutcome, configured: float, min_support: int)
     one, so a run that accepted nothing gave no reason."""
     chosen = next((s for s in outcome.iterations if s.iteration == outcome.chosen_iteration), None)
     used = outcome.gate_threshold if chosen is None or chosen.gate_threshold is None else chosen.gate_threshold
-    closed = used >= 1.0
+    # closed = the held-out check supported no threshold (nothing accepted); a gate at 1.0 that the check
+    # supported accepts scores of exactly 1.0, and was reported closed beside its accepted labels
+    closed = bool(((chosen.threshold_evidence if chosen is not None else None) or {}).get("closed"))
     base = max(configured, outcome.gate_threshold)  # the drift guard may have raised the configured one
     message = None
     if closed:

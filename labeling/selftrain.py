@@ -621,8 +621,9 @@ class SelfTrainer:
                 t_used, evidence = validated_threshold(
                     cal.oof_calibrated, y[eval_all], gate.threshold, min_support=cfg.threshold_min_support
                 )
-                it_gate = dataclasses.replace(gate, threshold=t_used)
-                it_chain_gate = dataclasses.replace(chain_gate, threshold=t_used)
+                shut = bool(evidence.get("closed"))
+                it_gate = dataclasses.replace(gate, threshold=t_used, closed=shut)
+                it_chain_gate = dataclasses.replace(chain_gate, threshold=t_used, closed=shut)
             # each chain moves on with its own accepted set (no chain ever learns from labels it is judged on)
             for ch, v, p in zip(chains, chain_votes, chain_pool_cal, strict=True):
                 d, cnt, _ = neighbour_vote(data.graph, v, pool) if gate.veto else (None, None, None)  # type: ignore[arg-type]

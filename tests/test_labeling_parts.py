@@ -311,8 +311,13 @@ def test_the_written_gate_is_reported_raised_or_closed():
     raised = _written_gate(outcome(0.95, {"support": 40, "accuracy": 0.975, "mean_confidence": 0.97}), 0.8, 10)
     assert not raised["closed"] and "raised from 0.80 to 0.95 at the written iteration 2" in raised["message"]
     assert "40 held-out rows, 97.5% correct" in raised["message"]
-    closed = _written_gate(outcome(1.0), 0.8, 10)
+    closed = _written_gate(outcome(1.0, {"support": 0, "closed": True}), 0.8, 10)
     assert closed["closed"] and closed["message"].startswith("GATE CLOSED at the written iteration 2")
+    # 1.0 supported by the held-out rows: open at 1.0 (it accepts scores of exactly 1.0), not "closed"
+    at_one = _written_gate(
+        outcome(1.0, {"support": 30, "accuracy": 1.0, "mean_confidence": 1.0, "closed": False}), 0.8, 10
+    )
+    assert not at_one["closed"] and "raised from 0.80 to 1.00" in at_one["message"]
 
 
 def test_propagated_features_never_echo_a_points_own_label():
@@ -487,7 +492,21 @@ def test_validated_threshold_rises_above_an_over_confident_tail_and_closes_when_
     always_wrong = np.zeros((n, 2))
     always_wrong[np.arange(n), 1 - y] = 0.95
     always_wrong[np.arange(n), y] = 0.05
-    assert validated_threshold(always_wrong, y, 0.8)[0] == 1.0  # nothing holds: the gate closes
+    t, ev = validated_threshold(always_wrong, y, 0.8)
+    assert t == 1.0 and ev["closed"]  # nothing holds: the gate closes
+    # closed is not "threshold 1.0": scores of exactly 1.0 (isotonic calibration gives many) were accepted by a
+    # gate reported closed (228 labels in a walk-through)
+    from labeling.gate import ACCEPTED, StateGate
+
+    certain = np.array([[1.0, 0.0], [0.0, 1.0], [0.7, 0.3]])
+    priors = np.array([0.5, 0.5])
+    at_one = StateGate(threshold=1.0, cap_factor=10).decide(certain, priors)
+    assert (at_one.status == ACCEPTED).tolist() == [True, True, False]
+    shut = StateGate(threshold=1.0, closed=True, cap_factor=10).decide(certain, priors)
+    assert not (shut.status == ACCEPTED).any()
+    sure = np.zeros((n, 2))
+    sure[np.arange(n), y] = 1.0  # right, and certain: the check supports 1.0 (and everything below)
+    assert not validated_threshold(sure, y, 0.8)[1]["closed"]
 
 
 @pytest.mark.parametrize(
