@@ -218,6 +218,19 @@ def submit_labels(
             raise ReviewFileError(f"answer for {pid!r}: {why} (nothing was written)")
     if not source or not isinstance(source, str):
         raise ReviewFileError("label_source must be a non-empty string")
+    # a class spelt two ways ("Seven" beside "seven") became two classes, silently: the web page refused it,
+    # an import did not. Known classes: ground truth and pseudo-labels (indexed keyword fields), then the file's.
+    known: dict[str, str] = {}
+    for field in ("label", "pseudo_label"):
+        for name in store.facet(collection, field, limit=100_000):
+            known.setdefault(spelling_key(str(name)), str(name))
+    for pid, label in answers:
+        first = known.setdefault(spelling_key(label), label)
+        if first != label:
+            raise ReviewFileError(
+                f"answer for {pid!r}: {label!r} differs from the class {first!r} only by case or spacing; write it "
+                f"as {first!r} (nothing was written)"
+            )
     ids = [a[0] for a in answers]
     if len(set(ids)) != len(ids):
         raise ReviewFileError("the same id is answered more than once")

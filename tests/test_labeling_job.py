@@ -381,6 +381,12 @@ def test_review_export_and_import_round_trip(labelled, tmp_path):
         import_labels(store, "emoji", _file(tmp_path, "id,label\nnope,Flags\n"))
     with pytest.raises(ReviewFileError, match="invisible or control character"):  # looks like Flags, is not
         import_labels(store, "emoji", _file(tmp_path, f"id,label\n{other},Flags\u200b\n"))
+    # a known class spelt another way became a second class (the web page refused it; import did not)
+    with pytest.raises(ReviewFileError, match="'flags' differs from the class 'Flags' only by case or spacing"):
+        import_labels(store, "emoji", _file(tmp_path, f"id,label\n{other},flags \n"))
+    third = next(pid for pid, p in now.items() if not p.get("label") and pid != other)
+    with pytest.raises(ReviewFileError, match="'new thing' differs from the class 'New Thing'"):  # within one file
+        import_labels(store, "emoji", _file(tmp_path, f"id,label\n{other},New Thing\n{third},new thing\n"))
     assert not payloads(store, "emoji")[other].get("label")
 
 
