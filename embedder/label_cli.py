@@ -193,6 +193,9 @@ def runs_cmd(
     if as_json:
         console.print_json(json.dumps(dataclasses.asdict(reg)))
         return
+    if not reg.runs:
+        console.print(f"no labeling run on collection {name!r} yet: start one with `embedstore label run -c {name}`")
+        return
     from labeling.present import fitted_table
 
     headers = [
@@ -354,6 +357,12 @@ def suspicious_cmd(
         _fail(exc)
     if as_json:
         console.print_json(json.dumps([dataclasses.asdict(s) for s in found]))
+        return
+    if not found:
+        console.print(
+            f"no accepted pseudo-label on {name!r} has two or more labelled neighbours to judge it by "
+            "(or no run has written any yet)"
+        )
         return
     from labeling.present import fitted_table
 

@@ -80,10 +80,13 @@ def preflight(store: VectorStore, collection: str, runs_dir: Path | str) -> None
                 "vector spaces would take neighbours that are not comparable"
             )
     target = Path(runs_dir) / collection
+    made = [p for p in (target, *target.parents) if not p.exists()]  # removed again: a refused job leaves no folder
     try:
         target.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=target, prefix=".write-test-"):
             pass
+        for folder in made:  # deepest first
+            folder.rmdir()
     except OSError as exc:
         raise JobPreconditionError(
             f"cannot write the run's report under {target} ({exc.strerror or exc}): point the runs directory at "
@@ -292,6 +295,9 @@ def run_job(
     if written_gate["message"]:
         warnings.append(written_gate["message"])
         emit(JobEvent("gate", message=written_gate["message"]))
+    elif (unserved := _unserved_classes(outcome, classes)) is not None:
+        warnings.append(unserved)
+        emit(JobEvent("gate", message=unserved))
 
     # ---- report (before the write: a failed write still leaves the evidence)
     run_dir = Path(runs_dir) / collection / run_id
@@ -452,6 +458,28 @@ class _WriteRows(Sequence[tuple[str, dict[str, Any]]]):
                 "labeling_model": self.model_name,
             },
         )
+
+
+def _unserved_classes(outcome: LabelingOutcome, classes: list[str]) -> str | None:
+    """A warning naming the classes that got no accepted pseudo-label although the model predicts them for
+    part of the pool: the run's overall precision and coverage hide them (a walk-through: 5 of 10 classes,
+    43% of the pool, got none, and the summary said only "coverage 16.5%")."""
+    dec = outcome.decision
+    if len(dec.label) == 0 or not (dec.status == ACCEPTED).any():
+        return None  # nothing accepted at all: the gate's own message, or the coverage, says so
+    predicted = np.bincount(dec.label, minlength=len(classes))
+    accepted = np.bincount(dec.label[dec.status == ACCEPTED], minlength=len(classes))
+    empty = [i for i in range(len(classes)) if accepted[i] == 0 and predicted[i] > 0]
+    if not empty:
+        return None
+    share = predicted[empty].sum() / len(dec.label)
+    names = ", ".join(f"{classes[i]!r} ({predicted[i]} predicted)" for i in empty[:10])
+    more = f" and {len(empty) - 10} more" if len(empty) > 10 else ""
+    return (
+        f"{len(empty)} of {len(classes)} classes got no accepted pseudo-label: {names}{more}; "
+        f"{share:.0%} of the pool is predicted as one of them. Their points stay unlabelled (in review or "
+        "quarantine): more ground truth for those classes is what opens them"
+    )
 
 
 def _written_gate(outcome: LabelingOutcome, configured: float, min_support: int) -> dict[str, Any]:

@@ -274,6 +274,7 @@ def test_a_job_is_refused_before_any_work_after_an_interrupted_rollback_or_reind
         load(store, "c", emoji_data, n=300)
         runs = tmp_path / "runs"
         preflight(store, "c", runs)  # a sound collection passes
+        assert not runs.exists()  # and leaves no folder behind (a refused job left an empty runs/<collection>/)
         ids = [pid for pid, p in payloads(store, "c").items() if not p.get("label")]
         rec = RunRecord(run_id="manual-r", status="writing", created_at="now", model="test")
         apply_run(store, "c", rec, [(pid, {"pseudo_label": "Flags", "pseudo_status": "accepted"}) for pid in ids])

@@ -320,6 +320,24 @@ def test_the_written_gate_is_reported_raised_or_closed():
     assert not at_one["closed"] and "raised from 0.80 to 1.00" in at_one["message"]
 
 
+def test_classes_that_got_no_accepted_label_are_named():
+    """5 of 10 classes (43% of the pool) got no accepted label and the summary only said "coverage 16.5%"."""
+    from types import SimpleNamespace
+
+    from labeling.gate import ACCEPTED, QUARANTINED
+    from labeling.job import _unserved_classes
+
+    label = np.array([0, 0, 1, 1, 2, 2, 2])
+    status = np.array([ACCEPTED, ACCEPTED, ACCEPTED, QUARANTINED, QUARANTINED, QUARANTINED, QUARANTINED])
+    out = SimpleNamespace(decision=SimpleNamespace(label=label, status=status))
+    msg = _unserved_classes(out, ["a", "b", "c", "d"])
+    assert msg.startswith("1 of 4 classes got no accepted pseudo-label: 'c' (4 predicted)") and "57% of the pool" in msg
+    out.decision.status = np.full(7, ACCEPTED)
+    assert _unserved_classes(out, ["a", "b", "c", "d"]) is None  # 'd' is never predicted: nothing to say
+    out.decision.status = np.full(7, QUARANTINED)
+    assert _unserved_classes(out, ["a", "b", "c", "d"]) is None  # none accepted at all: the gate's message
+
+
 def test_propagated_features_never_echo_a_points_own_label():
     from labeling.neighbours import Propagation
 
