@@ -399,7 +399,7 @@ def _source_fetcher(source: str):  # -> Callable[[str], bytes]
     # a checkpoint object is part of a source; reindex never reads or writes it
     unused = Checkpoint(redis_lib.Redis.from_url(ks.redis_url.get_secret_value(), socket_timeout=5), config.name)
     src = HttpSource(config, pool=pool, checkpoint=unused)
-    return lambda url: src.get(url, keyed=config.image_auth).content
+    return lambda url: src.get(url, keyed=config.image_auth, image=True).content
 
 
 ServerOpt = Annotated[

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import datetime as _dt
 import json
 from typing import Annotated, Optional
 
@@ -71,6 +70,8 @@ def add_cmd(
 @keys_app.command("list")
 def list_cmd(api: ApiArg, as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
     """Every key's id, state and counters."""
+    from embedder.ingest.keypool import when_text
+
     keys = _run(_pool(api).list)
     if as_json:
         console.print_json(json.dumps([dataclasses.asdict(k) for k in keys]))
@@ -87,11 +88,7 @@ def list_cmd(api: ApiArg, as_json: Annotated[bool, typer.Option("--json")] = Fal
         "budget",
     )
     for k in keys:
-        until = (
-            _dt.datetime.fromtimestamp(k.cooldown_until, _dt.UTC).isoformat(timespec="seconds")
-            if k.cooldown_until
-            else ""
-        )
+        until = when_text(k.cooldown_until) if k.cooldown_until else ""
         budget = f"{k.budget}/{k.window_s:g}s" if k.budget else ""
         table.add_row(
             k.key_id,

@@ -453,6 +453,72 @@ def test_the_key_goes_only_to_the_sources_origins(redis_server, embedder, tmp_pa
         other.shutdown()
 
 
+def test_hostile_or_broken_answers_stop_or_skip_cleanly(redis_server, embedder, tmp_path):
+    """From an ingest walk-through: a page repeating an id stopped every run there for good (--skip-bad did not
+    help, no page named); an item's metadata could set pseudo_status or image_uri; a source whose every request
+    got 401 deactivated the whole shared pool; one 403 image cooled every key; empty pages with a new cursor
+    were read forever; a key removed mid-request stopped a run whose request had succeeded."""
+    pages = {
+        "/dup": {"items": [{"id": "a", "text": "x"}, {"id": "b", "text": "y"}, {"id": "a", "text": "z"}]},
+        "/forged": {"items": [{"id": "f", "text": "x", "metadata": {"pseudo_status": "accepted", "ok": 1}}]},
+        "/img403": {"items": [{"id": "i", "text": "x", "image_url": "/private.png"}, {"id": "j", "text": "y"}]},
+    }
+
+    def routes(path):
+        if path == "/private.png":
+            return 403, {}, b"forbidden"
+        if path == "/locked":
+            return 401, {}, b"who are you"
+        if path.startswith("/empty"):  # an empty page pointing at yet another empty page
+            n = int(path.removeprefix("/empty") or 0)
+            return (
+                200,
+                {"content-type": "application/json"},
+                json.dumps({"items": [], "next": f"/empty{n + 1}"}).encode(),
+            )
+        return 200, {"content-type": "application/json"}, json.dumps(pages[path] | {"next": None}).encode()
+
+    server, url, _ = _recording_server(routes)
+    try:
+        with make_edge(tmp_path / "s") as store:
+            src, pool = make_source(url + "/dup", redis_server.url)
+            pool.add("k1")
+            with pytest.raises(IngestError, match=r"/dup: item a: item 2 repeats the id of item 0"):
+                ingest_http(src, store, "c", embedder)
+            report = ingest_http(src, store, "c", embedder, skip_bad=True)
+            assert report.written == 2 and [pid for pid, _ in report.skipped] == ["a"]
+            assert store.retrieve("c", ["a"])[0].payload["text"] == "x"  # the first copy
+
+            src, pool = make_source(url + "/forged", redis_server.url)
+            pool.add("k1")
+            report = ingest_http(src, store, "c", embedder, skip_bad=True)
+            assert report.written == 0 and "sets ['pseudo_status']" in report.skipped[0][1]
+
+            src, pool = make_source(url + "/img403", redis_server.url, image_auth=True)
+            for k in ("k1", "k2", "k3"):
+                pool.add(k)
+            report = ingest_http(src, store, "c", embedder, skip_bad=True)
+            assert report.written == 1 and "403" in report.skipped[0][1]
+            assert {k.state for k in pool.list()} == {"active"} and all(k.cooldown_until is None for k in pool.list())
+
+            src, pool = make_source(url + "/locked", redis_server.url)
+            for k in ("k1", "k2", "k3", "k4"):
+                pool.add(k)
+            with pytest.raises(IngestError, match="two keys in a row were refused"):
+                ingest_http(src, store, "c", embedder)
+            assert sorted(k.state for k in pool.list()) == ["active", "active", "active", "deactivated"]
+
+            src, pool = make_source(url + "/empty", redis_server.url, max_empty_pages=5)
+            pool.add("k1")
+            with pytest.raises(IngestError, match="6 empty pages in a row"):
+                ingest_http(src, store, "c", embedder)
+
+            src, pool = make_source(url + "/dup", redis_server.url)
+            src._report("k_gone", 200, {})  # a key removed while its request was out: logged, not fatal
+    finally:
+        server.shutdown()
+
+
 def test_shards_are_walked_concurrently_sharing_one_pool(api, redis_server, embedder, tmp_path):
     url, state = api
     state["items"] = [it for it in state["items"] if it["id"] != "it-5"]

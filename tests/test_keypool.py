@@ -276,6 +276,14 @@ def test_cooldown_header_parsing():
     assert cooldown_from_headers({"x-ratelimit-reset": "45"}, now) == now + 45  # small: seconds from now
     assert cooldown_from_headers({}, now) is None
     assert cooldown_from_headers({"Retry-After": "soon"}, now) is None
+    # an epoch in milliseconds was read as seconds (a cooldown to the year 58901 crashed the run and `keys list`),
+    # and "inf" crashed the report with OverflowError: ms are read as ms, and no header cools a key past a day
+    assert cooldown_from_headers({"x-ratelimit-reset": str(int((now + 60) * 1000))}, now) == pytest.approx(now + 60)
+    assert cooldown_from_headers({"Retry-After": "inf"}, now) is None
+    assert cooldown_from_headers({"Retry-After": "1e12"}, now) == now + 86_400
+    from embedder.ingest.keypool import when_text
+
+    assert when_text(1e15) == "a time too far to show" and when_text(0).startswith("1970-01-01")
 
 
 def test_keys_cli(redis_server, monkeypatch):

@@ -48,13 +48,19 @@ import httpx
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait_random_exponential
 
-from embedder.ingest.keypool import KeyPool, KeyPoolError, KeyPoolUnavailable, safe_url
+from embedder.ingest.keypool import KeyPool, KeyPoolError, KeyPoolUnavailable, UnknownKey, safe_url
 from embedder.model import Item
 
 log = logging.getLogger("embedstore.ingest")
 
 
 MAX_REDIRECTS = 10
+
+
+def _reserved() -> frozenset[str]:
+    from embedder.indexing import reserved_payload_keys
+
+    return reserved_payload_keys()
 
 
 def _origin(url: str) -> tuple[str, str, int | None]:
@@ -116,6 +122,8 @@ class HttpSourceConfig(BaseModel):
     key_wait_s: float = Field(60.0, ge=0)  # how long a request waits for a cooling key
     max_key_rotations: int = Field(50, ge=1)  # 429/403/401 answers tolerated for one request
     workers: int = Field(4, ge=1, le=64)  # concurrent image downloads
+    #: empty pages in a row (each with a next cursor) before the walk stops: such a chain was read forever
+    max_empty_pages: int = Field(100, ge=1)
 
 
 class Checkpoint:
@@ -136,6 +144,16 @@ class Checkpoint:
 
         try:
             return fn(*args)
+        except redis.AuthenticationError:
+            raise KeyPoolUnavailable(
+                f"Redis at {self.url or 'the configured URL'} refused the credentials: check the password in "
+                "EMBEDSTORE_REDIS_URL; cannot read or save the ingest checkpoint"
+            ) from None
+        except redis.ResponseError as exc:
+            raise KeyPoolUnavailable(
+                f"Redis at {self.url or 'the configured URL'} refused a command ({type(exc).__name__}: {exc}); "
+                "cannot read or save the ingest checkpoint"
+            ) from None
         except (redis.ConnectionError, redis.TimeoutError) as exc:
             raise KeyPoolUnavailable(
                 f"Redis at {self.url or 'the configured URL'} is unreachable ({type(exc).__name__}): cannot read or "
@@ -229,25 +247,52 @@ class HttpSource:
             headers = {cfg.auth_header: cfg.auth_prefix + secret} if with_key and secret is not None else {}
             try:
                 r = self.http.get(url, params=params, headers=headers, follow_redirects=False)
-            except httpx.TransportError as exc:
+            except (httpx.TransportError, httpx.DecodingError) as exc:  # a body that lies about its gzip: retried
                 raise _Transient(f"{type(exc).__name__} on {url}") from exc
+            except (httpx.HTTPError, httpx.InvalidURL) as exc:
+                raise IngestError(f"{url}: {type(exc).__name__}: {exc}") from None
             if not (r.is_redirect and "location" in r.headers):
                 return r, with_key
             url, params = urljoin(str(r.url), r.headers["location"]), None
         raise IngestError(f"more than {MAX_REDIRECTS} redirects from {url}")
 
-    def _once(self, url: str, *, params: dict[str, str] | None, keyed: bool) -> httpx.Response:
+    def _report(self, key_id: str, status: int, headers: Any) -> None:
+        """The answer's verdict on the key; a key removed meanwhile (``keys remove``, a Redis that lost its data)
+        is passed over: its answer is used all the same (it stopped the run, though the request had succeeded)."""
+        try:
+            self.pool.report(key_id, status, headers)  # type: ignore[union-attr]
+        except UnknownKey:
+            log.warning("key %s left pool %s during a request (removed, or Redis lost its data)", key_id, self.pool)
+
+    def _once(self, url: str, *, params: dict[str, str] | None, keyed: bool, image: bool = False) -> httpx.Response:
         """One request, rotating keys on 429/403/401; raises _Transient for transport errors and 5xx."""
         cfg = self.config
+        refused_by: str | None = None  # a key this request got a 401 with
         for _ in range(cfg.max_key_rotations):
             # no lease for a URL the key may not go to: its answers say nothing about the key's health
             keyed_here = keyed and self.pool is not None and self.key_allowed(url)
             lease = self.pool.lease(wait=cfg.key_wait_s) if keyed_here else None  # type: ignore[union-attr]
             r, sent = self._send(url, params, lease.secret if lease is not None else None)
-            if lease is not None and sent:  # the answer came from one of the key's origins
-                self.pool.report(lease.key_id, r.status_code, r.headers)  # type: ignore[union-attr]
-                if r.status_code in (401, 403, 429):
-                    log.info("key %s got %d on %s: trying another key", lease.key_id, r.status_code, url)
+            status = r.status_code
+            # an image's 401/403 is about the image (a private or missing object), not the key: only its 429
+            # speaks of the key (one 403 image cooled every key in the pool, and the run stopped)
+            about_key = status == 429 or (status in (401, 403) and not image)
+            if lease is not None and sent and (about_key or status < 400):
+                if status == 401 and refused_by is not None:
+                    # a second key refused on the same request: the request is the likely cause (a wrong
+                    # auth_header, a proxy answering 401), so this key is left active and the run stops, rather
+                    # than walk the shared pool deactivating every key
+                    raise IngestError(
+                        f"{url}: two keys in a row were refused (401): the request rather than the keys is the likely "
+                        f"cause (auth_header={cfg.auth_header!r}, auth_prefix={cfg.auth_prefix!r}, the URL); key "
+                        f"{refused_by} was deactivated by the first answer: `embedstore keys enable "
+                        f"{cfg.pool} {refused_by}` once the cause is fixed"
+                    )
+                self._report(lease.key_id, status, r.headers)
+                if about_key:
+                    if status == 401:
+                        refused_by = lease.key_id
+                    log.info("key %s got %d on %s: trying another key", lease.key_id, status, url)
                     continue
             if r.status_code >= 500:
                 raise _Transient(f"HTTP {r.status_code} from {url}")
@@ -256,7 +301,11 @@ class HttpSource:
             return r
         raise IngestError(f"{url}: {cfg.max_key_rotations} answers of 401/403/429 in a row; giving up on this request")
 
-    def get(self, url: str, *, params: dict[str, str] | None = None, keyed: bool = True) -> httpx.Response:
+    def get(
+        self, url: str, *, params: dict[str, str] | None = None, keyed: bool = True, image: bool = False
+    ) -> httpx.Response:
+        """GET with key rotation and retries; ``image``: an image download, whose 401/403 does not count against
+        the key (the run skips the item instead)."""
         cfg = self.config
         try:
             for attempt in Retrying(
@@ -266,7 +315,7 @@ class HttpSource:
                 reraise=True,
             ):
                 with attempt:
-                    return self._once(url, params=params, keyed=keyed)
+                    return self._once(url, params=params, keyed=keyed, image=image)
         except _Transient as exc:
             raise IngestError(f"{exc}; gave up after {cfg.max_attempts} attempts") from exc
         raise AssertionError("unreachable")
@@ -278,10 +327,17 @@ class HttpSource:
         is_url = self.config.next_is == "url" or (
             self.config.next_is == "auto" and cursor.startswith(("http://", "https://", "/", "?"))
         )
-        if is_url:
-            return urljoin(self.start_url, cursor), None
-        # merged into the start URL's own query (httpx's ``params=`` would replace it)
-        return str(httpx.URL(self.start_url).copy_merge_params({self.config.cursor_param: cursor})), None
+        try:
+            if is_url:
+                url = urljoin(self.start_url, cursor)
+                httpx.URL(url)  # a malformed one is named here, with the page that gave it
+                return url, None
+            # merged into the start URL's own query (httpx's ``params=`` would replace it)
+            return str(httpx.URL(self.start_url).copy_merge_params({self.config.cursor_param: cursor})), None
+        except (httpx.InvalidURL, ValueError) as exc:
+            raise IngestError(
+                f"source {self.config.name!r}: the next page {cursor!r} is not a usable URL or cursor ({exc})"
+            ) from None
 
     def _item(self, raw: dict[str, Any], images: dict[str, bytes | Exception]) -> Item:
         cfg = self.config
@@ -300,6 +356,9 @@ class HttpSource:
             image = got
         meta = raw.get(cfg.metadata_field)
         payload = dict(meta) if isinstance(meta, dict) else {}
+        clash = sorted(k for k in payload if k in _reserved())
+        if clash:  # the API's data may not forge the system's own fields (pseudo_status, image_uri, ...)
+            raise ValueError(f"{cfg.metadata_field} sets {clash}: the system writes those fields itself")
         if raw.get(cfg.image_url_field):  # absolute, so reindex can fetch it again without this source's config
             payload["image_uri"] = urljoin(self.start_url, str(raw[cfg.image_url_field]))
         label = raw.get(cfg.label_field)
@@ -314,7 +373,7 @@ class HttpSource:
 
     def _download(self, url: str) -> bytes | Exception:
         try:
-            return self.get(urljoin(self.start_url, url), keyed=self.config.image_auth).content
+            return self.get(urljoin(self.start_url, url), keyed=self.config.image_auth, image=True).content
         except (IngestError, KeyPoolError) as exc:
             if isinstance(exc, KeyPoolUnavailable):
                 raise
@@ -338,11 +397,17 @@ class HttpSource:
         raws = body[cfg.items_key]
         bad: list[tuple[str, str]] = []
         ok_raws = []
+        first_at: dict[str, int] = {}
         for n, raw in enumerate(raws):
             if not isinstance(raw, dict) or raw.get(cfg.id_field) in (None, ""):
                 bad.append((f"{url}#{n}", f"item {n} has no {cfg.id_field!r}"))
-            else:
-                ok_raws.append(raw)
+                continue
+            pid = str(raw[cfg.id_field])
+            if pid in first_at:  # the first copy is kept; a repeat stopped every run at this page, for good
+                bad.append((pid, f"item {n} repeats the id of item {first_at[pid]} on this page; the first is kept"))
+                continue
+            first_at[pid] = n
+            ok_raws.append(raw)
         wanted = {
             str(r[cfg.id_field]): str(r[cfg.image_url_field])
             for r in ok_raws
@@ -372,9 +437,16 @@ class HttpSource:
         cursor = state.get("cursor")
         seen: set[str | None] = {cursor}
         last_ids: list[str] = []
+        empty = 0
         while True:
             page = self.fetch(cursor)
             ids = [it.id for it in page.items] + [pid for pid, _ in page.bad]
+            empty = 0 if ids else empty + 1
+            if empty > self.config.max_empty_pages:
+                raise IngestError(
+                    f"{page.url}: {empty} empty pages in a row, each with a new next cursor: stopping instead of "
+                    "reading such a chain forever (max_empty_pages)"
+                )
             if ids and ids == last_ids:
                 raise IngestError(
                     f"{page.url}: served the same {len(ids)} items as the page before it: the server does not "

@@ -30,6 +30,7 @@ import datetime as _dt
 import email.utils
 import hashlib
 import logging
+import math
 import os
 import random
 import time
@@ -221,33 +222,58 @@ def _fernet(secret: str | None) -> Any:
     return Fernet(base64.urlsafe_b64encode(hashlib.sha256(secret.encode()).digest()))
 
 
+def when_text(epoch_s: float) -> str:
+    """An epoch time as ISO text, or "never" beyond what a date can hold (a cooldown stored before the cap)."""
+    try:
+        return _dt.datetime.fromtimestamp(epoch_s, _dt.UTC).isoformat(timespec="seconds")
+    except (OverflowError, ValueError, OSError):
+        return "a time too far to show"
+
+
+#: The longest cooldown a rate-limit header may ask for (a day).
+MAX_COOLDOWN_S = 86_400
+
+
 def cooldown_from_headers(headers: Mapping[str, str] | None, now: float) -> float | None:
     """When a rate-limited key frees up (epoch seconds) per ``Retry-After`` or ``x-ratelimit-reset``; else None.
 
     ``Retry-After`` is delta-seconds or an HTTP date; ``x-ratelimit-reset`` is epoch
     seconds (GitHub's convention; a value below 10^9 is taken as seconds from now).
+    An epoch above 10^12 is taken as milliseconds (some APIs send those). Whatever the header says, the result
+    is at most :data:`MAX_COOLDOWN_S` from now: a value read wrong (an epoch in ms taken as seconds: the year
+    58901) or ``inf`` crashed the run and every later ``keys list`` of the pool.
     """
     if not headers:
         return None
     h = {k.lower(): v for k, v in headers.items()}
+    until: float | None = None
     ra = h.get("retry-after")
     if ra:
         ra = ra.strip()
         try:
-            return now + max(0.0, float(ra))
+            until = now + max(0.0, float(ra))
         except ValueError:
             try:
-                return email.utils.parsedate_to_datetime(ra).timestamp()
-            except (TypeError, ValueError):
+                until = email.utils.parsedate_to_datetime(ra).timestamp()
+            except (TypeError, ValueError, OverflowError):
                 log.warning("ignoring an unparseable Retry-After header")
     reset = h.get("x-ratelimit-reset")
-    if reset:
+    if until is None and reset:
         try:
             value = float(reset)
         except ValueError:
             return None
-        return value if value >= 1e9 else now + max(0.0, value)
-    return None
+        if value >= 1e12:
+            value /= 1000.0  # epoch milliseconds
+        until = value if value >= 1e9 else now + max(0.0, value)
+    if until is None or not math.isfinite(until):
+        if until is not None:
+            log.warning("ignoring a rate-limit header that is not a finite time")
+        return None
+    if until > now + MAX_COOLDOWN_S:
+        log.warning("a rate-limit header asked for a cooldown of %.0f s; capped at %d s", until - now, MAX_COOLDOWN_S)
+        until = now + MAX_COOLDOWN_S
+    return until
 
 
 def safe_url(url: str) -> str:
@@ -303,9 +329,19 @@ class KeyPool:
 
         try:
             return fn(*args, **kw)
+        except redis.AuthenticationError:  # a ConnectionError to redis-py, but the server is there
+            raise KeyPoolUnavailable(
+                f"Redis at {self.url} refused the credentials: check the password in EMBEDSTORE_REDIS_URL; key pool "
+                f"{self.pool!r} cannot be used"
+            ) from None
         except (redis.ConnectionError, redis.TimeoutError) as exc:
             raise KeyPoolUnavailable(
                 f"Redis at {self.url} is unreachable ({type(exc).__name__}); key pool {self.pool!r} cannot be used"
+            ) from None
+        except redis.ResponseError as exc:  # an ACL without EVALSHA, a DB index out of range, ...
+            raise KeyPoolUnavailable(
+                f"Redis at {self.url} refused a command ({type(exc).__name__}: {exc}); key pool {self.pool!r} "
+                "cannot be used (the pool runs Lua scripts: its user needs EVALSHA/EVAL and the hash commands)"
             ) from None
 
     def _stat(self, kid: str, field: str) -> str:
@@ -470,7 +506,7 @@ class KeyPool:
                     None,
                 )
             if got - now > remaining:
-                when = _dt.datetime.fromtimestamp(got, _dt.UTC).isoformat(timespec="seconds")
+                when = when_text(got)
                 raise NoHealthyKey(
                     f"no healthy key in pool {self.pool!r}: all are cooling down or over budget; the next frees up "
                     f"at {when} (in {got - now:.1f}s), beyond the {wait:g}s wait",
