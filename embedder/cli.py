@@ -340,9 +340,16 @@ def ingest_cmd(
             src = HttpSource(config, pool=pool, checkpoint=checkpoint)
             embedder = _embedder()
             with open_store(settings) as store:
-                rep = ingest_http(
-                    src, store, settings.collection, embedder, skip_bad=skip_bad, restart=restart, progress=True
-                )
+                try:
+                    rep = ingest_http(
+                        src, store, settings.collection, embedder, skip_bad=skip_bad, restart=restart, progress=True
+                    )
+                except KeyboardInterrupt:
+                    console.print(
+                        f"[yellow]stopped:[/] every page written so far is checkpointed; the same command goes on "
+                        f"from there (source {config.name!r})"
+                    )
+                    raise typer.Exit(130) from None
             if rep.stale_checkpoint:
                 console.print(
                     f"[yellow]note:[/] the checkpoint of source {config.name!r} had progress, but "

@@ -519,6 +519,37 @@ def test_hostile_or_broken_answers_stop_or_skip_cleanly(redis_server, embedder, 
         server.shutdown()
 
 
+def test_a_dripping_answer_is_cut_at_the_request_deadline(redis_server, embedder, tmp_path):
+    """httpx's timeout bounds each read: a server sending one byte every 0.2 s took 80 s against timeout_s 2."""
+    import time
+
+    class Drip(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.send_header("content-type", "application/json")
+            self.end_headers()
+            for byte in b'{"items": [], "next": null}':
+                self.wfile.write(bytes([byte]))
+                self.wfile.flush()
+                time.sleep(0.1)
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Drip)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/items"
+        src, pool = make_source(url, redis_server.url, timeout_s=2, request_deadline_s=0.5, max_attempts=1)
+        pool.add("k")
+        t0 = time.monotonic()
+        with make_edge(tmp_path) as store, pytest.raises(IngestError, match=r"no whole answer within 0.5s"):
+            ingest_http(src, store, "c", embedder)
+        assert time.monotonic() - t0 < 2.5  # the drip alone takes 2.7 s
+    finally:
+        server.shutdown()
+
+
 def test_shards_are_walked_concurrently_sharing_one_pool(api, redis_server, embedder, tmp_path):
     url, state = api
     state["items"] = [it for it in state["items"] if it["id"] != "it-5"]

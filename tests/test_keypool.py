@@ -155,6 +155,20 @@ def test_exponential_cooldown_without_headers_and_success_resets(pool):
     assert k.consecutive_failures == 0 and k.successes == 1 and k.failures == 2
 
 
+def test_a_wait_for_a_cooling_key_ends_at_once_when_cancelled(pool):
+    """Ctrl-C on a sharded ingest waited out a 40 s cooldown in silence: the shard threads slept in lease()."""
+    from embedder.ingest.keypool import LeaseCancelled
+
+    kid = pool.add(KEYS[0])
+    pool.report(kid, 429, {"Retry-After": "40"})
+    cancel = threading.Event()
+    threading.Timer(0.3, cancel.set).start()
+    t0 = time.monotonic()
+    with pytest.raises(LeaseCancelled, match="stopped while waiting"):
+        pool.lease(wait=60, cancel=cancel)
+    assert time.monotonic() - t0 < 5
+
+
 def test_no_key_at_all_is_a_clear_error(pool):
     with pytest.raises(NoHealthyKey, match="add or enable one") as exc:
         pool.lease(wait=1)

@@ -37,6 +37,7 @@ import base64
 import binascii
 import hashlib
 import logging
+import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -48,7 +49,14 @@ import httpx
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait_random_exponential
 
-from embedder.ingest.keypool import KeyPool, KeyPoolError, KeyPoolUnavailable, UnknownKey, safe_url
+from embedder.ingest.keypool import (
+    KeyPool,
+    KeyPoolError,
+    KeyPoolUnavailable,
+    LeaseCancelled,
+    UnknownKey,
+    safe_url,
+)
 from embedder.model import Item
 
 log = logging.getLogger("embedstore.ingest")
@@ -116,7 +124,9 @@ class HttpSourceConfig(BaseModel):
                 raise ValueError(f"{origin!r} is not an origin such as https://cdn.example.com (scheme, host, port)")
         return value
 
-    timeout_s: float = Field(30.0, gt=0)
+    timeout_s: float = Field(30.0, gt=0)  # per socket operation (connect, each read)
+    #: a whole answer (headers and body) must arrive within this; a slow drip is retried like a timeout
+    request_deadline_s: float = Field(120.0, gt=0)
     max_attempts: int = Field(5, ge=1, le=50)
     retry_cap_s: float = Field(30.0, gt=0)
     key_wait_s: float = Field(60.0, ge=0)  # how long a request waits for a cooling key
@@ -215,6 +225,8 @@ class HttpSource:
         self.start_url = start_url or config.url
         self.shard = shard
         self.http = client or httpx.Client(timeout=config.timeout_s)
+        #: set to stop: waits for a key or a retry end at once, and no further page is fetched
+        self.cancel: threading.Event | None = None
         self._key_origins = {_origin(u) for u in (config.url, *config.shards.values(), *config.key_origins)}
         self._warned: set[tuple[str, str, int | None]] = set()
 
@@ -246,7 +258,7 @@ class HttpSource:
                 log.warning("source %s: %s is not one of the key's origins: fetched without the key", cfg.name, url)
             headers = {cfg.auth_header: cfg.auth_prefix + secret} if with_key and secret is not None else {}
             try:
-                r = self.http.get(url, params=params, headers=headers, follow_redirects=False)
+                r = self._get_within_deadline(url, params, headers)
             except (httpx.TransportError, httpx.DecodingError) as exc:  # a body that lies about its gzip: retried
                 raise _Transient(f"{type(exc).__name__} on {url}") from exc
             except (httpx.HTTPError, httpx.InvalidURL) as exc:
@@ -255,6 +267,32 @@ class HttpSource:
                 return r, with_key
             url, params = urljoin(str(r.url), r.headers["location"]), None
         raise IngestError(f"more than {MAX_REDIRECTS} redirects from {url}")
+
+    def _get_within_deadline(self, url: str, params: dict[str, str] | None, headers: dict[str, str]) -> httpx.Response:
+        """One GET whose whole answer must arrive within ``request_deadline_s``: httpx's timeout bounds each
+        socket read, so a server dripping a byte every 0.2 s held a worker (and its lease) for minutes."""
+        deadline = time.monotonic() + self.config.request_deadline_s
+        with self.http.stream("GET", url, params=params, headers=headers, follow_redirects=False) as streamed:
+            raw = bytearray()
+            for chunk in streamed.iter_raw():
+                raw += chunk
+                if time.monotonic() > deadline:
+                    raise _Transient(
+                        f"{url}: no whole answer within {self.config.request_deadline_s:g}s (request_deadline_s)"
+                    )
+        # the raw bytes, decoded by the new response as its headers say (gzip, ...), as a plain get() does
+        answer = httpx.Response(
+            streamed.status_code, headers=streamed.headers, content=bytes(raw), request=streamed.request
+        )
+        answer.read()
+        return answer
+
+    def _sleep(self, seconds: float) -> None:
+        """A retry's back-off, cut short when the run is stopping."""
+        if self.cancel is None:
+            time.sleep(seconds)
+        elif self.cancel.wait(seconds):
+            raise LeaseCancelled(f"source {self.config.name!r}: stopped while waiting to retry")
 
     def _report(self, key_id: str, status: int, headers: Any) -> None:
         """The answer's verdict on the key; a key removed meanwhile (``keys remove``, a Redis that lost its data)
@@ -271,7 +309,7 @@ class HttpSource:
         for _ in range(cfg.max_key_rotations):
             # no lease for a URL the key may not go to: its answers say nothing about the key's health
             keyed_here = keyed and self.pool is not None and self.key_allowed(url)
-            lease = self.pool.lease(wait=cfg.key_wait_s) if keyed_here else None  # type: ignore[union-attr]
+            lease = self.pool.lease(wait=cfg.key_wait_s, cancel=self.cancel) if keyed_here else None  # type: ignore[union-attr]
             r, sent = self._send(url, params, lease.secret if lease is not None else None)
             status = r.status_code
             # an image's 401/403 is about the image (a private or missing object), not the key: only its 429
@@ -312,6 +350,7 @@ class HttpSource:
                 retry=retry_if_exception_type(_Transient),
                 wait=wait_random_exponential(multiplier=0.5, max=cfg.retry_cap_s),
                 stop=stop_after_attempt(cfg.max_attempts),
+                sleep=self._sleep,
                 reraise=True,
             ):
                 with attempt:
@@ -375,8 +414,8 @@ class HttpSource:
         try:
             return self.get(urljoin(self.start_url, url), keyed=self.config.image_auth, image=True).content
         except (IngestError, KeyPoolError) as exc:
-            if isinstance(exc, KeyPoolUnavailable):
-                raise
+            if isinstance(exc, (KeyPoolUnavailable, LeaseCancelled)):
+                raise  # not the item's fault: it must not be listed as bad and passed by the checkpoint
             return exc
 
     def fetch(self, cursor: str | None) -> Page:
@@ -439,6 +478,8 @@ class HttpSource:
         last_ids: list[str] = []
         empty = 0
         while True:
+            if self.cancel is not None and self.cancel.is_set():
+                return
             page = self.fetch(cursor)
             ids = [it.id for it in page.items] + [pid for pid, _ in page.bad]
             empty = 0 if ids else empty + 1
@@ -486,11 +527,12 @@ def ingest_http(
     overlap, all leasing from the one key pool); embedding and upserting are serialised.
     Bad items fail the run or, with ``skip_bad``, are listed in the report; never silently dropped.
     """
-    import threading
-
     from embedder.indexing import index_items
 
     shards = source.shard_sources()
+    stop = threading.Event()
+    for s in shards:
+        s.cancel = stop  # Ctrl-C (or a failed shard) ends the others' waits at once, not after a cooldown
     report = IngestReport()
     states = {s.shard: (s.checkpoint.load() if not restart else {}) for s in shards}
     if any(states.values()) and not (store.collection_exists(collection) and store.count(collection) > 0):
@@ -501,7 +543,6 @@ def ingest_http(
     report.resumed_from = states["main"].get("cursor")
     report.already_done = all(st.get("done") == "1" for st in states.values())
     write_lock = threading.Lock()
-    stop = threading.Event()
     bar: Any = None
     task: Any = None
     if progress:
