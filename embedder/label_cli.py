@@ -336,15 +336,65 @@ def import_cmd(
     )
 
 
+def _suspect_seed_table(store: Any, name: str, limit: int, as_json: bool) -> None:
+    """The active run's suspect ground-truth labels, with their current label (an answer given since shows)."""
+    from labeling.present import fitted_table
+    from labeling.runs import load_registry
+
+    reg = load_registry(store, name)
+    active = next((r for r in reg.runs if r.run_id == reg.active), None)
+    if active is None:
+        console.print(f"no active labeling run on {name!r}: the check runs with each job (`embedstore label run`)")
+        return
+    found = list(active.summary.get("suspect_seed") or [])[:limit]
+    now = {
+        r.id: (r.payload or {}).get("label") for r in store.retrieve(name, [f["id"] for f in found], missing_ok=True)
+    }
+    for f in found:
+        f["label_now"] = now.get(f["id"])
+    if as_json:
+        console.print_json(json.dumps(found))
+        return
+    if not found:
+        checked = "" if "suspect_seed" in active.summary else " (the run is from before this check)"
+        console.print(f"run {active.run_id}: no ground-truth label was contradicted at the gate's confidence{checked}")
+        return
+    headers = ["id", "label", "model says", "conf", "p(label)", "label now"]
+    rows = [
+        [
+            f["id"],
+            f["label"],
+            f["model_says"],
+            f"{f['confidence']:.3f}",
+            f"{f['label_probability']:.3f}",
+            str(f["label_now"]),
+        ]
+        for f in found
+    ]
+    console.print(fitted_table(headers, rows, width=console.width))
+    console.print(
+        "a run never changes ground truth: correct a label with `embedstore label import` (--overwrite-human for "
+        "human labels) or on the web page"
+    )
+
+
 @label_app.command("suspicious")
 def suspicious_cmd(
     k: Annotated[int, typer.Option("-k", help="Neighbours to compare with.")] = 10,
     limit: Annotated[int, typer.Option(help="How many to list.")] = 20,
     path: PathOpt = None,
     collection: CollectionOpt = None,
+    seed: Annotated[
+        bool,
+        typer.Option(
+            "--seed",
+            help="Ground-truth labels instead: those the active run's out-of-fold models contradicted at the "
+            "gate's confidence (a mislabelled seed).",
+        ),
+    ] = False,
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
-    """Accepted pseudo-labels that their neighbourhood contradicts most."""
+    """Accepted pseudo-labels that their neighbourhood contradicts most (--seed: suspect ground-truth labels)."""
     import dataclasses
 
     from labeling.review import suspicious
@@ -352,6 +402,9 @@ def suspicious_cmd(
     try:
         store, name = _open(path, collection)
         with store:
+            if seed:
+                _suspect_seed_table(store, name, limit, as_json)
+                return
             found = suspicious(store, name, k=k, limit=limit)
     except StoreError as exc:
         _fail(exc)

@@ -298,6 +298,18 @@ def run_job(
     elif (unserved := _unserved_classes(outcome, classes)) is not None:
         warnings.append(unserved)
         emit(JobEvent("gate", message=unserved))
+    suspect_seed, checked = (
+        ([], 0) if written_gate["closed"] else _suspect_seed(outcome, y, classes, snap.ids, written_gate["threshold"])
+    )
+    if suspect_seed:
+        msg = (
+            f"{len(suspect_seed)} ground-truth label(s) of the {checked} checked are contradicted out of fold: models "
+            f"that never saw them give another class a calibrated {written_gate['threshold']:.2f} or more (the "
+            "gate's own standard). A run never changes ground truth: look at them with `embedstore label "
+            "suspicious --seed` (report.json: suspect_seed)"
+        )
+        warnings.append(msg)
+        emit(JobEvent("gate", message=msg))
 
     # ---- report (before the write: a failed write still leaves the evidence)
     run_dir = Path(runs_dir) / collection / run_id
@@ -328,6 +340,9 @@ def run_job(
         # what the written iteration's gate actually used (raised when held-out truth showed over-confidence)
         "gate_threshold_written": written_gate["threshold"],
         "gate_closed": written_gate["closed"],
+        # ground-truth labels the out-of-fold model contradicts at the gate's confidence (never changed by a run)
+        "suspect_seed": suspect_seed,
+        "suspect_seed_checked": checked,
         "iterations": [asdict(s) for s in outcome.iterations],
         "chosen_iteration": outcome.chosen_iteration,
         "stop_reason": outcome.stop_reason,
@@ -383,6 +398,7 @@ def run_job(
             "chosen_iteration": outcome.chosen_iteration,
             "gate_threshold_written": written_gate["threshold"],
             "gate_closed": written_gate["closed"],
+            "suspect_seed": suspect_seed,  # at most MAX_SUSPECT_SEED small entries: `label suspicious --seed`
             "breaker_tripped": outcome.breaker_tripped,
             "drifted": drift.drifted,
         },
@@ -458,6 +474,39 @@ class _WriteRows(Sequence[tuple[str, dict[str, Any]]]):
                 "labeling_model": self.model_name,
             },
         )
+
+
+#: the most suspect ground-truth labels a run keeps (report and registry), most contradicted first
+MAX_SUSPECT_SEED = 50
+
+
+def _suspect_seed(
+    outcome: LabelingOutcome, y: np.ndarray, classes: list[str], ids: list[str], threshold: float
+) -> tuple[list[dict[str, Any]], int]:
+    """Ground-truth labels the out-of-fold model contradicts at the gate's confidence, and how many rows were
+    checked. A flipped seed label stayed invisible before: `label suspicious` looked at pseudo-labels only, and
+    the held-out F1 was scored against the very labels that were wrong."""
+    rows = outcome.eval_rows
+    probs = outcome.calibration.oof_calibrated
+    if rows is None or len(rows) == 0 or len(probs) != len(rows):
+        return [], 0
+    given = y[rows]
+    top = probs.argmax(axis=1)
+    p_top = probs[np.arange(len(rows)), top]
+    p_given = probs[np.arange(len(rows)), given]
+    flagged = np.flatnonzero((top != given) & (p_top >= threshold))
+    flagged = flagged[np.argsort(p_given[flagged], kind="stable")][:MAX_SUSPECT_SEED]
+    out = [
+        {
+            "id": ids[rows[i]],
+            "label": classes[given[i]],
+            "model_says": classes[top[i]],
+            "confidence": round(float(p_top[i]), 4),
+            "label_probability": round(float(p_given[i]), 4),
+        }
+        for i in flagged
+    ]
+    return out, len(rows)
 
 
 def _unserved_classes(outcome: LabelingOutcome, classes: list[str]) -> str | None:

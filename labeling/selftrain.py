@@ -211,6 +211,9 @@ class LabelingOutcome:
     calibration: CalibrationResult = field(repr=False)
     first_calibration: CalibrationResult = field(repr=False)
     predictor: Predictor | None = field(default=None, repr=False)
+    #: the ground-truth rows (snapshot rows) ``calibration.oof_calibrated`` scores, in its order: each by models
+    #: that never saw its label
+    eval_rows: np.ndarray | None = field(default=None, repr=False)
 
     def top_classes(self, row: int, classes: list[str], n: int = 3) -> list[tuple[str, float]]:
         p = self.probs[row]
@@ -688,6 +691,7 @@ class SelfTrainer:
             gate_threshold=threshold,
             calibration=out.calibration,
             first_calibration=first_cal,
+            eval_rows=eval_all,
             predictor=Predictor(
                 out.models,
                 out.votes,
