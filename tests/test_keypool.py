@@ -106,6 +106,22 @@ def test_a_budget_window_must_be_positive_and_adding_again_keeps_what_is_not_giv
             pool.lease(wait=0)
             granted += 1
     assert granted == 5
+    # over its budget the key is out until the window ends: the listing said "active", cooling nowhere
+    (info,) = pool.list()
+    assert info.state == "active" and info.cooldown_until is not None and info.cooldown_until > time.time() + 60
+    pool.report(kid, 429, {"Retry-After": "3000"})
+    pool.enable(kid)  # back at once: the old cooldown is not shown any more
+    assert pool.list()[0].cooldown_until is None
+    # the ready set lost (a partial restore, an eviction): the key looked active and was never leased again;
+    # adding it again puts it back
+    pool.remove(kid)
+    other = pool.add(KEYS[1])
+    pool.r.delete(pool.keys[0])
+    pool.r.delete(pool.keys[1])
+    with pytest.raises(NoHealthyKey):
+        pool.lease(wait=0)
+    pool.add(KEYS[1])
+    assert pool.lease(wait=0).key_id == other
 
 
 def test_real_http_answers_set_cooldowns_to_the_second_and_401_deactivates(pool, api):

@@ -368,10 +368,13 @@ class KeyPool:
         raw = raw.strip()
         kid = key_id(self.pool, raw)
         stored = ENCRYPTED + self._fernet.encrypt(raw.encode()).decode() if self._fernet else raw
-        ready, _, stats, secrets = self.keys
+        ready, cooling, stats, secrets = self.keys
 
         def tx(pipe: Any) -> None:
             exists = pipe.hget(stats, self._stat(kid, "state"))
+            # an active key in neither set (a partial restore, an eviction) was never leased again, and adding
+            # it again did not help: it goes back to `ready`
+            lost = exists == ACTIVE.encode() and pipe.zscore(ready, kid) is None and pipe.zscore(cooling, kid) is None
             pipe.multi()
             pipe.hset(secrets, kid, stored)
             fields: dict[str, Any] = {}
@@ -382,6 +385,7 @@ class KeyPool:
             if not exists:
                 fields[self._stat(kid, "state")] = ACTIVE
                 fields[self._stat(kid, "added_at")] = int(time.time() * 1000)
+            if not exists or lost:
                 pipe.zadd(ready, {kid: 0})
             if fields:
                 pipe.hset(stats, mapping=fields)
@@ -410,7 +414,14 @@ class KeyPool:
         self._require(kid)
         ready, cooling, stats, _ = self.keys
         pipe = self.r.pipeline()
-        pipe.hset(stats, mapping={self._stat(kid, "state"): ACTIVE, self._stat(kid, "consecutive_failures"): 0})
+        pipe.hset(
+            stats,
+            mapping={
+                self._stat(kid, "state"): ACTIVE,
+                self._stat(kid, "consecutive_failures"): 0,
+                self._stat(kid, "cooldown_until"): 0,  # the listing kept showing the old cooldown
+            },
+        )
         pipe.zrem(cooling, kid).zadd(ready, {kid: 0})
         self._call(pipe.execute)
         log.info("key %s enabled in pool %s", kid, self.pool)
@@ -427,6 +438,9 @@ class KeyPool:
     def list(self) -> list[KeyInfo]:
         """Every key's id, state and counters (never the raw key). An admin call: O(N)."""
         raw = self._call(self.r.hgetall, self.keys[2])
+        # a key over its budget sits in `cooling` without a cooldown_until of its own: the set's score is when
+        # it frees (the listing showed such a key active, with nothing cooling)
+        out_until = {k.decode(): int(v) for k, v in self._call(self.r.zrange, self.keys[1], 0, -1, withscores=True)}
         by_id: dict[str, dict[str, str]] = {}
         for k, v in raw.items():
             kid, _, field = k.decode().rpartition(":")
@@ -439,7 +453,7 @@ class KeyPool:
             def num(name: str, d: dict[str, str] = f) -> int:
                 return int(float(d.get(name, 0) or 0))
 
-            cooldown = num("cooldown_until")
+            cooldown = max(num("cooldown_until"), out_until.get(kid, 0)) if f["state"] == ACTIVE else 0
             out.append(
                 KeyInfo(
                     key_id=kid,
