@@ -233,6 +233,11 @@ def runs_cmd(
     # every cell whole at any width (piped output is 80 columns: 'app…', 'wri…'); the date gives way first
     table = fitted_table(headers, rows, width=console.width, shrink="created", min_shrink=10, max_shrink=25)
     console.print(table)
+    # the counts are each run's own, at its write: answers given and rollbacks made since do not change them
+    console.print(
+        "points / accepted / quarantined / review: as each run wrote them; `embedstore store facet pseudo_status` "
+        "counts the collection now"
+    )
     for r in reg.runs:  # states left by an interrupted command, and what to do about them
         if r.status == "rolling_back":
             console.print(
