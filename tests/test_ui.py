@@ -306,6 +306,14 @@ def test_sign_in_is_a_revocable_session_and_pages_cannot_be_framed(world):
             urllib.request.urlopen(urllib.request.Request(ui.url + "/points", headers=session))
         assert err.value.code == 401 and err.value.headers["Cache-Control"] == "no-store"
         assert err.value.headers["X-Frame-Options"] == "DENY"
+        # a sign-in goes back to the page that asked for it (it landed on the overview), and only to this site
+        with pytest.raises(HTTPError) as err:
+            urllib.request.urlopen(ui.url + "/points?status=review")
+        assert 'name="next" value="/points?status=review"' in err.value.read().decode()
+        for asked, lands in (("/points?status=review", "/points?status=review"), ("//evil.example/x", "/")):
+            form = urllib.parse.urlencode({"token": TOKEN, "next": asked}).encode()
+            with opener.open(ui.url + "/login", data=form) as resp:
+                assert resp.geturl() == ui.url + lands
         codes = []
         for _ in range(11):
             try:

@@ -148,7 +148,8 @@ def create_app(
         if request.url.path in ("/login", "/logout", "/healthz") or authorised(request):
             resp = await call_next(request)
         else:
-            resp = page(request, "login.html", status_code=401, error=None)
+            wanted = request.url.path + (f"?{request.url.query}" if request.url.query else "")
+            resp = page(request, "login.html", status_code=401, error=None, next=wanted)
         resp.headers.update(SECURITY_HEADERS)
         return resp
 
@@ -182,19 +183,21 @@ def create_app(
         return page(request, "login.html", error=None)
 
     @app.post("/login")
-    def login(request: Request, token: str = Form(...)) -> Response:
+    def login(request: Request, token: str = Form(...), next: str = Form("/")) -> Response:
         client = request.client.host if request.client else "?"
         now = time.monotonic()
         with session_lock:
             recent = [t for t in failures.get(client, []) if now - t < 60]
             failures[client] = recent
         if len(recent) >= LOGIN_FAILURES_PER_MINUTE:
-            return page(request, "login.html", status_code=429, error="too many wrong tokens: wait a minute")
+            return page(request, "login.html", status_code=429, error="too many wrong tokens: wait a minute", next=next)
         if secrets and not token_ok(token):
             with session_lock:
                 failures[client].append(now)
-            return page(request, "login.html", status_code=401, error="wrong token")
-        resp = RedirectResponse("/", status_code=303)
+            return page(request, "login.html", status_code=401, error="wrong token", next=next)
+        # back to the page that asked for the sign-in (it landed on the overview); only a path on this site
+        target = next if next.startswith("/") and not next.startswith(("//", "/\\")) else "/"
+        resp = RedirectResponse(target, status_code=303)
         if secrets:
             sid = secrets_module.token_urlsafe(32)
             with session_lock:
