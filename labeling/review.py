@@ -234,6 +234,18 @@ def submit_labels(
     ids = [a[0] for a in answers]
     if len(set(ids)) != len(ids):
         raise ReviewFileError("the same id is answered more than once")
+    with store.exclusive():  # no job batch or delete lands between the read, the checks and the write
+        return _submit_checked(store, collection, answers, ids, source, overwrite_human)
+
+
+def _submit_checked(
+    store: VectorStore,
+    collection: str,
+    answers: list[tuple[str, str]],
+    ids: list[str],
+    source: str,
+    overwrite_human: bool,
+) -> ImportResult:
     found = {r.id: r.payload or {} for r in store.retrieve(collection, ids, missing_ok=True)}
     missing = [i for i in ids if i not in found]
     if missing:

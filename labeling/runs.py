@@ -204,17 +204,22 @@ def _write_rows(
     written = 0
     for b, start in enumerate(range(0, len(rows), batch_size)):
         chunk = rows[start : start + batch_size]
-        current = {r.id: r.payload or {} for r in store.retrieve(collection, [i for i, _ in chunk], missing_ok=True)}
-        updates = []
-        for point, fields in chunk:
-            if point not in current:
-                continue  # deleted since the snapshot
-            if current[point].get(label_field) not in (None, ""):
-                continue  # answered since the snapshot: ground truth is the verdict
-            prev = _previous_state(current[point], record.run_id, unapplied)
-            updates.append((point, {**fields, RUN_FIELD: record.run_id, PREV_FIELD: prev}))
-        if updates:
-            written += store.set_payload(collection, updates, missing_ok=True)
+        # read, check and write as one step for this store's other writers (a label or a delete landing between
+        # the read and the write made the write fail half-done, or put a pseudo-label on an answered point)
+        with store.exclusive():
+            current = {
+                r.id: r.payload or {} for r in store.retrieve(collection, [i for i, _ in chunk], missing_ok=True)
+            }
+            updates = []
+            for point, fields in chunk:
+                if point not in current:
+                    continue  # deleted since the snapshot
+                if current[point].get(label_field) not in (None, ""):
+                    continue  # answered since the snapshot: ground truth is the verdict
+                prev = _previous_state(current[point], record.run_id, unapplied)
+                updates.append((point, {**fields, RUN_FIELD: record.run_id, PREV_FIELD: prev}))
+            if updates:
+                written += store.set_payload(collection, updates, missing_ok=True)
         if on_batch is not None:
             on_batch(b)
     return written

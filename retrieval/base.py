@@ -96,6 +96,10 @@ class VectorStore(abc.ABC):
         self.write_batch_size = write_batch_size
         self._closed = False
         self._state_lock = threading.RLock()
+        # Held by the writes that check which points exist and then write them (set_payload, delete_payload_keys,
+        # delete): a delete between the check and the write made the engine refuse the write half-done (a
+        # labeling job's write-back died on a point a client deleted meanwhile). See :meth:`exclusive`.
+        self._mutating = threading.RLock()
         self._bulk_depth = 0
         self._bulk_written: set[str] = set()
 
@@ -342,11 +346,12 @@ class VectorStore(abc.ABC):
                 )
             bodies.append(clean)
         pids = [point_id(e) for e in ext]
-        present = self._existing(collection, pids, ext, missing_ok)
-        todo = [(pid, body) for pid, body in zip(pids, bodies, strict=True) if pid in present]
-        step = self.write_batch_size
-        for start in range(0, len(todo), step):
-            self._set_payloads(collection, todo[start : start + step])
+        with self._mutating:
+            present = self._existing(collection, pids, ext, missing_ok)
+            todo = [(pid, body) for pid, body in zip(pids, bodies, strict=True) if pid in present]
+            step = self.write_batch_size
+            for start in range(0, len(todo), step):
+                self._set_payloads(collection, todo[start : start + step])
         self._wrote(collection, len(todo))
         return len(todo)
 
@@ -362,11 +367,12 @@ class VectorStore(abc.ABC):
         if EXTERNAL_ID_KEY in keys:
             raise InvalidPayloadError(f"payload key {EXTERNAL_ID_KEY!r} is reserved and cannot be deleted")
         pids = [point_id(e) for e in ext]
-        present = self._existing(collection, pids, ext, missing_ok)
-        todo = [p for p in pids if p in present]
-        step = self.write_batch_size
-        for start in range(0, len(todo), step):
-            self._delete_payload_keys(collection, todo[start : start + step], keys)
+        with self._mutating:
+            present = self._existing(collection, pids, ext, missing_ok)
+            todo = [p for p in pids if p in present]
+            step = self.write_batch_size
+            for start in range(0, len(todo), step):
+                self._delete_payload_keys(collection, todo[start : start + step], keys)
         self._wrote(collection, len(todo))
         return len(todo)
 
@@ -375,13 +381,21 @@ class VectorStore(abc.ABC):
         self._require(collection)
         ext = check_ids(ids)
         pids = [point_id(e) for e in ext]
-        present = self._existing(collection, pids, ext, missing_ok)
-        todo = [p for p in pids if p in present]
-        step = self.write_batch_size
-        for start in range(0, len(todo), step):
-            self._delete(collection, todo[start : start + step])
+        with self._mutating:
+            present = self._existing(collection, pids, ext, missing_ok)
+            todo = [p for p in pids if p in present]
+            step = self.write_batch_size
+            for start in range(0, len(todo), step):
+                self._delete(collection, todo[start : start + step])
         self._wrote(collection, 0)
         return len(todo)
+
+    def exclusive(self) -> contextlib.AbstractContextManager[Any]:
+        """Hold off this store object's other check-then-write calls (set_payload, delete_payload_keys, delete)
+        while the caller reads, decides and writes: e.g. read the points, skip those a person has labelled
+        since, write the rest, with no label or delete landing in between. Re-entrant; other processes (a
+        Qdrant server's other clients) are not held off."""
+        return self._mutating
 
     def _existing(self, collection: str, pids: list[str], ext: list[str], missing_ok: bool) -> set[str]:
         present: set[str] = set()

@@ -572,3 +572,32 @@ def test_point_ids_are_the_rfc_4122_uuid5_of_the_external_id():
     for name in names:
         assert point_id(name) == str(uuid.uuid5(POINT_ID_NAMESPACE, name))
     assert point_id(7) == point_id("7")
+
+
+def test_deletes_racing_payload_writes_never_fail_them_half_done(store, collection):
+    """A labeling job's write-back (set_payload, missing_ok) died with "No point with id" when a client deleted
+    one of its points between the existence check and the write, and left the batch half-written."""
+    import threading
+
+    ids, _ = load(store, collection, 600)
+    errors: list[BaseException] = []
+    done = threading.Event()
+
+    def writer() -> None:
+        try:
+            while not done.is_set():
+                store.set_payload(collection, {i: {"pseudo_label": "x"} for i in ids}, missing_ok=True)
+                store.delete_payload_keys(collection, ids, ["pseudo_label"], missing_ok=True)
+        except BaseException as exc:  # the test reports whatever the race raised
+            errors.append(exc)
+
+    thread = threading.Thread(target=writer)
+    thread.start()
+    try:
+        for i in ids[::3]:
+            store.delete(collection, [i], missing_ok=True)
+    finally:
+        done.set()
+        thread.join(60)
+    assert not errors, errors[0]
+    assert store.count(collection) == 400
