@@ -12,6 +12,7 @@ graph from the store, batched) -> ``train`` (the loop of :mod:`labeling.selftrai
 
 from __future__ import annotations
 
+import contextlib
 import json
 import tempfile
 import time
@@ -25,7 +26,7 @@ import numpy as np
 from labeling.calibration import macro_f1
 from labeling.config import LabelingConfig
 from labeling.drift import c2st
-from labeling.errors import JobPreconditionError, LabelingError, RunStateError
+from labeling.errors import JobCancelledError, JobPreconditionError, LabelingError, RunStateError
 from labeling.gate import ACCEPTED, STATUS_NAMES
 from labeling.inspect import spelling_key
 from labeling.plots import iteration_curves, reliability_diagram
@@ -420,6 +421,8 @@ def run_job(
         on_batch=on_batch,
         label_field=cfg.label_field,
     )
+    # The run is committed (active) from here on: a cancellation now cannot undo it, so it no longer fails the
+    # job. It did, and its caller was told "cancelled" about a run that was applied and active.
     # Seed points still carrying an older run's verdict (labelled after that run through a manifest, or
     # answered before answers cleared it) would count twice in the status facets: the label is the verdict.
     report["cleared_stale_pseudo"] = clear_pseudo_state(
@@ -430,7 +433,8 @@ def run_job(
     report["written"] = written
     report["timings_s"] = timings
     _save(run_dir / "report.json", report)
-    emit(JobEvent("done", 1, 1, message=run_id))
+    with contextlib.suppress(JobCancelledError):
+        emit(JobEvent("done", 1, 1, message=run_id))
     return JobResult(run_id, collection, run_dir, report, outcome, written, classes, snap.ids, cfg)
 
 

@@ -588,3 +588,19 @@ def test_mislabelled_seed_points_are_named_and_never_changed(emoji_data, tmp_pat
     assert result.exit_code == 0, result.output
     listed = json.loads(result.output)
     assert {x["id"] for x in listed} <= found and all(x["label_now"] == x["label"] for x in listed)
+
+
+def test_a_cancel_after_the_commit_does_not_fail_the_applied_run(emoji_data, tmp_path):
+    """A client that cancelled at the last write event was told the job was cancelled, while its run was
+    applied and active: past the commit a cancel cannot undo anything, so it no longer fails the job."""
+    from labeling.errors import JobCancelledError
+
+    def cancel_at_done(e) -> None:
+        if e.stage == "done":
+            raise JobCancelledError("the caller went away")
+
+    with make_edge(tmp_path / "store") as store:
+        load(store, "c", emoji_data, n=700, seed_fraction=0.2)
+        result = run_job(store, "c", LabelingConfig(**FAST), runs_dir=tmp_path / "runs", events=cancel_at_done)
+        reg = load_registry(store, "c")
+        assert reg.active == result.run_id and reg.pending is None
