@@ -32,6 +32,8 @@ OTHER_VARIABLES = {
     "EMBEDSTORE_SERVER_CA": "CA certificate (PEM) the command line verifies a TLS server with",
     "EMBEDSTORE_SERVER_TLS": "true: TLS to the server with the system's root certificates",
     "EMBEDSTORE_SERVER_TLS_NAME": "the name the server's certificate carries, when not the dialled host",
+    # read by docker compose, not by embedstore: set beside the tools the compose header says to run
+    "EMBEDSTORE_PUBLISH_HOST": "docker compose: where the gRPC and metrics ports are published (127.0.0.1)",
 }
 
 
