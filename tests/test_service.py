@@ -218,6 +218,37 @@ def test_pseudo_labels_show_in_inspection(tmp_path, embedder):
         assert accepted.effective_label == "cat" and accepted.pseudo_confidence == pytest.approx(0.91)
 
 
+def test_get_and_search_show_a_pending_runs_points_as_readers_should(tmp_path, embedder):
+    """While a run's write was pending (interrupted, or going on), Get and Search returned its fields and the raw
+    undo record; the README says the service shows the run before it for such points."""
+    from labeling.runs import PREV_FIELD, RUN_FIELD, RunRecord, load_registry, save_registry
+
+    rng = np.random.default_rng(2)
+    vecs = rng.normal(size=(3, 512))
+    written = {"pseudo_label": "new", "pseudo_status": "accepted", RUN_FIELD: "r-pending"}
+    payloads = [
+        written | {PREV_FIELD: {"pseudo_label": "old", "pseudo_status": "quarantined"}},
+        {"pseudo_label": "kept", "pseudo_status": "accepted", RUN_FIELD: "r-applied"},
+        {"label": "cat"},
+    ]
+    with make_edge(tmp_path / "store") as store:
+        store.ensure_collection("items")
+        store.upsert("items", ["p0", "p1", "p2"], vecs, payloads)
+        reg = load_registry(store, "items")
+        reg.runs += [
+            RunRecord(run_id="r-applied", status="applied", created_at="t", model="m"),
+            RunRecord(run_id="r-pending", status="writing", created_at="t", model="m"),
+        ]
+        reg.active, reg.pending = "r-applied", "r-pending"
+        save_registry(store, "items", reg)
+    with BackgroundServer(make_server(tmp_path, embedder)) as bg, Client(bg.target) as client:
+        got = {p.id: p.payload for p in client.get(["p0", "p1", "p2"])}
+        assert got["p0"]["pseudo_label"] == "old" and got["p0"]["pseudo_status"] == "quarantined"
+        assert PREV_FIELD not in got["p0"] and got["p1"]["pseudo_label"] == "kept"
+        hit = next(h for h in client.search(vector=vecs[0], top_k=3) if h.id == "p0")
+        assert hit.payload["pseudo_label"] == "old" and PREV_FIELD not in hit.payload
+
+
 # ----------------------------------------------------------------- bad inputs
 @pytest.mark.parametrize(
     ("call", "match"),

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import json
 import logging
@@ -63,6 +64,7 @@ from labeling.errors import (
 from labeling.inspect import MAX_K, inspect_neighbours
 from labeling.job import JobEvent, run_job
 from labeling.review import review_queue, submit_labels
+from labeling.runs import load_registry, resolve
 from retrieval import FULL_DIM, VectorStore
 from retrieval.base import MAX_TOP_K
 from retrieval.errors import (
@@ -233,6 +235,26 @@ class Runtime:
                     f"invalid labeling config: {part}.n_jobs={n_jobs} is more than this server's {cpus} CPUs"
                 )
         return config.model_copy(update={"dask_scheduler": self.dask_scheduler})
+
+    #: collection -> (when read, the run ids whose write is not applied): the registry is read at most once a
+    #: second per collection, so a Search pays nothing for it most of the time
+    _unapplied: dict[str, tuple[float, frozenset[str]]] = field(default_factory=dict)
+
+    async def as_readers_see(self, store: VectorStore, collection: str, points: list[Any]) -> list[Any]:
+        """Hits or records with their payload as readers should see it (``labeling.runs.resolve``): a point
+        written by a run whose write is pending (interrupted, or still going) shows the run before it, and the
+        undo record (``pseudo_prev``) is not shown. Get and Search returned both raw, which the README said
+        they did not."""
+        now = time.monotonic()
+        cached = self._unapplied.get(collection)
+        if cached is None or now - cached[0] > 1.0:
+            registry = await self.read(True, load_registry, store, collection)
+            cached = (now, frozenset(registry.unapplied))
+            self._unapplied[collection] = cached
+        unapplied = set(cached[1])
+        return [
+            p if p.payload is None else dataclasses.replace(p, payload=resolve(p.payload, unapplied)) for p in points
+        ]
 
     async def in_store(self, fn: Callable[..., Any], *args: Any, **kw: Any) -> Any:
         loop = asyncio.get_running_loop()
@@ -558,6 +580,8 @@ class StoreServicer(store_pb2_grpc.StoreServiceServicer):
         )
         if exclude is not None:
             hits = [h for h in hits if h.id != exclude][: top_k - 1]
+        if request.with_payload:
+            hits = await self.rt.as_readers_see(store, collection, hits)
         response = store_pb2.SearchResponse()
         for h in hits:
             convert.hit_to_proto(h, response.hits.add(), request.with_payload)
@@ -583,6 +607,8 @@ class StoreServicer(store_pb2_grpc.StoreServiceServicer):
             with_vectors=request.with_vectors,
             missing_ok=request.allow_missing,
         )
+        if request.with_payload:
+            records = await self.rt.as_readers_see(store, collection, records)
         response = store_pb2.GetResponse()
         for r in records:
             convert.record_to_proto(r, response.points.add())
