@@ -48,10 +48,17 @@ def _fail(exc: Exception) -> None:
 
     msg = error_text(exc)
     if isinstance(exc, StoreLockedError):
-        msg += (
-            ". The embedded store has one owner process: if `embedstore serve` holds it, add --server HOST:PORT "
-            "to go through the server (same logic, over gRPC), or stop the server"
-        )
+        # the holder's command is in the message: the advice depends on which process it is
+        if "embedstore ui" in msg:
+            msg += (
+                ". The web page holds the store (it has no gRPC service to go through): stop `embedstore ui` to "
+                "run this here; for the page and jobs at once, use a Qdrant server (EMBEDSTORE_BACKEND=server)"
+            )
+        else:
+            msg += (
+                ". The embedded store has one owner process: if `embedstore serve` holds it, add --server "
+                "HOST:PORT to go through the server (same logic, over gRPC), or stop the server"
+            )
     console.print(f"[red]error:[/] {msg}")
     raise typer.Exit(code=2)
 

@@ -350,3 +350,20 @@ def test_index_can_hold_back_labels_so_a_job_has_points_to_label():
     assert out[-1].label is None and "truth" not in out[-1].payload  # an unlabelled item stays as it was
     result = runner.invoke(app, ["index", "--dataset", "emoji", "--seed-fraction", "1.5"])
     assert result.exit_code == 2 and "--seed-fraction must be in (0, 1]" in result.output
+
+
+def test_a_store_held_by_the_web_page_gets_advice_that_fits(capsys):
+    """Every lock conflict told the user to add --server, which cannot reach a store the web page holds."""
+    import typer
+
+    from embedder.label_cli import _fail
+    from retrieval.errors import StoreLockedError
+
+    held = "the embedded store at /d is in use by pid 7 on host h since t (command: 'embedstore ui -c emoji')"
+    with pytest.raises(typer.Exit):
+        _fail(StoreLockedError(held))
+    out = " ".join(capsys.readouterr().out.split())
+    assert "stop `embedstore ui`" in out and "--server" not in out
+    with pytest.raises(typer.Exit):
+        _fail(StoreLockedError(held.replace("embedstore ui -c emoji", "embedstore serve")))
+    assert "add --server HOST:PORT" in " ".join(capsys.readouterr().out.split())

@@ -54,6 +54,7 @@ from embedder.ingest.keypool import (
     KeyPoolError,
     KeyPoolUnavailable,
     LeaseCancelled,
+    NoHealthyKey,
     UnknownKey,
     safe_url,
 )
@@ -309,7 +310,10 @@ class HttpSource:
         for _ in range(cfg.max_key_rotations):
             # no lease for a URL the key may not go to: its answers say nothing about the key's health
             keyed_here = keyed and self.pool is not None and self.key_allowed(url)
-            lease = self.pool.lease(wait=cfg.key_wait_s, cancel=self.cancel) if keyed_here else None  # type: ignore[union-attr]
+            try:
+                lease = self.pool.lease(wait=cfg.key_wait_s, cancel=self.cancel) if keyed_here else None  # type: ignore[union-attr]
+            except NoHealthyKey as exc:  # named with the source and the request it stopped
+                raise NoHealthyKey(f"source {cfg.name!r}, {url}: {exc}", exc.next_free) from None
             r, sent = self._send(url, params, lease.secret if lease is not None else None)
             status = r.status_code
             # an image's 401/403 is about the image (a private or missing object), not the key: only its 429
