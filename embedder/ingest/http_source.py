@@ -319,7 +319,7 @@ class HttpSource:
             # an image's 401/403 is about the image (a private or missing object), not the key: only its 429
             # speaks of the key (one 403 image cooled every key in the pool, and the run stopped)
             about_key = status == 429 or (status in (401, 403) and not image)
-            if lease is not None and sent and (about_key or status < 400):
+            if lease is not None and sent and (about_key or status not in (401, 403)):
                 if status == 401 and refused_by is not None:
                     # a second key refused on the same request: the request is the likely cause (a wrong
                     # auth_header, a proxy answering 401), so this key is left active and the run stops, rather
