@@ -102,8 +102,12 @@ def fill_vector(out: types_pb2.Vector, values: np.ndarray) -> None:
     out.values.extend(np.asarray(values, dtype=np.float32).tolist())
 
 
+#: stored for the store's own use, never shown: the id mirror, and a labeling run's undo record (pseudo_prev)
+_PRIVATE_KEYS = frozenset({"external_id", "pseudo_prev"})
+
+
 def _public_payload(payload: Mapping[str, Any] | None) -> dict[str, Any]:
-    return {k: v for k, v in (payload or {}).items() if k != "external_id"}
+    return {k: v for k, v in (payload or {}).items() if k not in _PRIVATE_KEYS}
 
 
 def hit_to_proto(hit: Hit, out: types_pb2.ScoredPoint, with_payload: bool) -> None:

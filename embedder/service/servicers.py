@@ -64,7 +64,7 @@ from labeling.errors import (
 from labeling.inspect import MAX_K, inspect_neighbours
 from labeling.job import JobEvent, run_job
 from labeling.review import review_queue, submit_labels
-from labeling.runs import load_registry, resolve
+from labeling.runs import RUN_FIELD, load_registry, resolve
 from retrieval import FULL_DIM, VectorStore
 from retrieval.base import MAX_TOP_K
 from retrieval.errors import (
@@ -252,8 +252,13 @@ class Runtime:
             cached = (now, frozenset(registry.unapplied))
             self._unapplied[collection] = cached
         unapplied = set(cached[1])
+        if not unapplied:  # the usual case: nothing to see through (the undo record is left out by convert)
+            return points
         return [
-            p if p.payload is None else dataclasses.replace(p, payload=resolve(p.payload, unapplied)) for p in points
+            dataclasses.replace(p, payload=resolve(p.payload, unapplied))
+            if p.payload is not None and p.payload.get(RUN_FIELD) in unapplied
+            else p
+            for p in points
         ]
 
     async def in_store(self, fn: Callable[..., Any], *args: Any, **kw: Any) -> Any:
