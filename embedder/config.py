@@ -106,11 +106,11 @@ class ServerSettings(BaseSettings):
             if value.strip() and not tokens:  # "," or ", ,": meant as tokens, would silently turn auth off
                 raise ValueError("holds no token: give comma-separated tokens, or leave it empty for no auth")
             for t in tokens:
-                # a bearer token's characters (RFC 6750): a JSON list ('["a","b"]') became tokens with its brackets
-                if not re.fullmatch(r"[A-Za-z0-9\-._~+/]+=*", t):
+                # what a metadata value can carry (printable ASCII, no spaces), less quotes and brackets: a JSON
+                # list ('["a","b"]') became tokens with its brackets and quotes, which no client sends
+                if not re.fullmatch(r"""[!#-&(-Z\\^-~]+""", t):
                     raise ValueError(
-                        "a token may hold only letters, digits and -._~+/ (then '=' padding); "
-                        "separate tokens with commas"
+                        "a token is printable ASCII without spaces, quotes or brackets; separate tokens with commas"
                     )
             return tokens
         return value

@@ -72,9 +72,17 @@ def test_server_settings_refuse_what_would_turn_auth_or_tls_off_silently(tmp_pat
     from embedder.config import ServerSettings
     from embedder.environment import is_loopback
 
-    assert [t.get_secret_value() for t in ServerSettings(tokens="a-1, b_2==").tokens] == ["a-1", "b_2=="]
+    assert [t.get_secret_value() for t in ServerSettings(tokens="a-1, b_2==, p@ss!").tokens] == [
+        "a-1",
+        "b_2==",
+        "p@ss!",
+    ]
     assert ServerSettings(tokens="").tokens == []
-    for bad, says in ((",", "holds no token"), (", ,", "holds no token"), ('["a","b"]', "only letters")):
+    for bad, says in (
+        (",", "holds no token"),
+        (", ,", "holds no token"),
+        ('["a","b"]', "without spaces, quotes or brackets"),
+    ):
         with pytest.raises(ValidationError, match=says):
             ServerSettings(tokens=bad)
 

@@ -139,13 +139,14 @@ def create_app(
 
     @app.middleware("http")
     async def require_token(request: Request, call_next: Callable[[Request], Any]) -> Response:
+        resp: Response
         if allowed_hosts is not None and _host_name(request.headers.get("host", "")) not in allowed:
-            return Response("unknown host (see `embedstore ui --allowed-host`)", status_code=421)
-        if request.method not in ("GET", "HEAD", "OPTIONS") and not same_origin(request):
+            resp = Response("unknown host (see `embedstore ui --allowed-host`)", status_code=421)
+        elif request.method not in ("GET", "HEAD", "OPTIONS") and not same_origin(request):
             # a page on another site must not write labels through the user's browser (CSRF): without tokens
             # nothing else would stop it, and a token cookie is SameSite=Strict but Origin is checked anyway
-            return page(request, "error.html", status_code=403, message="cross-site request refused")
-        if request.url.path in ("/login", "/logout", "/healthz") or authorised(request):
+            resp = page(request, "error.html", status_code=403, message="cross-site request refused")
+        elif request.url.path in ("/login", "/logout", "/healthz") or authorised(request):
             resp = await call_next(request)
         else:
             wanted = request.url.path + (f"?{request.url.query}" if request.url.query else "")
@@ -187,13 +188,14 @@ def create_app(
         client = request.client.host if request.client else "?"
         now = time.monotonic()
         with session_lock:
-            recent = [t for t in failures.get(client, []) if now - t < 60]
-            failures[client] = recent
+            recent = [t for t in failures.pop(client, []) if now - t < 60]  # nothing kept for quiet addresses
+            if recent:
+                failures[client] = recent
         if len(recent) >= LOGIN_FAILURES_PER_MINUTE:
             return page(request, "login.html", status_code=429, error="too many wrong tokens: wait a minute", next=next)
         if secrets and not token_ok(token):
             with session_lock:
-                failures[client].append(now)
+                failures.setdefault(client, []).append(now)
             return page(request, "login.html", status_code=401, error="wrong token", next=next)
         # back to the page that asked for the sign-in (it landed on the overview); only a path on this site
         target = next if next.startswith("/") and not next.startswith(("//", "/\\")) else "/"
