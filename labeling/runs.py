@@ -32,6 +32,7 @@ import contextlib
 import datetime as _dt
 import uuid
 from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -127,7 +128,7 @@ def save_registry(store: VectorStore, collection: str, reg: Registry) -> None:
     store.update_collection_metadata(collection, {REGISTRY_KEY: body})
 
 
-def resolve(payload: dict[str, Any] | None, unapplied: set[str]) -> dict[str, Any]:
+def resolve(payload: dict[str, Any] | None, unapplied: AbstractSet[str]) -> dict[str, Any]:
     """The payload as readers should see it: a point written by an unapplied run shows its previous labels."""
     p = dict(payload or {})
     if p.get(RUN_FIELD) in unapplied:

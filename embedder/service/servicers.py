@@ -251,7 +251,7 @@ class Runtime:
             registry = await self.read(True, load_registry, store, collection)
             cached = (now, frozenset(registry.unapplied))
             self._unapplied[collection] = cached
-        unapplied = set(cached[1])
+        unapplied = cached[1]
         if not unapplied:  # the usual case: nothing to see through (the undo record is left out by convert)
             return points
         return [
