@@ -331,7 +331,7 @@ def test_classes_that_got_no_accepted_label_are_named():
     status = np.array([ACCEPTED, ACCEPTED, ACCEPTED, QUARANTINED, QUARANTINED, QUARANTINED, QUARANTINED])
     out = SimpleNamespace(decision=SimpleNamespace(label=label, status=status))
     msg = _unserved_classes(out, ["a", "b", "c", "d"])
-    assert msg.startswith("1 of 4 classes got no accepted pseudo-label: 'c' (4 predicted)") and "57% of the pool" in msg
+    assert msg.startswith("1 of 4 classes got no accepted pseudo-label: 'c' (3 predicted)") and "43% of the pool" in msg
     out.decision.status = np.full(7, ACCEPTED)
     assert _unserved_classes(out, ["a", "b", "c", "d"]) is None  # 'd' is never predicted: nothing to say
     out.decision.status = np.full(7, QUARANTINED)
