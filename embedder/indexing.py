@@ -15,6 +15,7 @@ path), ``embedding_version``, and the item's own payload fields.
 from __future__ import annotations
 
 import contextlib
+import functools
 import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -57,6 +58,7 @@ def require_version(store: VectorStore, collection: str, embedder: Embedder, *, 
     return current
 
 
+@functools.cache
 def reserved_payload_keys() -> frozenset[str]:
     """Payload keys the system writes (ids, versions, image paths, the labeling job's fields): a manifest row or
     an Upsert over gRPC may not set them. Over gRPC they were accepted: one point with a forged

@@ -63,7 +63,7 @@ class LabelState:
             label=text("label"),
             label_source=text("label_source"),
             pseudo_label=text("pseudo_label"),
-            pseudo_confidence=_number(p.get("pseudo_confidence")),
+            pseudo_confidence=finite_number(p.get("pseudo_confidence")),
             pseudo_status=text("pseudo_status"),
         )
 
@@ -80,7 +80,7 @@ class LabelState:
         return self.effective_label or self.pseudo_label
 
 
-def _number(value: Any) -> float | None:
+def finite_number(value: Any) -> float | None:
     """A finite int/float payload value, else None (a bool, a string, NaN: not a score)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return None
@@ -100,7 +100,7 @@ def top_classes(payload: dict[str, Any] | None) -> list[tuple[str, float]]:
         return out
     for entry in raw:
         if isinstance(entry, (list, tuple)) and len(entry) == 2 and isinstance(entry[0], (str, int)):
-            q = _number(entry[1])
+            q = finite_number(entry[1])
             if q is not None and not isinstance(entry[0], bool):
                 out.append((str(entry[0]), q))
     return out

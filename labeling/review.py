@@ -29,7 +29,16 @@ from typing import Any
 import numpy as np
 
 from labeling.errors import LabelConflictError, ReviewFileError, UnknownAnswerIdsError
-from labeling.inspect import REVIEW, LabelState, Neighbour, _inspected, _number, agreement, spelling_key, top_classes
+from labeling.inspect import (
+    REVIEW,
+    LabelState,
+    Neighbour,
+    _inspected,
+    agreement,
+    finite_number,
+    spelling_key,
+    top_classes,
+)
 from labeling.runs import PREV_FIELD, PSEUDO_FIELDS, clear_pseudo_state, load_registry, resolve
 from retrieval import Filter, Match, VectorStore
 
@@ -86,7 +95,7 @@ def review_queue(store: VectorStore, collection: str, *, limit: int | None = Non
                 image=image_ref(p),
                 pseudo_label=st.pseudo_label,
                 pseudo_confidence=st.pseudo_confidence,
-                review_score=_number(p.get("review_score")),
+                review_score=finite_number(p.get("review_score")),
                 top=top_classes(p),
                 labeling_run=p.get("labeling_run"),
             )

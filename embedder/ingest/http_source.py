@@ -49,6 +49,7 @@ import httpx
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait_random_exponential
 
+from embedder.indexing import reserved_payload_keys
 from embedder.ingest.keypool import (
     KeyPool,
     KeyPoolError,
@@ -56,6 +57,7 @@ from embedder.ingest.keypool import (
     LeaseCancelled,
     NoHealthyKey,
     UnknownKey,
+    call_redis,
     safe_url,
 )
 from embedder.model import Item
@@ -64,12 +66,6 @@ log = logging.getLogger("embedstore.ingest")
 
 
 MAX_REDIRECTS = 10
-
-
-def _reserved() -> frozenset[str]:
-    from embedder.indexing import reserved_payload_keys
-
-    return reserved_payload_keys()
 
 
 def _origin(url: str) -> tuple[str, str, int | None]:
@@ -151,25 +147,7 @@ class Checkpoint:
         self.url = safe_url(url) if url else ""  # for messages: never the password
 
     def _call(self, fn: Callable[..., Any], *args: Any) -> Any:
-        import redis
-
-        try:
-            return fn(*args)
-        except redis.AuthenticationError:
-            raise KeyPoolUnavailable(
-                f"Redis at {self.url or 'the configured URL'} refused the credentials: check the password in "
-                "EMBEDSTORE_REDIS_URL; cannot read or save the ingest checkpoint"
-            ) from None
-        except redis.ResponseError as exc:
-            raise KeyPoolUnavailable(
-                f"Redis at {self.url or 'the configured URL'} refused a command ({type(exc).__name__}: {exc}); "
-                "cannot read or save the ingest checkpoint"
-            ) from None
-        except (redis.ConnectionError, redis.TimeoutError) as exc:
-            raise KeyPoolUnavailable(
-                f"Redis at {self.url or 'the configured URL'} is unreachable ({type(exc).__name__}): cannot read or "
-                "save the ingest checkpoint"
-            ) from None
+        return call_redis(self.url or "the configured URL", "cannot read or save the ingest checkpoint", fn, *args)
 
     def load(self) -> dict[str, str]:
         raw = self._call(self.r.hgetall, self.key)
@@ -399,7 +377,7 @@ class HttpSource:
             image = got
         meta = raw.get(cfg.metadata_field)
         payload = dict(meta) if isinstance(meta, dict) else {}
-        clash = sorted(k for k in payload if k in _reserved())
+        clash = sorted(k for k in payload if k in reserved_payload_keys())
         if clash:  # the API's data may not forge the system's own fields (pseudo_status, image_uri, ...)
             raise ValueError(f"{cfg.metadata_field} sets {clash}: the system writes those fields itself")
         if raw.get(cfg.image_url_field):  # absolute, so reindex can fetch it again without this source's config

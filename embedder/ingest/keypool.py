@@ -281,6 +281,23 @@ def cooldown_from_headers(headers: Mapping[str, str] | None, now: float) -> floa
     return until
 
 
+def call_redis(url: str, what: str, fn: Any, *args: Any, **kw: Any) -> Any:
+    """``fn(*args, **kw)``, Redis's failures as :class:`KeyPoolUnavailable` naming ``url`` (already masked) and
+    ``what`` cannot be done: the key pool and the ingest checkpoint say it alike."""
+    import redis
+
+    try:
+        return fn(*args, **kw)
+    except redis.AuthenticationError:  # a ConnectionError to redis-py, but the server is there
+        raise KeyPoolUnavailable(
+            f"Redis at {url} refused the credentials: check the password in EMBEDSTORE_REDIS_URL; {what}"
+        ) from None
+    except (redis.ConnectionError, redis.TimeoutError) as exc:
+        raise KeyPoolUnavailable(f"Redis at {url} is unreachable ({type(exc).__name__}); {what}") from None
+    except redis.ResponseError as exc:  # an ACL without EVALSHA/EVAL (the pool runs Lua), a DB index out of range
+        raise KeyPoolUnavailable(f"Redis at {url} refused a command ({type(exc).__name__}: {exc}); {what}") from None
+
+
 def safe_url(url: str) -> str:
     """The Redis URL without its password (for messages): in the user part, or as ``?password=`` (redis-py
     reads both; the second was printed in full)."""
@@ -330,24 +347,7 @@ class KeyPool:
 
     # ------------------------------------------------------------------ plumbing
     def _call(self, fn: Any, *args: Any, **kw: Any) -> Any:
-        import redis
-
-        try:
-            return fn(*args, **kw)
-        except redis.AuthenticationError:  # a ConnectionError to redis-py, but the server is there
-            raise KeyPoolUnavailable(
-                f"Redis at {self.url} refused the credentials: check the password in EMBEDSTORE_REDIS_URL; key pool "
-                f"{self.pool!r} cannot be used"
-            ) from None
-        except (redis.ConnectionError, redis.TimeoutError) as exc:
-            raise KeyPoolUnavailable(
-                f"Redis at {self.url} is unreachable ({type(exc).__name__}); key pool {self.pool!r} cannot be used"
-            ) from None
-        except redis.ResponseError as exc:  # an ACL without EVALSHA, a DB index out of range, ...
-            raise KeyPoolUnavailable(
-                f"Redis at {self.url} refused a command ({type(exc).__name__}: {exc}); key pool {self.pool!r} "
-                "cannot be used (the pool runs Lua scripts: its user needs EVALSHA/EVAL and the hash commands)"
-            ) from None
+        return call_redis(self.url, f"key pool {self.pool!r} cannot be used", fn, *args, **kw)
 
     def _stat(self, kid: str, field: str) -> str:
         return f"{kid}:{field}"
