@@ -241,15 +241,51 @@ def test_two_processes_share_one_pool(redis_server):
 
 
 def test_keys_are_encrypted_at_rest_when_a_secret_is_set(redis_server):
+    from cryptography.fernet import InvalidToken
+
     name = f"enc-{uuid.uuid4().hex[:6]}"
     pool = KeyPool(name, redis_server.url, secret="correct horse")
     kid = pool.add(KEYS[0])
     stored = redis.Redis.from_url(redis_server.url).hget(pool.keys[3], kid)
     assert KEYS[0].encode() not in stored
     assert pool.lease(wait=0).secret == KEYS[0]
+    assert stored.startswith(b"fernet-scrypt:")  # the Fernet key is derived by scrypt, salted by the pool
     wrong = KeyPool(name, redis_server.url, secret="wrong")
     with pytest.raises(KeyPoolError, match="cannot be decrypted"):
         wrong.lease(wait=0)
+    # the same secret in another pool derives another key: a stored value does not decrypt there
+    other = KeyPool(f"{name}x", redis_server.url, secret="correct horse")
+    with pytest.raises(InvalidToken):
+        other._fernet.decrypt(stored.removeprefix(b"fernet-scrypt:"))
+
+
+def test_keys_stored_before_the_scrypt_derivation_still_decrypt(redis_server):
+    """Keys were encrypted with the secret's SHA-256 as the Fernet key, with and without a "fernet:" prefix."""
+    from embedder.ingest.keypool import _fernet
+
+    name = f"enc-{uuid.uuid4().hex[:6]}"
+    pool = KeyPool(name, redis_server.url, secret="correct horse")
+    r = redis.Redis.from_url(redis_server.url)
+    old = _fernet("correct horse")  # the SHA-256 one
+    for raw, stored in ((KEYS[0], "fernet:" + old.encrypt(KEYS[0].encode()).decode()),
+                        (KEYS[1], old.encrypt(KEYS[1].encode()).decode())):  # fmt: skip
+        r.hset(pool.keys[3], pool.add(raw), stored)
+    assert {pool.lease(wait=0).secret for _ in range(2)} == {KEYS[0], KEYS[1]}
+    kid = pool.add(KEYS[0])  # adding it again re-stores it in the new format
+    assert r.hget(pool.keys[3], kid).startswith(b"fernet-scrypt:")
+
+
+def test_a_key_that_cannot_be_decrypted_is_not_charged(redis_server):
+    """The lease counted the key's use and budget before the decrypt failed: a key never sent was charged."""
+    name = f"enc-{uuid.uuid4().hex[:6]}"
+    kid = KeyPool(name, redis_server.url, secret="correct horse").add(KEYS[0], budget=5, window_s=3600)
+    wrong = KeyPool(name, redis_server.url, secret="wrong")
+    for _ in range(3):
+        with pytest.raises(KeyPoolError, match="cannot be decrypted"):
+            wrong.lease(wait=0)
+    (status,) = [k for k in wrong.list() if k.key_id == kid]
+    assert status.leases == 0
+    assert redis.Redis.from_url(redis_server.url).hget(wrong.keys[2], f"{kid}:win_count") in (None, b"0")
 
 
 def test_an_encrypted_key_is_never_sent_as_ciphertext_without_the_secret(redis_server):

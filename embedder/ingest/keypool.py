@@ -10,7 +10,7 @@ the scripts also run on Redis Cluster):
                             over their request budget for the current window
 ``{embedstore:P}:stats``    hash: ``<id>:<field>`` -> state, counters, window, last status
 ``{embedstore:P}:secrets``  hash: ``<id>`` -> the raw key (Fernet-encrypted when
-                            ``EMBEDSTORE_KEY_SECRET`` is set); stored once, read only by ``lease``
+                            ``EMBEDSTORE_KEY_SECRET`` is set, its key derived by scrypt); read only by ``lease``
 ==========================  ====================================================
 
 ``lease()`` moves keys whose cooldown ended back to ``ready``, takes the least
@@ -112,6 +112,19 @@ if #nxt == 0 then return {false, -1} end
 return {false, tonumber(nxt[2])}
 """
 
+# KEYS: stats. ARGV: id. Gives back what a lease of a key that could not be used (not decryptable) counted.
+_REFUND = """
+local stats, id = KEYS[1], ARGV[1]
+if tonumber(redis.call('HGET', stats, id .. ':leases') or '0') > 0 then
+  redis.call('HINCRBY', stats, id .. ':leases', -1)
+end
+if tonumber(redis.call('HGET', stats, id .. ':budget') or '0') > 0
+   and tonumber(redis.call('HGET', stats, id .. ':win_count') or '0') > 0 then
+  redis.call('HINCRBY', stats, id .. ':win_count', -1)
+end
+return 1
+"""
+
 # KEYS: ready, cooling, stats. ARGV: id, status, now_ms, until_ms (-1: none given), base_ms, cap_ms, u in [0,1).
 # Returns the key's state after the report, or 'unknown'.
 _REPORT = """
@@ -208,8 +221,15 @@ def key_id(pool: str, raw: str) -> str:
     return "k_" + hashlib.sha256(f"{pool}\0{raw}".encode()).hexdigest()[:12]
 
 
-#: Prefix of a key stored encrypted, so a reader without the secret knows it holds ciphertext, not a key.
-ENCRYPTED = "fernet:"
+#: Prefix of a key stored encrypted with a Fernet key derived by scrypt from the secret and the pool's name.
+ENCRYPTED = "fernet-scrypt:"
+#: Prefix of a key stored before the scrypt derivation (the Fernet key was the secret's SHA-256): still read.
+ENCRYPTED_SHA256 = "fernet:"
+#: scrypt cost: 2**15 x 8 x 128 B = 32 MiB and 0.15-0.3 s per derivation on this 2-CPU machine, paid once per
+#: pool object (each command, each ingest worker) and by every guess at the secret from a Redis dump. OWASP's
+#: figure for stored passwords is N=2**17 (~1.3 s here): too slow for a CLI that builds a pool on every call,
+#: and the README still asks for a long random secret.
+SCRYPT_N, SCRYPT_R, SCRYPT_P = 2**15, 8, 1
 
 
 def _legacy_token(value: str) -> bool:
@@ -217,14 +237,25 @@ def _legacy_token(value: str) -> bool:
     return value.startswith("gAAAAA") and len(value) >= 100
 
 
-def _fernet(secret: str | None) -> Any:
-    if not secret:
-        return None
+def _fernet(secret: str, pool: str | None = None) -> Any:
+    """The Fernet of ``secret``: scrypt-derived and salted by the pool's name, or (``pool=None``) the SHA-256
+    one that keys stored before the derivation were encrypted with."""
     try:
         from cryptography.fernet import Fernet
     except ImportError as exc:  # pragma: no cover - cryptography is a dependency
         raise KeyPoolError("EMBEDSTORE_KEY_SECRET is set but the `cryptography` package is missing") from exc
-    return Fernet(base64.urlsafe_b64encode(hashlib.sha256(secret.encode()).digest()))
+    if pool is None:
+        return Fernet(base64.urlsafe_b64encode(hashlib.sha256(secret.encode()).digest()))
+    key = hashlib.scrypt(
+        secret.encode(),
+        salt=f"embedstore-keypool\0{pool}".encode(),
+        n=SCRYPT_N,
+        r=SCRYPT_R,
+        p=SCRYPT_P,
+        maxmem=64 * 2**20,
+        dklen=32,
+    )
+    return Fernet(base64.urlsafe_b64encode(key))
 
 
 def when_text(epoch_s: float) -> str:
@@ -338,12 +369,15 @@ class KeyPool:
         self.url = safe_url(redis_url)
         self.backoff_base_ms = int(backoff_base_s * 1000)
         self.backoff_cap_ms = int(backoff_cap_s * 1000)
-        self._fernet = _fernet(secret if secret is not None else os.environ.get("EMBEDSTORE_KEY_SECRET"))
+        self._secret = secret if secret is not None else os.environ.get("EMBEDSTORE_KEY_SECRET")
+        self._fernet = _fernet(self._secret, pool) if self._secret else None
+        self._old_fernet: Any = None  # the SHA-256 Fernet, made when a key stored before scrypt is first read
         self.r = client or redis.Redis.from_url(redis_url, socket_timeout=5, socket_connect_timeout=5)
         tag = f"{{embedstore:{pool}}}"
         self.keys = [f"{tag}:ready", f"{tag}:cooling", f"{tag}:stats", f"{tag}:secrets"]
         self._lease = self.r.register_script(_LEASE)
         self._report = self.r.register_script(_REPORT)
+        self._refund = self.r.register_script(_REFUND)
 
     # ------------------------------------------------------------------ plumbing
     def _call(self, fn: Any, *args: Any, **kw: Any) -> Any:
@@ -483,27 +517,38 @@ class KeyPool:
         got = self._call(self._lease, keys=self.keys, args=[now_ms, FAILURE_PENALTY_LEASES])
         kid, value = got[0], got[1]
         if kid:
-            secret = value.decode() if value is not None else ""
-            encrypted = secret.startswith(ENCRYPTED) or _legacy_token(secret)
-            secret = secret.removeprefix(ENCRYPTED)
-            if encrypted and self._fernet is None:
-                # without this the ciphertext went to the API as the key, and the API's 401 deactivated it
-                raise KeyPoolError(
-                    f"key {kid.decode()} is stored encrypted and EMBEDSTORE_KEY_SECRET is not set (or empty): set "
-                    "the secret it was added with"
-                )
-            if self._fernet is not None and secret:
-                from cryptography.fernet import InvalidToken
-
-                try:
-                    secret = self._fernet.decrypt(secret.encode()).decode()
-                except InvalidToken:
-                    raise KeyPoolError(
-                        f"key {kid.decode()} cannot be decrypted: EMBEDSTORE_KEY_SECRET differs from the one it was "
-                        "stored with"
-                    ) from None
-            return Lease(kid.decode(), secret)
+            try:
+                return Lease(kid.decode(), self._decrypt(kid.decode(), value.decode() if value is not None else ""))
+            except KeyPoolError:
+                # the key was never used: its lease and budget unit are given back
+                self._call(self._refund, keys=self.keys[2:3], args=[kid])
+                raise
         return None if value is None or int(value) < 0 else int(value) / 1000
+
+    def _decrypt(self, kid: str, stored: str) -> str:
+        """The raw key from what ``secrets`` holds: plain, or encrypted in either format."""
+        if stored.startswith(ENCRYPTED):
+            fernet, token = self._fernet, stored.removeprefix(ENCRYPTED)
+        elif stored.startswith(ENCRYPTED_SHA256) or _legacy_token(stored):
+            if self._secret and self._old_fernet is None:
+                self._old_fernet = _fernet(self._secret)
+            fernet, token = self._old_fernet, stored.removeprefix(ENCRYPTED_SHA256)
+        else:
+            return stored
+        if fernet is None:
+            # without this the ciphertext went to the API as the key, and the API's 401 deactivated it
+            raise KeyPoolError(
+                f"key {kid} is stored encrypted and EMBEDSTORE_KEY_SECRET is not set (or empty): set the secret it "
+                "was added with"
+            )
+        from cryptography.fernet import InvalidToken
+
+        try:
+            return fernet.decrypt(token.encode()).decode()
+        except InvalidToken:
+            raise KeyPoolError(
+                f"key {kid} cannot be decrypted: EMBEDSTORE_KEY_SECRET differs from the one it was stored with"
+            ) from None
 
     def lease(
         self, *, wait: float = 30.0, base_s: float = 0.05, cap_s: float = 5.0, cancel: threading.Event | None = None
