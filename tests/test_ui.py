@@ -176,6 +176,28 @@ def test_thumbnails_load_and_missing_or_forbidden_images_degrade_to_a_placeholde
     assert not browser.find_elements(By.ID, "thumb") and "item 5" in browser.find_element(By.ID, "text").text
 
 
+def test_a_remote_thumbnail_is_followed_by_an_img_only(tmp_path):
+    """An http(s) image reference is redirected to for an <img>; opened as a page it was an open redirect."""
+    import httpx
+
+    store = make_edge(tmp_path / "store")
+    store.create_collection("items")
+    store.upsert(
+        "items", ["r1"], clustered(1, n_clusters=1, seed=1)[0], [{"image_uri": "https://elsewhere.example/a.png"}]
+    )
+    served = _Served(create_app(store, "items"))
+    try:
+        url = f"{served.url}/thumb/r1"
+        img = httpx.get(url, headers={"Sec-Fetch-Dest": "image"}, follow_redirects=False)
+        assert img.status_code == 302 and img.headers["location"] == "https://elsewhere.example/a.png"
+        assert httpx.get(url, follow_redirects=False).status_code == 302  # a client that says nothing
+        page = httpx.get(url, headers={"Sec-Fetch-Dest": "document"}, follow_redirects=False)
+        assert page.status_code == 403 and "location" not in page.headers and "another site" in page.text
+    finally:
+        served.stop()
+        store.close()
+
+
 def test_correcting_a_label_writes_human_ground_truth_and_never_silently_overwrites_it(world, browser):
     store = world["store"]
     pid = next(r.id for r in store.iter_records("items", filter={"pseudo_status": "review"}))

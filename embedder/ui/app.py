@@ -15,7 +15,8 @@ Pages, each costing a bounded number of store calls whatever the collection size
 * ``/suspicious`` - accepted pseudo-labels least supported by their neighbours, one
   scroll window per page (``?offset=`` continues).
 * ``/thumb/{id}`` - the item's image from its stored reference: an http(s) URL is
-  redirected to; a local path is served only from under an allowed image root (a
+  redirected to when an ``<img>`` asks (``Sec-Fetch-Dest: image``), refused when the
+  browser says it opens it as a page (no open redirect); a local path is served only from under an allowed image root (a
   payload must not be able to read arbitrary files); otherwise a placeholder.
 
 Auth: when tokens are configured (the gRPC service's ``EMBEDSTORE_GRPC_TOKENS``),
@@ -392,7 +393,7 @@ def create_app(
         return page(request, "suspicious.html", suspects=found, next_url=next_url)
 
     @app.get("/thumb/{point_id:path}")
-    def thumb(point_id: str) -> Response:
+    def thumb(point_id: str, request: Request) -> Response:
         placeholder = Response(PLACEHOLDER_SVG, media_type="image/svg+xml")
         try:
             rec = locked(store.retrieve, collection, [point_id], missing_ok=True)
@@ -402,6 +403,16 @@ def create_app(
         if ref is None:
             return placeholder
         if ref.startswith(("http://", "https://")):
+            # Followed for an <img> only: a link to /thumb/<id> opened as a page would make this trusted host
+            # forward a reader to whatever address a payload holds (an open redirect). Browsers send
+            # Sec-Fetch-Dest; one that sends none (old Safari, scripts) still gets the image.
+            dest = request.headers.get("sec-fetch-dest")
+            if dest is not None and dest != "image":
+                return Response(
+                    "this item's image lives at another site; it is shown on the item's page, not opened from here",
+                    status_code=403,
+                    media_type="text/plain",
+                )
             return RedirectResponse(ref, status_code=302)
         path = Path(ref.removeprefix("file://")).expanduser()
         try:
