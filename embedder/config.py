@@ -66,6 +66,7 @@ class ServerSettings(BaseSettings):
     ``EMBEDSTORE_GRPC_TLS_CERT`` / _KEY  PEM certificate chain and private key: TLS on
     ``EMBEDSTORE_GRPC_MAX_MESSAGE_MB``   largest request/response message (64)
     ``EMBEDSTORE_GRPC_MAX_CONCURRENT``   RPCs in flight before RESOURCE_EXHAUSTED (256)
+    ``EMBEDSTORE_GRPC_MAX_HEALTH_WATCHES`` open health ``Watch`` streams before RESOURCE_EXHAUSTED (1024)
     ``EMBEDSTORE_GRPC_MAX_BATCH``        items per model call (64)
     ``EMBEDSTORE_GRPC_MAX_DELAY_MS``     how long an idle batcher waits to fill a batch (2)
     ``EMBEDSTORE_GRPC_MAX_QUEUE``        items waiting to be embedded before RESOURCE_EXHAUSTED (4096)
@@ -88,6 +89,10 @@ class ServerSettings(BaseSettings):
     tls_key: Path | None = None
     max_message_mb: int = Field(64, ge=1, le=2047)
     max_concurrent: int = Field(256, ge=1)
+    # Health is exempt from the token and from max_concurrent (probes must answer a busy server), so without its
+    # own cap anyone who could reach the port held memory with open Watch streams (~17 KB each: 5,000 = 86 MB).
+    # A client channel with health checking on holds one stream, hence the generous default.
+    max_health_watches: int = Field(1024, ge=1)
     max_batch: int = Field(64, ge=1, le=4096)
     max_delay_ms: float = Field(2.0, ge=0, le=1000)
     max_queue: int = Field(4096, ge=1)

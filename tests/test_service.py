@@ -451,6 +451,50 @@ def test_auth_on_and_off(tmp_path, embedder, served):
             assert list(good.embed_stream(["a", "b"]))[1].vector.shape == (512,)
         with Client(bg.target, token="s3cret") as good:
             assert good.count().count == 0
+        # an unknown method is refused like a known one without a token (UNIMPLEMENTED would list the API), for
+        # every call kind; with a token it is UNIMPLEMENTED
+        with grpc.insecure_channel(bg.target) as channel:
+            for kind in ("unary_unary", "unary_stream", "stream_unary", "stream_stream"):
+                call = getattr(channel, kind)("/embedstore.v1.StoreService/NoSuchMethod")
+                arg = b"" if kind.startswith("unary") else iter([b""])
+                with pytest.raises(grpc.RpcError) as err:
+                    reply = call(arg, timeout=5)
+                    if kind.endswith("stream"):
+                        list(reply)
+                assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED, kind
+            with pytest.raises(grpc.RpcError) as err:
+                channel.unary_unary("/embedstore.v1.StoreService/NoSuchMethod")(
+                    b"", timeout=5, metadata=[("authorization", "Bearer s3cret")]
+                )
+            assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED
+
+
+def test_health_watch_streams_are_capped(tmp_path, embedder):
+    """Health needs no token and is outside MAX_CONCURRENT: an open Watch stream per caller was unbounded."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    server = make_server(tmp_path, embedder, tokens="s3cret", max_health_watches=2)
+    with BackgroundServer(server) as bg, grpc.insecure_channel(bg.target) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        watches = [stub.Watch(health_pb2.HealthCheckRequest(service=""), timeout=30) for _ in range(2)]
+        assert [next(w).status for w in watches] == [health_pb2.HealthCheckResponse.SERVING] * 2
+        assert server.limiter.watches == 2
+        third = stub.Watch(health_pb2.HealthCheckRequest(service=""), timeout=5)
+        with pytest.raises(grpc.RpcError) as err:
+            next(third)
+        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "EMBEDSTORE_GRPC_MAX_HEALTH_WATCHES" in err.value.details()
+        # Check is not capped, and a closed stream gives its slot back
+        assert stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=5).status == 1
+        watches[0].cancel()
+        deadline = time.monotonic() + 10
+        while server.limiter.watches > 1 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert server.limiter.watches == 1
+        again = stub.Watch(health_pb2.HealthCheckRequest(service=""), timeout=30)
+        assert next(again).status == health_pb2.HealthCheckResponse.SERVING
+        again.cancel()
+        watches[1].cancel()
 
 
 def test_tls(tmp_path, embedder):

@@ -45,6 +45,7 @@ SERVICES = (
     labeling_pb2.DESCRIPTOR.services_by_name["LabelingService"].full_name,
 )
 HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
+HEALTH_WATCH = f"/{HEALTH_SERVICE}/Watch"
 EMBEDDING_SERVICE = SERVICES[0]
 
 
@@ -71,8 +72,11 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         self, continuation: Callable[[grpc.HandlerCallDetails], Any], details: grpc.HandlerCallDetails
     ) -> Any:
         handler = await continuation(details)
-        if handler is None or self._allowed(details):
-            return handler
+        if self._allowed(details):
+            return handler  # None for an unknown method: grpc answers UNIMPLEMENTED, to a caller with a token
+        if handler is None:
+            # the same refusal as a known method's: UNIMPLEMENTED here let anyone list the API without a token
+            return _DENY_ANY
         if self._metrics is not None:
             self._metrics.requests.labels(details.method.rsplit("/", 1)[-1], "UNAUTHENTICATED").inc()
         return _denying(handler)
@@ -106,14 +110,21 @@ def _replaced(
     )
 
 
+_DENIED = "missing or invalid bearer token (send metadata 'authorization: Bearer <token>')"
+
+
+async def _deny(_request: Any, context: grpc.aio.ServicerContext) -> Any:
+    await context.abort(grpc.StatusCode.UNAUTHENTICATED, _DENIED)
+
+
 def _denying(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
-    message = "missing or invalid bearer token (send metadata 'authorization: Bearer <token>')"
-
-    async def deny(_request: Any, context: grpc.aio.ServicerContext) -> Any:
-        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
-
     # not parsed: a caller without a token made the server decode up to EMBEDSTORE_GRPC_MAX_MESSAGE_MB per call
-    return _replaced(handler, deny, parse=False)
+    return _replaced(handler, _deny, parse=False)
+
+
+#: The refusal of a method the server does not have, to a caller without a token. Stream-stream whatever the
+#: caller's kind, so it aborts before reading a message (a unary handler would wait for the request first).
+_DENY_ANY = grpc.stream_stream_rpc_method_handler(_deny)
 
 
 class ConcurrencyLimiter(grpc.aio.ServerInterceptor):
@@ -123,11 +134,17 @@ class ConcurrencyLimiter(grpc.aio.ServerInterceptor):
     liveness probe and was restarted for being busy; and its refusals never reached our metrics. This
     limiter exempts health (a probe must answer *because* the server is busy, not despite it) and counts
     each refusal under ``embedstore_grpc_requests_total{code="RESOURCE_EXHAUSTED"}``.
+
+    Health ``Watch`` streams get their own cap, ``watch_limit``: health needs no token, and an open
+    stream lives until the caller hangs up, so without one anyone who reached the port could hold
+    memory without bound. ``Check`` stays unlimited (it ends at once).
     """
 
-    def __init__(self, limit: int, metrics: Metrics | None = None) -> None:
+    def __init__(self, limit: int, metrics: Metrics | None = None, *, watch_limit: int = 1024) -> None:
         self.limit = limit
         self.in_flight = 0
+        self.watch_limit = watch_limit
+        self.watches = 0
         self._metrics = metrics
         self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}  # per method, made once
 
@@ -135,31 +152,47 @@ class ConcurrencyLimiter(grpc.aio.ServerInterceptor):
         self, continuation: Callable[[grpc.HandlerCallDetails], Any], details: grpc.HandlerCallDetails
     ) -> Any:
         handler = await continuation(details)
-        if handler is None or details.method.startswith(f"/{HEALTH_SERVICE}/"):
+        watch = details.method == HEALTH_WATCH
+        if handler is None or (details.method.startswith(f"/{HEALTH_SERVICE}/") and not watch):
             return handler
         known = self._wrapped.get(details.method)
         if known is None or known[0] is not handler:
-            known = (handler, self._limited(handler, details.method.rsplit("/", 1)[-1]))
+            method = details.method.rsplit("/", 1)[-1]
+            known = (handler, self._limited(handler, method, "watches" if watch else "in_flight"))
             self._wrapped[details.method] = known
         return known[1]
 
-    def _refuse(self, method: str) -> str:
+    def _refuse(self, method: str, slot: str) -> str:
         if self._metrics is not None:
             self._metrics.requests.labels(method, "RESOURCE_EXHAUSTED").inc()
+        if slot == "watches":
+            return (
+                f"server busy: {self.watch_limit} health Watch streams already open "
+                "(EMBEDSTORE_GRPC_MAX_HEALTH_WATCHES); use Check, or retry with backoff"
+            )
         return f"server busy: {self.limit} calls already in flight (EMBEDSTORE_GRPC_MAX_CONCURRENT); retry with backoff"
 
-    def _limited(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
+    def _full(self, slot: str) -> bool:
+        return getattr(self, slot) >= (self.watch_limit if slot == "watches" else self.limit)
+
+    def _limited(self, handler: grpc.RpcMethodHandler, method: str, slot: str) -> grpc.RpcMethodHandler:
         # The count is taken and released on the event loop, where every aio handler starts and ends: no lock.
         behavior = _behavior(handler)
         if not (inspect.iscoroutinefunction(behavior) or inspect.isasyncgenfunction(behavior)):
             return handler  # a sync handler runs in grpc's thread pool: not ours to count
 
+        def take() -> None:
+            setattr(self, slot, getattr(self, slot) + 1)
+
+        def give_back() -> None:
+            setattr(self, slot, getattr(self, slot) - 1)
+
         if handler.response_streaming:
 
             async def limited_stream(request: Any, context: grpc.aio.ServicerContext) -> Any:
-                if self.in_flight >= self.limit:
-                    await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, self._refuse(method))
-                self.in_flight += 1
+                if self._full(slot):
+                    await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, self._refuse(method, slot))
+                take()
                 try:
                     result = behavior(request, context)
                     if inspect.isasyncgen(result):
@@ -168,19 +201,19 @@ class ConcurrencyLimiter(grpc.aio.ServerInterceptor):
                     else:  # a coroutine that writes with context.write()
                         await result
                 finally:
-                    self.in_flight -= 1
+                    give_back()
 
             wrapped: Any = limited_stream
         else:
 
             async def limited_unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
-                if self.in_flight >= self.limit:
-                    await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, self._refuse(method))
-                self.in_flight += 1
+                if self._full(slot):
+                    await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, self._refuse(method, slot))
+                take()
                 try:
                     return await behavior(request, context)
                 finally:
-                    self.in_flight -= 1
+                    give_back()
 
             wrapped = limited_unary
         return _replaced(handler, wrapped)
@@ -234,7 +267,7 @@ class EmbedstoreServer:
         interceptors: list[grpc.aio.ServerInterceptor] = []
         if s.tokens:  # first: an unauthenticated call is refused before it takes a slot
             interceptors.append(AuthInterceptor([t.get_secret_value() for t in s.tokens], self.metrics))
-        self.limiter = ConcurrencyLimiter(s.max_concurrent, self.metrics)
+        self.limiter = ConcurrencyLimiter(s.max_concurrent, self.metrics, watch_limit=s.max_health_watches)
         interceptors.append(self.limiter)
         self._server = grpc.aio.server(
             interceptors=interceptors,
