@@ -120,6 +120,23 @@ def test_search_scores_are_cosine_and_sorted(store, collection):
         assert h.score == pytest.approx(by_id[h.id], abs=1e-4)
 
 
+def test_equal_scores_come_in_point_id_order_on_both_paths_and_the_threshold_is_exclusive(store, collection):
+    """The engines ordered ties their own way: Edge's exact and rerank paths and the server adapter all differed."""
+    x, _ = clustered(40, seed=3)
+    same = np.tile(x[0], (5, 1))  # five copies of one vector: equal scores
+    ids = [f"tie-{i}" for i in range(5)]
+    store.upsert(collection, ids + ids_of(40)[1:], np.vstack([same, x[1:]]))
+    want = sorted(ids, key=point_id)
+    for exact in (False, True):
+        hits = store.search(collection, x[0], top_k=5, exact=exact)
+        assert len({h.score for h in hits}) == 1, [h.score for h in hits]  # ties indeed
+        assert [h.id for h in hits] == want, exact
+        assert [h.point_id for h in hits] == sorted(h.point_id for h in hits)
+    below = store.search(collection, x[0], top_k=50, exact=True)[5]
+    kept = store.search(collection, x[0], top_k=50, exact=True, score_threshold=below.score)
+    assert [h.id for h in kept] == want  # a hit at exactly the threshold is left out
+
+
 def test_search_batch_equals_single_searches(store, collection):
     _, x = load(store, collection, 120)
     batch = store.search_batch(collection, x[:6], top_k=4)
