@@ -573,3 +573,13 @@ class Client:
             request.answers.add(id=str(pid), label=str(label))
         r = self._call(self._labeling.SubmitLabels, request)
         return int(r.written), int(r.unchanged)
+
+    def clear_labels(
+        self, ids: Sequence[str], *, any_source: bool = False, collection: str | None = None
+    ) -> tuple[int, int]:
+        """Take ground-truth labels back (human answers unless ``any_source``); returns (cleared, unchanged)."""
+        request = labeling_pb2.ClearLabelsRequest(
+            collection=collection or self.collection, ids=[str(i) for i in ids], any_source=any_source
+        )
+        r = self._call(self._labeling.ClearLabels, request)
+        return int(r.cleared), int(r.unchanged)

@@ -348,6 +348,42 @@ def import_cmd(
     )
 
 
+@label_app.command("clear")
+def clear_cmd(
+    ids: Annotated[list[str], typer.Argument(help="Ids of the points whose ground-truth label to take back.")],
+    any_source: Annotated[
+        bool, typer.Option(help="Also clear seed / dataset labels (by default only human answers).")
+    ] = False,
+    path: PathOpt = None,
+    collection: CollectionOpt = None,
+    server: ServerOpt = None,
+    token: TokenOpt = None,
+) -> None:
+    """Take ground-truth labels back: the points become unlabelled (all-or-nothing)."""
+    from labeling.errors import LabelingError
+    from labeling.review import clear_labels
+
+    if server is not None:
+        from embedder.client import Client, ServiceError, tls_from_env
+
+        try:
+            with Client(server, token=token, **tls_from_env()) as client:
+                cleared, unchanged = client.clear_labels(
+                    ids, any_source=any_source, collection=remote_collection(collection)
+                )
+        except ServiceError as exc:
+            _fail(exc)
+    else:
+        try:
+            store, name = _open(path, collection)
+            with store:
+                res = clear_labels(store, name, ids, any_source=any_source)
+        except (LabelingError, StoreError) as exc:
+            _fail(exc)
+        cleared, unchanged = res.cleared, res.unchanged
+    console.print(f"cleared {cleared} ground-truth labels ({unchanged} had none)")
+
+
 def _suspect_seed_table(store: Any, name: str, limit: int, as_json: bool) -> None:
     """The active run's suspect ground-truth labels, with their current label (an answer given since shows)."""
     from labeling.present import fitted_table

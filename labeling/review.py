@@ -10,6 +10,8 @@
   never silently overwritten: the import refuses, naming the conflicts, unless
   ``overwrite_human`` is set. An answered point loses the run's pseudo-label fields: the
   answer is its verdict now (it leaves the review queue and the status counts).
+* ``clear_labels`` takes human answers back (the point is unlabelled again); a seed or
+  dataset label only when asked (``any_source``).
 * ``suspicious`` ranks accepted pseudo-labels by how strongly their neighbourhood
   contradicts them (kNN label-quality in the spirit of cleanlab: the point's own
   vote left out, similarity-weighted share of its labelled neighbours agreeing).
@@ -284,6 +286,46 @@ def _submit_checked(
     run_keys = (*PSEUDO_FIELDS, PREV_FIELD)
     clear_pseudo_state(store, collection, [pid for pid, _ in answers if any(k in found[pid] for k in run_keys)])
     return ImportResult(written=written, unchanged=unchanged, skipped_unanswered=0)
+
+
+@dataclass(frozen=True)
+class ClearResult:
+    cleared: int
+    unchanged: int  # points that had no ground-truth label
+
+
+#: What a ground-truth answer writes; clearing removes all three.
+LABEL_FIELDS = ("label", "label_source", "labeled_at")
+
+
+def clear_labels(store: VectorStore, collection: str, ids: list[str], *, any_source: bool = False) -> ClearResult:
+    """Take back ground-truth labels: the points become unlabelled (the next job may pseudo-label them).
+
+    Only human labels (``label_source = human``) unless ``any_source``: a seed or imported dataset label is
+    the data's own truth, and a person who clicked the wrong class should not lose it by accident. All or
+    nothing: an unknown id or a label of another source refuses the whole call, naming them.
+    """
+    if not ids or any(not isinstance(i, str) or not i for i in ids):
+        raise ReviewFileError("give the ids of the points whose label to clear (non-empty strings)")
+    if len(set(ids)) != len(ids):
+        raise ReviewFileError("the same id is given more than once")
+    with store.exclusive():  # no job batch or answer lands between the read and the write
+        found = {r.id: r.payload or {} for r in store.retrieve(collection, ids, missing_ok=True)}
+        missing = [i for i in ids if i not in found]
+        if missing:
+            raise UnknownAnswerIdsError(f"{len(missing)} id(s) are not in collection {collection!r}: {missing[:10]}")
+        labelled = [i for i in ids if found[i].get("label") not in (None, "")]
+        other = [f"{i} ({found[i].get('label_source') or 'no source'})" for i in labelled
+                 if found[i].get("label_source") != "human"]  # fmt: skip
+        if other and not any_source:
+            raise LabelConflictError(
+                f"{len(other)} label(s) are not human answers (nothing was cleared): {other[:10]}; a seed or dataset "
+                "label is the data's own ground truth; pass --any-source to clear them too"
+            )
+        touched = [i for i in ids if any(k in found[i] for k in LABEL_FIELDS)]
+        if touched:
+            store.delete_payload_keys(collection, touched, list(LABEL_FIELDS))
+    return ClearResult(cleared=len(labelled), unchanged=len(ids) - len(labelled))
 
 
 @dataclass(frozen=True)

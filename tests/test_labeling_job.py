@@ -12,7 +12,7 @@ from labeling.config import LabelingConfig, XGBoostParams
 from labeling.errors import JobPreconditionError, ReviewFileError, RunStateError, SeedError
 from labeling.inspect import inspect_neighbours
 from labeling.job import VERSION_KEY, preflight, run_job
-from labeling.review import export_review, import_labels, review_queue, suspicious
+from labeling.review import ClearResult, export_review, import_labels, review_queue, suspicious
 from labeling.runs import (
     ABANDONED,
     APPLIED,
@@ -27,7 +27,7 @@ from labeling.runs import (
     rollback_run,
 )
 from labeling.snapshot import neighbour_graph, query_graph, read_snapshot, row_index
-from tests.conftest import make_edge
+from tests.conftest import clustered, make_edge
 
 FAST = {"max_iterations": 4, "cv_folds": 2, "xgboost": XGBoostParams(max_rounds=60, eta=0.1), "review_count": 20}
 LABEL_KEYS = ("label", "label_source")
@@ -389,6 +389,52 @@ def test_review_export_and_import_round_trip(labelled, tmp_path):
     with pytest.raises(ReviewFileError, match="'new thing' differs from the class 'New Thing'"):  # within one file
         import_labels(store, "emoji", _file(tmp_path, f"id,label\n{other},New Thing\n{third},new thing\n"))
     assert not payloads(store, "emoji")[other].get("label")
+
+
+def test_clearing_labels_takes_human_answers_back_and_keeps_seed_labels_unless_asked(tmp_path):
+    from typer.testing import CliRunner
+
+    from embedder.cli import app
+    from labeling.review import clear_labels
+
+    store = make_edge(tmp_path / "store")
+    x, _ = clustered(6, n_clusters=2, seed=4)
+    rows = [
+        {"label": "cat", "label_source": "human", "labeled_at": "2026-01-01T00:00:00+00:00", "text": "a"},
+        {"label": "dog", "label_source": "human", "labeled_at": "2026-01-01T00:00:00+00:00"},
+        {"label": "cat", "label_source": "seed"},
+        {"label": "dog"},  # no source: a dataset's own label
+        {"text": "unlabelled"},
+        {"label": "cat", "label_source": "human"},
+    ]
+    with store:
+        store.create_collection("c")
+        store.upsert("c", [f"p{i}" for i in range(6)], x, rows)
+        assert clear_labels(store, "c", ["p0", "p4"]) == ClearResult(cleared=1, unchanged=1)
+        p0 = store.retrieve("c", ["p0"])[0].payload
+        assert p0 == {"text": "a", "external_id": "p0"}  # label, source and time gone; the rest kept
+        before = {r.id: r.payload for r in store.iter_records("c")}
+        # all or nothing: a seed label, a label without a source, an unknown id, a repeated id
+        refusals = [
+            (["p1", "p2"], r"not human answers .*p2 \(seed\)"),
+            (["p1", "p3"], r"p3 \(no source\)"),
+            (["p1", "nope"], "not in collection"),
+            (["p1", "p1"], "more than once"),
+            ([], "give the ids"),
+        ]
+        for ids, match in refusals:
+            with pytest.raises(ReviewFileError, match=match):
+                clear_labels(store, "c", ids)
+            assert {r.id: r.payload for r in store.iter_records("c")} == before
+        assert clear_labels(store, "c", ["p1", "p2", "p3"], any_source=True) == ClearResult(cleared=3, unchanged=0)
+        assert all("label" not in store.retrieve("c", [p])[0].payload for p in ("p1", "p2", "p3"))
+    # the command line, on the same store
+    runner = CliRunner()
+    path = str(tmp_path / "store")
+    out = runner.invoke(app, ["label", "clear", "p5", "p4", "--path", path, "-c", "c"])
+    assert out.exit_code == 0 and "cleared 1 ground-truth labels (1 had none)" in out.output
+    out = runner.invoke(app, ["label", "clear", "nope", "--path", path, "-c", "c"])
+    assert out.exit_code != 0 and "not in collection" in out.output
 
 
 def _file(tmp_path, text):

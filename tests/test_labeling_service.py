@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from embedder.client import Aborted, Client, FailedPrecondition, InvalidArgument
+from embedder.client import Aborted, Client, FailedPrecondition, InvalidArgument, NotFound
 from embedder.model import Embedder
 from embedder.service.server import BackgroundServer
 from embedstore.v1 import labeling_pb2
@@ -74,6 +74,12 @@ def test_review_queue_and_submitted_labels_become_ground_truth(served):
         client.submit_labels({queue[0].id: other, queue[5].id: "Flags"})
     assert client.inspect(queue[5].id, k=1).point.state.label is None  # all-or-nothing
     assert client.submit_labels({queue[0].id: other}, overwrite_human=True) == (1, 0)
+    # human answers taken back, all or nothing (the seed-label refusal is the library's test, same code)
+    with pytest.raises(NotFound, match="no-such-point"):
+        client.clear_labels([queue[1].id, "no-such-point"])
+    assert client.inspect(queue[1].id, k=1).point.state.label == answers[queue[1].id]
+    assert client.clear_labels([queue[0].id, queue[1].id, queue[5].id]) == (2, 1)
+    assert client.inspect(queue[0].id, k=1).point.state.label is None
 
 
 def test_bad_requests_get_clear_status_codes(served):

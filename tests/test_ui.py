@@ -223,6 +223,15 @@ def test_correcting_a_label_writes_human_ground_truth_and_never_silently_overwri
     assert store.retrieve("items", [pid])[0].payload["label"] == "fox"
     browser.get(world["open"] + "/review")
     assert pid not in browser.find_element(By.ID, "review").text  # answered: out of the queue
+    # the person takes the answer back: the point is unlabelled again; a seed label offers no such button
+    browser.get(f"{world['open']}/point/{pid}")
+    browser.find_element(By.ID, "clear").click()
+    assert "label cleared" in _wait_for(browser, "cleared").text
+    assert browser.find_element(By.ID, "label").text == "-" and not browser.find_elements(By.ID, "clear")
+    assert "label" not in store.retrieve("items", [pid])[0].payload
+    seed = next(r.id for r in store.iter_records("items") if (r.payload or {}).get("label_source") == "seed")
+    browser.get(f"{world['open']}/point/{seed}")
+    assert not browser.find_elements(By.ID, "clear")
 
 
 def test_a_cross_site_form_post_is_refused_and_bad_offsets_are_400(world):

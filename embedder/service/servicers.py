@@ -63,7 +63,7 @@ from labeling.errors import (
 )
 from labeling.inspect import MAX_K, inspect_neighbours
 from labeling.job import JobEvent, run_job
-from labeling.review import review_queue, submit_labels
+from labeling.review import clear_labels, review_queue, submit_labels
 from labeling.runs import RUN_FIELD, load_registry, resolve
 from retrieval import FULL_DIM, VectorStore
 from retrieval.base import MAX_TOP_K
@@ -775,3 +775,17 @@ class LabelingServicer(labeling_pb2_grpc.LabelingServiceServicer):
                 overwrite_human=request.overwrite_human,
             )
         return labeling_pb2.SubmitLabelsResponse(written=result.written, unchanged=result.unchanged)
+
+    @_rpc("ClearLabels")
+    async def ClearLabels(
+        self, request: labeling_pb2.ClearLabelsRequest, context: Any
+    ) -> labeling_pb2.ClearLabelsResponse:
+        _, _, store = self.rt.require()
+        collection = self.rt.collection(request.collection)
+        if not request.ids:
+            raise convert.BadRequest("no ids given")
+        async with self.rt.write_lock:
+            result = await self.rt.in_store(
+                clear_labels, store, collection, list(request.ids), any_source=request.any_source
+            )
+        return labeling_pb2.ClearLabelsResponse(cleared=result.cleared, unchanged=result.unchanged)

@@ -46,6 +46,7 @@ from labeling.errors import LabelingError
 from labeling.inspect import LabelState, inspect_neighbours, top_classes
 from labeling.review import (
     LabelConflictError,
+    clear_labels,
     image_ref,
     label_problem,
     review_queue,
@@ -308,13 +309,13 @@ def create_app(
     def point(request: Request, point_id: str) -> HTMLResponse:
         # The outcome of the form post comes in a one-shot cookie, not the query string: a crafted link could
         # otherwise show "saved: ..." or any error text on this page.
-        saved = error = None
+        saved = error = cleared = None
         try:
             flash = json.loads(base64.urlsafe_b64decode(request.cookies.get(FLASH, "")) or b"{}")
         except ValueError:  # binascii.Error and JSONDecodeError are ValueErrors
             flash = {}
         if isinstance(flash, dict) and flash.get("point") == point_id:
-            saved, error = flash.get("saved"), flash.get("error")
+            saved, error, cleared = flash.get("saved"), flash.get("error"), flash.get("cleared")
         try:
             ins = locked(inspect_neighbours, store, collection, point_id, k)
         except PointNotFoundError:
@@ -340,24 +341,27 @@ def create_app(
             agreement=ins.agreement,
             saved=saved,
             error=error,
+            cleared=cleared,
             classes=locked(known_classes),
         )
         if FLASH in request.cookies:
             resp.delete_cookie(FLASH, path="/")
         return resp
 
+    def back_to(point_id: str, **outcome: str) -> Response:
+        """Back to the point's page, the form's outcome in a one-shot cookie."""
+        resp = RedirectResponse(f"/point/{quote(point_id, safe='')}", status_code=303)
+        # base64: a cookie value cannot carry every character a label or message may have
+        body = base64.urlsafe_b64encode(json.dumps({"point": point_id, **outcome}).encode()).decode()
+        resp.set_cookie(FLASH, body, max_age=60, httponly=True, samesite="strict", path="/")
+        return resp
+
     @app.post("/point/{point_id:path}/label")
     def set_label(
         point_id: str, label: str = Form(...), replace: bool = Form(False), new_class: bool = Form(False)
     ) -> Response:
-        target = f"/point/{quote(point_id, safe='')}"
-
         def back(**outcome: str) -> Response:
-            resp = RedirectResponse(target, status_code=303)
-            # base64: a cookie value cannot carry every character a label or message may have
-            body = base64.urlsafe_b64encode(json.dumps({"point": point_id, **outcome}).encode()).decode()
-            resp.set_cookie(FLASH, body, max_age=60, httponly=True, samesite="strict", path="/")
-            return resp
+            return back_to(point_id, **outcome)
 
         label = label.strip()
         # A typo here is ground truth: it became a class of its own, and the next job refused to start (a class
@@ -377,6 +381,15 @@ def create_app(
         except (LabelingError, StoreError) as exc:
             return back(error=str(exc))
         return back(saved=label)
+
+    @app.post("/point/{point_id:path}/clear")
+    def clear_label(point_id: str) -> Response:
+        # human answers only: a seed or dataset label is the data's own truth (the CLI's --any-source clears it)
+        try:
+            result = locked(clear_labels, store, collection, [point_id])
+        except (LabelingError, StoreError) as exc:
+            return back_to(point_id, error=str(exc))
+        return back_to(point_id, cleared="yes" if result.cleared else "no")
 
     @app.get("/review", response_class=HTMLResponse)
     def review(request: Request) -> HTMLResponse:

@@ -152,6 +152,24 @@ class SubmitLabelsResponse(_message.Message):
     unchanged: int
     def __init__(self, written: _Optional[int] = ..., unchanged: _Optional[int] = ...) -> None: ...
 
+class ClearLabelsRequest(_message.Message):
+    __slots__ = ("collection", "ids", "any_source")
+    COLLECTION_FIELD_NUMBER: _ClassVar[int]
+    IDS_FIELD_NUMBER: _ClassVar[int]
+    ANY_SOURCE_FIELD_NUMBER: _ClassVar[int]
+    collection: str
+    ids: _containers.RepeatedScalarFieldContainer[str]
+    any_source: bool
+    def __init__(self, collection: _Optional[str] = ..., ids: _Optional[_Iterable[str]] = ..., any_source: _Optional[bool] = ...) -> None: ...
+
+class ClearLabelsResponse(_message.Message):
+    __slots__ = ("cleared", "unchanged")
+    CLEARED_FIELD_NUMBER: _ClassVar[int]
+    UNCHANGED_FIELD_NUMBER: _ClassVar[int]
+    cleared: int
+    unchanged: int
+    def __init__(self, cleared: _Optional[int] = ..., unchanged: _Optional[int] = ...) -> None: ...
+
 class InspectNeighboursRequest(_message.Message):
     __slots__ = ("collection", "point_id", "k")
     COLLECTION_FIELD_NUMBER: _ClassVar[int]

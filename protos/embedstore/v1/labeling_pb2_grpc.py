@@ -54,6 +54,11 @@ class LabelingServiceStub:
                 request_serializer=embedstore_dot_v1_dot_labeling__pb2.SubmitLabelsRequest.SerializeToString,
                 response_deserializer=embedstore_dot_v1_dot_labeling__pb2.SubmitLabelsResponse.FromString,
                 _registered_method=True)
+        self.ClearLabels = channel.unary_unary(
+                '/embedstore.v1.LabelingService/ClearLabels',
+                request_serializer=embedstore_dot_v1_dot_labeling__pb2.ClearLabelsRequest.SerializeToString,
+                response_deserializer=embedstore_dot_v1_dot_labeling__pb2.ClearLabelsResponse.FromString,
+                _registered_method=True)
 
 
 class LabelingServiceServicer:
@@ -91,6 +96,14 @@ class LabelingServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ClearLabels(self, request, context):
+        """Take ground-truth labels back: the points become unlabelled. Human answers only unless any_source
+        (a seed or dataset label is refused with FAILED_PRECONDITION); all-or-nothing; unknown ids: NOT_FOUND.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_LabelingServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -113,6 +126,11 @@ def add_LabelingServiceServicer_to_server(servicer, server):
                     servicer.SubmitLabels,
                     request_deserializer=embedstore_dot_v1_dot_labeling__pb2.SubmitLabelsRequest.FromString,
                     response_serializer=embedstore_dot_v1_dot_labeling__pb2.SubmitLabelsResponse.SerializeToString,
+            ),
+            'ClearLabels': grpc.unary_unary_rpc_method_handler(
+                    servicer.ClearLabels,
+                    request_deserializer=embedstore_dot_v1_dot_labeling__pb2.ClearLabelsRequest.FromString,
+                    response_serializer=embedstore_dot_v1_dot_labeling__pb2.ClearLabelsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -223,6 +241,33 @@ class LabelingService:
             '/embedstore.v1.LabelingService/SubmitLabels',
             embedstore_dot_v1_dot_labeling__pb2.SubmitLabelsRequest.SerializeToString,
             embedstore_dot_v1_dot_labeling__pb2.SubmitLabelsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ClearLabels(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/embedstore.v1.LabelingService/ClearLabels',
+            embedstore_dot_v1_dot_labeling__pb2.ClearLabelsRequest.SerializeToString,
+            embedstore_dot_v1_dot_labeling__pb2.ClearLabelsResponse.FromString,
             options,
             channel_credentials,
             insecure,
