@@ -33,7 +33,9 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from embedder.errors import InvalidItemError
 
 ImageSource = bytes | bytearray | memoryview | str | os.PathLike | Image.Image
-ACCEPTED_FORMATS = ("PNG", "JPEG", "WEBP", "GIF")
+# MPO: a JPEG with a second picture (a depth map, a preview) after the first, as many phone cameras write
+# them; Pillow names the format MPO, and its first frame is the photo.
+ACCEPTED_FORMATS = ("PNG", "JPEG", "MPO", "WEBP", "GIF")
 MAX_PIXELS = 64_000_000  # refuse decompression bombs with a clear error rather than PIL's warning
 # Each side of a decoded picture is shrunk to at most this many pixels: the largest encoder input the
 # settings allow (EMBEDSTORE_IMAGE_SIZE <= 1024; 224 by default). Pictures within it are untouched.
@@ -79,8 +81,8 @@ def load_rgb(source: ImageSource, *, index: int | None = None, item_id: object =
                 raise InvalidItemError(
                     f"{what}: {img.width}x{img.height} is larger than {MAX_PIXELS} pixels", index=index, item_id=item_id
                 )
-            img.seek(0)  # GIF/animated WebP: the first frame
-            if img.format == "JPEG" and max(img.size) > 2 * MAX_SIDE:
+            img.seek(0)  # GIF/animated WebP/MPO: the first frame
+            if img.format in ("JPEG", "MPO") and max(img.size) > 2 * MAX_SIDE:
                 img.draft(None, (MAX_SIDE, MAX_SIDE))  # decode at 1/2, 1/4 or 1/8 scale, never below MAX_SIDE
             img.load()
             return to_rgb(img)

@@ -53,12 +53,22 @@ def test_animated_gif_uses_first_frame():
     assert np.asarray(load_rgb(buf.getvalue()))[0, 0, 0] > 200
 
 
+def test_a_phone_jpeg_with_a_second_picture_embeds_its_first():
+    """Pillow reads a JPEG carrying a depth map or preview (MP format) as "MPO": it was refused as not a JPEG."""
+    photo, depth = Image.new("RGB", (3000, 2000), (250, 20, 20)), Image.new("RGB", (3000, 2000), (0, 0, 255))
+    buf = io.BytesIO()
+    photo.save(buf, format="MPO", save_all=True, append_images=[depth])
+    assert Image.open(io.BytesIO(buf.getvalue())).format == "MPO"
+    rgb = load_rgb(buf.getvalue())
+    assert max(rgb.size) <= 2048 and np.asarray(rgb)[5, 5].tolist()[0] > 200  # the photo, shrunk while decoding
+
+
 @pytest.mark.parametrize(
     ("source", "needle"),
     [
         (b"", "empty"),
         (b"\x89PNG\r\n\x1a\nnot really a png", "cannot be decoded"),
-        (b"hello world", r"cannot be decoded as an image \(not a PNG, JPEG, WEBP, GIF file\)$"),
+        (b"hello world", r"cannot be decoded as an image \(not a PNG, JPEG, MPO, WEBP, GIF file\)$"),
         (encode(Image.new("RGB", (4, 4)), "BMP"), "not one of"),
         (12345, "must be bytes"),
     ],
