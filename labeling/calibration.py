@@ -186,16 +186,24 @@ class OneVsRestCalibrator(Calibrator):
     def _fit_one(self, p: np.ndarray, t: np.ndarray) -> object | None:
         if t.min() == t.max():
             return None  # one outcome only: nothing to learn, keep the raw score
+        if p.min() == p.max():
+            # one score only (a learner that could not separate anything): the best map is the outcome rate.
+            # betacal fitted on it kept a map its own predict cannot apply ("X has 1 features"), which ended
+            # the job under the default calibration
+            return _Constant(float(t.mean()))
         if self.method == "platt":
-            from sklearn.linear_model import LogisticRegression
-
-            return LogisticRegression(C=1e4).fit(_logit(p)[:, None], t)
+            return _platt(p, t)
         if self.method == "beta":
             from betacal import BetaCalibration
 
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                return BetaCalibration(parameters="abm").fit(np.clip(p, EPS, 1 - EPS), t)
+                beta = BetaCalibration(parameters="abm").fit(np.clip(p, EPS, 1 - EPS), t)
+                try:
+                    beta.predict(np.clip(p[:2], EPS, 1 - EPS))
+                except ValueError:  # the same betacal fault on nearly constant scores: Platt's map instead
+                    return _platt(p, t)
+            return beta
         from sklearn.isotonic import IsotonicRegression
 
         return IsotonicRegression(y_min=0.0, y_max=1.0, out_of_bounds="clip").fit(p, t)
@@ -203,7 +211,9 @@ class OneVsRestCalibrator(Calibrator):
     def _apply_one(self, m: object | None, p: np.ndarray) -> np.ndarray:
         if m is None:
             return p
-        if self.method == "platt":
+        if isinstance(m, _Constant):
+            return np.full(len(p), m.value, np.float64)
+        if hasattr(m, "coef_"):  # Platt's map (the method's own, or beta's fallback)
             return m.predict_proba(_logit(p)[:, None])[:, 1]  # type: ignore[attr-defined]
         if self.method == "beta":
             return np.asarray(m.predict(np.clip(p, EPS, 1 - EPS)), np.float64)  # type: ignore[attr-defined]
@@ -223,6 +233,19 @@ class OneVsRestCalibrator(Calibrator):
             return np.column_stack([1.0 - p1, p1])
         out = np.column_stack([self._apply_one(m, probs[:, j]) for j, m in enumerate(self.maps_)])
         return _normalise(out)
+
+
+@dataclass(frozen=True)
+class _Constant:
+    """A calibration map that gives every score the same probability."""
+
+    value: float
+
+
+def _platt(p: np.ndarray, t: np.ndarray) -> object:
+    from sklearn.linear_model import LogisticRegression
+
+    return LogisticRegression(C=1e4).fit(_logit(p)[:, None], t)
 
 
 def _logit(p: np.ndarray) -> np.ndarray:

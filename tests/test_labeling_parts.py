@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
-from labeling.calibration import TemperatureCalibrator, brier, calibrate, ece, macro_f1
+from labeling.calibration import OneVsRestCalibrator, TemperatureCalibrator, brier, calibrate, ece, macro_f1
 from labeling.config import ForestParams, LabelingConfig, XGBoostParams
 from labeling.drift import c2st
 from labeling.errors import SeedError
@@ -50,6 +50,24 @@ def test_calibration_lowers_held_out_ece_of_overconfident_scores(method):
     assert res.after.ece < res.before.ece / 2  # 'after' is out-of-fold: judged on rows the map never saw
     assert res.after.log_loss < res.before.log_loss
     assert sum(res.reliability_after.count) == 2000
+
+
+@pytest.mark.parametrize("method", ["auto", "platt", "beta", "isotonic"])
+@pytest.mark.parametrize("c", [2, 3])
+def test_constant_scores_calibrate_to_the_outcome_rate(method, c):
+    """A learner that separated nothing gives one score to every row: betacal fitted on it kept a map its own
+    predict could not apply, and the job died under the default calibration ("X has 1 features")."""
+    y = np.arange(120) % c
+    y[:10] = 0  # class 0 a little more frequent
+    probs = np.tile([0.3, 0.7] if c == 2 else [0.2, 0.1, 0.7], (120, 1))  # 1/c each did not trip betacal
+    res = calibrate(probs, y, c, method)
+    out = res.calibrator.transform(probs)
+    assert np.allclose(out.sum(axis=1), 1.0) and np.all(np.isfinite(out))
+    assert np.allclose(out, out[0])  # one score in, one probability out
+    # the case that broke betacal: one score, the two outcomes equally often (its map came out [0, 0, m])
+    half = np.column_stack([np.full(50, 0.3), np.full(50, 0.7)])
+    fitted = OneVsRestCalibrator("beta").fit(half, np.r_[np.zeros(25, int), np.ones(25, int)])
+    assert np.allclose(fitted.transform(half)[:, 1], 0.5)
 
 
 def test_temperature_recovers_the_sharpening_and_auto_never_beats_cv_loss():
