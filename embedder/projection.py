@@ -175,6 +175,11 @@ class TrainConfig:
     val_fraction: float = 0.1
     patience: int = 15
     seed: int = 0
+    # Share of the training items with both an image and a text whose image or text (one of the two, at random)
+    # is hidden in each training step: the missing-modality flag columns only learn what a lone image or a lone
+    # text should map to when some items lack one. Without it, on data where every item has both, an image-only
+    # and a text-only vector of the same thing were not comparable. 0 turns it off.
+    modality_dropout: float = 0.0
 
     def __post_init__(self) -> None:
         self.nested_dims = tuple(int(d) for d in self.nested_dims)
@@ -185,6 +190,8 @@ class TrainConfig:
             raise ValueError("dim_weights needs one weight per nested dim")
         if not 0.0 < self.val_fraction < 0.5:
             raise ValueError(f"val_fraction must be in (0, 0.5), got {self.val_fraction}")
+        if not 0.0 <= self.modality_dropout < 1.0:
+            raise ValueError(f"modality_dropout must be in [0, 1), got {self.modality_dropout}")
 
 
 @dataclass
@@ -370,10 +377,29 @@ def fit_projection(
     xt = torch.from_numpy(x)
     yt = torch.from_numpy(y)
     supervised = len(classes) >= 2 and config.supervised_weight > 0
+    both = raw.has_image.astype(bool) & raw.has_text.astype(bool)
+    img_cols = torch.zeros(in_dim, dtype=torch.bool)
+    img_cols[: space.image_dim] = True
+    img_cols[-2] = True
+    txt_cols = torch.zeros(in_dim, dtype=torch.bool)
+    txt_cols[space.image_dim : space.image_dim + space.text_dim] = True
+    txt_cols[-1] = True
+    drop_gen = torch.Generator().manual_seed(config.seed)
 
-    def loss_on(idx: np.ndarray) -> tuple[torch.Tensor, dict[str, float]]:
+    def hide_a_modality(idx: np.ndarray, xb: torch.Tensor) -> torch.Tensor:
+        """The batch's input with the image or the text (and its flag) of some two-modality items zeroed."""
+        eligible = torch.from_numpy(both[idx])
+        hide = eligible & (torch.rand(len(idx), generator=drop_gen) < config.modality_dropout)
+        if not bool(hide.any()):
+            return xb
+        image_side = torch.rand(len(idx), generator=drop_gen) < 0.5
+        mask = torch.where(image_side[:, None], img_cols[None, :], txt_cols[None, :]) & hide[:, None]
+        return xb.masked_fill(mask, 0.0)
+
+    def loss_on(idx: np.ndarray, augment: bool = False) -> tuple[torch.Tensor, dict[str, float]]:
         xb, yb = xt[idx], yt[idx]
-        z = model(xb)
+        # the neighbourhood target stays the full item's: a hidden modality must land where the whole item does
+        z = model(hide_a_modality(idx, xb) if augment and config.modality_dropout > 0 else xb)
         target_sim = _cosine(xb[:, :-2]) / config.temperature  # neighbourhoods of the input features
         eye = torch.eye(len(idx), dtype=torch.bool)
         p_target = torch.softmax(target_sim.masked_fill(eye, -1e9), dim=1)
@@ -406,7 +432,7 @@ def fit_projection(
             if len(idx) < 4:
                 continue
             opt.zero_grad()
-            loss, _ = loss_on(idx)
+            loss, _ = loss_on(idx, augment=True)
             loss.backward()
             opt.step()
         model.eval()

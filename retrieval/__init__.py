@@ -26,6 +26,7 @@ from retrieval.errors import (
     PointNotFoundError,
     SchemaMismatchError,
     StoreError,
+    StoreFullError,
     StoreLockedError,
     StoreUnavailableError,
 )
@@ -78,6 +79,7 @@ __all__ = [
     "SchemaMismatchError",
     "ScrollPage",
     "StoreError",
+    "StoreFullError",
     "StoreLockedError",
     "StoreSettings",
     "StoreUnavailableError",

@@ -8,6 +8,7 @@ POSIX only (Linux, macOS), like the deployments this project targets.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import fcntl
 import json
@@ -57,10 +58,16 @@ class DirectoryLock:
             "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])[:200] if sys.argv else "",
             "since": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         }
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, json.dumps(holder).encode(), 0)
-        os.fsync(fd)
-        self._fd = fd
+        self._fd = fd  # held from here: release() closes it whatever happens below
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, json.dumps(holder).encode(), 0)
+            os.fsync(fd)
+        except OSError:
+            # a full device: the lock holds without its holder's description (the store's own free-space check
+            # then names the device); an escaping error left the fd open and locked this very process out
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, 0)
 
     def release(self) -> None:
         if self._fd is None:

@@ -277,7 +277,8 @@ class VectorStore(abc.ABC):
             raise InvalidInputError(f"got {len(ext)} ids but {checked.shape[0]} vectors")
         bodies = prepare_payloads(payloads, ext)
         pids = [point_id(e) for e in ext]
-        self._check_room(collection, len(pids))  # before the first batch: a refusal writes nothing
+        # before the first batch: a refusal writes nothing
+        self._check_room(collection, len(pids), payload_bytes_estimate(bodies))
         step = self.write_batch_size
         starts = range(0, len(pids), step)
 
@@ -349,6 +350,7 @@ class VectorStore(abc.ABC):
         with self._mutating:
             present = self._existing(collection, pids, ext, missing_ok)
             todo = [(pid, body) for pid, body in zip(pids, bodies, strict=True) if pid in present]
+            self._check_room(collection, len(todo), payload_bytes_estimate([b for _, b in todo]), op="set_payload")
             step = self.write_batch_size
             for start in range(0, len(todo), step):
                 self._set_payloads(collection, todo[start : start + step])
@@ -370,6 +372,7 @@ class VectorStore(abc.ABC):
         with self._mutating:
             present = self._existing(collection, pids, ext, missing_ok)
             todo = [p for p in pids if p in present]
+            self._check_room(collection, len(todo), op="delete_payload")
             step = self.write_batch_size
             for start in range(0, len(todo), step):
                 self._delete_payload_keys(collection, todo[start : start + step], keys)
@@ -384,6 +387,7 @@ class VectorStore(abc.ABC):
         with self._mutating:
             present = self._existing(collection, pids, ext, missing_ok)
             todo = [p for p in pids if p in present]
+            self._check_room(collection, len(todo), op="delete")
             step = self.write_batch_size
             for start in range(0, len(todo), step):
                 self._delete(collection, todo[start : start + step])
@@ -653,8 +657,12 @@ class VectorStore(abc.ABC):
     def _payload_index_kinds(self, name: str) -> dict[str, str]:
         """Indexed payload field -> its kind (one of PAYLOAD_INDEX_KINDS, or "other")."""
 
-    def _check_room(self, name: str, n_points: int) -> None:  # noqa: B027 - a hook, empty by default
-        """Raise StoreError when ``n_points`` more cannot be written safely (the embedded adapter checks disk)."""
+    def _check_room(  # noqa: B027 - a hook, empty by default
+        self, name: str, n_points: int, payload_bytes: int = 0, *, op: str = "upsert"
+    ) -> None:
+        """Raise StoreFullError when ``op`` (upsert, set_payload, delete_payload, delete) on ``n_points`` points,
+        with about ``payload_bytes`` of new payload, cannot be written safely; called once per call, before its
+        first batch, so a refusal writes nothing. The embedded adapter checks the disk."""
 
     @abc.abstractmethod
     def _upsert_request(
@@ -758,6 +766,22 @@ def vector_names(with_vectors: WithVectors) -> list[str]:
 
 def has_id_point_ids(cond: HasId) -> list[str]:
     return [point_id(i) for i in cond.ids]
+
+
+def json_size(body: Any) -> int:
+    """Bytes of ``body`` as JSON (what the engine stores of a payload, about)."""
+    return len(json.dumps(body, default=str))
+
+
+def payload_bytes_estimate(bodies: Sequence[Any], sample: int = 64) -> int:
+    """The JSON size of many payloads, from at most ``sample`` of them spread over the batch (mean x n, plus the
+    largest seen): a disk-space check without serialising a million payloads."""
+    n = len(bodies)
+    if n == 0:
+        return 0
+    step = max(1, n // sample)
+    sizes = [json_size(bodies[i]) for i in range(0, n, step)]
+    return int(sum(sizes) / len(sizes) * n) + max(sizes)
 
 
 def group_by_payload(updates: list[tuple[str, dict[str, Any]]]) -> list[tuple[dict[str, Any], list[str]]]:

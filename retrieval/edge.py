@@ -46,6 +46,7 @@ from retrieval.errors import (
     InvalidInputError,
     SchemaMismatchError,
     StoreError,
+    StoreFullError,
     StoreLockedError,
 )
 from retrieval.filters import Filter, HasId, IsEmpty, Match, MatchAny, Range
@@ -88,7 +89,8 @@ def _edge_errors(what: str) -> Iterator[None]:
 #: maps its files into memory: a write that finds the disk full kills the process with SIGBUS, no Python error
 #: and no message (measured on a full 20 MB tmpfs: even `store info` died so), so the adapter checks first.
 MIN_FREE_BYTES = 64 * 2**20
-#: What a point costs on disk, at most: both vectors in the write-ahead log and in a segment, int8 prefix, payload.
+#: What a point's vectors cost on disk, at most: both vectors in the write-ahead log and in a segment, int8 prefix,
+#: and room for a small payload. A write adds twice its payload's JSON size (log and segment) on top.
 BYTES_PER_POINT = 2 * 4 * (512 + 128) + 128 + 4096
 
 
@@ -160,7 +162,7 @@ class EdgeStore(VectorStore):
         free = shutil.disk_usage(self.path).free
         if free < self.min_free_bytes + need:
             mib = 2**20
-            raise StoreError(
+            raise StoreFullError(
                 f"{doing}: only {free / mib:.0f} MiB free on the device holding the store at {str(self.path)!r} "
                 f"(about {(self.min_free_bytes + need) / mib:.0f} MiB needed). Qdrant Edge maps its files into "
                 "memory, and a write that finds the disk full kills the process without a message (SIGBUS): "
@@ -171,7 +173,11 @@ class EdgeStore(VectorStore):
         return self.path / "collections" / name
 
     def _meta(self, name: str) -> dict[str, Any]:
-        return json.loads((self._dir(name) / "meta.json").read_text())
+        path = self._dir(name) / "meta.json"
+        try:
+            return json.loads(path.read_text())
+        except (OSError, ValueError) as exc:  # ValueError: JSON and UTF-8 decoding
+            raise StoreError(f"collection {name!r}: its settings file {str(path)!r} cannot be read ({exc})") from None
 
     def _shard(self, name: str) -> qe.EdgeShard:
         shard = self._shards.get(name)
@@ -296,11 +302,22 @@ class EdgeStore(VectorStore):
     def _set_metadata(self, name: str, metadata: dict[str, Any]) -> None:
         meta = self._meta(name)
         meta["user"] = metadata
+        text = json.dumps(meta, indent=2)
+        self._require_space(len(text), f"writing the metadata of {name!r}")
         tmp = self._dir(name) / "meta.json.tmp"
-        tmp.write_text(json.dumps(meta, indent=2))
-        os.replace(tmp, self._dir(name) / "meta.json")
+        try:
+            with open(tmp, "w") as f:
+                f.write(text)
+                f.flush()
+                os.fsync(f.fileno())  # the new file whole on disk before it replaces the old one
+            os.replace(tmp, self._dir(name) / "meta.json")
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            raise StoreError(f"cannot write the metadata of {name!r} ({exc}); the previous metadata is kept") from None
 
     def _create_payload_index(self, name: str, key: str, kind: str) -> None:
+        self._require_space(0, f"indexing {key!r} in {name!r}")
         with self._write_lock, _edge_errors(f"indexing {key!r} in {name!r}"):
             self._shard(name).update(qe.UpdateOperation.create_field_index(key, _KINDS[kind]))
 
@@ -322,9 +339,16 @@ class EdgeStore(VectorStore):
             ]
         )
 
-    def _check_room(self, name: str, n_points: int) -> None:
-        # once per upsert call, for the whole call: a refusal before the first batch writes nothing
-        self._require_space(n_points * BYTES_PER_POINT, f"upsert of {n_points} points into {name!r}")
+    def _check_room(self, name: str, n_points: int, payload_bytes: int = 0, *, op: str = "upsert") -> None:
+        # a payload change copies the point out of its optimized segment (its vectors too); a delete logs ids
+        per_point = 64 if op == "delete" else BYTES_PER_POINT
+        doing = {
+            "upsert": f"upsert of {n_points} points into {name!r}",
+            "set_payload": f"set_payload on {n_points} points in {name!r}",
+            "delete_payload": f"delete_payload on {n_points} points in {name!r}",
+            "delete": f"delete of {n_points} points from {name!r}",
+        }[op]
+        self._require_space(n_points * per_point + 2 * payload_bytes, doing)
 
     def _write_upsert(self, name: str, request: Any, n_points: int) -> None:
         with self._write_lock, _edge_errors(f"upsert into {name!r}"):

@@ -104,5 +104,9 @@ class StoreLockedError(StoreError):
     """Another process (or another open handle) owns the embedded store directory."""
 
 
+class StoreFullError(StoreError):
+    """Too little free space on the device holding the embedded store to write safely (nothing was written)."""
+
+
 class StoreUnavailableError(StoreError, ConnectionError):
     """The store could not be reached (server down, network error, closed handle)."""

@@ -22,6 +22,7 @@ from retrieval import (
     QdrantServerStore,
     SchemaMismatchError,
     StoreError,
+    StoreFullError,
     StoreLockedError,
     StoreUnavailableError,
 )
@@ -66,6 +67,67 @@ def test_too_little_free_space_is_refused_before_qdrant_edge_can_die_of_it(tmp_p
         assert store.count("c") == 0  # nothing written
         store.upsert("c", [str(i) for i in range(600)], vectors)
         assert store.count("c") == 600
+
+        def room(n_bytes: int) -> None:  # leave `n_bytes` above the reserve
+            store.min_free_bytes = shutil.disk_usage(tmp_path).free - n_bytes
+
+        # big payloads count by their size: 300 x 200 KB passed a per-point estimate and died of SIGBUS
+        room(50 * 2**20)
+        big = [{"blob": "x" * 200_000} for _ in range(300)]
+        with pytest.raises(StoreFullError, match=r"upsert of 300 points into .c.: only"):
+            store.upsert("c", [f"b{i}" for i in range(300)], vectors[:300], big)
+        # every other write checks too (a full disk killed the server on a SubmitLabels): set_payload by its
+        # bodies' size, delete_payload (points copied out of their segment), delete, indexes, metadata
+        ids = [str(i) for i in range(600)]
+        before = {r.id: r.payload for r in store.iter_records("c")}
+        with pytest.raises(StoreFullError, match=r"set_payload on 600 points in .c.: only"):
+            store.set_payload("c", [(i, {"note": "y" * 100_000}) for i in ids])
+        room(2**20)  # 600 points copied out of their segment need ~5 MiB
+        with pytest.raises(StoreFullError, match=r"delete_payload on 600 points"):
+            store.delete_payload_keys("c", ids, ["x"])
+        room(-64 * 2**20)  # below the reserve already (by a margin: other files on the device come and go)
+        for write in (
+            lambda: store.delete("c", ids),
+            lambda: store.create_payload_index("c", "colour", "keyword"),
+            lambda: store.update_collection_metadata("c", {"k": "v"}),
+        ):
+            with pytest.raises(StoreFullError):
+                write()
+        store.min_free_bytes = MIN_FREE_BYTES
+        assert {r.id: r.payload for r in store.iter_records("c")} == before and store.count("c") == 600
+        assert not (tmp_path / "s" / "collections" / "c" / "meta.json.tmp").exists()
+
+
+def test_a_lock_file_that_cannot_be_written_still_locks_and_is_released(tmp_path, monkeypatch):
+    """On a full device the holder's description could not be written: the OSError escaped with the lock's fd
+    open, and the same process was then refused its own store as "in use by another process"."""
+    import errno
+
+    from retrieval import _lock
+
+    def full(*_args):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with monkeypatch.context() as m:
+        m.setattr(_lock.os, "pwrite", full)
+        with EdgeStore(tmp_path / "s") as store:
+            store.create_collection("c")
+            with pytest.raises(StoreLockedError):  # still the one owner
+                EdgeStore(tmp_path / "s")
+    with EdgeStore(tmp_path / "s") as again:  # released: the same process opens it again
+        assert again.list_collections() == ["c"]
+
+
+def test_a_damaged_collection_settings_file_is_named(tmp_path):
+    with EdgeStore(tmp_path / "s") as store:
+        store.create_collection("c")
+    meta = tmp_path / "s" / "collections" / "c" / "meta.json"
+    meta.write_text(meta.read_text()[:40])
+    with (
+        EdgeStore(tmp_path / "s") as store,
+        pytest.raises(StoreError, match=r"settings file .*meta.json. cannot be read"),
+    ):
+        store.count("c")
 
 
 def test_lock_held_by_another_process_names_its_pid(tmp_path):

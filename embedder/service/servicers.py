@@ -73,6 +73,7 @@ from retrieval.errors import (
     PointNotFoundError,
     SchemaMismatchError,
     StoreError,
+    StoreFullError,
     StoreLockedError,
     StoreUnavailableError,
 )
@@ -124,6 +125,7 @@ STATUS: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
     (SchemaMismatchError, grpc.StatusCode.FAILED_PRECONDITION),
     (Overloaded, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (ReplyTooLarge, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (StoreFullError, grpc.StatusCode.RESOURCE_EXHAUSTED),  # the disk: nothing written, a client may retry later
     (StoreUnavailableError, grpc.StatusCode.UNAVAILABLE),
     (StoreLockedError, grpc.StatusCode.UNAVAILABLE),
     (ModelUnavailableError, grpc.StatusCode.UNAVAILABLE),
