@@ -142,6 +142,15 @@ def fit_projection_cmd(
         float, typer.Option(min=0.0, max=0.9, help="Share of the labelled items held out to measure the result.")
     ] = 0.2,
     seed: Annotated[int, typer.Option(help="Seed of the split and the training.")] = 0,
+    modality_dropout: Annotated[
+        float,
+        typer.Option(
+            min=0.0,
+            max=0.95,
+            help="Share of image+text items whose image or text is hidden in each training step, so that "
+            "image-only and text-only items land beside the whole item (0 = off).",
+        ),
+    ] = 0.3,
     force: Annotated[bool, typer.Option(help="Replace a projection already at --out.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the fit report as JSON.")] = False,
 ) -> None:
@@ -174,7 +183,7 @@ def fit_projection_cmd(
         artifact, report = fit_on_items(
             items,
             embedder,
-            config=TrainConfig(epochs=epochs, seed=seed),
+            config=TrainConfig(epochs=epochs, seed=seed, modality_dropout=modality_dropout),
             holdout=holdout,
             use_labels=labels,
             cache_name=f"dataset-{dataset}" if dataset else None,

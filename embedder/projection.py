@@ -176,10 +176,12 @@ class TrainConfig:
     patience: int = 15
     seed: int = 0
     # Share of the training items with both an image and a text whose image or text (one of the two, at random)
-    # is hidden in each training step: the missing-modality flag columns only learn what a lone image or a lone
-    # text should map to when some items lack one. Without it, on data where every item has both, an image-only
-    # and a text-only vector of the same thing were not comparable. 0 turns it off.
-    modality_dropout: float = 0.0
+    # is hidden in each training step, the neighbourhood target staying the whole item's: the missing-modality
+    # flag columns only learn where a lone image or a lone text belongs when some items lack one. Without it, on
+    # emoji (every item has both) a text query ranked the image-only point of its own emoji in the top 10 of a
+    # mixed store 16-19% of the time, 80-82% with 0.3 (3 seeds; held-out kNN of image+text vectors moved
+    # 0.0 to +2.4 points). 0 turns it off.
+    modality_dropout: float = 0.3
 
     def __post_init__(self) -> None:
         self.nested_dims = tuple(int(d) for d in self.nested_dims)
