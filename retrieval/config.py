@@ -25,6 +25,28 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from retrieval.schema import check_collection_name
 
 
+def safe_url(url: str) -> str:
+    """A URL without its password, for messages and logs: in the user part (``http://admin:pw@host``, Qdrant's
+    and Redis's), or as ``?password=`` (redis-py reads both)."""
+    from urllib.parse import parse_qsl, urlencode, urlunsplit
+
+    try:
+        parts = urlsplit(url)
+        query = parts.query
+        if query:
+            pairs = parse_qsl(query, keep_blank_values=True)
+            if any(k.lower() == "password" for k, _ in pairs):
+                query = urlencode([(k, "***" if k.lower() == "password" else v) for k, v in pairs], safe="*")
+        netloc = parts.netloc
+        if parts.password is not None:
+            netloc = (parts.username + ":***@" if parts.username else ":***@") + (parts.hostname or "")
+            if parts.port:
+                netloc += f":{parts.port}"
+    except ValueError:  # a port that is not a number: say nothing of the netloc
+        return "<a URL that cannot be parsed>"
+    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+
+
 def check_server_url(value: str | None) -> str | None:
     """``http(s)://host[:port]`` or ``:memory:`` (qdrant-client's local mode). Without this check a bare host
     name ("qdrant") reached qdrant-client, which dialled it and failed later with a resolver error."""

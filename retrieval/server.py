@@ -30,6 +30,7 @@ from retrieval.base import (
     record_from,
     vector_names,
 )
+from retrieval.config import safe_url
 from retrieval.errors import (
     CollectionNotFoundError,
     InvalidFilterError,
@@ -107,10 +108,14 @@ class QdrantServerStore(VectorStore):
                     timeout=timeout,
                 )
             except Exception as exc:  # bad URL, unreachable at connect time, ...
-                raise StoreUnavailableError(f"cannot connect to Qdrant at {url or location}: {exc}") from exc
+                shown = safe_url(url) if url else location
+                detail = str(exc).replace(url, shown) if url else str(exc)
+                raise StoreUnavailableError(f"cannot connect to Qdrant at {shown}: {detail}") from None
         self.client = client
-        # with gRPC preferred, qdrant-client dials grpc_port whatever port the URL names: say which one
-        self.target = f"{url} (gRPC port {grpc_port})" if url and prefer_grpc else url or location or "client"
+        # with gRPC preferred, qdrant-client dials grpc_port whatever port the URL names: say which one. The URL
+        # without its password: the target goes into every error message and log line
+        shown = safe_url(url) if url else None
+        self.target = f"{shown} (gRPC port {grpc_port})" if shown and prefer_grpc else shown or location or "client"
         self.local = self.client._client.__class__.__name__ == "QdrantLocal"
         self._local_lock = threading.RLock()
         # a server answers several scroll streams at once (a cluster spreads them over its shards' nodes);

@@ -57,6 +57,12 @@ def test_an_unreachable_server_names_the_grpc_port_that_was_dialled(monkeypatch)
     with open_store(settings) as store, pytest.raises(StoreUnavailableError, match=r"gRPC port 9\)") as err:
         store.list_collections()
     assert "127.0.0.1:9" in str(err.value)  # the port qdrant-client dialled is the one named
+    # a password in the URL stays out of every message (it went to the log, the CLI and gRPC callers)
+    secret = StoreSettings(backend="server", url="http://admin:UrlPw123@127.0.0.1:6333", timeout=2)
+    with open_store(secret) as store, pytest.raises(StoreUnavailableError) as err:
+        store.list_collections()
+    assert "UrlPw123" not in str(err.value) and "admin:***@127.0.0.1:6333" in str(err.value)
+    assert "UrlPw123" not in store.target
 
 
 def test_server_settings_refuse_what_would_turn_auth_or_tls_off_silently(tmp_path):

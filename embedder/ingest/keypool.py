@@ -39,6 +39,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from retrieval.config import safe_url
+
 log = logging.getLogger("embedstore.keys")
 
 ACTIVE, DISABLED, DEACTIVATED = "active", "disabled", "deactivated"
@@ -327,25 +329,6 @@ def call_redis(url: str, what: str, fn: Any, *args: Any, **kw: Any) -> Any:
         raise KeyPoolUnavailable(f"Redis at {url} is unreachable ({type(exc).__name__}); {what}") from None
     except redis.ResponseError as exc:  # an ACL without EVALSHA/EVAL (the pool runs Lua), a DB index out of range
         raise KeyPoolUnavailable(f"Redis at {url} refused a command ({type(exc).__name__}: {exc}); {what}") from None
-
-
-def safe_url(url: str) -> str:
-    """The Redis URL without its password (for messages): in the user part, or as ``?password=`` (redis-py
-    reads both; the second was printed in full)."""
-    from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
-
-    parts = urlsplit(url)
-    query = parts.query
-    if query:
-        pairs = parse_qsl(query, keep_blank_values=True)
-        if any(k.lower() == "password" for k, _ in pairs):
-            query = urlencode([(k, "***" if k.lower() == "password" else v) for k, v in pairs], safe="*")
-    netloc = parts.netloc
-    if parts.password is not None:
-        netloc = (parts.username + ":***@" if parts.username else ":***@") + (parts.hostname or "")
-        if parts.port:
-            netloc += f":{parts.port}"
-    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
 
 
 class KeyPool:
