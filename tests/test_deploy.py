@@ -52,6 +52,11 @@ def test_compose_files_validate_and_wire_the_service_to_healthy_backends(name):
     assert settings.backend == "server" and env["EMBEDSTORE_REDIS_URL"].startswith("redis://redis:")
     assert "embedstore" in " ".join(svc["healthcheck"]["test"]) and "health" in svc["healthcheck"]["test"]
     assert {"50051", "9464"} <= {_port(p)[1] for p in svc["ports"]}
+    # the shutdown (grace, then flush and close: 14-15.5 s measured) fits before Docker's SIGKILL, and every
+    # service comes back after a crash or a host reboot
+    grace = float(env["EMBEDSTORE_GRPC_GRACE_S"])
+    assert _seconds(svc["stop_grace_period"]) >= grace + 15, svc.get("stop_grace_period")
+    assert all(s.get("restart") == "unless-stopped" for s in cfg["services"].values())
     # nothing is published beyond loopback by default: Qdrant and Redis have no key or password here
     published = [_port(p) for s in cfg["services"].values() for p in s.get("ports", [])]
     assert published and all(host == "127.0.0.1" for host, _ in published), published
@@ -59,6 +64,16 @@ def test_compose_files_validate_and_wire_the_service_to_healthy_backends(name):
     assert "--appendonly" in redis["command"] and "redis-cli" in redis["healthcheck"]["test"]
     qdrants = [s for n, s in cfg["services"].items() if n.startswith("qdrant")]
     assert qdrants and all("/readyz" in " ".join(q["healthcheck"]["test"]) for q in qdrants)
+
+
+def _seconds(duration: str) -> float:
+    """A compose duration ("30s", "1m30s") in seconds."""
+    import re
+
+    units = {"h": 3600, "m": 60, "s": 1, "ms": 0.001}
+    parts = re.findall(r"(\d+(?:\.\d+)?)(ms|h|m|s)", duration)
+    assert parts, duration
+    return sum(float(n) * units[u] for n, u in parts)
 
 
 def test_a_broken_compose_file_is_refused(tmp_path):
