@@ -193,6 +193,24 @@ def test_bools_and_ints_match_as_themselves(store, collection):
     assert store.count(collection, Filter(must_not=[Match("flag", False)])) == 3
 
 
+def test_filter_keys_are_payload_paths_and_a_quoted_name_reaches_any_key(store, collection):
+    """A key Qdrant cannot parse was a bare ValueError on Edge (INTERNAL over gRPC) and matched nothing on the
+    other adapter; a payload key with a space (a manifest's "product name" column) could not be filtered on."""
+    x, _ = clustered(6, seed=5)
+    store.upsert(collection, ids_of(6), x, [{"product name": "mug" if i % 2 else "cup", "n": i} for i in range(6)])
+    assert store.count(collection, filter={'"product name"': "mug"}) == 3
+    assert {r.id for r in store.scroll(collection, filter={'"product name"': "cup"}).records} == {
+        "item-0",
+        "item-2",
+        "item-4",
+    }
+    for key in ("product name", "$bogus", "x[", "x[]y", "label.", ".label", "a..b", "a:b"):
+        with pytest.raises(InvalidFilterError, match="not a payload path"):
+            store.count(collection, filter={key: "a"})
+        with pytest.raises(InvalidFilterError, match="not a payload path"):
+            store.search(collection, x[0], filter={key: "a"})
+
+
 def test_exact_search_honours_filter(store, collection):
     _, x = load(store, collection, 150)
     hits = store.search(collection, x[0], top_k=10, exact=True, filter={"split": "test"})
