@@ -31,7 +31,7 @@ from retrieval.errors import (
     SchemaMismatchError,
     StoreUnavailableError,
 )
-from retrieval.filters import Filter, FilterLike, HasId, as_filter
+from retrieval.filters import Filter, FilterLike, HasId, as_filter, is_key_path
 from retrieval.schema import (
     EXTERNAL_ID_KEY,
     FULL_VECTOR,
@@ -248,6 +248,8 @@ class VectorStore(abc.ABC):
         self._require(collection)
         if not isinstance(key, str) or not key:
             raise InvalidInputError(f"payload index key must be a non-empty string, got {key!r}")
+        if not is_key_path(key):
+            raise InvalidInputError(f"payload index key {key!r} is not a payload path: {QUOTE_HINT}")
         if kind not in PAYLOAD_INDEX_KINDS:
             raise InvalidInputError(f"payload index kind must be one of {PAYLOAD_INDEX_KINDS}, got {kind!r}")
         if key in INDEXED_KEYWORD_FIELDS and kind != "keyword":
@@ -368,6 +370,8 @@ class VectorStore(abc.ABC):
             raise InvalidInputError(f"keys must be a non-empty list of field names, got {keys!r}")
         if EXTERNAL_ID_KEY in keys:
             raise InvalidPayloadError(f"payload key {EXTERNAL_ID_KEY!r} is reserved and cannot be deleted")
+        if bad := [k for k in keys if not is_key_path(k)]:
+            raise InvalidInputError(f"keys {bad} are not payload paths: {QUOTE_HINT}")
         pids = [point_id(e) for e in ext]
         with self._mutating:
             present = self._existing(collection, pids, ext, missing_ok)
@@ -766,6 +770,12 @@ def vector_names(with_vectors: WithVectors) -> list[str]:
 
 def has_id_point_ids(cond: HasId) -> list[str]:
     return [point_id(i) for i in cond.ids]
+
+
+QUOTE_HINT = (
+    "dot-separated names of letters, digits, '_' or '-', each optionally followed by [] or [N]; quote a name "
+    "with other characters ('\"product name\"')"
+)
 
 
 def json_size(body: Any) -> int:

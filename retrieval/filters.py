@@ -41,13 +41,18 @@ _SEGMENT = r'(?:[\w-]+|"[^"\\]*")(?:\[\d*\])*'
 _KEY_PATH = re.compile(rf"{_SEGMENT}(?:\.{_SEGMENT})*")
 
 
+def is_key_path(key: str) -> bool:
+    """Whether ``key`` is a payload path Qdrant can parse (see ``_KEY_PATH``)."""
+    return _KEY_PATH.fullmatch(key) is not None
+
+
 def _check_key(key: Any) -> str:
     if not isinstance(key, str) or not key:
         raise InvalidFilterError(f"filter key must be a non-empty string, got {key!r}")
-    if _KEY_PATH.fullmatch(key) is None:
+    if not is_key_path(key):
         raise InvalidFilterError(
             f"filter key {key!r} is not a payload path: dot-separated names of letters, digits, '_' or '-', each "
-            'optionally followed by [] or [N]; quote a name with other characters (\'"product name"\')'
+            "optionally followed by [] or [N]; quote a name with other characters ('\"product name\"')"
         )
     bad = _bad_unicode(key)
     if bad is not None:

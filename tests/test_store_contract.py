@@ -209,6 +209,15 @@ def test_filter_keys_are_payload_paths_and_a_quoted_name_reaches_any_key(store, 
             store.count(collection, filter={key: "a"})
         with pytest.raises(InvalidFilterError, match="not a payload path"):
             store.search(collection, x[0], filter={key: "a"})
+    # the same paths everywhere a key is named: indexes and payload deletes (a quoted name reaches the key)
+    with pytest.raises(InvalidInputError, match="not a payload path"):
+        store.create_payload_index(collection, "product name")
+    with pytest.raises(InvalidInputError, match="not payload paths"):
+        store.delete_payload_keys(collection, ["item-1"], ["product name"])
+    store.create_payload_index(collection, '"product name"')
+    assert store.facet(collection, '"product name"') == {"mug": 3, "cup": 3}
+    store.delete_payload_keys(collection, ["item-1"], ['"product name"'])
+    assert "product name" not in store.retrieve(collection, ["item-1"])[0].payload
 
 
 def test_exact_search_honours_filter(store, collection):
