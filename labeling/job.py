@@ -199,7 +199,8 @@ def run_job(
     )
     timings["read"] = time.perf_counter() - t0
     if snap.n < 10:
-        raise LabelingError(f"collection {collection!r} has {snap.n} points; a labeling job needs at least 10")
+        # the collection's state, not a fault: FAILED_PRECONDITION over gRPC (it was INTERNAL, with a traceback)
+        raise JobPreconditionError(f"collection {collection!r} has {snap.n} points; a labeling job needs at least 10")
 
     # ---- guards
     classes = sorted({lab for lab in snap.labels if lab is not None})

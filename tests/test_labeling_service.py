@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 
+import grpc
 import pytest
 
 from embedder.client import Aborted, Client, FailedPrecondition, InvalidArgument, NotFound
@@ -99,6 +100,12 @@ def test_bad_requests_get_clear_status_codes(served):
         list(client.run_labeling_job(QUICK, collection="sparse"))
     with pytest.raises(InvalidArgument, match="empty id or label"):
         client.submit_labels({"x": ""})
+    # too few points is the collection's state, not a server fault (it was INTERNAL, logged with a traceback)
+    _, _, server = served
+    if "tiny" not in server.rt.store.list_collections():
+        server.rt.store.create_collection("tiny")
+    with pytest.raises(FailedPrecondition, match="has 0 points; a labeling job needs at least 10"):
+        list(client.run_labeling_job(QUICK, collection="tiny"))
 
 
 def test_one_job_per_collection_and_cancel_frees_it(served):
@@ -128,6 +135,16 @@ def test_one_job_per_collection_and_cancel_frees_it(served):
     assert load_registry(server.rt.store, "items").active == before  # nothing was committed
     events = list(client.run_labeling_job(QUICK))
     assert events[-1].stage == "done"
+    # a job past its deadline is counted as the caller saw it: DEADLINE_EXCEEDED (it was CANCELLED)
+    counted = server.metrics.requests.labels("RunLabelingJob", "DEADLINE_EXCEEDED")
+    was = counted._value.get()
+    with pytest.raises(grpc.RpcError) as err:
+        list(client._labeling.RunLabelingJob(request, timeout=1.5))
+    assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    deadline = time.monotonic() + 60
+    while ("items" in server.rt.labeling_jobs or counted._value.get() == was) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert counted._value.get() == was + 1 and "items" not in server.rt.labeling_jobs
 
 
 def test_ctrl_c_while_waiting_for_the_next_event_cancels_the_job_at_once(served):

@@ -291,11 +291,18 @@ class Runtime:
 T = TypeVar("T")
 
 
+DEADLINE_SLACK_S = 0.1
+
+
 def _cancel_code(context: Any) -> grpc.StatusCode:
     """How a call that ended by cancellation is counted: DEADLINE_EXCEEDED when its deadline had passed,
     CANCELLED otherwise (the client went away or cancelled it)."""
     left = context.time_remaining()
-    return grpc.StatusCode.DEADLINE_EXCEEDED if left is not None and left <= 0 else grpc.StatusCode.CANCELLED
+    # The client gives up at its own deadline and cancels the stream; the server's copy of the deadline starts
+    # when the call arrived, a little later, so it is seen a few ms early (a labeling job past its deadline was
+    # counted CANCELLED). A cancel within DEADLINE_SLACK_S of the deadline is the deadline.
+    expired = left is not None and left <= DEADLINE_SLACK_S
+    return grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED
 
 
 def _rpc(method: str) -> Callable[[Callable[..., Awaitable[T]]], Callable[..., Awaitable[T]]]:
@@ -714,7 +721,7 @@ class LabelingServicer(labeling_pb2_grpc.LabelingServiceServicer):
                 break
         except asyncio.CancelledError:
             cancelled.set()
-            code = grpc.StatusCode.CANCELLED
+            code = _cancel_code(context)  # a deadline is DEADLINE_EXCEEDED, as the caller sees it
             raise
         except NotReady as exc:
             code = grpc.StatusCode.UNAVAILABLE
