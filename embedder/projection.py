@@ -299,19 +299,37 @@ class ProjectionArtifact:
                 f"no projection at {path} (expected projection.json and projection.safetensors); "
                 "train one with `embedstore fit-projection`"
             )
-        meta = json.loads(meta_path.read_text())
-        if meta.get("format") != FORMAT or meta.get("format_version") != FORMAT_VERSION:
+        damaged = f"the projection at {path} is damaged"
+        try:
+            meta = json.loads(meta_path.read_text())
+        except (OSError, ValueError) as exc:  # ValueError: JSON and UTF-8 decoding
+            raise EmbedderError(f"{damaged}: {meta_path} cannot be read ({exc}); fit it again") from None
+        if not isinstance(meta, dict) or meta.get("format") != FORMAT or meta.get("format_version") != FORMAT_VERSION:
             raise EmbedderError(f"{meta_path} is not an {FORMAT} v{FORMAT_VERSION} artefact")
-        t = load_file(str(weights_path))
-        art = cls(
-            space=FeatureSpace(t["image_mean"], t["image_std"], t["text_mean"], t["text_std"]),
-            weight=t["weight"],
-            bias=t["bias"],
-            nested_dims=tuple(meta["nested_dims"]),
-            encoders=meta.get("encoders", {}),
-            training=meta.get("training", {}),
-            created_at=meta.get("created_at", ""),
-        )
+        try:
+            t = load_file(str(weights_path))
+            art = cls(
+                space=FeatureSpace(t["image_mean"], t["image_std"], t["text_mean"], t["text_std"]),
+                weight=t["weight"],
+                bias=t["bias"],
+                nested_dims=tuple(int(d) for d in meta["nested_dims"]),
+                encoders=meta.get("encoders", {}),
+                training=meta.get("training", {}),
+                created_at=meta.get("created_at", ""),
+            )
+        except Exception as exc:  # safetensors' own error on a truncated file, a missing tensor or field
+            raise EmbedderError(f"{damaged}: {type(exc).__name__}: {exc}; fit it again") from None
+        # shapes the version hash does not cover: dims promised by the json, widths the statistics imply
+        dims = art.nested_dims
+        if not dims or list(dims) != sorted(set(dims)) or dims[-1] != art.weight.shape[0] or dims[0] < 1:
+            raise EmbedderError(
+                f"{damaged}: nested_dims {list(dims)} do not end at the weights' {art.weight.shape[0]} outputs"
+            )
+        if art.weight.ndim != 2 or art.weight.shape[1] != art.space.in_dim or art.bias.shape != (art.weight.shape[0],):
+            raise EmbedderError(
+                f"{damaged}: weights {art.weight.shape} / bias {art.bias.shape} do not fit the {art.space.in_dim} "
+                "fused input dims of its feature statistics"
+            )
         if art.version != meta.get("version"):
             raise EmbedderError(
                 f"{path}: weights do not match the recorded version {meta.get('version')} (got {art.version}); "

@@ -110,6 +110,21 @@ def test_save_load_round_trip_and_tamper_detection(tmp_path):
         ProjectionArtifact.load(tmp_path / "p")
     with pytest.raises(ProjectionNotFittedError, match="fit-projection"):
         ProjectionArtifact.load(tmp_path / "nothing")
+    # damaged files are named (a JSON error without the file, a 52-line safetensors traceback), and shapes the
+    # version does not cover are checked (an edited 1024 in nested_dims returned 512 dims when asked for 1024)
+    art.save(tmp_path / "q")
+    good = (tmp_path / "q" / "projection.json").read_text()
+    (tmp_path / "q" / "projection.json").write_text(good[:50])
+    with pytest.raises(EmbedderError, match=r"projection at .*q is damaged: .*projection.json cannot be read"):
+        ProjectionArtifact.load(tmp_path / "q")
+    (tmp_path / "q" / "projection.json").write_text(good.replace("512\n  ],", "1024\n  ],", 1))
+    with pytest.raises(EmbedderError, match=r"nested_dims \[128, 256, 1024\] do not end at the weights' 512"):
+        ProjectionArtifact.load(tmp_path / "q")
+    (tmp_path / "q" / "projection.json").write_text(good)
+    weights = tmp_path / "q" / "projection.safetensors"
+    weights.write_bytes(weights.read_bytes()[:40])
+    with pytest.raises(EmbedderError, match=r"is damaged: SafetensorError"):
+        ProjectionArtifact.load(tmp_path / "q")
 
 
 def test_features_from_other_encoders_are_refused():
