@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import shutil
 import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -315,7 +316,6 @@ def run_job(
 
     # ---- report (before the write: a failed write still leaves the evidence)
     run_dir = Path(runs_dir) / collection / run_id
-    run_dir.mkdir(parents=True, exist_ok=True)
     model_name = f"{cfg.learner}+{outcome.calibration.method}"
     final = _final_metrics(outcome, classes, truth)
     report: dict[str, Any] = {
@@ -363,23 +363,37 @@ def run_job(
         "final": final,
         "timings_s": timings,
     }
-    plots = {
-        "reliability": reliability_diagram(
-            outcome.calibration.reliability_before,
-            outcome.calibration.reliability_after,
-            run_dir / "reliability.png",
-            title=f"{collection} run {run_id}: held-out reliability, iteration {outcome.chosen_iteration} "
-            f"({outcome.calibration.method})",
-        ),
-        "iterations": iteration_curves(
-            report["iterations"],
-            run_dir / "iterations.png",
-            threshold=outcome.gate_threshold,
-            chosen=outcome.chosen_iteration,
-        ),
-    }
-    report["plots"] = {k: str(v) for k, v in plots.items()}
-    _save(run_dir / "report.json", report)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        plots = {
+            "reliability": reliability_diagram(
+                outcome.calibration.reliability_before,
+                outcome.calibration.reliability_after,
+                run_dir / "reliability.png",
+                title=f"{collection} run {run_id}: held-out reliability, iteration {outcome.chosen_iteration} "
+                f"({outcome.calibration.method})",
+            ),
+            "iterations": iteration_curves(
+                report["iterations"],
+                run_dir / "iterations.png",
+                threshold=outcome.gate_threshold,
+                chosen=outcome.chosen_iteration,
+            ),
+        }
+        report["plots"] = {k: str(v) for k, v in plots.items()}
+        _save(run_dir / "report.json", report)
+    except Exception as exc:
+        # a full disk surfaced as two chained tracebacks from the PNG writer ('_idat' has no 'fileno') and left
+        # an empty run folder; nothing has been written to the store yet
+        cause = _os_error(exc)
+        if cause is None:
+            raise
+        shutil.rmtree(run_dir, ignore_errors=True)
+        raise JobPreconditionError(
+            f"cannot write the run's report and plots under {run_dir} ({cause.strerror or cause}); nothing was "
+            "written to the store: free some space, or point the runs directory elsewhere (`label run "
+            "--runs-dir` / EMBEDSTORE_RUNS_DIR; for `embedstore serve`, EMBEDSTORE_GRPC_RUNS_DIR)"
+        ) from None
     emit(JobEvent("report", 1, 1, message=str(run_dir)))
 
     # ---- write back, as a unit
@@ -433,7 +447,15 @@ def run_job(
     timings["total"] = time.perf_counter() - t_job
     report["written"] = written
     report["timings_s"] = timings
-    _save(run_dir / "report.json", report)
+    try:
+        _save(run_dir / "report.json", report)
+    except (
+        OSError
+    ) as exc:  # the run is committed: a full disk now must not fail it (report.json keeps the pre-write copy)
+        warn_once = f"the run is applied, but its final report.json could not be updated ({exc.strerror or exc})"
+        report.setdefault("warnings", []).append(warn_once)
+        with contextlib.suppress(JobCancelledError):
+            emit(JobEvent("write", message=warn_once))
     with contextlib.suppress(JobCancelledError):
         emit(JobEvent("done", 1, 1, message=run_id))
     return JobResult(run_id, collection, run_dir, report, outcome, written, classes, snap.ids, cfg)
@@ -605,6 +627,19 @@ def _final_metrics(outcome: LabelingOutcome, classes: list[str], truth: np.ndarr
             out["truth_known"] = int(known.sum())
             out["truth_outside_classes"] = int((t == -2).sum())
     return out
+
+
+def _os_error(exc: BaseException) -> OSError | None:
+    """The OSError behind ``exc``: itself, or one it was raised while handling (matplotlib's PNG writer fails
+    on a full disk with an AttributeError raised during the OSError)."""
+    seen: set[int] = set()
+    cur: BaseException | None = exc
+    while cur is not None and id(cur) not in seen:
+        if isinstance(cur, OSError):
+            return cur
+        seen.add(id(cur))
+        cur = cur.__cause__ or cur.__context__
+    return None
 
 
 def _save(path: Path, report: dict[str, Any]) -> None:

@@ -303,6 +303,31 @@ def test_a_job_is_refused_before_any_work_after_an_interrupted_rollback_or_reind
             preflight(store, "c", blocked)
 
 
+def test_a_full_runs_disk_is_one_clear_error_and_leaves_no_run_folder(emoji_data, tmp_path, monkeypatch):
+    """A full runs directory ended the job with two chained tracebacks from the PNG writer and left an empty run
+    folder (the store was untouched: the report comes before the write-back)."""
+    import errno
+
+    import labeling.job as job_module
+
+    def full_disk(*_args, **_kwargs):
+        try:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        except OSError:
+            raise AttributeError("'_idat' object has no attribute 'fileno'")  # noqa: B904 - as matplotlib's writer does
+
+    store = make_edge(tmp_path / "store")
+    with store:
+        load(store, "c", emoji_data, seed_fraction=0.2)
+        before = payloads(store, "c")
+        monkeypatch.setattr(job_module, "iteration_curves", full_disk)
+        cfg = LabelingConfig(**{**FAST, "max_iterations": 1})
+        with pytest.raises(JobPreconditionError, match=r"cannot write the run's report and plots .*No space left"):
+            run_job(store, "c", cfg, runs_dir=tmp_path / "runs")
+        assert list((tmp_path / "runs" / "c").iterdir()) == []  # no stray run folder
+        assert payloads(store, "c") == before and load_registry(store, "c").runs == []
+
+
 def test_write_back_is_idempotent(labelled):
     store, _first, _, _ = labelled
     rows = [
