@@ -115,11 +115,32 @@ class Registry:
 
 def load_registry(store: VectorStore, collection: str) -> Registry:
     raw = store.collection_metadata(collection).get(REGISTRY_KEY) or {}
-    return Registry(
-        active=raw.get("active"),
-        pending=raw.get("pending"),
-        runs=[RunRecord.from_dict(r) for r in raw.get("runs", [])],
-    )
+
+    def damaged(what: str) -> RunStateError:
+        # a hand-edited or truncated registry raised AttributeError / TypeError tracebacks from every command
+        return RunStateError(
+            f"the labeling run registry of collection {collection!r} (collection metadata key {REGISTRY_KEY!r}) is "
+            f"damaged: {what}. Restore it from a backup, or remove the key to start a new history (the points "
+            "keep their labels)"
+        )
+
+    if not isinstance(raw, dict):
+        raise damaged(f"it holds a {type(raw).__name__}, not an object")
+    runs = raw.get("runs", [])
+    if not isinstance(runs, list):
+        raise damaged(f"'runs' holds a {type(runs).__name__}, not a list")
+    records = []
+    for i, r in enumerate(runs):
+        try:
+            if not isinstance(r, dict):
+                raise TypeError(f"a {type(r).__name__}")
+            records.append(RunRecord.from_dict(r))
+        except TypeError as exc:
+            raise damaged(f"run #{i} is not a run record ({exc})") from None
+    for key in ("active", "pending"):
+        if raw.get(key) is not None and not isinstance(raw.get(key), str):
+            raise damaged(f"{key!r} holds {raw.get(key)!r}, not a run id")
+    return Registry(active=raw.get("active"), pending=raw.get("pending"), runs=records)
 
 
 def save_registry(store: VectorStore, collection: str, reg: Registry) -> None:

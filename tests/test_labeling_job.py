@@ -328,6 +328,25 @@ def test_a_full_runs_disk_is_one_clear_error_and_leaves_no_run_folder(emoji_data
         assert payloads(store, "c") == before and load_registry(store, "c").runs == []
 
 
+def test_a_damaged_run_registry_is_named_not_a_traceback(tmp_path):
+    from labeling.runs import REGISTRY_KEY
+
+    store = make_edge(tmp_path / "store")
+    with store:
+        store.create_collection("c")
+        cases = [
+            ("garbage", "it holds a str"),
+            ({"runs": "x"}, "'runs' holds a str"),
+            ({"runs": [{"status": "applied"}]}, "run #0 is not a run record"),
+            ({"runs": [7]}, "run #0 is not a run record"),
+            ({"active": 3}, "'active' holds 3"),
+        ]
+        for bad, what in cases:
+            store.update_collection_metadata("c", {REGISTRY_KEY: bad})
+            with pytest.raises(RunStateError, match=rf"registry of collection 'c' .* is damaged: {what}"):
+                load_registry(store, "c")
+
+
 def test_write_back_is_idempotent(labelled):
     store, _first, _, _ = labelled
     rows = [
