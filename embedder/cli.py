@@ -541,12 +541,14 @@ def serve_cmd(
     from embedder.model import Embedder
     from embedder.service.server import EmbedstoreServer
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         overrides = {"host": host, "port": port, "metrics_port": metrics_port}
         server_settings = ServerSettings(**{k: v for k, v in overrides.items() if v is not None})
     except ValueError as exc:
         _fail(exc)
+    logging.basicConfig(
+        level=getattr(logging, server_settings.log_level), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     store_settings = _settings(path, collection=collection)
     if not is_loopback(server_settings.host) and not server_settings.tokens:
         logging.getLogger("embedstore.server").warning(

@@ -75,6 +75,7 @@ class ServerSettings(BaseSettings):
     ``EMBEDSTORE_GRPC_STORE_WORKERS``    threads for store writes and large reads (4)
     ``EMBEDSTORE_GRPC_INLINE_READS``     small reads (top_k/ids <= 100) on the event loop (true)
     ``EMBEDSTORE_GRPC_RUNS_DIR``         where RunLabelingJob writes run directories (``./data/runs``)
+    ``EMBEDSTORE_GRPC_LOG_LEVEL``        DEBUG, INFO (default), WARNING or ERROR
     ``EMBEDSTORE_GRPC_DASK_SCHEDULER``   the Dask scheduler ``xgboost_dask`` jobs use (none: a local cluster);
                                          a job's own config may not name one
     ===================================  ==================================================
@@ -102,6 +103,12 @@ class ServerSettings(BaseSettings):
     inline_reads: bool = True
     runs_dir: Path = Path("./data/runs")
     dask_scheduler: str | None = None
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper_level(cls, value: object) -> object:
+        return value.strip().upper() if isinstance(value, str) else value
 
     @field_validator("tokens", mode="before")
     @classmethod

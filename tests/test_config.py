@@ -120,3 +120,11 @@ def test_server_settings_refuse_what_would_turn_auth_or_tls_off_silently(tmp_pat
     # every loopback address keeps the web page's Host check and silences the no-token warning
     assert all(is_loopback(h) for h in ("127.0.0.1", "127.0.0.2", "localhost", "::1", "[::1]"))
     assert not any(is_loopback(h) for h in ("0.0.0.0", "10.0.0.5", "::", "example.com"))
+
+
+def test_the_server_log_level_is_a_setting():
+    from embedder.config import ServerSettings
+
+    assert ServerSettings().log_level == "INFO" and ServerSettings(log_level=" debug ").log_level == "DEBUG"
+    with pytest.raises(ValueError, match="log_level"):
+        ServerSettings(log_level="verbose")

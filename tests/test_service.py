@@ -436,16 +436,24 @@ def test_reflection_lists_the_services(served):
     assert db.FindFileContainingSymbol("embedstore.v1.StoreService").name == "embedstore/v1/store.proto"
 
 
-def test_auth_on_and_off(tmp_path, embedder, served):
+def test_auth_on_and_off(tmp_path, embedder, served, caplog):
     _, open_client, _ = served
+    caplog.set_level("INFO", logger="embedstore.server")
     assert open_client.count().count == 120  # auth off: no token needed
     with BackgroundServer(make_server(tmp_path, embedder, tokens="s3cret,other")) as bg:
         with Client(bg.target) as anon:
             assert anon.health() == "SERVING"  # probes need no token
             with pytest.raises(Unauthenticated, match="bearer"):
                 anon.embed(["hi"])
+        # the operator sees refusals, once per 10 s with a count, and never the token that was sent
+        refusals = [r.getMessage() for r in caplog.records if "without a valid bearer token" in r.getMessage()]
+        assert refusals == [
+            "refused 1 call(s) without a valid bearer token (latest: /embedstore.v1.EmbeddingService/Embed)"
+        ]
         with Client(bg.target, token="wrong") as bad, pytest.raises(Unauthenticated):
             bad.count()
+        assert len([r for r in caplog.records if "bearer token" in r.getMessage()]) == 1  # throttled
+        assert "wrong" not in caplog.text
         with Client(bg.target, token="other") as good:
             assert good.embed(["hi"]).shape == (1, 512)
             assert list(good.embed_stream(["a", "b"]))[1].vector.shape == (512,)

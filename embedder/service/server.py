@@ -20,7 +20,9 @@ import contextlib
 import hmac
 import inspect
 import logging
+import math
 import signal
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -49,12 +51,18 @@ HEALTH_WATCH = f"/{HEALTH_SERVICE}/Watch"
 EMBEDDING_SERVICE = SERVICES[0]
 
 
+#: At most one log line per this many seconds about calls refused for their token.
+AUTH_LOG_EVERY_S = 10.0
+
+
 class AuthInterceptor(grpc.aio.ServerInterceptor):
     """Bearer-token check on every call outside the health service (UNAUTHENTICATED otherwise)."""
 
     def __init__(self, tokens: list[str], metrics: Metrics | None = None) -> None:
         self._tokens = [t.encode() for t in tokens]
         self._metrics = metrics
+        self._refused = 0
+        self._logged_at = -math.inf
 
     def _allowed(self, details: grpc.HandlerCallDetails) -> bool:
         if details.method.startswith(f"/{HEALTH_SERVICE}/"):
@@ -79,7 +87,16 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
             return _DENY_ANY
         if self._metrics is not None:
             self._metrics.requests.labels(details.method.rsplit("/", 1)[-1], "UNAUTHENTICATED").inc()
+        self._log_refusal(details.method)
         return _denying(handler)
+
+    def _log_refusal(self, method: str) -> None:
+        # one line per AUTH_LOG_EVERY_S with the count since the last: a guessing client must not flood the log
+        self._refused += 1
+        now = time.monotonic()
+        if now - self._logged_at >= AUTH_LOG_EVERY_S:
+            log.warning("refused %d call(s) without a valid bearer token (latest: %s)", self._refused, method)
+            self._refused, self._logged_at = 0, now
 
 
 def _behavior(handler: grpc.RpcMethodHandler) -> Callable[..., Any]:
@@ -371,6 +388,11 @@ class EmbedstoreServer:
             return
         self._stopped = True
         grace = self.settings.grace_s if grace is None else grace
+        log.info(
+            "embedstore stopping: no new calls; %d in flight get %gs, then the store is flushed and closed",
+            self.limiter.in_flight if self.limiter is not None else 0,
+            grace,
+        )
         await self.health.enter_graceful_shutdown()
         if self._server is not None:
             await self._server.stop(grace)

@@ -694,6 +694,7 @@ class LabelingServicer(labeling_pb2_grpc.LabelingServiceServicer):
                 raise JobRunningError(f"a labeling job is already running on collection {collection!r}")
             rt.labeling_jobs.add(collection)
             owned = True
+            log.info("labeling job on %r started (%s)", collection, config.learner)
             loop = asyncio.get_running_loop()
             events: asyncio.Queue[JobEvent] = asyncio.Queue()
 
@@ -752,6 +753,8 @@ class LabelingServicer(labeling_pb2_grpc.LabelingServiceServicer):
                     rt.labeling_jobs.discard(collection)
             metrics.requests.labels("RunLabelingJob", code.name).inc()
             metrics.latency.labels("RunLabelingJob").observe(time.perf_counter() - start)
+            if owned:
+                log.info("labeling job on %r ended: %s after %.1fs", collection, code.name, time.perf_counter() - start)
 
     @_rpc("ListReviewQueue")
     async def ListReviewQueue(
