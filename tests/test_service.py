@@ -772,6 +772,16 @@ def test_batcher_batches_concurrent_calls_and_isolates_a_bad_item(embedder):
     np.testing.assert_allclose(np.vstack(results[:10]), local, atol=1e-5)
     assert isinstance(results[10], InvalidItemError) and results[10].index == 1 and "id 'bad'" in str(results[10])
 
+    async def one_large_request():
+        sizes: list[int] = []
+        batcher = MicroBatcher(embedder, max_batch=4, max_delay_ms=0, max_queue=64, on_batch=sizes.append)
+        batcher.start()
+        await batcher.embed([Item(str(i), text=f"text {i}") for i in range(10)], 128)
+        await batcher.stop()
+        return sizes
+
+    assert asyncio.run(one_large_request()) == [4, 4, 2]  # model calls, not the request's size (was [10])
+
 
 def test_unreachable_store_is_unavailable(tmp_path, embedder):
     from retrieval import QdrantServerStore, StoreUnavailableError

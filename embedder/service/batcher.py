@@ -144,7 +144,10 @@ class MicroBatcher:
             if not batch:
                 continue
             if self.on_batch is not None:
-                self.on_batch(count)
+                # one observation per model call: a request larger than max_batch is encoded in max_batch
+                # chunks (_encode), and was recorded as one call of its whole size
+                for start in range(0, count, self.max_batch):
+                    self.on_batch(min(self.max_batch, count - start))
             try:
                 outcomes = await loop.run_in_executor(self._infer, self._run, batch)
             except Exception as exc:  # unexpected: fail this batch, keep serving
