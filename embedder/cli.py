@@ -550,6 +550,21 @@ def serve_cmd(
         level=getattr(logging, server_settings.log_level), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     store_settings = _settings(path, collection=collection)
+    try:
+        embedder_settings = EmbedderSettings()
+    except ValueError as exc:
+        _fail(exc)
+    chosen = embedder_settings.projection
+    if "projection" in embedder_settings.model_fields_set and chosen is not None and not Path(chosen).exists():
+        # set on purpose but pointing nowhere (a typo): the server came up without embedding, and the container's
+        # health check stayed green. An existing empty folder (a bind mount before the first fit) and an unset
+        # variable still mean store-only mode.
+        _fail(
+            ValueError(
+                f"EMBEDSTORE_PROJECTION={chosen} does not exist: fix the path, or unset it to serve stored vectors "
+                "without embedding"
+            )
+        )
     if not is_loopback(server_settings.host) and not server_settings.tokens:
         logging.getLogger("embedstore.server").warning(
             "listening on %s without a bearer token: anyone who can reach the port can read and write the store "
@@ -564,7 +579,7 @@ def serve_cmd(
         )
     server = EmbedstoreServer(
         server_settings,
-        embedder_factory=lambda: Embedder.from_settings(EmbedderSettings()),
+        embedder_factory=lambda: Embedder.from_settings(embedder_settings),
         store_factory=lambda: open_store(store_settings),
         collection=store_settings.collection,
         collection_spec=collection_spec(store_settings),

@@ -233,6 +233,15 @@ def test_a_bad_setting_names_its_variable_not_a_traceback(tmp_path, monkeypatch,
     assert code == 2 and "EMBEDSTORE_BACKEND=server needs EMBEDSTORE_URL" in " ".join(out.split())
 
 
+def test_serve_refuses_a_projection_path_that_does_not_exist(tmp_path, monkeypatch, capsys):
+    """A typo in EMBEDSTORE_PROJECTION started a server without embedding whose health check stayed green."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("EMBEDSTORE_PROJECTION", str(tmp_path / "projcetion"))
+    code, out = _main(["serve", "--port", "0", "--metrics-port", "0"], capsys)
+    assert code == 2 and "EMBEDSTORE_PROJECTION=" in out and "does not exist" in " ".join(out.split())
+    assert not (tmp_path / "data").exists()  # refused before the store was opened
+
+
 def test_urls_paths_and_the_cache_are_named_by_their_variable(tmp_path, monkeypatch, capsys):
     """A bare host in EMBEDSTORE_URL surfaced as a gRPC resolver traceback, a bad EMBEDSTORE_REDIS_URL as
     redis-py's message naming no variable, an unwritable EMBEDSTORE_CACHE as a FileNotFoundError traceback,
