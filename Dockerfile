@@ -24,10 +24,11 @@ COPY protos ./protos
 RUN pip install ".[embed]"
 
 FROM python:3.11-slim
-# /data/store and /data/runs exist in the image, owned by the service user: a named volume mounted on a path
+# /data/store, /data/runs and /data/projection exist in the image (serve refuses a set projection path that does
+# not exist; an empty one is store-only mode), owned by the service user: a named volume mounted on a path
 # the image has takes its owner; on a path it lacks, Docker makes it root-owned and uid 10001 cannot write.
 RUN useradd --create-home --uid 10001 embedstore \
-    && mkdir -p /data/store /data/runs /home/embedstore/.cache/embedstore \
+    && mkdir -p /data/store /data/runs /data/projection /home/embedstore/.cache/embedstore \
     && chown -R embedstore:embedstore /data /home/embedstore
 COPY --from=build /opt/venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH \

@@ -123,6 +123,11 @@ def test_dockerfile_runs_as_non_root_with_a_grpc_health_check():
     assert users and users[-1] != "USER root"
     assert any(ln.startswith("HEALTHCHECK") for ln in lines) and '"embedstore", "health"' in text
     assert "download.pytorch.org/whl/cpu" in text and "HF_HUB_OFFLINE=1" in text
+    # every /data path the image's settings name exists in the image: `serve` refuses a set projection path that
+    # does not exist (a typo), and a plain `docker run` without a mount must still start in store-only mode
+    made = next(ln for ln in lines if "mkdir -p" in ln)
+    for env_path in ("EMBEDSTORE_PROJECTION=/data/projection",):
+        assert env_path in text and env_path.split("=")[1] in made.split()
 
 
 def _filled_edge(path: Path, n: int = 700):
