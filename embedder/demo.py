@@ -39,6 +39,7 @@ from labeling.inspect import Inspection, inspect_neighbours
 from labeling.job import run_job
 from labeling.present import agreement_line, neighbour_table, print_report, rich_events
 from retrieval import StoreSettings, VectorStore, collection_spec, open_store
+from retrieval.config import safe_url
 
 EXAMPLE_QUERIES = ("red heart", "flag of japan", "slice of pizza", "crying with laughter", "rocket")
 SEED_FRACTION = 0.10
@@ -199,7 +200,7 @@ def _print_search(
     settings: StoreSettings,
     console: Console,
 ) -> None:
-    where = str(Path(settings.path).resolve()) if settings.backend == "edge" else str(settings.url)
+    where = str(Path(settings.path).resolve()) if settings.backend == "edge" else safe_url(str(settings.url))
     table = Table(title=f"search - {settings.backend} store at {where}")
     table.add_column("measure")
     table.add_column("value", justify="right")

@@ -39,7 +39,9 @@ def safe_url(url: str) -> str:
                 query = urlencode([(k, "***" if k.lower() == "password" else v) for k, v in pairs], safe="*")
         netloc = parts.netloc
         if parts.password is not None:
-            netloc = (parts.username + ":***@" if parts.username else ":***@") + (parts.hostname or "")
+            host = parts.hostname or ""
+            host = f"[{host}]" if ":" in host else host  # an IPv6 address keeps its brackets
+            netloc = (parts.username + ":***@" if parts.username else ":***@") + host
             if parts.port:
                 netloc += f":{parts.port}"
     except ValueError:  # a port that is not a number: say nothing of the netloc

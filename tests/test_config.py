@@ -63,6 +63,10 @@ def test_an_unreachable_server_names_the_grpc_port_that_was_dialled(monkeypatch)
         store.list_collections()
     assert "UrlPw123" not in str(err.value) and "admin:***@127.0.0.1:6333" in str(err.value)
     assert "UrlPw123" not in store.target
+    from retrieval.config import safe_url
+
+    assert safe_url("http://admin:pw@[::1]:6333/x") == "http://admin:***@[::1]:6333/x"  # brackets kept
+    assert safe_url("redis://:pw@h:6379/0?password=pw2&db=1") == "redis://:***@h:6379/0?password=***&db=1"
 
 
 def test_server_settings_refuse_what_would_turn_auth_or_tls_off_silently(tmp_path):
