@@ -436,8 +436,10 @@ class VectorStore(abc.ABC):
         ``exact=True`` scores every point on ``full512`` instead: the ground truth.
 
         Hits come best first; hits of equal score in point-id order (the engines' own order among
-        ties differed between adapters and between Edge's two paths). ``score_threshold`` is
-        exclusive, as in Qdrant: a hit scoring exactly the threshold is left out.
+        ties differed between adapters and between Edge's two paths). When more points tie than
+        ``top_k`` leaves room for, which of them are returned is the engine's choice (it cuts
+        before the order is made). ``score_threshold`` is exclusive, as in Qdrant: a hit scoring
+        exactly the threshold is left out.
         """
         vec = np.asarray(vector)
         if vec.ndim != 1:
