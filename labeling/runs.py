@@ -114,7 +114,8 @@ class Registry:
 
 
 def load_registry(store: VectorStore, collection: str) -> Registry:
-    raw = store.collection_metadata(collection).get(REGISTRY_KEY) or {}
+    raw = store.collection_metadata(collection).get(REGISTRY_KEY)
+    raw = {} if raw is None else raw  # an empty list or string is damage, not "no history"
 
     def damaged(what: str) -> RunStateError:
         # a hand-edited or truncated registry raised AttributeError / TypeError tracebacks from every command
@@ -134,7 +135,11 @@ def load_registry(store: VectorStore, collection: str) -> Registry:
         try:
             if not isinstance(r, dict):
                 raise TypeError(f"a {type(r).__name__}")
-            records.append(RunRecord.from_dict(r))
+            rec = RunRecord.from_dict(r)
+            for name, kind in (("run_id", str), ("status", str), ("counts", dict), ("summary", dict)):
+                if not isinstance(getattr(rec, name), kind):
+                    raise TypeError(f"{name!r} holds {getattr(rec, name)!r}")
+            records.append(rec)
         except TypeError as exc:
             raise damaged(f"run #{i} is not a run record ({exc})") from None
     for key in ("active", "pending"):

@@ -340,7 +340,10 @@ def test_a_damaged_run_registry_is_named_not_a_traceback(tmp_path):
             ({"runs": [{"status": "applied"}]}, "run #0 is not a run record"),
             ({"runs": [7]}, "run #0 is not a run record"),
             ({"active": 3}, "'active' holds 3"),
-        ]
+            ([], "it holds a list"),
+            ({"runs": [{"run_id": "r", "status": "applied", "created_at": "t", "model": "m", "counts": 5}]},
+             "run #0 is not a run record .'counts' holds 5"),
+        ]  # fmt: skip
         for bad, what in cases:
             store.update_collection_metadata("c", {REGISTRY_KEY: bad})
             with pytest.raises(RunStateError, match=rf"registry of collection 'c' .* is damaged: {what}"):
