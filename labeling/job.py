@@ -8,6 +8,7 @@ two-sample test; gates harder when the pool has drifted) -> ``neighbours`` (kNN
 graph from the store, batched) -> ``train`` (the loop of :mod:`labeling.selftrain`)
 -> ``report`` (run directory: ``report.json``, ``reliability.png``,
 ``iterations.png``) -> ``write`` (per-point payload, as a unit: :mod:`labeling.runs`).
+``warning`` events carry a message only (no progress).
 """
 
 from __future__ import annotations
@@ -449,13 +450,12 @@ def run_job(
     report["timings_s"] = timings
     try:
         _save(run_dir / "report.json", report)
-    except (
-        OSError
-    ) as exc:  # the run is committed: a full disk now must not fail it (report.json keeps the pre-write copy)
-        warn_once = f"the run is applied, but its final report.json could not be updated ({exc.strerror or exc})"
-        report.setdefault("warnings", []).append(warn_once)
+    except OSError as exc:
+        # the run is committed: a full disk now must not fail it (report.json keeps the pre-write copy)
+        note = f"the run is applied, but its final report.json could not be updated ({exc.strerror or exc})"
+        report.setdefault("warnings", []).append(note)
         with contextlib.suppress(JobCancelledError):
-            emit(JobEvent("write", message=warn_once))
+            emit(JobEvent("warning", message=note))  # a message stage: the write bar keeps its count
     with contextlib.suppress(JobCancelledError):
         emit(JobEvent("done", 1, 1, message=run_id))
     return JobResult(run_id, collection, run_dir, report, outcome, written, classes, snap.ids, cfg)
@@ -644,5 +644,9 @@ def _os_error(exc: BaseException) -> OSError | None:
 
 def _save(path: Path, report: dict[str, Any]) -> None:
     tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(jsonable(report), indent=2, default=str))
-    tmp.replace(path)
+    try:
+        tmp.write_text(json.dumps(jsonable(report), indent=2, default=str))
+        tmp.replace(path)
+    except OSError:
+        tmp.unlink(missing_ok=True)  # no half-written leftover beside the report
+        raise

@@ -39,7 +39,7 @@ def rich_events(console: Console, *, enabled: bool = True) -> Iterator[Events]:
         tasks: dict[str, Any] = {}
 
         def on_event(e: JobEvent) -> None:
-            if e.message and e.stage in ("guards", "drift", "gate"):
+            if e.message and e.stage in ("guards", "drift", "gate", "warning"):
                 progress.console.print(f"[yellow bold]warning:[/] {e.message}")
             if e.stage not in _STAGES:
                 if e.stage == "train" and "iteration" in tasks:
