@@ -43,6 +43,7 @@ from labeling.inspect import (
 )
 from labeling.runs import PREV_FIELD, PSEUDO_FIELDS, clear_pseudo_state, load_registry, resolve
 from retrieval import Filter, Match, VectorStore
+from retrieval.base import json_size
 
 IMAGE_KEYS = ("image_uri", "image", "image_url", "image_path", "thumbnail")
 
@@ -280,11 +281,14 @@ def _submit_checked(
             f"{len(conflicts)} answer(s) would overwrite a different human label (nothing was written): "
             f"{conflicts[:10]}; pass --overwrite-human to replace them"
         )
+    run_keys = (*PSEUDO_FIELDS, PREV_FIELD)
+    stale = [pid for pid, _ in answers if any(k in found[pid] for k in run_keys)]
+    # both writes' room at once: a full disk refuses the answer before the label is written, not between the two
+    store.check_room(collection, len(updates) + len(stale), 2 * sum(json_size(b) for _, b in updates))
     written = store.set_payload(collection, updates) if updates else 0
     # The answer replaces the run's verdict on the point (see runs.clear_pseudo_state); written after the
     # label, so an interruption between the two leaves the label and a stale verdict, never neither.
-    run_keys = (*PSEUDO_FIELDS, PREV_FIELD)
-    clear_pseudo_state(store, collection, [pid for pid, _ in answers if any(k in found[pid] for k in run_keys)])
+    clear_pseudo_state(store, collection, stale)
     return ImportResult(written=written, unchanged=unchanged, skipped_unanswered=0)
 
 

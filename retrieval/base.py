@@ -398,6 +398,15 @@ class VectorStore(abc.ABC):
         self._wrote(collection, 0)
         return len(todo)
 
+    def check_room(self, collection: str, n_points: int, payload_bytes: int = 0, *, op: str = "set_payload") -> None:
+        """Raise :class:`StoreFullError` now if ``op`` (upsert, set_payload, delete_payload, delete) on
+        ``n_points`` points with about ``payload_bytes`` of new payload would not fit: for a caller about to make
+        several writes as one answer, so that a refusal comes before the first (each write checks again)."""
+        self._require(collection)
+        if op not in ("upsert", "set_payload", "delete_payload", "delete"):
+            raise InvalidInputError(f"op must be upsert, set_payload, delete_payload or delete, got {op!r}")
+        self._check_room(collection, n_points, payload_bytes, op=op)
+
     def exclusive(self) -> contextlib.AbstractContextManager[Any]:
         """Hold off this store object's other check-then-write calls (set_payload, delete_payload_keys, delete)
         while the caller reads, decides and writes: e.g. read the points, skip those a person has labelled

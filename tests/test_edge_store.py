@@ -85,6 +85,15 @@ def test_too_little_free_space_is_refused_before_qdrant_edge_can_die_of_it(tmp_p
         room(2**20)  # 600 points copied out of their segment need ~5 MiB
         with pytest.raises(StoreFullError, match=r"delete_payload on 600 points"):
             store.delete_payload_keys("c", ids, ["x"])
+        # the same check, asked ahead by a caller about to make several writes as one answer (SubmitLabels)
+        with pytest.raises(StoreFullError, match=r"set_payload on 600 points in .c.: only"):
+            store.check_room("c", 600)
+        with pytest.raises(InvalidInputError, match="op must be"):
+            store.check_room("c", 1, op="nope")
+        from labeling.review import submit_labels
+
+        with pytest.raises(StoreFullError):
+            submit_labels(store, "c", [(i, "cat") for i in ids])
         room(-64 * 2**20)  # below the reserve already (by a margin: other files on the device come and go)
         for write in (
             lambda: store.delete("c", ids),
