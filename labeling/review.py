@@ -302,12 +302,20 @@ class ClearResult:
 LABEL_FIELDS = ("label", "label_source", "labeled_at")
 
 
-def clear_labels(store: VectorStore, collection: str, ids: list[str], *, any_source: bool = False) -> ClearResult:
+def clear_labels(
+    store: VectorStore,
+    collection: str,
+    ids: list[str],
+    *,
+    any_source: bool = False,
+    expected: dict[str, str] | None = None,
+) -> ClearResult:
     """Take back ground-truth labels: the points become unlabelled (the next job may pseudo-label them).
 
     Only human labels (``label_source = human``) unless ``any_source``: a seed or imported dataset label is
     the data's own truth, and a person who clicked the wrong class should not lose it by accident. All or
-    nothing: an unknown id or a label of another source refuses the whole call, naming them.
+    nothing: an unknown id or a label of another source refuses the whole call, naming them. ``expected``
+    (id -> the label the caller saw) refuses to clear a label someone changed since (a page loaded earlier).
     """
     if not ids or any(not isinstance(i, str) or not i for i in ids):
         raise ReviewFileError("give the ids of the points whose label to clear (non-empty strings)")
@@ -318,6 +326,12 @@ def clear_labels(store: VectorStore, collection: str, ids: list[str], *, any_sou
         missing = [i for i in ids if i not in found]
         if missing:
             raise UnknownAnswerIdsError(f"{len(missing)} id(s) are not in collection {collection!r}: {missing[:10]}")
+        changed = [f"{i}: now {found[i].get('label')!r}" for i, seen in (expected or {}).items()
+                   if i in found and found[i].get("label") != seen]  # fmt: skip
+        if changed:
+            raise LabelConflictError(
+                f"{len(changed)} label(s) changed since they were shown (nothing was cleared): {changed[:10]}"
+            )
         labelled = [i for i in ids if found[i].get("label") not in (None, "")]
         other = [f"{i} ({found[i].get('label_source') or 'no source'})" for i in labelled
                  if found[i].get("label_source") != "human"]  # fmt: skip

@@ -473,6 +473,9 @@ def test_clearing_labels_takes_human_answers_back_and_keeps_seed_labels_unless_a
             with pytest.raises(ReviewFileError, match=match):
                 clear_labels(store, "c", ids)
             assert {r.id: r.payload for r in store.iter_records("c")} == before
+        # a page that showed an older answer does not clear a newer one
+        with pytest.raises(ReviewFileError, match=r"changed since they were shown .*p1: now 'dog'"):
+            clear_labels(store, "c", ["p1"], expected={"p1": "cat"})
         assert clear_labels(store, "c", ["p1", "p2", "p3"], any_source=True) == ClearResult(cleared=3, unchanged=0)
         assert all("label" not in store.retrieve("c", [p])[0].payload for p in ("p1", "p2", "p3"))
     # the command line, on the same store

@@ -229,6 +229,15 @@ def test_correcting_a_label_writes_human_ground_truth_and_never_silently_overwri
     assert "label cleared" in _wait_for(browser, "cleared").text
     assert browser.find_element(By.ID, "label").text == "-" and not browser.find_elements(By.ID, "clear")
     assert "label" not in store.retrieve("items", [pid])[0].payload
+    # a page loaded before another reviewer's newer answer does not clear that answer
+    from labeling.review import submit_labels
+
+    submit_labels(store, "items", [(pid, "dog")])
+    browser.get(f"{world['open']}/point/{pid}")
+    submit_labels(store, "items", [(pid, "cat")], overwrite_human=True)  # someone else, meanwhile
+    browser.find_element(By.ID, "clear").click()
+    assert "changed since they were shown" in _wait_for(browser, "error").text
+    assert store.retrieve("items", [pid])[0].payload["label"] == "cat"
     seed = next(r.id for r in store.iter_records("items") if (r.payload or {}).get("label_source") == "seed")
     browser.get(f"{world['open']}/point/{seed}")
     assert not browser.find_elements(By.ID, "clear")

@@ -383,10 +383,11 @@ def create_app(
         return back(saved=label)
 
     @app.post("/point/{point_id:path}/clear")
-    def clear_label(point_id: str) -> Response:
-        # human answers only: a seed or dataset label is the data's own truth (the CLI's --any-source clears it)
+    def clear_label(point_id: str, shown: str = Form("")) -> Response:
+        # human answers only: a seed or dataset label is the data's own truth (the CLI's --any-source clears it);
+        # `shown` is the label the page showed: another reviewer's newer answer is not cleared by a stale page
         try:
-            result = locked(clear_labels, store, collection, [point_id])
+            result = locked(clear_labels, store, collection, [point_id], expected={point_id: shown})
         except (LabelingError, StoreError) as exc:
             return back_to(point_id, error=str(exc))
         return back_to(point_id, cleared="yes" if result.cleared else "no")
