@@ -83,7 +83,9 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         if self._allowed(details):
             return handler  # None for an unknown method: grpc answers UNIMPLEMENTED, to a caller with a token
         if handler is None:
-            # the same refusal as a known method's: UNIMPLEMENTED here let anyone list the API without a token
+            # the same refusal as a known method's: UNIMPLEMENTED here let anyone list the API without a token.
+            # Logged (probing is what the log is for), not counted: the name is the caller's, unbounded as a label
+            self._log_refusal(details.method)
             return _DENY_ANY
         if self._metrics is not None:
             self._metrics.requests.labels(details.method.rsplit("/", 1)[-1], "UNAUTHENTICATED").inc()
@@ -95,7 +97,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         self._refused += 1
         now = time.monotonic()
         if now - self._logged_at >= AUTH_LOG_EVERY_S:
-            log.warning("refused %d call(s) without a valid bearer token (latest: %s)", self._refused, method)
+            log.warning("refused %d call(s) without a valid bearer token (latest: %r)", self._refused, method[:200])
             self._refused, self._logged_at = 0, now
 
 
