@@ -352,7 +352,10 @@ def import_cmd(
 def clear_cmd(
     ids: Annotated[list[str], typer.Argument(help="Ids of the points whose ground-truth label to take back.")],
     any_source: Annotated[
-        bool, typer.Option(help="Also clear seed / dataset labels (by default only human answers).")
+        bool,
+        typer.Option(
+            help="Also clear labels the data came with (manifest, dataset, seed); by default only answers given through embedstore."
+        ),
     ] = False,
     path: PathOpt = None,
     collection: CollectionOpt = None,

@@ -10,8 +10,8 @@
   never silently overwritten: the import refuses, naming the conflicts, unless
   ``overwrite_human`` is set. An answered point loses the run's pseudo-label fields: the
   answer is its verdict now (it leaves the review queue and the status counts).
-* ``clear_labels`` takes human answers back (the point is unlabelled again); a seed or
-  dataset label only when asked (``any_source``).
+* ``clear_labels`` takes answers back (the point is unlabelled again); a label the data
+  came with (a manifest's, a dataset's, a seed) only when asked (``any_source``).
 * ``suspicious`` ranks accepted pseudo-labels by how strongly their neighbourhood
   contradicts them (kNN label-quality in the spirit of cleanlab: the point's own
   vote left out, similarity-weighted share of its labelled neighbours agreeing).
@@ -302,6 +302,12 @@ class ClearResult:
 LABEL_FIELDS = ("label", "label_source", "labeled_at")
 
 
+def is_answer(payload: dict[str, Any]) -> bool:
+    """Whether the point's label is an answer given through embedstore (label import, the web page,
+    SubmitLabels), which write ``labeled_at``: indexing writes a manifest's labels as ``human`` too, without it."""
+    return payload.get("label_source") == "human" and bool(payload.get("labeled_at"))
+
+
 def clear_labels(
     store: VectorStore,
     collection: str,
@@ -312,8 +318,10 @@ def clear_labels(
 ) -> ClearResult:
     """Take back ground-truth labels: the points become unlabelled (the next job may pseudo-label them).
 
-    Only human labels (``label_source = human``) unless ``any_source``: a seed or imported dataset label is
-    the data's own truth, and a person who clicked the wrong class should not lose it by accident. All or
+    Only answers given through embedstore (``label import``, the web page, SubmitLabels: they carry
+    ``labeled_at``) unless ``any_source``: a label the data came with (a manifest's or dataset's, indexed as
+    ``label_source = human`` but without ``labeled_at``; a seed) is the data's own truth, and a person who
+    clicked the wrong class should not lose it by accident. All or
     nothing: an unknown id or a label of another source refuses the whole call, naming them. ``expected``
     (id -> the label the caller saw) refuses to clear a label someone changed since (a page loaded earlier).
     """
@@ -334,11 +342,12 @@ def clear_labels(
             )
         labelled = [i for i in ids if found[i].get("label") not in (None, "")]
         other = [f"{i} ({found[i].get('label_source') or 'no source'})" for i in labelled
-                 if found[i].get("label_source") != "human"]  # fmt: skip
+                 if not is_answer(found[i])]  # fmt: skip
         if other and not any_source:
             raise LabelConflictError(
-                f"{len(other)} label(s) are not human answers (nothing was cleared): {other[:10]}; a seed or dataset "
-                "label is the data's own ground truth; pass --any-source to clear them too"
+                f"{len(other)} label(s) are not answers given through embedstore (nothing was cleared): {other[:10]}; "
+                "a label the data came with (a manifest's, a dataset's, a seed) is its own ground truth; pass "
+                "--any-source to clear them too"
             )
         touched = [i for i in ids if any(k in found[i] for k in LABEL_FIELDS)]
         if touched:

@@ -445,26 +445,28 @@ def test_clearing_labels_takes_human_answers_back_and_keeps_seed_labels_unless_a
     from labeling.review import clear_labels
 
     store = make_edge(tmp_path / "store")
-    x, _ = clustered(6, n_clusters=2, seed=4)
+    x, _ = clustered(7, n_clusters=2, seed=4)
     rows = [
         {"label": "cat", "label_source": "human", "labeled_at": "2026-01-01T00:00:00+00:00", "text": "a"},
         {"label": "dog", "label_source": "human", "labeled_at": "2026-01-01T00:00:00+00:00"},
         {"label": "cat", "label_source": "seed"},
         {"label": "dog"},  # no source: a dataset's own label
         {"text": "unlabelled"},
-        {"label": "cat", "label_source": "human"},
+        {"label": "cat", "label_source": "human", "labeled_at": "2026-01-02T00:00:00+00:00"},
+        {"label": "cat", "label_source": "human"},  # as `index` writes a manifest's label: the data's own
     ]
     with store:
         store.create_collection("c")
-        store.upsert("c", [f"p{i}" for i in range(6)], x, rows)
+        store.upsert("c", [f"p{i}" for i in range(7)], x, rows)
         assert clear_labels(store, "c", ["p0", "p4"]) == ClearResult(cleared=1, unchanged=1)
         p0 = store.retrieve("c", ["p0"])[0].payload
         assert p0 == {"text": "a", "external_id": "p0"}  # label, source and time gone; the rest kept
         before = {r.id: r.payload for r in store.iter_records("c")}
         # all or nothing: a seed label, a label without a source, an unknown id, a repeated id
         refusals = [
-            (["p1", "p2"], r"not human answers .*p2 \(seed\)"),
+            (["p1", "p2"], r"not answers given through embedstore .*p2 \(seed\)"),
             (["p1", "p3"], r"p3 \(no source\)"),
+            (["p1", "p6"], r"p6 \(human\)"),
             (["p1", "nope"], "not in collection"),
             (["p1", "p1"], "more than once"),
             ([], "give the ids"),

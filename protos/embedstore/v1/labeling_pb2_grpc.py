@@ -97,8 +97,9 @@ class LabelingServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ClearLabels(self, request, context):
-        """Take ground-truth labels back: the points become unlabelled. Human answers only unless any_source
-        (a seed or dataset label is refused with FAILED_PRECONDITION); all-or-nothing; unknown ids: NOT_FOUND.
+        """Take ground-truth labels back: the points become unlabelled. Only answers given through embedstore
+        (they carry labeled_at) unless any_source (a label the data came with is refused with
+        FAILED_PRECONDITION); all-or-nothing; unknown ids: NOT_FOUND.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
