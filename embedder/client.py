@@ -577,7 +577,8 @@ class Client:
     def clear_labels(
         self, ids: Sequence[str], *, any_source: bool = False, collection: str | None = None
     ) -> tuple[int, int]:
-        """Take ground-truth labels back (answers given through embedstore unless ``any_source``); returns (cleared, unchanged)."""
+        """Take ground-truth labels back (answers given through embedstore unless ``any_source``);
+        returns (cleared, unchanged)."""
         request = labeling_pb2.ClearLabelsRequest(
             collection=collection or self.collection, ids=[str(i) for i in ids], any_source=any_source
         )

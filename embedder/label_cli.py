@@ -354,7 +354,8 @@ def clear_cmd(
     any_source: Annotated[
         bool,
         typer.Option(
-            help="Also clear labels the data came with (manifest, dataset, seed); by default only answers given through embedstore."
+            help="Also clear labels the data came with (manifest, dataset, seed); by default only answers "
+            "given through embedstore."
         ),
     ] = False,
     path: PathOpt = None,
