@@ -86,13 +86,14 @@ def fitted_table(
     as "Smil… & Emot…" and numbers as "0…", while the free text kept its share. Ids, labels and numbers are
     what a person acts on; the text is context. When even the other columns cannot fit on one line, each row is
     shown as a block of "field value" lines instead."""
-    k = list(headers).index(shrink)
+    # a table without free text (the suspect-seed list) has nothing to shrink: it fits whole or goes to blocks
+    k = list(headers).index(shrink) if shrink in headers else None
     widths = [max([len(h), *(len(r[i]) for r in rows)]) for i, h in enumerate(headers)]
     others = sum(w for i, w in enumerate(widths) if i != k)
     frame = 3 * len(headers) + 1  # a rule and one space of padding on each side per column, and the last rule
     left = width - frame - others
-    keep = left >= min(min_shrink, widths[k])
-    fits = keep or width - (frame - 3) - others >= 0
+    keep = left >= (min(min_shrink, widths[k]) if k is not None else 0)
+    fits = keep or (k is not None and width - (frame - 3) - others >= 0)
     if not fits:  # one block per row: nothing is cut, and no column is squeezed to a letter per line
         table = Table(Column("field", no_wrap=True, style="bold"), Column("value", overflow="fold"), title=title)
         table.show_header = False

@@ -686,6 +686,15 @@ def test_mislabelled_seed_points_are_named_and_never_changed(emoji_data, tmp_pat
     assert result.exit_code == 0, result.output
     listed = json.loads(result.output)
     assert {x["id"] for x in listed} <= found and all(x["label_now"] == x["label"] for x in listed)
+    # the table (what the run's own warning tells people to run) crashed: it has no free-text column to shrink
+    for columns in ("200", "60"):
+        table = CliRunner().invoke(
+            app,
+            ["label", "suspicious", "--seed", "--path", str(tmp_path / "store"), "-c", "c"],
+            env={"COLUMNS": columns},
+        )
+        assert table.exit_code == 0, table.output
+        assert listed[0]["id"] in table.output and "model says" in table.output
 
 
 def test_a_cancel_after_the_commit_does_not_fail_the_applied_run(emoji_data, tmp_path):
