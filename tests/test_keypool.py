@@ -249,14 +249,16 @@ def test_keys_are_encrypted_at_rest_when_a_secret_is_set(redis_server):
     stored = redis.Redis.from_url(redis_server.url).hget(pool.keys[3], kid)
     assert KEYS[0].encode() not in stored
     assert pool.lease(wait=0).secret == KEYS[0]
-    assert stored.startswith(b"fernet-scrypt:")  # the Fernet key is derived by scrypt, salted by the pool
+    # scrypt-derived, salted by the pool; under the older "fernet:" prefix so that an older worker stops on it
+    # instead of sending the ciphertext to the API as the key
+    assert stored.startswith(b"fernet:scrypt:")
     wrong = KeyPool(name, redis_server.url, secret="wrong")
     with pytest.raises(KeyPoolError, match="cannot be decrypted"):
         wrong.lease(wait=0)
     # the same secret in another pool derives another key: a stored value does not decrypt there
     other = KeyPool(f"{name}x", redis_server.url, secret="correct horse")
     with pytest.raises(InvalidToken):
-        other._fernet.decrypt(stored.removeprefix(b"fernet-scrypt:"))
+        other._fernet.decrypt(stored.removeprefix(b"fernet:scrypt:"))
 
 
 def test_keys_stored_before_the_scrypt_derivation_still_decrypt(redis_server):
@@ -272,7 +274,7 @@ def test_keys_stored_before_the_scrypt_derivation_still_decrypt(redis_server):
         r.hset(pool.keys[3], pool.add(raw), stored)
     assert {pool.lease(wait=0).secret for _ in range(2)} == {KEYS[0], KEYS[1]}
     kid = pool.add(KEYS[0])  # adding it again re-stores it in the new format
-    assert r.hget(pool.keys[3], kid).startswith(b"fernet-scrypt:")
+    assert r.hget(pool.keys[3], kid).startswith(b"fernet:scrypt:")
 
 
 def test_a_key_that_cannot_be_decrypted_is_not_charged(redis_server):

@@ -223,8 +223,11 @@ def key_id(pool: str, raw: str) -> str:
     return "k_" + hashlib.sha256(f"{pool}\0{raw}".encode()).hexdigest()[:12]
 
 
-#: Prefix of a key stored encrypted with a Fernet key derived by scrypt from the secret and the pool's name.
-ENCRYPTED = "fernet-scrypt:"
+#: Prefix of a key stored encrypted with a Fernet key derived by scrypt from the secret and the pool's name. It
+#: begins with the older prefix on purpose: a worker from before the derivation sees an encrypted key it cannot
+#: decrypt and stops; under any other prefix it took the ciphertext for a raw key, sent it to the API, and the
+#: 401 deactivated the key for every worker.
+ENCRYPTED = "fernet:scrypt:"
 #: Prefix of a key stored before the scrypt derivation (the Fernet key was the secret's SHA-256): still read.
 ENCRYPTED_SHA256 = "fernet:"
 #: scrypt cost: 2**15 x 8 x 128 B = 32 MiB and 0.15-0.3 s per derivation on this 2-CPU machine, paid once per
