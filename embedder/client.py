@@ -114,6 +114,12 @@ def _translate(exc: grpc.RpcError, max_bytes: int) -> ServiceError:
             "EMBEDSTORE_GRPC_MAX_MESSAGE_MB); send smaller batches or raise both limits",
             code,
         )
+    if code == grpc.StatusCode.UNIMPLEMENTED:
+        # grpc's own "Method not found!": the server is older than this client (e.g. ClearLabels before it existed)
+        return ServiceError(
+            f"{details}: the server does not have this call; it is probably older than this client (upgrade it)",
+            code,
+        )
     return _ERRORS.get(code, ServiceError)(details, code)
 
 

@@ -475,6 +475,10 @@ def test_auth_on_and_off(tmp_path, embedder, served, caplog):
                     b"", timeout=5, metadata=[("authorization", "Bearer s3cret")]
                 )
             assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED
+            # the client says what that means: a call the (older) server does not have
+            from embedder.client import _translate
+
+            assert "probably older than this client" in str(_translate(err.value, 2**20))
     # the probing is in the log (the first refusal of this server was logged at once; these are counted since)
     assert "NoSuchMethod" not in caplog.text or "refused" in caplog.text
 
