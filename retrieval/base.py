@@ -31,7 +31,7 @@ from retrieval.errors import (
     SchemaMismatchError,
     StoreUnavailableError,
 )
-from retrieval.filters import Filter, FilterLike, HasId, as_filter, is_key_path
+from retrieval.filters import QUOTE_HINT, Filter, FilterLike, HasId, as_filter, is_key_path
 from retrieval.schema import (
     EXTERNAL_ID_KEY,
     FULL_VECTOR,
@@ -781,12 +781,6 @@ def vector_names(with_vectors: WithVectors) -> list[str]:
 
 def has_id_point_ids(cond: HasId) -> list[str]:
     return [point_id(i) for i in cond.ids]
-
-
-QUOTE_HINT = (
-    "dot-separated names of letters, digits, '_' or '-', each optionally followed by [] or [N]; quote a name "
-    "with other characters ('\"product name\"')"
-)
 
 
 def json_size(body: Any) -> int:

@@ -37,6 +37,12 @@ Scalar = str | int | bool
 # what Qdrant's own parser refuses, with the same error: Qdrant Edge raised a bare ValueError (INTERNAL over gRPC,
 # a traceback per call), and local mode accepted anything. The parser is Qdrant's (qdrant-edge, a dependency of
 # this package): a regex of ours refused Hindi and Arabic keys the engine takes, and passed "tags[٣]".
+QUOTE_HINT = (
+    "dot-separated names of letters, digits, '_' or '-', each optionally followed by [] or [N]; quote a name "
+    "with other characters ('\"product name\"')"
+)
+
+
 @functools.lru_cache(maxsize=4096)
 def is_key_path(key: str) -> bool:
     """Whether ``key`` is a payload path Qdrant can parse."""
@@ -56,10 +62,7 @@ def _check_key(key: Any) -> str:
     if bad is not None:
         raise InvalidFilterError(f"filter key {key!r} is not valid Unicode (a lone surrogate at position {bad})")
     if not is_key_path(key):
-        raise InvalidFilterError(
-            f"filter key {key!r} is not a payload path: dot-separated names of letters, digits, '_' or '-', each "
-            "optionally followed by [] or [N]; quote a name with other characters ('\"product name\"')"
-        )
+        raise InvalidFilterError(f"filter key {key!r} is not a payload path: {QUOTE_HINT}")
     return key
 
 
