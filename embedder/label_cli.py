@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -61,6 +63,18 @@ def _fail(exc: Exception) -> None:
             )
     console.print(f"[red]error:[/] {msg}")
     raise typer.Exit(code=2)
+
+
+@contextlib.contextmanager
+def _remote(server: str, token: str | None, **options: Any) -> Iterator[Any]:
+    """A client of ``server`` (TLS from the environment); a service error ends the command with its message."""
+    from embedder.client import Client, ServiceError, tls_from_env
+
+    try:
+        with Client(server, token=token, **tls_from_env(), **options) as client:
+            yield client
+    except ServiceError as exc:
+        _fail(exc)
 
 
 def _open(path: Path | None, collection: str | None) -> tuple[Any, str]:
@@ -155,26 +169,19 @@ def _run_local(path: Path | None, collection: str | None, cfg: Any, runs_dir: Pa
 
 def _run_via_server(server: str, token: str | None, collection: str, fields: dict[str, Any], progress: bool) -> dict:
     """The same job through gRPC RunLabelingJob, with the same progress bars."""
-    from embedder.client import Client, ServiceError, tls_from_env
     from embedder.service.convert import struct_to_dict
     from labeling.job import JobEvent
     from labeling.present import rich_events
 
     report: dict[str, Any] | None = None
-    try:
-        with (
-            Client(server, token=token, timeout=None, **tls_from_env()) as client,
-            rich_events(console, enabled=progress) as events,
-        ):
-            for e in client.run_labeling_job(fields, collection=collection):
-                if e.stage == "done":
-                    report = struct_to_dict(e.run.report)
-                elif e.stage == "iteration":
-                    events(JobEvent("iteration", e.done, e.total, e.message, {"summary": e.iteration}))
-                else:
-                    events(JobEvent(e.stage, e.done, e.total, e.message))
-    except ServiceError as exc:
-        _fail(exc)
+    with _remote(server, token, timeout=None) as client, rich_events(console, enabled=progress) as events:
+        for e in client.run_labeling_job(fields, collection=collection):
+            if e.stage == "done":
+                report = struct_to_dict(e.run.report)
+            elif e.stage == "iteration":
+                events(JobEvent("iteration", e.done, e.total, e.message, {"summary": e.iteration}))
+            else:
+                events(JobEvent(e.stage, e.done, e.total, e.message))
     if report is None:
         _fail(RuntimeError("the server ended the job stream without a result"))
     return report  # type: ignore[return-value]
@@ -292,13 +299,8 @@ def review_cmd(
     from labeling.review import export_review, write_review
 
     if server is not None:
-        from embedder.client import Client, ServiceError, tls_from_env
-
-        try:
-            with Client(server, token=token, **tls_from_env()) as client:
-                found = client.review_queue(limit=limit or 100_000, collection=remote_collection(collection))
-        except ServiceError as exc:
-            _fail(exc)
+        with _remote(server, token) as client:
+            found = client.review_queue(limit=limit or 100_000, collection=remote_collection(collection))
         n = write_review([review_item_from_proto(q) for q in found], export)
     else:
         try:
@@ -325,16 +327,14 @@ def import_cmd(
     from labeling.review import import_labels, read_answers
 
     if server is not None:
-        from embedder.client import Client, ServiceError, tls_from_env
-
         try:
             answers, unanswered = read_answers(file)
-            with Client(server, token=token, **tls_from_env()) as client:
-                written, unchanged = client.submit_labels(
-                    answers, source=source, overwrite_human=overwrite_human, collection=remote_collection(collection)
-                )
-        except (ServiceError, LabelingError) as exc:
+        except LabelingError as exc:
             _fail(exc)
+        with _remote(server, token) as client:
+            written, unchanged = client.submit_labels(
+                answers, source=source, overwrite_human=overwrite_human, collection=remote_collection(collection)
+            )
         console.print(f"wrote {written} labels as ground truth ({unchanged} already so, {unanswered} unanswered)")
         return
     try:
@@ -368,15 +368,10 @@ def clear_cmd(
     from labeling.review import clear_labels
 
     if server is not None:
-        from embedder.client import Client, ServiceError, tls_from_env
-
-        try:
-            with Client(server, token=token, **tls_from_env()) as client:
-                cleared, unchanged = client.clear_labels(
-                    ids, any_source=any_source, collection=remote_collection(collection)
-                )
-        except ServiceError as exc:
-            _fail(exc)
+        with _remote(server, token) as client:
+            cleared, unchanged = client.clear_labels(
+                ids, any_source=any_source, collection=remote_collection(collection)
+            )
     else:
         try:
             store, name = _open(path, collection)

@@ -353,9 +353,8 @@ class VectorStore(abc.ABC):
             present = self._existing(collection, pids, ext, missing_ok)
             todo = [(pid, body) for pid, body in zip(pids, bodies, strict=True) if pid in present]
             self._check_room(collection, len(todo), payload_bytes_estimate([b for _, b in todo]), op="set_payload")
-            step = self.write_batch_size
-            for start in range(0, len(todo), step):
-                self._set_payloads(collection, todo[start : start + step])
+            for batch in self._batches(todo):
+                self._set_payloads(collection, batch)
         self._wrote(collection, len(todo))
         return len(todo)
 
@@ -377,9 +376,8 @@ class VectorStore(abc.ABC):
             present = self._existing(collection, pids, ext, missing_ok)
             todo = [p for p in pids if p in present]
             self._check_room(collection, len(todo), op="delete_payload")
-            step = self.write_batch_size
-            for start in range(0, len(todo), step):
-                self._delete_payload_keys(collection, todo[start : start + step], keys)
+            for batch in self._batches(todo):
+                self._delete_payload_keys(collection, batch, keys)
         self._wrote(collection, len(todo))
         return len(todo)
 
@@ -392,11 +390,16 @@ class VectorStore(abc.ABC):
             present = self._existing(collection, pids, ext, missing_ok)
             todo = [p for p in pids if p in present]
             self._check_room(collection, len(todo), op="delete")
-            step = self.write_batch_size
-            for start in range(0, len(todo), step):
-                self._delete(collection, todo[start : start + step])
+            for batch in self._batches(todo):
+                self._delete(collection, batch)
         self._wrote(collection, 0)
         return len(todo)
+
+    def _batches(self, items: list[Any]) -> Iterator[list[Any]]:
+        """``items`` in slices of ``write_batch_size``, the size of one engine write."""
+        step = self.write_batch_size
+        for start in range(0, len(items), step):
+            yield items[start : start + step]
 
     def check_room(self, collection: str, n_points: int, payload_bytes: int = 0, *, op: str = "set_payload") -> None:
         """Raise :class:`StoreFullError` now if ``op`` (upsert, set_payload, delete_payload, delete) on

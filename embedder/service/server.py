@@ -25,6 +25,7 @@ import signal
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
@@ -160,12 +161,21 @@ class ConcurrencyLimiter(grpc.aio.ServerInterceptor):
     """
 
     def __init__(self, limit: int, metrics: Metrics | None = None, *, watch_limit: int = 1024) -> None:
-        self.limit = limit
-        self.in_flight = 0
-        self.watch_limit = watch_limit
-        self.watches = 0
+        self.calls = _Slots(limit, "calls already in flight (EMBEDSTORE_GRPC_MAX_CONCURRENT); retry with backoff")
+        self.watch_slots = _Slots(
+            watch_limit,
+            "health Watch streams already open (EMBEDSTORE_GRPC_MAX_HEALTH_WATCHES); use Check, or retry with backoff",
+        )
         self._metrics = metrics
         self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}  # per method, made once
+
+    @property
+    def in_flight(self) -> int:
+        return self.calls.used
+
+    @property
+    def watches(self) -> int:
+        return self.watch_slots.used
 
     async def intercept_service(
         self, continuation: Callable[[grpc.HandlerCallDetails], Any], details: grpc.HandlerCallDetails
@@ -177,41 +187,27 @@ class ConcurrencyLimiter(grpc.aio.ServerInterceptor):
         known = self._wrapped.get(details.method)
         if known is None or known[0] is not handler:
             method = details.method.rsplit("/", 1)[-1]
-            known = (handler, self._limited(handler, method, "watches" if watch else "in_flight"))
+            known = (handler, self._limited(handler, method, self.watch_slots if watch else self.calls))
             self._wrapped[details.method] = known
         return known[1]
 
-    def _refuse(self, method: str, slot: str) -> str:
+    def _refuse(self, method: str, slots: _Slots) -> str:
         if self._metrics is not None:
             self._metrics.requests.labels(method, "RESOURCE_EXHAUSTED").inc()
-        if slot == "watches":
-            return (
-                f"server busy: {self.watch_limit} health Watch streams already open "
-                "(EMBEDSTORE_GRPC_MAX_HEALTH_WATCHES); use Check, or retry with backoff"
-            )
-        return f"server busy: {self.limit} calls already in flight (EMBEDSTORE_GRPC_MAX_CONCURRENT); retry with backoff"
+        return f"server busy: {slots.limit} {slots.what}"
 
-    def _full(self, slot: str) -> bool:
-        return getattr(self, slot) >= (self.watch_limit if slot == "watches" else self.limit)
-
-    def _limited(self, handler: grpc.RpcMethodHandler, method: str, slot: str) -> grpc.RpcMethodHandler:
+    def _limited(self, handler: grpc.RpcMethodHandler, method: str, slots: _Slots) -> grpc.RpcMethodHandler:
         # The count is taken and released on the event loop, where every aio handler starts and ends: no lock.
         behavior = _behavior(handler)
         if not (inspect.iscoroutinefunction(behavior) or inspect.isasyncgenfunction(behavior)):
             return handler  # a sync handler runs in grpc's thread pool: not ours to count
 
-        def take() -> None:
-            setattr(self, slot, getattr(self, slot) + 1)
-
-        def give_back() -> None:
-            setattr(self, slot, getattr(self, slot) - 1)
-
         if handler.response_streaming:
 
             async def limited_stream(request: Any, context: grpc.aio.ServicerContext) -> Any:
-                if self._full(slot):
-                    await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, self._refuse(method, slot))
-                take()
+                if slots.used >= slots.limit:
+                    await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, self._refuse(method, slots))
+                slots.used += 1
                 try:
                     result = behavior(request, context)
                     if inspect.isasyncgen(result):
@@ -220,22 +216,31 @@ class ConcurrencyLimiter(grpc.aio.ServerInterceptor):
                     else:  # a coroutine that writes with context.write()
                         await result
                 finally:
-                    give_back()
+                    slots.used -= 1
 
             wrapped: Any = limited_stream
         else:
 
             async def limited_unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
-                if self._full(slot):
-                    await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, self._refuse(method, slot))
-                take()
+                if slots.used >= slots.limit:
+                    await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, self._refuse(method, slots))
+                slots.used += 1
                 try:
                     return await behavior(request, context)
                 finally:
-                    give_back()
+                    slots.used -= 1
 
             wrapped = limited_unary
         return _replaced(handler, wrapped)
+
+
+@dataclass
+class _Slots:
+    """A count of calls of one kind in flight, its limit, and what a refusal says after the limit."""
+
+    limit: int
+    what: str
+    used: int = 0
 
 
 class EmbedstoreServer:
