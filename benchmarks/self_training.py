@@ -55,6 +55,7 @@ iterations; wall time. Results: benchmarks/results/self_training.json.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import shutil
@@ -92,6 +93,7 @@ DEFAULT_OUT = ROOT / "benchmarks" / "results" / "self_training.json"
 
 def vectors_for(name: str, epochs: int) -> tuple[np.ndarray, list[str]]:
     """Our embedding of a dataset (label-free projection), cached next to the feature cache."""
+    from embedder import projection as projection_module
     from embedder.config import EmbedderSettings
     from embedder.datasets import load_items
     from embedder.encoders import cache_dir
@@ -104,12 +106,24 @@ def vectors_for(name: str, epochs: int) -> tuple[np.ndarray, list[str]]:
     es = EmbedderSettings()
     embedder = Embedder.from_settings(es.model_copy(update={"projection": Path("/nonexistent")}))
     raw = features_for(items, embedder, cache_name=name, progress=True)
-    cached = cache_dir() / "bench" / f"{name}-labelfree-{epochs}.npy"
+    config = TrainConfig(epochs=epochs, seed=0)
+    # The cache is keyed by everything that makes the vectors: the features, the training config and the projection
+    # code. It was keyed by the epochs alone, so a changed default (modality dropout) would have been read back as
+    # the old vectors.
+    made_of = json.dumps(
+        {
+            "features": [digest(np.asarray(part)) for part in (raw.image, raw.text, raw.has_image, raw.has_text)],
+            "config": dataclasses.asdict(config),
+            "code": hashlib.sha1(Path(projection_module.__file__).read_bytes()).hexdigest(),
+        },
+        sort_keys=True,
+    )
+    cached = cache_dir() / "bench" / f"{name}-labelfree-{epochs}-{hashlib.sha1(made_of.encode()).hexdigest()[:12]}.npy"
     if cached.is_file():
         vecs = np.load(cached)
         if len(vecs) == len(items):
             return vecs, labels
-    art = fit_projection(raw, None, TrainConfig(epochs=epochs, seed=0), encoders=embedder.encoder_signatures())
+    art = fit_projection(raw, None, config, encoders=embedder.encoder_signatures())
     vecs = art.project(raw).astype(np.float32)
     cached.parent.mkdir(parents=True, exist_ok=True)
     np.save(cached, vecs)
