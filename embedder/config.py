@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from pathlib import Path
 from typing import Annotated, Literal
@@ -105,6 +106,33 @@ class ServerSettings(BaseSettings):
     dask_scheduler: str | None = None
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
+    @field_validator("host", mode="before")
+    @classmethod
+    def _host(cls, value: object) -> object:
+        """An IP address (brackets around an IPv6 one are dropped) or a host name. "not a host" had reached the
+        bind and come back as a port error naming EMBEDSTORE_GRPC_PORT."""
+        if not isinstance(value, str):
+            return value
+        host = value.strip()
+        if host.startswith("[") and host.endswith("]"):
+            host = host[1:-1]
+        try:
+            ipaddress.ip_address(host)
+            return host
+        except ValueError:
+            pass
+        label = r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?"
+        if len(host) <= 253 and re.fullmatch(rf"{label}(?:\.{label})*\.?", host):
+            return host
+        raise ValueError(f"{value!r} is not an IP address or a host name (127.0.0.1, 0.0.0.0, ::, localhost, ...)")
+
+    @field_validator("tls_cert", "tls_key", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: object) -> object:
+        # compose passes unset host variables on as "" (EMBEDSTORE_GRPC_TLS_CERT: ${EMBEDSTORE_GRPC_TLS_CERT:-}):
+        # that is "no TLS", not a file named ""
+        return None if isinstance(value, str) and not value.strip() else value
+
     @field_validator("log_level", mode="before")
     @classmethod
     def _upper_level(cls, value: object) -> object:
@@ -143,3 +171,8 @@ class ServerSettings(BaseSettings):
     @property
     def max_message_bytes(self) -> int:
         return self.max_message_mb * 1024 * 1024
+
+    @property
+    def address(self) -> str:
+        """``host:port`` as grpc binds it: an IPv6 address in brackets (``[::]:50051``; ``:::50051`` failed)."""
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"

@@ -23,10 +23,15 @@ ROOT = Path(__file__).resolve().parents[1]
 COMPOSE_FILES = ("docker-compose.yml", "docker-compose.cluster.yml")
 
 
-def _config(name: str) -> dict:
-    """The file as docker-compose resolves it (anchors merged, env interpolated): fails on an invalid file."""
+def _config(name: str, **env: str) -> dict:
+    """The file as docker-compose resolves it (anchors merged, env interpolated, with ``env`` set on the host):
+    fails on an invalid file."""
     out = subprocess.run(
-        ["docker-compose", "-f", str(ROOT / name), "config"], capture_output=True, text=True, timeout=60
+        ["docker-compose", "-f", str(ROOT / name), "config"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, **env},
     )
     assert out.returncode == 0, f"{name} does not validate: {out.stderr}"
     return yaml.safe_load(out.stdout)
@@ -64,6 +69,50 @@ def test_compose_files_validate_and_wire_the_service_to_healthy_backends(name):
     assert "--appendonly" in redis["command"] and "redis-cli" in redis["healthcheck"]["test"]
     qdrants = [s for n, s in cfg["services"].items() if n.startswith("qdrant")]
     assert qdrants and all("/readyz" in " ".join(q["healthcheck"]["test"]) for q in qdrants)
+
+
+@pytest.mark.parametrize("name", COMPOSE_FILES)
+def test_compose_files_pass_tls_through_and_stay_plaintext_without_it(name, tmp_path, monkeypatch):
+    """TLS needed hand edits: neither file passed the certificate settings or mounted a certificate."""
+    from embedder.config import ServerSettings
+
+    def tls_of(svc: dict) -> ServerSettings:
+        env = svc["environment"]
+        return ServerSettings(tls_cert=env["EMBEDSTORE_GRPC_TLS_CERT"], tls_key=env["EMBEDSTORE_GRPC_TLS_KEY"])
+
+    for key in (
+        "EMBEDSTORE_GRPC_TLS_CERT",
+        "EMBEDSTORE_GRPC_TLS_KEY",
+        "EMBEDSTORE_SERVER_TLS_NAME",
+        "EMBEDSTORE_TLS_DIR",
+    ):
+        monkeypatch.delenv(key, raising=False)  # the host's own settings must not leak into the default case
+    plain = _config(name)["services"]["embedstore"]
+    assert tls_of(plain).tls_cert is None and tls_of(plain).tls_key is None  # "" from compose: TLS off
+    svc = _config(
+        name,
+        EMBEDSTORE_GRPC_TLS_CERT="/data/tls/server.crt",
+        EMBEDSTORE_GRPC_TLS_KEY="/data/tls/server.key",
+        EMBEDSTORE_SERVER_TLS_NAME="embed.example.org",
+        EMBEDSTORE_TLS_DIR=str(tmp_path),
+    )["services"]["embedstore"]
+    env = svc["environment"]
+    assert (env["EMBEDSTORE_GRPC_TLS_CERT"], env["EMBEDSTORE_GRPC_TLS_KEY"]) == (
+        "/data/tls/server.crt",
+        "/data/tls/server.key",
+    )
+    assert env["EMBEDSTORE_SERVER_TLS_NAME"] == "embed.example.org"
+    mounts = dict(_mount(m) for m in svc["volumes"])
+    assert mounts["/data/tls"] == (str(tmp_path), True)
+
+
+def _mount(entry) -> tuple[str, tuple[str, bool]]:
+    """(target, (source, read-only)) of a resolved volume: docker-compose v1 writes "source:target[:mode]",
+    v2 a mapping."""
+    if isinstance(entry, dict):
+        return entry["target"], (entry.get("source", ""), bool(entry.get("read_only")))
+    source, target, *mode = str(entry).split(":")
+    return target, (source, mode == ["ro"])
 
 
 def _seconds(duration: str) -> float:

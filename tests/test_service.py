@@ -60,6 +60,7 @@ def make_server(tmp_path, embedder, *, load_gate: threading.Event | None = None,
     settings.setdefault("port", 0)
     settings.setdefault("metrics_port", 0)
     settings.setdefault("max_delay_ms", 2.0)
+    settings.setdefault("runs_dir", tmp_path / "runs")
 
     def embedder_factory():
         if load_gate is not None:
@@ -347,7 +348,7 @@ def test_busy_ports_are_named_not_a_traceback(tmp_path, embedder):
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        with pytest.raises(OSError, match=rf"cannot bind gRPC port 127.0.0.1:{port} \(EMBEDSTORE_GRPC_PORT\)"):
+        with pytest.raises(OSError, match=rf"on 127.0.0.1:{port}: EMBEDSTORE_GRPC_PORT={port} is already in use"):
             asyncio.run(make_server(tmp_path, embedder, port=port).start())
         server = make_server(tmp_path, embedder, metrics_port=port)
 
@@ -359,6 +360,47 @@ def test_busy_ports_are_named_not_a_traceback(tmp_path, embedder):
 
         with pytest.raises(OSError, match=r"cannot bind the metrics port .*EMBEDSTORE_GRPC_METRICS_PORT"):
             asyncio.run(start_and_stop())
+
+
+def test_a_bad_host_or_runs_folder_is_named_at_start_and_ipv6_hosts_bind(tmp_path, embedder):
+    """A host that is not this machine's, or does not resolve, was reported as a port error naming
+    EMBEDSTORE_GRPC_PORT; an IPv6 host (``::1``) could not be bound at all (``::1:50051``); a runs folder that
+    cannot be written let the server come up ready and fail every labeling job."""
+    import asyncio
+
+    from pydantic import ValidationError
+
+    def on(host: str) -> EmbedstoreServer:
+        return EmbedstoreServer(
+            ServerSettings(host=host, port=0, metrics_port=0, runs_dir=tmp_path / "runs"),
+            embedder_factory=lambda: embedder,
+            store_factory=lambda: make_edge(tmp_path / f"store-{host}"),
+            collection="items",
+        )
+
+    for host, says in (
+        ("192.0.2.1", "EMBEDSTORE_GRPC_HOST=192.0.2.1 is not an address of this machine"),  # TEST-NET-1
+        ("nohost.invalid", "EMBEDSTORE_GRPC_HOST=nohost.invalid does not resolve"),
+    ):
+        with pytest.raises(OSError, match=f"cannot serve gRPC on {host}:0: {says}"):
+            asyncio.run(on(host).start())
+    with pytest.raises(ValidationError, match="'not a host' is not an IP address or a host name"):
+        ServerSettings(host="not a host")
+    assert ServerSettings(host="[::1]").host == "::1" and ServerSettings(host="::1", port=7).address == "[::1]:7"
+    with BackgroundServer(on("::1")) as bg, Client(bg.target) as client:
+        assert bg.target == f"[::1]:{bg.port}"
+        assert client.health("", timeout=10) in ("SERVING", "NOT_SERVING")
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    for runs in (blocker, blocker / "runs"):
+        server = make_server(tmp_path, embedder, runs_dir=runs)
+        with pytest.raises(OSError, match=f"EMBEDSTORE_GRPC_RUNS_DIR={runs} cannot hold labeling runs"):
+            asyncio.run(server.start())
+        assert server.port is None  # refused before the port was bound
+    made = tmp_path / "new" / "runs"
+    with BackgroundServer(make_server(tmp_path, embedder, runs_dir=made)):
+        assert made.is_dir() and not any(made.iterdir())  # created, and the probe file gone
 
 
 def test_a_modality_the_projection_never_saw_is_failed_precondition(tmp_path, image_encoder, text_encoder, emoji_items,

@@ -17,15 +17,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import hmac
 import inspect
 import logging
 import math
 import signal
+import socket
+import tempfile
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -243,6 +247,43 @@ class _Slots:
     used: int = 0
 
 
+def bind_problem(host: str, port: int) -> str:
+    """Why ``host:port`` cannot be bound, naming the setting to change: a plain socket is bound the way grpc binds
+    (``SO_REUSEADDR``) and its error read."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        return f"EMBEDSTORE_GRPC_HOST={host} does not resolve ({exc.strerror})"
+    for family, kind, proto, _, sockaddr in infos:
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind(sockaddr)
+            except OSError as exc:
+                if exc.errno == errno.EADDRNOTAVAIL:
+                    return f"EMBEDSTORE_GRPC_HOST={host} is not an address of this machine ({exc.strerror})"
+                if exc.errno == errno.EADDRINUSE:
+                    return f"EMBEDSTORE_GRPC_PORT={port} is already in use on {host} ({exc.strerror})"
+                if exc.errno == errno.EACCES:
+                    return f"EMBEDSTORE_GRPC_PORT={port} needs privileges to bind (ports below 1024)"
+                return f"{exc.strerror or exc} (EMBEDSTORE_GRPC_HOST={host}, EMBEDSTORE_GRPC_PORT={port})"
+    return f"grpc refused it; the OS would bind it (EMBEDSTORE_GRPC_HOST={host}, EMBEDSTORE_GRPC_PORT={port})"
+
+
+def check_runs_dir(path: Path) -> None:
+    """Make sure labeling runs can be written under ``path`` (created if missing): a server whose runs folder
+    cannot be written came up "ready" and answered every RunLabelingJob with FAILED_PRECONDITION."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as exc:
+        raise OSError(
+            f"EMBEDSTORE_GRPC_RUNS_DIR={path} cannot hold labeling runs: {exc.strerror or exc}; point it at a "
+            "writable folder"
+        ) from None
+
+
 class EmbedstoreServer:
     """The embedstore gRPC server (grpc.aio).
 
@@ -308,17 +349,19 @@ class EmbedstoreServer:
         reflection.enable_server_reflection((*SERVICES, HEALTH_SERVICE, reflection.SERVICE_NAME), self._server)
         for name in ("", *SERVICES):
             await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
-        address = f"{s.host}:{s.port}"
+        check_runs_dir(s.runs_dir)
+        address = s.address
         try:
             if s.tls_cert is not None and s.tls_key is not None:
                 creds = grpc.ssl_server_credentials([(s.tls_key.read_bytes(), s.tls_cert.read_bytes())])
                 self.port = self._server.add_secure_port(address, creds)
             else:
                 self.port = self._server.add_insecure_port(address)
-        except RuntimeError as exc:  # grpcio raises where older releases returned 0
-            raise OSError(f"cannot bind gRPC port {address} (EMBEDSTORE_GRPC_PORT): {exc}") from None
+        except RuntimeError:  # grpcio raises where older releases returned 0
+            self.port = 0
         if not self.port:
-            raise OSError(f"cannot bind gRPC port {address} (EMBEDSTORE_GRPC_PORT)")
+            # grpc says only "Failed to bind": ask the OS the same question to name the setting at fault
+            raise OSError(f"cannot serve gRPC on {address}: {bind_problem(s.host, s.port)}")
         await self._server.start()
         if s.metrics_port:
             from prometheus_client import start_http_server
@@ -333,7 +376,11 @@ class EmbedstoreServer:
                 ) from None
             self.metrics_port = self._metrics_http.server_port
         self._loading = asyncio.get_running_loop().create_task(self._load())
-        log.info("embedstore gRPC listening on %s:%s (%s)", s.host, self.port, "TLS" if s.tls_cert else "plaintext")
+        log.info(
+            "embedstore gRPC listening on %s (%s)",
+            s.model_copy(update={"port": self.port}).address,
+            "TLS" if s.tls_cert else "plaintext",
+        )
         return self.port
 
     async def _load(self) -> None:
@@ -463,7 +510,8 @@ class BackgroundServer:
 
     @property
     def target(self) -> str:
-        return f"{self.server.settings.host}:{self.port}"
+        host = self.server.settings.host
+        return f"[{host}]:{self.port}" if ":" in host else f"{host}:{self.port}"
 
     def run(self, coro: Any, timeout: float | None = None) -> Any:
         """Run a coroutine on the server's loop and wait for its result."""
