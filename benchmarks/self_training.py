@@ -93,7 +93,6 @@ DEFAULT_OUT = ROOT / "benchmarks" / "results" / "self_training.json"
 
 def vectors_for(name: str, epochs: int) -> tuple[np.ndarray, list[str]]:
     """Our embedding of a dataset (label-free projection), cached next to the feature cache."""
-    from embedder import projection as projection_module
     from embedder.config import EmbedderSettings
     from embedder.datasets import load_items
     from embedder.encoders import cache_dir
@@ -107,18 +106,7 @@ def vectors_for(name: str, epochs: int) -> tuple[np.ndarray, list[str]]:
     embedder = Embedder.from_settings(es.model_copy(update={"projection": Path("/nonexistent")}))
     raw = features_for(items, embedder, cache_name=name, progress=True)
     config = TrainConfig(epochs=epochs, seed=0)
-    # The cache is keyed by everything that makes the vectors: the features, the training config and the projection
-    # code. It was keyed by the epochs alone, so a changed default (modality dropout) would have been read back as
-    # the old vectors.
-    made_of = json.dumps(
-        {
-            "features": [digest(np.asarray(part)) for part in (raw.image, raw.text, raw.has_image, raw.has_text)],
-            "config": dataclasses.asdict(config),
-            "code": hashlib.sha1(Path(projection_module.__file__).read_bytes()).hexdigest(),
-        },
-        sort_keys=True,
-    )
-    cached = cache_dir() / "bench" / f"{name}-labelfree-{epochs}-{hashlib.sha1(made_of.encode()).hexdigest()[:12]}.npy"
+    cached = cache_dir() / "bench" / f"{name}-labelfree-{epochs}-{vectors_key(raw, config)}.npy"
     if cached.is_file():
         vecs = np.load(cached)
         if len(vecs) == len(items):
@@ -128,6 +116,20 @@ def vectors_for(name: str, epochs: int) -> tuple[np.ndarray, list[str]]:
     cached.parent.mkdir(parents=True, exist_ok=True)
     np.save(cached, vecs)
     return vecs, labels
+
+
+def vectors_key(raw: Any, config: Any) -> str:
+    """12 hex digits of everything that makes a dataset's vectors: its raw features, the projection's training
+    config and the projection code. The cache was keyed by the epochs alone, so a changed default (modality
+    dropout) would have been read back as the old vectors."""
+    from embedder import projection
+
+    made_of = {
+        "features": [digest(np.asarray(part)) for part in (raw.image, raw.text, raw.has_image, raw.has_text)],
+        "config": dataclasses.asdict(config),
+        "code": hashlib.sha1(Path(projection.__file__).read_bytes()).hexdigest(),
+    }
+    return hashlib.sha1(json.dumps(made_of, sort_keys=True).encode()).hexdigest()[:12]
 
 
 def jittered(vecs: np.ndarray, scale: float, seed: int = 0) -> np.ndarray:
@@ -491,11 +493,18 @@ def targets(rows: list[dict[str, Any]], fraction: float = 0.05) -> list[dict[str
     return out
 
 
+def _pair_key(row: dict[str, Any]) -> tuple[int, str | None]:
+    """Rows pair when they share the seed and ran on the same vectors (a row from before the digest was recorded
+    pairs with others like it): after a new projection, a method whose rows were not rerun is not compared with one
+    whose rows were."""
+    return row["seed"], row.get("vectors")
+
+
 def _paired(ours: list[dict[str, Any]], other: list[dict[str, Any]]) -> dict[str, Any] | None:
     """Ours minus ``other`` in macro-F1, paired by seed: mean, standard error (None below 2 pairs), ahead/level/behind
     (level: equal to the 4th decimal, as the JSON rounds)."""
-    theirs = {r["seed"]: r["macro_f1"] for r in other}
-    d = np.array([r["macro_f1"] - theirs[r["seed"]] for r in ours if r["seed"] in theirs])
+    theirs = {_pair_key(r): r["macro_f1"] for r in other}
+    d = np.array([r["macro_f1"] - theirs[_pair_key(r)] for r in ours if _pair_key(r) in theirs])
     if len(d) == 0:
         return None
     level = np.abs(d) < 5e-5
@@ -566,8 +575,8 @@ def ablation_table(rows: list[dict[str, Any]], fraction: float = 0.05) -> list[s
     here = [r for r in rows if abs(r["seed_fraction"] - fraction) < 1e-9]
     datasets = [d for d in DATASETS if any(r["dataset"] == d and r["method"] in ABLATIONS for r in here)]
 
-    def f1(dataset: str, method: str) -> dict[int, float]:
-        return {r["seed"]: r["macro_f1"] for r in here if (r["dataset"], r["method"]) == (dataset, method)}
+    def f1(dataset: str, method: str) -> dict[tuple[int, str | None], float]:
+        return {_pair_key(r): r["macro_f1"] for r in here if (r["dataset"], r["method"]) == (dataset, method)}
 
     lines = [
         f"**Ablations at {fraction:.0%}** (ablation minus `embedstore`, macro-F1 points, mean over the seeds both "

@@ -264,6 +264,12 @@ def test_self_training_ablation_table_pairs_each_ablation_with_ours_by_seed():
     # (-2 + 1 - 4) / 3 points, not against seed 3's 0.99; t = -1.667 / (s.d. 2.517 / sqrt 3) = -1.15
     assert "| linear | - | -1.7 (1/3, t -1.1) |" in table
     assert "| mixup | - | +0.0 (0/1) |" in table and "| breaker | - | - |" in table
+    # after a new projection, rows on other vectors do not pair: ours rerun on "new", one ablation not
+    moved = [{**r, "vectors": "new"} if r["method"] in ("embedstore", "embedstore_no_mixup") else r for r in rows]
+    table = "\n".join(bench.ablation_table(moved))
+    assert "| linear | - | - |" in table and "| mixup | - | +0.0 (0/1) |" in table
+    (t,) = [t for t in bench.targets([*moved, row("rf_loop", 0, 0.5), {**row("rf_loop", 1, 0.5), "vectors": "new"}])]
+    assert t["vs_best_baseline_paired"]["seeds"] == 1  # seed 1 only: seed 0's rf_loop row ran on the old vectors
 
 
 def test_self_training_targets_pair_ours_with_the_best_baseline_by_seed():
@@ -303,6 +309,26 @@ def test_self_training_targets_pair_ours_with_the_best_baseline_by_seed():
     assert (t["seeds_under_confidence"], t["seeds_accepting"]) == (1, 3)
     table = bench.markdown({"rows": rows})
     assert "| -0.007 +- 0.018 (1 / 1 / 1) |" in table and "(1 / 3) |" in table
+
+
+def test_self_training_vectors_cache_is_keyed_by_features_and_training_config():
+    """The cache was keyed by the epochs alone: a new default (modality dropout) read back the old vectors."""
+    from embedder.projection import RawFeatures, TrainConfig
+
+    bench = _bench_module("self_training")
+    rng = np.random.default_rng(0)
+    raw = RawFeatures(
+        rng.standard_normal((6, 4)).astype(np.float32),
+        rng.standard_normal((6, 3)).astype(np.float32),
+        np.ones(6, bool),
+        np.ones(6, bool),
+    )
+    key = bench.vectors_key(raw, TrainConfig(epochs=5))
+    assert key == bench.vectors_key(raw, TrainConfig(epochs=5)) and len(key) == 12  # stable across calls
+    assert key != bench.vectors_key(raw, TrainConfig(epochs=5, modality_dropout=0.0))
+    assert key != bench.vectors_key(raw, TrainConfig(epochs=6))
+    moved = RawFeatures(raw.image, raw.text, raw.has_image, np.array([True] * 5 + [False]))
+    assert key != bench.vectors_key(moved, TrainConfig(epochs=5))
 
 
 def test_self_training_jitter_moves_vectors_by_the_given_scale_and_changes_their_digest():
