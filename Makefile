@@ -6,7 +6,7 @@ PY     := $(BIN)/python
 # A stamp per extras set: reinstall only when pyproject.toml changes.
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint format protos compose browser bench-search bench-embed bench-grpc bench-labeling bench-labeling-scale bench-labeling-classes bench-labeling-job bench-keys venv redis clean
+.PHONY: demo test lint lint-protos format protos compose browser bench-search bench-embed bench-grpc bench-labeling bench-labeling-scale bench-labeling-classes bench-labeling-job bench-keys venv redis clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +35,10 @@ format: $(STAMP)-test,dev,bench,data,embed,scale,ui
 # Regenerate embedstore.v1 from protos/embedstore/v1/*.proto (a test checks it is fresh).
 protos: $(STAMP)-test,dev,bench,data,embed,scale,ui
 	$(PY) protos/generate.py
+
+# buf's STANDARD lint rules on the .proto files (protos/buf.yaml); needs Node's npx, so not part of CI.
+lint-protos:
+	npx --yes @bufbuild/buf@1.75.0 lint protos
 
 bench-search: $(STAMP)-bench
 	$(PY) benchmarks/search.py --n $${N:-100000}
