@@ -73,6 +73,7 @@ class ServerSettings(BaseSettings):
     ``EMBEDSTORE_GRPC_MAX_QUEUE``        items waiting to be embedded before RESOURCE_EXHAUSTED (4096)
     ``EMBEDSTORE_GRPC_METRICS_PORT``     Prometheus /metrics port (9464; 0 = off)
     ``EMBEDSTORE_GRPC_GRACE_S``          seconds in-flight calls get to finish on shutdown (10)
+    ``EMBEDSTORE_GRPC_DRAIN_S``          seconds of NOT_SERVING health, still taking calls, before that (0)
     ``EMBEDSTORE_GRPC_STORE_WORKERS``    threads for store writes and large reads (4)
     ``EMBEDSTORE_GRPC_INLINE_READS``     small reads (top_k/ids <= 100) on the event loop (true)
     ``EMBEDSTORE_GRPC_RUNS_DIR``         where RunLabelingJob writes run directories (``./data/runs``)
@@ -100,6 +101,9 @@ class ServerSettings(BaseSettings):
     max_queue: int = Field(4096, ge=1)
     metrics_port: int = Field(9464, ge=0, le=65535)
     grace_s: float = Field(10.0, ge=0)
+    # Behind a load balancer: on SIGTERM, health turns NOT_SERVING at once but calls are still taken for this long,
+    # so the balancer sees the probe fail and routes away before the port closes (instead of a preStop sleep).
+    drain_s: float = Field(0.0, ge=0, le=600)
     store_workers: int = Field(4, ge=1, le=64)
     inline_reads: bool = True
     runs_dir: Path = Path("./data/runs")

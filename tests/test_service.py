@@ -719,6 +719,33 @@ def test_concurrent_clients_get_their_own_results(served, embedder):
     assert total > count  # some model calls served more than one item: requests were batched together
 
 
+def test_drain_answers_not_serving_but_still_takes_calls_until_it_ends(tmp_path, embedder):
+    """EMBEDSTORE_GRPC_DRAIN_S: behind a load balancer the port closed at once on SIGTERM, before the balancer
+    could see a failed probe, so calls routed there in the meantime failed."""
+    bg = BackgroundServer(make_server(tmp_path, embedder, drain_s=30.0)).start()
+    with Client(bg.target) as client:
+        client.upsert_vectors(["p"], np.eye(1, 512, dtype=np.float32))
+        stopper = threading.Thread(target=bg.stop)
+        started = time.monotonic()
+        stopper.start()
+        try:
+            deadline = time.monotonic() + 10
+            while client.health() != "NOT_SERVING" and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert client.health() == "NOT_SERVING" and all(client.health(s) == "NOT_SERVING" for s in SERVICES)
+            time.sleep(0.5)
+            assert client.count().count == 1 and [h.id for h in client.search(vector=np.eye(1, 512)[0], top_k=1)] == [
+                "p"
+            ]
+            assert stopper.is_alive()  # still draining
+        finally:
+            bg._loop.call_soon_threadsafe(bg.server._hurry.set)  # what a second SIGTERM does: end the drain now
+            stopper.join(30)
+        assert not stopper.is_alive() and time.monotonic() - started < 20  # not the 30 s drain
+    with Client(bg.target) as late, pytest.raises(Unavailable):
+        late.count()
+
+
 def test_graceful_shutdown_drains_in_flight_calls_and_closes_the_store(tmp_path, image_encoder, text_encoder,
                                                                        fitted_projection):  # fmt: skip
     slow = SlowEmbedder(image_encoder, text_encoder, fitted_projection)

@@ -323,6 +323,7 @@ class EmbedstoreServer:
         self._loading: asyncio.Task[None] | None = None
         self._metrics_http: Any = None
         self._stopped = False
+        self._hurry = asyncio.Event()  # a second signal during the drain: stop taking calls now
         self.limiter: ConcurrencyLimiter | None = None
 
     # ------------------------------------------------------------------ start
@@ -436,18 +437,27 @@ class EmbedstoreServer:
             raise self.load_error
 
     # ------------------------------------------------------------------- stop
-    async def stop(self, grace: float | None = None) -> None:
-        """Graceful shutdown: NOT_SERVING, drain in-flight calls, stop batching, flush and close the store."""
+    async def stop(self, grace: float | None = None, drain: float | None = None) -> None:
+        """Graceful shutdown: NOT_SERVING; calls still taken for ``drain`` seconds (``EMBEDSTORE_GRPC_DRAIN_S``, so a
+        load balancer routes away first); then no new calls, in-flight ones get ``grace`` seconds; then the batcher
+        stops and the store is flushed and closed."""
         if self._stopped:
             return
         self._stopped = True
         grace = self.settings.grace_s if grace is None else grace
+        drain = self.settings.drain_s if drain is None else drain
+        await self.health.enter_graceful_shutdown()
+        if drain > 0 and self._server is not None:
+            log.info(
+                "embedstore draining: health NOT_SERVING, calls still taken for %gs (a second signal ends it)", drain
+            )
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._hurry.wait(), drain)
         log.info(
             "embedstore stopping: no new calls; %d in flight get %gs, then the store is flushed and closed",
             self.limiter.in_flight if self.limiter is not None else 0,
             grace,
         )
-        await self.health.enter_graceful_shutdown()
         if self._server is not None:
             await self._server.stop(grace)
         if self._loading is not None and not self._loading.done():
@@ -482,6 +492,9 @@ class EmbedstoreServer:
                 await waiter
         finally:
             waiter.cancel()
+            for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):  # a second signal cuts the drain short
+                with contextlib.suppress(NotImplementedError, RuntimeError):
+                    loop.add_signal_handler(sig, self._hurry.set)
             await self.stop()
         if self.load_error is not None:
             raise self.load_error
