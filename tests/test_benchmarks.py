@@ -31,13 +31,19 @@ def test_search_benchmark_writes_the_documented_format(tmp_path):
     out = tmp_path / "search.json"
     subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "search.py"), "--n", "3000", "--queries", "20",
-         "--methods", "edge_prefetch,edge_full512_hnsw,numpy_exact", "--out", str(out)],
+         "--methods", "edge_prefetch,edge_full512_hnsw,edge_full512_hnsw_same_points,numpy_exact", "--out", str(out)],
         check=True, cwd=ROOT, timeout=1800, capture_output=True,
     )  # fmt: skip
     result = json.loads(out.read_text())
     assert result["n"] == 3000
     methods = {r["method"]: r for r in result["rows"]}
-    assert set(methods) == {"edge_prefetch", "edge_prefetch_engine", "edge_full512_hnsw", "numpy_exact"}
+    assert set(methods) == {
+        "edge_prefetch",
+        "edge_prefetch_engine",
+        "edge_full512_hnsw",
+        "edge_full512_hnsw_same_points",
+        "numpy_exact",
+    }
     for row in methods.values():
         assert set(row) >= ROW_KEYS, row
         assert 0.0 <= row["recall_at_10"] <= 1.0
@@ -48,6 +54,9 @@ def test_search_benchmark_writes_the_documented_format(tmp_path):
         "build_s <= 0.5 x full512 HNSW",
         "ram_mb <= 0.5 x full512 HNSW",
     }
+    # the same baseline over the same points (UUID ids, payload): found, and only reported beside the verdict
+    assert methods["edge_full512_hnsw_same_points"]["recall_at_10"] >= 0.9
+    assert set(result["targets"]["ratios_vs_full512_hnsw_same_points"]) >= {"p50_ms", "build_s", "ram_mb"}
 
 
 def test_embed_benchmark_rows_have_the_documented_format(
