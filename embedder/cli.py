@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 from pathlib import Path
 from typing import Annotated, Optional
@@ -528,11 +529,18 @@ def inspect_cmd(
 def serve_cmd(
     host: Annotated[Optional[str], typer.Option(help="Interface (EMBEDSTORE_GRPC_HOST).")] = None,  # noqa: UP045
     port: Annotated[Optional[int], typer.Option(help="Port (EMBEDSTORE_GRPC_PORT).")] = None,  # noqa: UP045
-    metrics_port: Annotated[Optional[int], typer.Option(help="Prometheus port, 0 = off.")] = None,  # noqa: UP045
+    metrics_port: Annotated[
+        Optional[int],  # noqa: UP045
+        typer.Option(help="Prometheus port, 0 = off (EMBEDSTORE_GRPC_METRICS_PORT)."),
+    ] = None,
     path: PathOpt = None,
     collection: CollectionOpt = None,
 ) -> None:
-    """Serve Embed, Upsert, Search and InspectNeighbours over gRPC until SIGINT/SIGTERM."""
+    """Serve the embedding, store and labeling services over gRPC until SIGINT, SIGTERM or SIGHUP.
+
+    Every other setting comes from the EMBEDSTORE_GRPC_* variables (README, "Configuration"). On the signal,
+    health turns NOT_SERVING; calls are still taken for EMBEDSTORE_GRPC_DRAIN_S (0), then in-flight ones get
+    EMBEDSTORE_GRPC_GRACE_S (10) to finish, and the store is flushed and closed."""
     import asyncio
     import logging
 
@@ -892,6 +900,21 @@ def main(argv: list[str] | None = None) -> None:
         console.print(f"[red]error:[/] {describe_validation_error(exc)}")
         raise SystemExit(2) from None
 
+
+def _reflow_help(group: typer.Typer) -> None:
+    """Rich help keeps a docstring's line breaks, so a paragraph wrapped at the source's width came out ragged
+    ("...the port from" / "EMBEDSTORE_GRPC_PORT, and ..."): each paragraph's lines are joined and the terminal
+    wraps them. No command's help holds a list or an indented block that this would flatten."""
+    for command in group.registered_commands:
+        doc = command.help or inspect.getdoc(command.callback) or ""
+        paragraphs = (" ".join(line.strip() for line in para.splitlines()) for para in doc.split("\n\n"))
+        command.help = "\n\n".join(paragraphs)
+    for sub in group.registered_groups:
+        if sub.typer_instance is not None:
+            _reflow_help(sub.typer_instance)
+
+
+_reflow_help(app)
 
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -376,3 +376,21 @@ def test_a_store_held_by_the_web_page_gets_advice_that_fits(capsys):
     with pytest.raises(typer.Exit):
         _fail(StoreLockedError(held.replace("embedstore ui -c emoji", "embedstore serve")))
     assert "add --server HOST:PORT" in " ".join(capsys.readouterr().out.split())
+
+
+def test_every_command_help_is_reflowed_into_paragraphs():
+    """Rich help kept the docstrings' source line breaks: `embedstore health --help` read "...: the" / "port from"."""
+    from typer.testing import CliRunner
+
+    from embedder.cli import app
+
+    def commands(group):
+        yield from group.registered_commands
+        for sub in group.registered_groups:
+            yield from commands(sub.typer_instance)
+
+    found = list(commands(app))
+    assert len(found) >= 20 and all(c.help for c in found)
+    assert all("\n" not in para for c in found for para in c.help.split("\n\n")), [c.name for c in found]
+    out = CliRunner().invoke(app, ["health", "--help"], env={"COLUMNS": "200"}).output
+    assert "it follows the server's own settings: the port from EMBEDSTORE_GRPC_PORT, and TLS" in out
