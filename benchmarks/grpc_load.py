@@ -110,7 +110,9 @@ def _serve(store_path: str, projection_dir: str, port: int) -> None:
         )
 
     server = EmbedstoreServer(
-        ServerSettings(host="127.0.0.1", port=port, metrics_port=0, max_concurrent=1024),
+        ServerSettings(
+            host="127.0.0.1", port=port, metrics_port=0, max_concurrent=1024, runs_dir=Path(store_path).parent / "runs"
+        ),
         embedder_factory=make_embedder,
         store_factory=lambda: EdgeStore(store_path),
         collection=COLLECTION,

@@ -456,12 +456,15 @@ def targets(rows: list[dict[str, Any]], fraction: float = 0.05) -> list[dict[str
     out = []
     for dataset in sorted({r["dataset"] for r in rows}):
         here = [r for r in rows if r["dataset"] == dataset and abs(r["seed_fraction"] - fraction) < 1e-9]
-        f1 = {m: _mean([r for r in here if r["method"] == m], "macro_f1") for m in {r["method"] for r in here}}
-        ours = f1.get("embedstore")
-        if ours is None:
-            continue
-        baselines = {m: v for m, v in f1.items() if m in (*BASELINES, "rf_loop") and m != "oracle" and v is not None}
         mine = [r for r in here if r["method"] == "embedstore"]
+        if not mine:
+            continue
+        # every comparison on the vectors ours ran on: rows another projection made (not rerun after it) are left out
+        here = [r for r in here if r.get("vectors") in {m.get("vectors") for m in mine}]
+        f1 = {m: _mean([r for r in here if r["method"] == m], "macro_f1") for m in {r["method"] for r in here}}
+        ours = f1["embedstore"]
+        assert ours is not None
+        baselines = {m: v for m, v in f1.items() if m in (*BASELINES, "rf_loop") and m != "oracle" and v is not None}
         precision, confidence = _mean(mine, "pseudo_precision"), _mean(mine, "mean_confidence")
         best = max(baselines, key=lambda m: baselines[m]) if baselines else None
         paired = _paired(mine, [r for r in here if r["method"] == best]) if best else None
@@ -539,6 +542,19 @@ def markdown(saved: dict[str, Any]) -> str:
                 ]
                 cells.append(f"{np.mean(v):.3f} +- {np.std(v):.3f} ({len(v)})" if v else "-")
             lines.append(f"| {m} | " + " | ".join(cells) + " |")
+        mixed = {
+            f: digests
+            for f in fracs
+            if len(
+                digests := {str(r.get("vectors")) for r in rows if (r["dataset"], r["seed_fraction"]) == (dataset, f)}
+            )
+            > 1
+        }
+        for f, digests in mixed.items():
+            lines += [
+                "",
+                f"*Mixed vectors at {f:.0%}*: rows on {len(digests)} embeddings ({', '.join(sorted(digests))}).",
+            ]
         lines.append("")
     lines += ["**Targets at a 5% seed** (points of macro-F1; precision vs mean calibrated confidence)", ""]
     lines.append(

@@ -749,7 +749,7 @@ def health_cmd(
     port = os.environ.get("EMBEDSTORE_GRPC_PORT", "50051").strip()
     if not port.isdigit() or not 0 < int(port) < 65536:
         _fail(ValueError(f"EMBEDSTORE_GRPC_PORT={port!r}: not a port number (1-65535)"))
-    own_cert = os.environ.get("EMBEDSTORE_GRPC_TLS_CERT")
+    own_cert = os.environ.get("EMBEDSTORE_GRPC_TLS_CERT", "").strip()  # "" or blank: no TLS, as the server reads it
     if not target:
         # the interface the server binds (EMBEDSTORE_GRPC_HOST): a wildcard one answers on loopback; a
         # specific one (10.0.0.5) does not, so dial that address itself (it was always 127.0.0.1)

@@ -126,7 +126,7 @@ class ServerSettings(BaseSettings):
         except ValueError:
             pass
         label = r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?"
-        if len(host) <= 253 and re.fullmatch(rf"{label}(?:\.{label})*\.?", host):
+        if len(host.rstrip(".")) <= 253 and re.fullmatch(rf"{label}(?:\.{label})*\.?", host):
             return host
         raise ValueError(f"{value!r} is not an IP address or a host name (127.0.0.1, 0.0.0.0, ::, localhost, ...)")
 

@@ -281,6 +281,33 @@ def test_self_training_ablation_table_pairs_each_ablation_with_ours_by_seed():
     assert t["vs_best_baseline_paired"]["seeds"] == 1  # seed 1 only: seed 0's rf_loop row ran on the old vectors
 
 
+def test_self_training_targets_compare_only_rows_on_ours_vectors():
+    """The target columns (vs supervised, best baseline, oracle) averaged rows of other projections in."""
+    bench = _bench_module("self_training")
+
+    def row(method, seed, f1, vectors):
+        return {
+            "dataset": "emoji",
+            "seed_fraction": 0.05,
+            "method": method,
+            "seed": seed,
+            "macro_f1": f1,
+            "vectors": vectors,
+        }
+
+    rows = [
+        *(row("embedstore", s, 0.80, "new") for s in range(3)),
+        *(row("supervised_xgb", s, 0.70, "old") for s in range(3)),
+        *(row("rf_loop", s, 0.75, "old") for s in range(3)),
+        *(row("supervised_linear", s, 0.78, "new") for s in range(3)),
+    ]
+    (t,) = bench.targets(rows)
+    assert t["best_baseline"] == "supervised_linear" and t["vs_best_baseline"] == 0.02
+    assert t["vs_supervised"] is None  # supervised_xgb only ran on the old vectors
+    table = bench.markdown({"rows": rows})
+    assert "*Mixed vectors at 5%*: rows on 2 embeddings (new, old)." in table
+
+
 def test_self_training_targets_pair_ours_with_the_best_baseline_by_seed():
     bench = _bench_module("self_training")
 

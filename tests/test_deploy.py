@@ -80,12 +80,13 @@ def test_compose_files_pass_tls_through_and_stay_plaintext_without_it(name, tmp_
         env = svc["environment"]
         return ServerSettings(tls_cert=env["EMBEDSTORE_GRPC_TLS_CERT"], tls_key=env["EMBEDSTORE_GRPC_TLS_KEY"])
 
-    for key in (
+    tls_keys = (
         "EMBEDSTORE_GRPC_TLS_CERT",
         "EMBEDSTORE_GRPC_TLS_KEY",
         "EMBEDSTORE_SERVER_TLS_NAME",
-        "EMBEDSTORE_TLS_DIR",
-    ):
+        "EMBEDSTORE_SERVER_CA",
+    )
+    for key in (*tls_keys, "EMBEDSTORE_TLS_DIR"):
         monkeypatch.delenv(key, raising=False)  # the host's own settings must not leak into the default case
     plain = _config(name)["services"]["embedstore"]
     assert tls_of(plain).tls_cert is None and tls_of(plain).tls_key is None  # "" from compose: TLS off
@@ -94,6 +95,7 @@ def test_compose_files_pass_tls_through_and_stay_plaintext_without_it(name, tmp_
         EMBEDSTORE_GRPC_TLS_CERT="/data/tls/server.crt",
         EMBEDSTORE_GRPC_TLS_KEY="/data/tls/server.key",
         EMBEDSTORE_SERVER_TLS_NAME="embed.example.org",
+        EMBEDSTORE_SERVER_CA="/data/tls/ca.pem",
         EMBEDSTORE_TLS_DIR=str(tmp_path),
     )["services"]["embedstore"]
     env = svc["environment"]
@@ -101,7 +103,13 @@ def test_compose_files_pass_tls_through_and_stay_plaintext_without_it(name, tmp_
         "/data/tls/server.crt",
         "/data/tls/server.key",
     )
-    assert env["EMBEDSTORE_SERVER_TLS_NAME"] == "embed.example.org"
+    assert (
+        env["EMBEDSTORE_SERVER_TLS_NAME"] == "embed.example.org" and env["EMBEDSTORE_SERVER_CA"] == "/data/tls/ca.pem"
+    )
+    # unset, the health check's client settings read as plaintext
+    from embedder.client import tls_from_env
+
+    assert tls_from_env({k: plain["environment"][k] for k in tls_keys}) == {}
     mounts = dict(_mount(m) for m in svc["volumes"])
     assert mounts["/data/tls"] == (str(tmp_path), True)
 

@@ -387,9 +387,16 @@ def test_a_bad_host_or_runs_folder_is_named_at_start_and_ipv6_hosts_bind(tmp_pat
     with pytest.raises(ValidationError, match="'not a host' is not an IP address or a host name"):
         ServerSettings(host="not a host")
     assert ServerSettings(host="[::1]").host == "::1" and ServerSettings(host="::1", port=7).address == "[::1]:7"
-    with BackgroundServer(on("::1")) as bg, Client(bg.target) as client:
-        assert bg.target == f"[::1]:{bg.port}"
-        assert client.health("", timeout=10) in ("SERVING", "NOT_SERVING")
+    try:  # an IPv6 loopback to bind (a host with IPv6 off has none; the brackets are checked above either way)
+        with socket.socket(socket.AF_INET6) as v6:
+            v6.bind(("::1", 0))
+        has_v6 = True
+    except OSError:
+        has_v6 = False
+    if has_v6:
+        with BackgroundServer(on("::1")) as bg, Client(bg.target) as client:
+            assert bg.target == f"[::1]:{bg.port}"
+            assert client.health("", timeout=10) in ("SERVING", "NOT_SERVING")
 
     blocker = tmp_path / "a-file"
     blocker.write_text("")
@@ -877,7 +884,7 @@ def test_unreachable_store_is_unavailable(tmp_path, embedder):
         assert client.count().count == 0
 
     failing = EmbedstoreServer(
-        ServerSettings(host="127.0.0.1", port=0, metrics_port=0),
+        ServerSettings(host="127.0.0.1", port=0, metrics_port=0, runs_dir=tmp_path / "runs"),
         embedder_factory=lambda: embedder,
         store_factory=lambda: QdrantServerStore(f"http://127.0.0.1:{free_port()}", timeout=2),
     )
@@ -891,3 +898,53 @@ def test_unreachable_store_is_unavailable(tmp_path, embedder):
                 client.count()
     finally:
         bg.stop()
+
+
+def test_serve_drains_on_sigterm_and_a_second_signal_ends_the_drain(tmp_path):
+    """The real `embedstore serve` process: the first SIGTERM turns health NOT_SERVING while calls are still
+    answered; the second ends a 60 s drain at once. A server whose loading failed exits without draining."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    port = free_port()
+    env = {
+        **os.environ,
+        "EMBEDSTORE_PATH": str(tmp_path / "store"),
+        "EMBEDSTORE_GRPC_PORT": str(port),
+        "EMBEDSTORE_GRPC_METRICS_PORT": "0",
+        "EMBEDSTORE_GRPC_RUNS_DIR": str(tmp_path / "runs"),
+        "EMBEDSTORE_GRPC_DRAIN_S": "60",
+    }
+    env.pop("EMBEDSTORE_PROJECTION", None)  # ./data/projection: none yet, so embedding NOT_SERVING, the store SERVING
+    serve = [sys.executable, "-m", "embedder.cli", "serve"]
+    proc = subprocess.Popen(serve, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        with Client(f"127.0.0.1:{port}") as client:
+            client.wait_ready(120)
+            assert client.health(SERVICES[1]) == "SERVING"
+            proc.send_signal(signal.SIGTERM)
+            deadline = time.monotonic() + 20
+            while client.health() != "NOT_SERVING" and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert client.health() == "NOT_SERVING" and client.count().count == 0  # draining, still answering
+            assert proc.poll() is None
+            second = time.monotonic()
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(30)
+            assert time.monotonic() - second < 30  # not the 60 s drain
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        out = proc.communicate()[0]
+    assert proc.returncode == 0 and "draining" in out and "embedstore stopped" in out, out
+
+    # a store another process holds: loading fails, and the process ends without the 60 s drain
+    from retrieval import EdgeStore
+
+    with EdgeStore(tmp_path / "store"):
+        started = time.monotonic()
+        failed = subprocess.run(serve, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert failed.returncode != 0 and time.monotonic() - started < 60
+    assert "draining" not in failed.stdout + failed.stderr

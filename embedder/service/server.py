@@ -248,25 +248,35 @@ class _Slots:
 
 
 def bind_problem(host: str, port: int) -> str:
-    """Why ``host:port`` cannot be bound, naming the setting to change: a plain socket is bound the way grpc binds
-    (``SO_REUSEADDR``) and its error read."""
+    """Why ``host:port`` cannot be bound, naming the setting to change: a plain socket is bound to each address the
+    host resolves to, the way grpc binds (``SO_REUSEADDR``, dual-stack for ``::``), and the errors read. grpc fails
+    only when every address fails, so a port in use or a privileged port anywhere is the cause before "not this
+    machine's address", which must hold for all of them."""
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except socket.gaierror as exc:
         return f"EMBEDSTORE_GRPC_HOST={host} does not resolve ({exc.strerror})"
+    errors: list[OSError] = []
     for family, kind, proto, _, sockaddr in infos:
         with socket.socket(family, kind, proto) as probe:
             probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                with contextlib.suppress(OSError):
+                    probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
             try:
                 probe.bind(sockaddr)
             except OSError as exc:
-                if exc.errno == errno.EADDRNOTAVAIL:
-                    return f"EMBEDSTORE_GRPC_HOST={host} is not an address of this machine ({exc.strerror})"
-                if exc.errno == errno.EADDRINUSE:
-                    return f"EMBEDSTORE_GRPC_PORT={port} is already in use on {host} ({exc.strerror})"
-                if exc.errno == errno.EACCES:
-                    return f"EMBEDSTORE_GRPC_PORT={port} needs privileges to bind (ports below 1024)"
-                return f"{exc.strerror or exc} (EMBEDSTORE_GRPC_HOST={host}, EMBEDSTORE_GRPC_PORT={port})"
+                errors.append(exc)
+    codes = {exc.errno for exc in errors}
+    if errno.EADDRINUSE in codes:
+        return f"EMBEDSTORE_GRPC_PORT={port} is already in use on {host}"
+    if errno.EACCES in codes:
+        return f"EMBEDSTORE_GRPC_PORT={port} needs privileges to bind (ports below 1024)"
+    if errors and codes == {errno.EADDRNOTAVAIL}:
+        return f"EMBEDSTORE_GRPC_HOST={host} is not an address of this machine"
+    if errors:
+        exc = errors[0]
+        return f"{exc.strerror or exc} (EMBEDSTORE_GRPC_HOST={host}, EMBEDSTORE_GRPC_PORT={port})"
     return f"grpc refused it; the OS would bind it (EMBEDSTORE_GRPC_HOST={host}, EMBEDSTORE_GRPC_PORT={port})"
 
 
@@ -447,7 +457,9 @@ class EmbedstoreServer:
         grace = self.settings.grace_s if grace is None else grace
         drain = self.settings.drain_s if drain is None else drain
         await self.health.enter_graceful_shutdown()
-        if drain > 0 and self._server is not None:
+        # only a server that served drains: one whose loading failed, or that is stopped while loading, was never
+        # SERVING, so no balancer sends it calls to finish (it waited the whole drain before exiting)
+        if drain > 0 and self._server is not None and self.rt.ready and self.load_error is None:
             log.info(
                 "embedstore draining: health NOT_SERVING, calls still taken for %gs (a second signal ends it)", drain
             )
