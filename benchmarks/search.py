@@ -164,12 +164,12 @@ def serve_edge_exact(state: Any, workdir: Path) -> tuple[Callable, Any]:
     return (lambda q: [int(h.id) for h in store.search("bench", q, top_k=10, exact=True, with_payload=False)]), store
 
 
-def build_edge_full512_hnsw(x: np.ndarray, workdir: Path) -> Any:
-    """The baseline the issue names: one 512D vector with its own HNSW graph, in RAM (raw qdrant-edge)."""
+def _full512_hnsw_shard(path: Path) -> Any:
+    """A qdrant-edge shard with one 512D cosine vector and its HNSW graph in RAM (both full512 baselines)."""
     import qdrant_edge as qe
 
-    shard = qe.EdgeShard.create(
-        str(workdir / "edge_full512"),
+    return qe.EdgeShard.create(
+        str(path),
         qe.EdgeConfig(
             vectors={
                 "full512": qe.EdgeVectorParams(
@@ -181,6 +181,13 @@ def build_edge_full512_hnsw(x: np.ndarray, workdir: Path) -> Any:
             }
         ),
     )
+
+
+def build_edge_full512_hnsw(x: np.ndarray, workdir: Path) -> Any:
+    """The baseline the issue names: one 512D vector with its own HNSW graph, in RAM (raw qdrant-edge)."""
+    import qdrant_edge as qe
+
+    shard = _full512_hnsw_shard(workdir / "edge_full512")
     for start in range(0, len(x), 2048):
         rows = x[start : start + 2048].tolist()
         shard.update(
@@ -214,19 +221,7 @@ def build_edge_full512_hnsw_same_points(x: np.ndarray, workdir: Path) -> Any:
     from retrieval import EXTERNAL_ID_KEY, INDEXED_KEYWORD_FIELDS
     from retrieval.schema import point_id
 
-    shard = qe.EdgeShard.create(
-        str(workdir / "edge_full512_same"),
-        qe.EdgeConfig(
-            vectors={
-                "full512": qe.EdgeVectorParams(
-                    size=512,
-                    distance=qe.Distance.Cosine,
-                    hnsw_config=qe.HnswIndexConfig(m=HNSW_M, ef_construct=EF_CONSTRUCT, full_scan_threshold=10_000),
-                    memory=qe.Memory.Cached,
-                )
-            }
-        ),
-    )
+    shard = _full512_hnsw_shard(workdir / "edge_full512_same")
     for key in INDEXED_KEYWORD_FIELDS:
         shard.update(qe.UpdateOperation.create_field_index(key, qe.PayloadSchemaType.Keyword))
     for start in range(0, len(x), 2048):
