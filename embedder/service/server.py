@@ -535,8 +535,7 @@ class BackgroundServer:
 
     @property
     def target(self) -> str:
-        host = self.server.settings.host
-        return f"[{host}]:{self.port}" if ":" in host else f"{host}:{self.port}"
+        return self.server.settings.model_copy(update={"port": self.port}).address
 
     def run(self, coro: Any, timeout: float | None = None) -> Any:
         """Run a coroutine on the server's loop and wait for its result."""
