@@ -542,19 +542,12 @@ def markdown(saved: dict[str, Any]) -> str:
                 ]
                 cells.append(f"{np.mean(v):.3f} +- {np.std(v):.3f} ({len(v)})" if v else "-")
             lines.append(f"| {m} | " + " | ".join(cells) + " |")
-        mixed = {
-            f: digests
-            for f in fracs
-            if len(
-                digests := {str(r.get("vectors")) for r in rows if (r["dataset"], r["seed_fraction"]) == (dataset, f)}
+        for f in fracs:
+            digests = sorted(
+                {str(r.get("vectors")) for r in rows if (r["dataset"], r["seed_fraction"]) == (dataset, f)}
             )
-            > 1
-        }
-        for f, digests in mixed.items():
-            lines += [
-                "",
-                f"*Mixed vectors at {f:.0%}*: rows on {len(digests)} embeddings ({', '.join(sorted(digests))}).",
-            ]
+            if len(digests) > 1:
+                lines += ["", f"*Mixed vectors at {f:.0%}*: rows on {len(digests)} embeddings ({', '.join(digests)})."]
         lines.append("")
     lines += ["**Targets at a 5% seed** (points of macro-F1; precision vs mean calibrated confidence)", ""]
     lines.append(
