@@ -85,11 +85,11 @@ def list_cmd(api: ApiArg, as_json: Annotated[bool, typer.Option("--json")] = Fal
         "in a row",
         "cooling until",
         "last status",
-        "budget",
+        "budget used",
     )
     for k in keys:
         until = when_text(k.cooldown_until) if k.cooldown_until else ""
-        budget = f"{k.budget}/{k.window_s:g}s" if k.budget else ""
+        budget = f"{k.window_used}/{k.budget} per {k.window_s:g}s" if k.budget else ""
         table.add_row(
             k.key_id,
             k.state,

@@ -7,6 +7,7 @@ import email.utils
 import http.server
 import logging
 import multiprocessing as mp
+import random
 import threading
 import time
 import uuid
@@ -17,6 +18,7 @@ import pytest
 import redis
 
 from embedder.ingest import KeyPool, KeyPoolError, KeyPoolUnavailable, Lease, NoHealthyKey, cooldown_from_headers
+from embedder.ingest.keypool import FAILURE_PENALTY_LEASES, WINDOW_BUCKETS
 from embedder.ingest.redis_server import RedisServer
 
 KEYS = [f"secret-key-{i}-{uuid.uuid4().hex}" for i in range(5)]
@@ -122,6 +124,67 @@ def test_a_budget_window_must_be_positive_and_adding_again_keeps_what_is_not_giv
         pool.lease(wait=0)
     pool.add(KEYS[1])
     assert pool.lease(wait=0).key_id == other
+
+
+def _lease_at(pool: KeyPool, now_ms: int) -> tuple[bool, int]:
+    """One run of the lease script with the clock at ``now_ms``: (granted, when the next key frees in ms)."""
+    got = pool._lease(keys=pool.keys, args=[now_ms, FAILURE_PENALTY_LEASES, WINDOW_BUCKETS])
+    return bool(got[0]), (-1 if got[0] else int(got[1]))
+
+
+def test_a_budget_holds_over_every_sliding_window_not_only_fixed_ones(pool):
+    """The budget was a fixed window opened by a lease: one lease, the rest of the budget just before the window
+    ended, and a whole budget again just after sent nearly twice the budget within a second."""
+    budget, window_ms = 7, 10_000
+    width = window_ms // WINDOW_BUCKETS
+    pool.add(KEYS[0], budget=budget, window_s=window_ms / 1000)
+    t0 = 1_800_000_000_000  # a multiple of the bucket width: the first lease's bucket leaves at t0 + window + width
+    assert _lease_at(pool, t0)[0]
+    assert all(_lease_at(pool, t0 + 9_000)[0] for _ in range(budget - 1))
+    granted, free_at = _lease_at(pool, t0 + window_ms)
+    assert not granted and free_at == t0 + window_ms + width  # a fixed window granted a whole budget here
+    assert not _lease_at(pool, free_at - 1)[0]
+    assert _lease_at(pool, free_at)[0] and not _lease_at(pool, free_at)[0]  # exactly the one that left
+
+
+def test_budget_property_no_window_over_budget_and_no_refusal_without_cause(pool):
+    """Random lease times against two keys: no window_s-long interval holds more than the budget of a key, and
+    every refusal had the budget used within the window plus one bucket (the price of counting in buckets)."""
+    budget, window_ms = 5, 3_000
+    width = window_ms // WINDOW_BUCKETS
+    for k in KEYS[:2]:
+        pool.add(k, budget=budget, window_s=window_ms / 1000)
+    rng = random.Random(7)
+    t = 1_800_000_000_123
+    leases: dict[str, list[int]] = {}
+    refusals = []
+    for _ in range(1500):
+        t += rng.choice([0, 0, 1, 7, 40, 150, 400, 1300])
+        got = pool._lease(keys=pool.keys, args=[t, FAILURE_PENALTY_LEASES, WINDOW_BUCKETS])
+        if got[0]:
+            leases.setdefault(got[0].decode(), []).append(t)
+        else:
+            refusals.append((t, int(got[1])))
+    assert len(leases) == 2 and refusals and sum(map(len, leases.values())) > 500
+    for times in leases.values():
+        for g in times:
+            assert sum(g - window_ms < x <= g for x in times) <= budget
+    for r, free_at in refusals:
+        for times in leases.values():  # both keys were at their budget, counting one bucket of slack
+            assert sum(r - window_ms - width < x <= r for x in times) >= budget
+        assert r < free_at <= r + window_ms + width
+
+
+def test_a_key_counted_by_the_older_fixed_window_keeps_its_count(pool):
+    kid = pool.add(KEYS[0], budget=5, window_s=60)
+    now_ms = int(time.time() * 1000)
+    pool.r.hset(pool.keys[2], mapping={f"{kid}:win_start": now_ms - 1_000, f"{kid}:win_count": 3})
+    granted = 0
+    with contextlib.suppress(NoHealthyKey):
+        for _ in range(5):
+            pool.lease(wait=0)
+            granted += 1
+    assert granted == 2 and pool.list()[0].window_used == 5
 
 
 def test_real_http_answers_set_cooldowns_to_the_second_and_401_deactivates(pool, api):
@@ -286,8 +349,7 @@ def test_a_key_that_cannot_be_decrypted_is_not_charged(redis_server):
         with pytest.raises(KeyPoolError, match="cannot be decrypted"):
             wrong.lease(wait=0)
     (status,) = [k for k in wrong.list() if k.key_id == kid]
-    assert status.leases == 0
-    assert redis.Redis.from_url(redis_server.url).hget(wrong.keys[2], f"{kid}:win_count") in (None, b"0")
+    assert status.leases == 0 and status.window_used == 0
 
 
 def test_an_encrypted_key_is_never_sent_as_ciphertext_without_the_secret(redis_server):

@@ -57,14 +57,19 @@ STAT_FIELDS = (
     "last_status",
     "budget",
     "window_ms",
-    "win_start",
+    "win_ring",
+    "win_start",  # the fixed window of older versions: read once into win_ring, deleted with the key
     "win_count",
 )
 #: LRU order is a per-pool lease sequence (strict, unlike millisecond clocks); each consecutive
 #: failure pushes a key this many leases further back.
 FAILURE_PENALTY_LEASES = 16
+#: A key's budget is counted over a sliding window kept as this many buckets (a bucket is window / this long):
+#: no ``window_s``-long interval holds more than ``budget`` leases, and a key over its budget comes back at
+#: most one bucket (5% of the window) later than an exact log of every lease would let it.
+WINDOW_BUCKETS = 20
 
-# KEYS: ready, cooling, stats, secrets. ARGV: now_ms.
+# KEYS: ready, cooling, stats, secrets. ARGV: now_ms, failure penalty (leases), buckets per budget window.
 # Returns {id, secret} or {false, next_free_ms (-1: no key can ever free up)}.
 _LEASE = """
 local ready, cooling, stats, secrets = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
@@ -85,20 +90,41 @@ while true do
   local budget = tonumber(redis.call('HGET', stats, id .. ':budget') or '0')
   local ok = true
   if budget > 0 then
+    -- sliding window: leases are counted per bucket of `width` ms; a bucket counts while it overlaps the last
+    -- `window` ms, so no `window`-long interval ever holds more than `budget` leases
     local window = tonumber(redis.call('HGET', stats, id .. ':window_ms'))
-    local start = tonumber(redis.call('HGET', stats, id .. ':win_start') or '0')
-    if now - start >= window then
-      redis.call('HSET', stats, id .. ':win_start', now, id .. ':win_count', 0)
-      start = now
+    local width = math.max(1, math.floor(window / tonumber(ARGV[3])))
+    local span = math.ceil(window / width)
+    local k = math.floor(now / width)
+    local bs, cs, sum = {}, {}, 0
+    local ring = redis.call('HGET', stats, id .. ':win_ring')
+    if not ring then
+      -- a key counted by the fixed window of older versions: its count so far stays counted
+      local count = tonumber(redis.call('HGET', stats, id .. ':win_count') or '0')
+      local start = tonumber(redis.call('HGET', stats, id .. ':win_start') or '0')
+      if count > 0 and now - start < window then ring = math.floor(start / width) .. ':' .. count end
     end
-    local count = tonumber(redis.call('HGET', stats, id .. ':win_count') or '0')
-    if count >= budget then
+    for b, c in string.gmatch(ring or '', '(%d+):(%d+)') do
+      b, c = tonumber(b), tonumber(c)
+      if b >= k - span and c > 0 then
+        bs[#bs + 1], cs[#cs + 1], sum = b, c, sum + c
+      end
+    end
+    if sum >= budget then
       ok = false
+      -- out until enough of its oldest buckets have left the window; bucket b leaves at (b + span + 1) * width
+      local free, i = sum - budget + 1, 0
+      repeat i = i + 1; free = free - cs[i] until free <= 0
       redis.call('ZREM', ready, id)
-      redis.call('ZADD', cooling, start + window, id)
+      redis.call('ZADD', cooling, (bs[i] + span + 1) * width, id)
+    elseif #bs > 0 and bs[#bs] >= k then
+      cs[#cs] = cs[#cs] + 1  -- this bucket (or a later one, written by a worker whose clock runs ahead)
     else
-      redis.call('HINCRBY', stats, id .. ':win_count', 1)
+      bs[#bs + 1], cs[#cs + 1] = k, 1
     end
+    local parts = {}
+    for i = 1, #bs do parts[i] = bs[i] .. ':' .. cs[i] end
+    redis.call('HSET', stats, id .. ':win_ring', table.concat(parts, ','))
   end
   if ok then
     local cf = tonumber(redis.call('HGET', stats, id .. ':consecutive_failures') or '0')
@@ -120,9 +146,13 @@ local stats, id = KEYS[1], ARGV[1]
 if tonumber(redis.call('HGET', stats, id .. ':leases') or '0') > 0 then
   redis.call('HINCRBY', stats, id .. ':leases', -1)
 end
-if tonumber(redis.call('HGET', stats, id .. ':budget') or '0') > 0
-   and tonumber(redis.call('HGET', stats, id .. ':win_count') or '0') > 0 then
-  redis.call('HINCRBY', stats, id .. ':win_count', -1)
+local ring = redis.call('HGET', stats, id .. ':win_ring')
+if ring then
+  -- the lease was counted in the ring's latest bucket
+  local head, b, c = string.match(ring, '^(.-)(%d+):(%d+)$')
+  if c and tonumber(c) > 0 then
+    redis.call('HSET', stats, id .. ':win_ring', head .. b .. ':' .. (tonumber(c) - 1))
+  end
 end
 return 1
 """
@@ -217,6 +247,21 @@ class KeyInfo:
     last_used: float | None
     budget: int | None
     window_s: float | None
+    #: leases counted against the budget now (in the sliding window); None without a budget
+    window_used: int | None = None
+
+
+def window_used(ring: str, window_ms: int, now_ms: int) -> int:
+    """How many leases the budget ring ``b:c,b:c,...`` still counts at ``now_ms`` (the lease script's rule)."""
+    width = max(1, window_ms // WINDOW_BUCKETS)
+    span = -(-window_ms // width)
+    k = now_ms // width
+    used = 0
+    for part in filter(None, ring.split(",")):
+        b, _, c = part.partition(":")
+        if int(b) >= k - span:
+            used += int(c)
+    return used
 
 
 def key_id(pool: str, raw: str) -> str:
@@ -474,6 +519,7 @@ class KeyPool:
                 return int(float(d.get(name, 0) or 0))
 
             cooldown = max(num("cooldown_until"), out_until.get(kid, 0)) if f["state"] == ACTIVE else 0
+            now_ms = int(time.time() * 1000)
             out.append(
                 KeyInfo(
                     key_id=kid,
@@ -482,11 +528,12 @@ class KeyPool:
                     successes=num("successes"),
                     failures=num("failures"),
                     consecutive_failures=num("consecutive_failures"),
-                    cooldown_until=cooldown / 1000 if cooldown > time.time() * 1000 else None,
+                    cooldown_until=cooldown / 1000 if cooldown > now_ms else None,
                     last_status=num("last_status") or None,
                     last_used=num("last_used") / 1000 or None,
                     budget=num("budget") or None,
                     window_s=num("window_ms") / 1000 if num("budget") else None,
+                    window_used=window_used(f.get("win_ring", ""), num("window_ms"), now_ms) if num("budget") else None,
                 )
             )
         return out
@@ -500,7 +547,7 @@ class KeyPool:
     def try_lease(self) -> Lease | float | None:
         """One atomic attempt: a :class:`Lease`, or when the next key frees up (epoch s), or None if none will."""
         now_ms = int(time.time() * 1000)
-        got = self._call(self._lease, keys=self.keys, args=[now_ms, FAILURE_PENALTY_LEASES])
+        got = self._call(self._lease, keys=self.keys, args=[now_ms, FAILURE_PENALTY_LEASES, WINDOW_BUCKETS])
         kid, value = got[0], got[1]
         if kid:
             try:
