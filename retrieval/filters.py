@@ -119,6 +119,11 @@ class MatchAny:
         object.__setattr__(self, "values", vals)
 
 
+#: The largest integer a range bound may be: a 64-bit float (what Qdrant compares ranges in) holds every integer
+#: up to 2**53 exactly, and not beyond.
+MAX_EXACT_RANGE_INT = 2**53
+
+
 @dataclass(frozen=True)
 class Range:
     """Numeric payload ``key`` within the given bounds (any subset of gt/gte/lt/lte)."""
@@ -136,7 +141,18 @@ class Range:
         if not given:
             raise InvalidFilterError(f"filter on {self.key!r}: a range needs at least one of gt, gte, lt, lte")
         for k, v in given.items():
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                raise InvalidFilterError(f"filter on {self.key!r}: range bound {k} must be a finite number, got {v!r}")
+            if isinstance(v, int) and abs(v) > MAX_EXACT_RANGE_INT:
+                # measured on Edge and qdrant-client alike: with 2**60 + 1 and 2**60 + 3 stored, gte 2**60 + 2 and
+                # gte 2**60 + 4 both counted both (and 10**400 raised a bare OverflowError here)
+                raise InvalidFilterError(
+                    f"filter on {self.key!r}: range bound {k}={v} is beyond 2**53; Qdrant compares ranges as 64-bit "
+                    "floats, which hold integers exactly only up to 2**53, so such bounds (and stored values) "
+                    "round and the answer would be wrong without a word. Store the field in a coarser unit (ns -> "
+                    "ms), or match it exactly instead"
+                )
+            if not math.isfinite(v):
                 raise InvalidFilterError(f"filter on {self.key!r}: range bound {k} must be a finite number, got {v!r}")
 
 
