@@ -82,15 +82,16 @@ redis:
 	  fi; }
 	@redis-server --version
 
-# tests/test_deploy.py validates the compose files with Debian's docker-compose (no Docker engine needed).
+# tests/test_deploy.py validates the compose files with Debian's docker-compose (no Docker engine needed), and
+# checks the cluster's load balancer config (deploy/qdrant-lb.cfg) with Debian's haproxy, failover included.
 compose:
-	@command -v docker-compose >/dev/null 2>&1 || { \
+	@{ command -v docker-compose >/dev/null 2>&1 && PATH="$$PATH:/usr/sbin" command -v haproxy >/dev/null 2>&1; } || { \
 	  if [ "$$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then \
-	    echo "docker-compose missing: installing Debian's docker-compose (only 'config' is used: no engine)"; \
-	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends docker-compose >/dev/null; \
+	    echo "docker-compose/haproxy missing: installing Debian's (compose: only 'config' is used, no engine)"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends docker-compose haproxy >/dev/null; \
 	  else \
-	    echo "docker-compose is missing and this is not a root Debian shell. Install it, e.g.:"; \
-	    echo "  sudo apt-get install docker-compose   # Debian/Ubuntu (validation only, no engine needed)"; \
+	    echo "docker-compose or haproxy is missing and this is not a root Debian shell. Install them, e.g.:"; \
+	    echo "  sudo apt-get install docker-compose haproxy   # Debian/Ubuntu (validation only, no engine needed)"; \
 	    exit 1; \
 	  fi; }
 

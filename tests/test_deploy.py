@@ -4,10 +4,16 @@ an Edge collection to a server collection, resumably."""
 
 from __future__ import annotations
 
+import http.server
 import os
+import shutil
+import socket
 import subprocess
+import threading
+import time
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
 import yaml
@@ -67,8 +73,10 @@ def test_compose_files_validate_and_wire_the_service_to_healthy_backends(name):
     assert published and all(host == "127.0.0.1" for host, _ in published), published
     redis = cfg["services"]["redis"]
     assert "--appendonly" in redis["command"] and "redis-cli" in redis["healthcheck"]["test"]
-    qdrants = [s for n, s in cfg["services"].items() if n.startswith("qdrant")]
+    qdrants = [s for n, s in cfg["services"].items() if n == "qdrant" or n.startswith("qdrant-node")]
     assert qdrants and all("/readyz" in " ".join(q["healthcheck"]["test"]) for q in qdrants)
+    if "qdrant-lb" in cfg["services"]:  # healthy while at least one node is in (deploy/qdrant-lb.cfg)
+        assert "/healthz" in " ".join(cfg["services"]["qdrant-lb"]["healthcheck"]["test"])
 
 
 @pytest.mark.parametrize("name", COMPOSE_FILES)
@@ -171,6 +179,130 @@ def test_cluster_file_runs_three_nodes_and_the_adapter_creates_six_shards_two_re
                 assert (params.shard_number, params.replication_factor) == (6, 2)
             finally:
                 store.drop_collection("embedstore_deploy_test")
+
+
+LB_CONFIG = ROOT / "deploy" / "qdrant-lb.cfg"
+
+
+def _haproxy() -> str:
+    """Debian's haproxy (``make test`` installs it); /usr/sbin is not on every user's PATH."""
+    found = shutil.which("haproxy") or shutil.which("haproxy", path="/usr/sbin")
+    assert found, "haproxy is missing: `make test` installs Debian's (apt-get install haproxy)"
+    return found
+
+
+def test_cluster_service_dials_a_load_balancer_over_every_node_on_both_ports():
+    """It dialled node 1 only: while node 1 was down the service was UNAVAILABLE."""
+    cfg = _config("docker-compose.cluster.yml")
+    services = cfg["services"]
+    nodes = sorted(n for n in services if n.startswith("qdrant-node"))
+    env = services["embedstore"]["environment"]
+    assert env["EMBEDSTORE_URL"] == "http://qdrant-lb:6333"
+    assert services["embedstore"]["depends_on"]["qdrant-lb"]["condition"] == "service_healthy"
+    lb = services["qdrant-lb"]
+    mounts = [v if isinstance(v, str) else f"{v['source']}:{v['target']}" for v in lb["volumes"]]
+    assert any(m.startswith(str(LB_CONFIG)) and "haproxy.cfg" in m for m in mounts), mounts
+    assert {_port(p)[1] for p in lb["ports"]} == {"6333", "6334"}  # the host's tools reach the cluster here
+    assert not any(services[n].get("ports") for n in nodes)  # and not through node 1
+    text = LB_CONFIG.read_text()
+    for node in nodes:
+        assert f"{node}:6333" in text and f"{node}:6334 port 6333" in text  # every node, both ports
+    out = subprocess.run([_haproxy(), "-c", "-f", str(LB_CONFIG)], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and "Configuration file is valid" in out.stdout + out.stderr, out.stderr
+
+
+class _StandInNode(http.server.BaseHTTPRequestHandler):
+    """A node as the load balancer sees it: /readyz (200, or 503 while not ready) and / naming the node."""
+
+    def do_GET(self) -> None:
+        ready = self.server.ready.is_set()  # type: ignore[attr-defined]
+        status = (200 if ready else 503) if self.path == "/readyz" else 200
+        body = self.server.name.encode()  # type: ignore[attr-defined]
+        self.send_response(status)
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Connection", "close")
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+def _stand_in(name: str) -> http.server.ThreadingHTTPServer:
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _StandInNode)
+    server.name, server.ready = name, threading.Event()  # type: ignore[attr-defined]
+    server.ready.set()  # type: ignore[attr-defined]
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_the_load_balancer_fails_over_when_a_node_stops_being_ready_or_goes_away(tmp_path):
+    """The committed config, run by haproxy, with its three node addresses and its listening ports pointed at
+    local stand-ins (HTTP servers answering /readyz): what the config decides is what is under test."""
+    rest = {n: _stand_in(f"qdrant-node-{n}") for n in (1, 2, 3)}
+    grpc = {n: _stand_in(f"qdrant-node-{n} grpc") for n in (1, 2, 3)}
+    listen = {"6333": _free_port(), "6334": _free_port(), "8405": _free_port()}
+    text = LB_CONFIG.read_text()
+    for n in (1, 2, 3):
+        r, g = rest[n].server_address[1], grpc[n].server_address[1]
+        text = text.replace(f"qdrant-node-{n}:6334 port 6333", f"127.0.0.1:{g} port {r}")
+        text = text.replace(f"qdrant-node-{n}:6333", f"127.0.0.1:{r}")
+    for port, local in listen.items():
+        assert f"bind :{port}\n" in text
+        text = text.replace(f"bind :{port}\n", f"bind 127.0.0.1:{local}\n")
+    assert "qdrant-node" not in text.replace("# ", "").split("global", 1)[1]
+    cfg = tmp_path / "lb.cfg"
+    cfg.write_text(text)
+    proc = subprocess.Popen([_haproxy(), "-db", "-f", str(cfg)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+    def through(port: str) -> str | None:
+        try:
+            return httpx.get(f"http://127.0.0.1:{listen[port]}/", timeout=2).text
+        except httpx.HTTPError:
+            return None
+
+    def healthy() -> int:
+        try:
+            return httpx.get(f"http://127.0.0.1:{listen['8405']}/healthz", timeout=2).status_code
+        except httpx.HTTPError:
+            return 0
+
+    def wait_for(check, what: str, timeout: float = 20.0) -> None:
+        deadline = time.monotonic() + timeout
+        while not check():
+            assert proc.poll() is None, proc.stderr.read().decode()
+            assert time.monotonic() < deadline, what
+            time.sleep(0.2)
+
+    def seen(port: str, tries: int = 12) -> set[str | None]:
+        return {through(port) for _ in range(tries)}
+
+    try:
+        wait_for(lambda: healthy() == 200 and len(seen("6333")) == 3, "all three nodes in")
+        assert seen("6334") == {f"qdrant-node-{n} grpc" for n in (1, 2, 3)}
+        rest[1].ready.clear()  # node 1 up but not ready: out of both ports (the gRPC port by its REST check)
+        wait_for(lambda: "qdrant-node-1" not in seen("6333"), "node 1 out")
+        assert seen("6334") == {"qdrant-node-2 grpc", "qdrant-node-3 grpc"}
+        rest[2].shutdown(), grpc[2].shutdown()  # node 2 gone
+        rest[2].server_close(), grpc[2].server_close()
+        wait_for(lambda: seen("6333") == {"qdrant-node-3"}, "only node 3 left")
+        assert seen("6334") == {"qdrant-node-3 grpc"} and healthy() == 200
+        rest[1].ready.set()  # node 1 back
+        wait_for(lambda: seen("6333") == {"qdrant-node-1", "qdrant-node-3"}, "node 1 back")
+        rest[1].ready.clear(), rest[3].ready.clear()  # none ready: the container's health check fails
+        wait_for(lambda: healthy() == 503, "unhealthy with no node in")
+    finally:
+        proc.terminate()
+        proc.wait(10)
+        for server in (*rest.values(), *grpc.values()):
+            server.shutdown()
+            server.server_close()
 
 
 def test_dockerfile_runs_as_non_root_with_a_grpc_health_check():
