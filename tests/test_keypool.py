@@ -138,11 +138,11 @@ def test_a_budget_holds_over_every_sliding_window_not_only_fixed_ones(pool):
     budget, window_ms = 7, 10_000
     width = window_ms // WINDOW_BUCKETS
     pool.add(KEYS[0], budget=budget, window_s=window_ms / 1000)
-    t0 = 1_800_000_000_000  # a multiple of the bucket width: the first lease's bucket leaves at t0 + window + width
+    t0 = 1_800_000_000_000  # a multiple of the bucket width: its first bucket ends at t0 + width - 1
     assert _lease_at(pool, t0)[0]
     assert all(_lease_at(pool, t0 + 9_000)[0] for _ in range(budget - 1))
     granted, free_at = _lease_at(pool, t0 + window_ms)
-    assert not granted and free_at == t0 + window_ms + width  # a fixed window granted a whole budget here
+    assert not granted and free_at == t0 + width - 1 + window_ms  # a fixed window granted a whole budget here
     assert not _lease_at(pool, free_at - 1)[0]
     assert _lease_at(pool, free_at)[0] and not _lease_at(pool, free_at)[0]  # exactly the one that left
 
@@ -150,7 +150,7 @@ def test_a_budget_holds_over_every_sliding_window_not_only_fixed_ones(pool):
 def test_budget_property_no_window_over_budget_and_no_refusal_without_cause(pool):
     """Random lease times against two keys: no window_s-long interval holds more than the budget of a key, and
     every refusal had the budget used within the window plus one bucket (the price of counting in buckets)."""
-    budget, window_ms = 5, 3_000
+    budget, window_ms = 5, 3_010  # not a multiple of the bucket count: the slack is still one bucket
     width = window_ms // WINDOW_BUCKETS
     for k in KEYS[:2]:
         pool.add(k, budget=budget, window_s=window_ms / 1000)
@@ -173,6 +173,38 @@ def test_budget_property_no_window_over_budget_and_no_refusal_without_cause(pool
         for times in leases.values():  # both keys were at their budget, counting one bucket of slack
             assert sum(r - window_ms - width < x <= r for x in times) >= budget
         assert r < free_at <= r + window_ms + width
+
+
+def test_changing_a_keys_window_rereads_its_count_in_the_new_window(pool):
+    """Buckets were stored by number, read back with the new window's width: widening 60 s to 90 s kept a key out
+    for ~10,000 days, and narrowing it forgot recent leases (6 granted within 10 ms on a budget of 3)."""
+    kid = pool.add(KEYS[0], budget=2, window_s=60)
+    t = 1_800_000_000_000
+    assert _lease_at(pool, t)[0] and _lease_at(pool, t + 10)[0]
+    pool.add(KEYS[0], window_s=90)  # wider: both leases still count, and leave 90 s after their bucket
+    granted, free_at = _lease_at(pool, t + 20)
+    assert not granted and t + 90_000 <= free_at <= t + 90_000 + 90_000 // WINDOW_BUCKETS
+    assert _lease_at(pool, free_at)[0]
+    pool.r.hdel(pool.keys[2], f"{kid}:win_ring")
+    assert _lease_at(pool, t + 200_000)[0] and _lease_at(pool, t + 200_001)[0]
+    pool.add(KEYS[0], window_s=1)  # narrower: the two leases of a millisecond ago still count
+    granted, free_at = _lease_at(pool, t + 200_002)
+    # and leave a second after the end of the (90 s window's, 4.5 s) bucket they were counted in
+    assert not granted and free_at <= t + 200_001 + 90_000 // WINDOW_BUCKETS + 1_000
+    assert not _lease_at(pool, free_at - 1)[0] and _lease_at(pool, free_at)[0]
+
+
+def test_a_refund_gives_back_the_bucket_its_lease_was_counted_in(pool):
+    """The refund took the unit from the newest bucket: after another worker's lease there, the window held
+    more used leases than the budget."""
+    kid = pool.add(KEYS[0], budget=2, window_s=10)
+    t = 1_800_000_000_000
+    first = pool._lease(keys=pool.keys, args=[t, FAILURE_PENALTY_LEASES, WINDOW_BUCKETS])
+    assert _lease_at(pool, t + 5_000)[0]  # another worker, another bucket
+    pool._refund(keys=pool.keys[2:3], args=[kid, first[2]])  # the first was never sent
+    ring = pool.r.hget(pool.keys[2], f"{kid}:win_ring").decode()
+    assert ring == f"{t + 499}:0,{t + 5_499}:1"
+    assert _lease_at(pool, t + 5_001)[0] and not _lease_at(pool, t + 5_002)[0]
 
 
 def test_a_key_counted_by_the_older_fixed_window_keeps_its_count(pool):

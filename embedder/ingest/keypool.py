@@ -66,11 +66,13 @@ STAT_FIELDS = (
 FAILURE_PENALTY_LEASES = 16
 #: A key's budget is counted over a sliding window kept as this many buckets (a bucket is window / this long):
 #: no ``window_s``-long interval holds more than ``budget`` leases, and a key over its budget comes back at
-#: most one bucket (5% of the window) later than an exact log of every lease would let it.
+#: most one bucket (5% of the window) later than an exact log of every lease would let it. Buckets are stored
+#: by their last millisecond, so changing a key's window re-reads them right.
 WINDOW_BUCKETS = 20
 
 # KEYS: ready, cooling, stats, secrets. ARGV: now_ms, failure penalty (leases), buckets per budget window.
-# Returns {id, secret} or {false, next_free_ms (-1: no key can ever free up)}.
+# Returns {id, secret, the budget entry that counted the lease (-1: none)} or {false, next_free_ms (-1: no key can
+# ever free up)}.
 _LEASE = """
 local ready, cooling, stats, secrets = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local now = tonumber(ARGV[1])
@@ -88,42 +90,45 @@ while true do
   if #head == 0 then break end
   local id = head[1]
   local budget = tonumber(redis.call('HGET', stats, id .. ':budget') or '0')
-  local ok = true
+  local ok, counted = true, -1
   if budget > 0 then
-    -- sliding window: leases are counted per bucket of `width` ms; a bucket counts while it overlaps the last
-    -- `window` ms, so no `window`-long interval ever holds more than `budget` leases
+    -- sliding window: leases are counted per bucket of `width` ms, each entry "e:c" holding the bucket's last
+    -- millisecond e (absolute, so a changed window reads old entries right) and its count c. An entry counts
+    -- while it overlaps the last `window` ms (e > now - window): no `window`-long interval ever holds more than
+    -- `budget` leases, and a lease is counted at most one bucket longer than it has to be.
     local window = tonumber(redis.call('HGET', stats, id .. ':window_ms'))
     local width = math.max(1, math.floor(window / tonumber(ARGV[3])))
-    local span = math.ceil(window / width)
-    local k = math.floor(now / width)
-    local bs, cs, sum = {}, {}, 0
+    local e_now = (math.floor(now / width) + 1) * width - 1
+    local es, cs, sum = {}, {}, 0
     local ring = redis.call('HGET', stats, id .. ':win_ring')
     if not ring then
-      -- a key counted by the fixed window of older versions: its count so far stays counted
+      -- a key counted by the fixed window of older versions: its count stays counted, as of its last lease
       local count = tonumber(redis.call('HGET', stats, id .. ':win_count') or '0')
       local start = tonumber(redis.call('HGET', stats, id .. ':win_start') or '0')
-      if count > 0 and now - start < window then ring = math.floor(start / width) .. ':' .. count end
+      local last = tonumber(redis.call('HGET', stats, id .. ':last_used') or '0')
+      if count > 0 and now - start < window then ring = math.max(start, last) .. ':' .. count end
     end
-    for b, c in string.gmatch(ring or '', '(%d+):(%d+)') do
-      b, c = tonumber(b), tonumber(c)
-      if b >= k - span and c > 0 then
-        bs[#bs + 1], cs[#cs + 1], sum = b, c, sum + c
+    for e, c in string.gmatch(ring or '', '(%d+):(%d+)') do
+      e, c = tonumber(e), tonumber(c)
+      if e > now - window and c > 0 then
+        es[#es + 1], cs[#cs + 1], sum = e, c, sum + c
       end
     end
     if sum >= budget then
       ok = false
-      -- out until enough of its oldest buckets have left the window; bucket b leaves at (b + span + 1) * width
+      -- out until enough of its oldest entries have left the window: entry e leaves at e + window
       local free, i = sum - budget + 1, 0
       repeat i = i + 1; free = free - cs[i] until free <= 0
       redis.call('ZREM', ready, id)
-      redis.call('ZADD', cooling, (bs[i] + span + 1) * width, id)
-    elseif #bs > 0 and bs[#bs] >= k then
+      redis.call('ZADD', cooling, es[i] + window, id)
+    elseif #es > 0 and es[#es] >= e_now then
       cs[#cs] = cs[#cs] + 1  -- this bucket (or a later one, written by a worker whose clock runs ahead)
+      counted = es[#es]
     else
-      bs[#bs + 1], cs[#cs + 1] = k, 1
+      es[#es + 1], cs[#cs + 1], counted = e_now, 1, e_now
     end
     local parts = {}
-    for i = 1, #bs do parts[i] = bs[i] .. ':' .. cs[i] end
+    for i = 1, #es do parts[i] = es[i] .. ':' .. cs[i] end
     redis.call('HSET', stats, id .. ':win_ring', table.concat(parts, ','))
   end
   if ok then
@@ -132,7 +137,7 @@ while true do
     redis.call('HSET', stats, id .. ':last_used', now, id .. ':last_seq', seq)
     redis.call('HINCRBY', stats, id .. ':leases', 1)
     redis.call('ZADD', ready, seq + cf * tonumber(ARGV[2]), id)
-    return {id, redis.call('HGET', secrets, id)}
+    return {id, redis.call('HGET', secrets, id), counted}
   end
 end
 local nxt = redis.call('ZRANGE', cooling, 0, 0, 'WITHSCORES')
@@ -140,19 +145,22 @@ if #nxt == 0 then return {false, -1} end
 return {false, tonumber(nxt[2])}
 """
 
-# KEYS: stats. ARGV: id. Gives back what a lease of a key that could not be used (not decryptable) counted.
+# KEYS: stats. ARGV: id, the budget entry the lease returned. Gives back what a lease of a key that could not be
+# used (not decryptable) counted.
 _REFUND = """
 local stats, id = KEYS[1], ARGV[1]
 if tonumber(redis.call('HGET', stats, id .. ':leases') or '0') > 0 then
   redis.call('HINCRBY', stats, id .. ':leases', -1)
 end
 local ring = redis.call('HGET', stats, id .. ':win_ring')
-if ring then
-  -- the lease was counted in the ring's latest bucket
-  local head, b, c = string.match(ring, '^(.-)(%d+):(%d+)$')
-  if c and tonumber(c) > 0 then
-    redis.call('HSET', stats, id .. ':win_ring', head .. b .. ':' .. (tonumber(c) - 1))
+if ring and tonumber(ARGV[2]) >= 0 then
+  -- the lease was counted in the entry ending at ARGV[2] (other workers may have leased since: not the latest)
+  local parts = {}
+  for e, c in string.gmatch(ring, '(%d+):(%d+)') do
+    if tonumber(e) == tonumber(ARGV[2]) and tonumber(c) > 0 then c = tonumber(c) - 1 end
+    parts[#parts + 1] = e .. ':' .. c
   end
+  redis.call('HSET', stats, id .. ':win_ring', table.concat(parts, ','))
 end
 return 1
 """
@@ -251,16 +259,18 @@ class KeyInfo:
     window_used: int | None = None
 
 
-def window_used(ring: str, window_ms: int, now_ms: int) -> int:
-    """How many leases the budget ring ``b:c,b:c,...`` still counts at ``now_ms`` (the lease script's rule)."""
-    width = max(1, window_ms // WINDOW_BUCKETS)
-    span = -(-window_ms // width)
-    k = now_ms // width
+def window_used(fields: Mapping[str, str], now_ms: int) -> int:
+    """How many leases a key's budget counts at ``now_ms``, from its stats fields (the lease script's rule)."""
+    window_ms = int(float(fields.get("window_ms") or 0))
+    ring = fields.get("win_ring")
+    if ring is None:  # counted by the older fixed window, not leased since
+        count, start = int(fields.get("win_count") or 0), int(fields.get("win_start") or 0)
+        return count if now_ms - start < window_ms else 0
     used = 0
     for part in filter(None, ring.split(",")):
-        b, _, c = part.partition(":")
-        if int(b) >= k - span:
-            used += int(c)
+        end, _, count = part.partition(":")
+        if int(end) > now_ms - window_ms:
+            used += int(count)
     return used
 
 
@@ -533,7 +543,7 @@ class KeyPool:
                     last_used=num("last_used") / 1000 or None,
                     budget=num("budget") or None,
                     window_s=num("window_ms") / 1000 if num("budget") else None,
-                    window_used=window_used(f.get("win_ring", ""), num("window_ms"), now_ms) if num("budget") else None,
+                    window_used=window_used(f, now_ms) if num("budget") else None,
                 )
             )
         return out
@@ -554,7 +564,7 @@ class KeyPool:
                 return Lease(kid.decode(), self._decrypt(kid.decode(), value.decode() if value is not None else ""))
             except KeyPoolError:
                 # the key was never used: its lease and budget unit are given back
-                self._call(self._refund, keys=self.keys[2:3], args=[kid])
+                self._call(self._refund, keys=self.keys[2:3], args=[kid, got[2]])
                 raise
         return None if value is None or int(value) < 0 else int(value) / 1000
 
