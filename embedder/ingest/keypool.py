@@ -7,8 +7,9 @@ the scripts also run on Redis Cluster):
 ``{embedstore:P}:ready``    sorted set: leasable key ids, scored by the pool's lease sequence at their
                             last lease (+ a penalty per consecutive failure): lowest leased next (LRU)
 ``{embedstore:P}:cooling``  sorted set: key ids out until the score (epoch ms): rate-limited, or
-                            over their request budget for the current window
-``{embedstore:P}:stats``    hash: ``<id>:<field>`` -> state, counters, window, last status
+                            over their request budget in the sliding window
+``{embedstore:P}:stats``    hash: ``<id>:<field>`` -> state, counters, budget window (``win_ring``: leases per
+                            bucket), last status
 ``{embedstore:P}:secrets``  hash: ``<id>`` -> the raw key (Fernet-encrypted when
                             ``EMBEDSTORE_KEY_SECRET`` is set, its key derived by scrypt); read only by ``lease``
 ==========================  ====================================================
