@@ -78,14 +78,14 @@ def list_cmd(api: ApiArg, as_json: Annotated[bool, typer.Option("--json")] = Fal
         return
     table = Table(
         Column("id", no_wrap=True, min_width=max((len(k.key_id) for k in keys), default=0)),
-        "state",
+        Column("state", no_wrap=True, min_width=len("deactivated")),
         "leases",
         "ok",
         "failed",
         "in a row",
         "cooling until",
         "last status",
-        "budget used",
+        Column("budget used", no_wrap=True),
     )
     for k in keys:
         until = when_text(k.cooldown_until) if k.cooldown_until else ""
