@@ -259,7 +259,8 @@ def test_the_load_balancer_fails_over_when_a_node_stops_being_ready_or_goes_away
     assert "qdrant-node" not in text.replace("# ", "").split("global", 1)[1]
     cfg = tmp_path / "lb.cfg"
     cfg.write_text(text)
-    proc = subprocess.Popen([_haproxy(), "-db", "-f", str(cfg)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    log = (tmp_path / "haproxy.log").open("w")  # a file, not a pipe: a pipe nobody reads can fill and stall it
+    proc = subprocess.Popen([_haproxy(), "-db", "-f", str(cfg)], stdout=log, stderr=subprocess.STDOUT)
 
     def through(port: str) -> str | None:
         try:
@@ -276,7 +277,7 @@ def test_the_load_balancer_fails_over_when_a_node_stops_being_ready_or_goes_away
     def wait_for(check, what: str, timeout: float = 20.0) -> None:
         deadline = time.monotonic() + timeout
         while not check():
-            assert proc.poll() is None, proc.stderr.read().decode()
+            assert proc.poll() is None, (tmp_path / "haproxy.log").read_text()
             assert time.monotonic() < deadline, what
             time.sleep(0.2)
 
@@ -300,6 +301,7 @@ def test_the_load_balancer_fails_over_when_a_node_stops_being_ready_or_goes_away
     finally:
         proc.terminate()
         proc.wait(10)
+        log.close()
         for server in (*rest.values(), *grpc.values()):
             server.shutdown()
             server.server_close()
