@@ -4,14 +4,17 @@ an Edge collection to a server collection, resumably."""
 
 from __future__ import annotations
 
+import contextlib
 import http.server
 import os
 import shutil
 import socket
+import socketserver
 import subprocess
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
@@ -206,13 +209,17 @@ def test_cluster_service_dials_a_load_balancer_over_every_node_on_both_ports():
     assert not any(services[n].get("ports") for n in nodes)  # and not through node 1
     text = LB_CONFIG.read_text()
     for node in nodes:
-        assert f"{node}:6333" in text and f"{node}:6334 port 6333" in text  # every node, both ports
+        assert f"{node}:6333" in text and f"{node}:6334" in text  # every node, both ports
+    # the gRPC port is checked itself, plus the node's readiness on its REST port; sessions to a node marked down
+    # are cut (qdrant-client holds one connection), and a refused connection is redispatched
+    assert "tcp-check connect port 6334" in text and "tcp-check connect port 6333" in text
+    assert "on-marked-down shutdown-sessions" in text and "option redispatch" in text
     out = subprocess.run([_haproxy(), "-c", "-f", str(LB_CONFIG)], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and "Configuration file is valid" in out.stdout + out.stderr, out.stderr
 
 
-class _StandInNode(http.server.BaseHTTPRequestHandler):
-    """A node as the load balancer sees it: /readyz (200, or 503 while not ready) and / naming the node."""
+class _StandInRest(http.server.BaseHTTPRequestHandler):
+    """A node's REST port as the load balancer sees it: /readyz (200, or 503 while not ready), / naming the node."""
 
     def do_GET(self) -> None:
         ready = self.server.ready.is_set()  # type: ignore[attr-defined]
@@ -228,12 +235,45 @@ class _StandInNode(http.server.BaseHTTPRequestHandler):
         pass
 
 
-def _stand_in(name: str) -> http.server.ThreadingHTTPServer:
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _StandInNode)
-    server.name, server.ready = name, threading.Event()  # type: ignore[attr-defined]
-    server.ready.set()  # type: ignore[attr-defined]
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    return server
+class _StandInGrpc(socketserver.BaseRequestHandler):
+    """A node's gRPC port as the load balancer sees it: accepts, says the node's name, holds the connection open
+    until the other side closes it (as a gRPC client's HTTP/2 connection stays open)."""
+
+    def handle(self) -> None:
+        with contextlib.suppress(OSError):
+            self.request.sendall(self.server.name.encode() + b"\n")  # type: ignore[attr-defined]
+            while self.request.recv(1024):
+                pass
+
+
+def _stand_ins(stack: contextlib.ExitStack) -> tuple[dict[int, Any], dict[int, Any], int, int]:
+    """Nodes 1-3 on 127.0.0.2-4, each with a REST and a gRPC stand-in on the same two ports (the config's checks
+    name one port for every node, as Qdrant's do)."""
+    for _ in range(20):
+        rest: dict[int, Any] = {}
+        grpc: dict[int, Any] = {}
+        try:
+            for n in (1, 2, 3):
+                host = f"127.0.0.{n + 1}"
+                rest[n] = http.server.ThreadingHTTPServer(
+                    (host, rest[1].server_address[1] if n > 1 else 0), _StandInRest
+                )
+                grpc[n] = socketserver.ThreadingTCPServer(
+                    (host, grpc[1].server_address[1] if n > 1 else 0), _StandInGrpc
+                )
+        except OSError:  # a port taken on one of the addresses: draw again
+            for server in (*rest.values(), *grpc.values()):
+                server.server_close()
+            continue
+        for n in (1, 2, 3):
+            for server, name in ((rest[n], f"node{n}"), (grpc[n], f"node{n} grpc")):
+                server.name, server.ready, server.daemon_threads = name, threading.Event(), True  # type: ignore[attr-defined]
+                server.ready.set()  # type: ignore[attr-defined]
+                threading.Thread(target=server.serve_forever, daemon=True).start()
+                stack.callback(server.server_close)
+                stack.callback(server.shutdown)
+        return rest, grpc, rest[1].server_address[1], grpc[1].server_address[1]
+    raise AssertionError("no port free on 127.0.0.2-4 for the stand-in nodes")
 
 
 def _free_port() -> int:
@@ -243,68 +283,84 @@ def _free_port() -> int:
 
 
 def test_the_load_balancer_fails_over_when_a_node_stops_being_ready_or_goes_away(tmp_path):
-    """The committed config, run by haproxy, with its three node addresses and its listening ports pointed at
-    local stand-ins (HTTP servers answering /readyz): what the config decides is what is under test."""
-    rest = {n: _stand_in(f"qdrant-node-{n}") for n in (1, 2, 3)}
-    grpc = {n: _stand_in(f"qdrant-node-{n} grpc") for n in (1, 2, 3)}
-    listen = {"6333": _free_port(), "6334": _free_port(), "8405": _free_port()}
-    text = LB_CONFIG.read_text()
-    for n in (1, 2, 3):
-        r, g = rest[n].server_address[1], grpc[n].server_address[1]
-        text = text.replace(f"qdrant-node-{n}:6334 port 6333", f"127.0.0.1:{g} port {r}")
-        text = text.replace(f"qdrant-node-{n}:6333", f"127.0.0.1:{r}")
-    for port, local in listen.items():
-        assert f"bind :{port}\n" in text
-        text = text.replace(f"bind :{port}\n", f"bind 127.0.0.1:{local}\n")
-    assert "qdrant-node" not in text.replace("# ", "").split("global", 1)[1]
-    cfg = tmp_path / "lb.cfg"
-    cfg.write_text(text)
-    log = (tmp_path / "haproxy.log").open("w")  # a file, not a pipe: a pipe nobody reads can fill and stall it
-    proc = subprocess.Popen([_haproxy(), "-db", "-f", str(cfg)], stdout=log, stderr=subprocess.STDOUT)
+    """The committed config, run by haproxy, with its node names pointed at local stand-ins (nodes 1-3 on
+    127.0.0.2-4) and its ports renumbered: what the config decides is what is under test."""
+    with contextlib.ExitStack() as stack:
+        rest, grpc, rest_port, grpc_port = _stand_ins(stack)
+        listen = {"6333": _free_port(), "6334": _free_port(), "8405": _free_port()}
+        text = LB_CONFIG.read_text()
+        for port, local in listen.items():
+            assert f"bind :{port}\n" in text
+            text = text.replace(f"bind :{port}\n", f"bind 127.0.0.1:{local}\n")
+        for n in (1, 2, 3):
+            text = text.replace(f"qdrant-node-{n}:", f"127.0.0.{n + 1}:")
+        text = text.replace("6333", str(rest_port)).replace("6334", str(grpc_port))
+        assert "qdrant-node" not in text.split("\nglobal", 1)[1]
+        cfg = tmp_path / "lb.cfg"
+        cfg.write_text(text)
+        log = stack.enter_context((tmp_path / "haproxy.log").open("w"))  # a file: an unread pipe can stall it
+        proc = subprocess.Popen([_haproxy(), "-db", "-f", str(cfg)], stdout=log, stderr=subprocess.STDOUT)
 
-    def through(port: str) -> str | None:
-        try:
-            return httpx.get(f"http://127.0.0.1:{listen[port]}/", timeout=2).text
-        except httpx.HTTPError:
-            return None
+        def stop() -> None:
+            proc.terminate()
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(10)
 
-    def healthy() -> int:
-        try:
-            return httpx.get(f"http://127.0.0.1:{listen['8405']}/healthz", timeout=2).status_code
-        except httpx.HTTPError:
-            return 0
+        stack.callback(stop)
 
-    def wait_for(check, what: str, timeout: float = 20.0) -> None:
-        deadline = time.monotonic() + timeout
-        while not check():
-            assert proc.poll() is None, (tmp_path / "haproxy.log").read_text()
-            assert time.monotonic() < deadline, what
-            time.sleep(0.2)
+        def through_rest() -> str | None:
+            try:
+                return httpx.get(f"http://127.0.0.1:{listen['6333']}/", timeout=3).text
+            except httpx.HTTPError:
+                return None
 
-    def seen(port: str, tries: int = 12) -> set[str | None]:
-        return {through(port) for _ in range(tries)}
+        def through_grpc() -> str | None:
+            try:
+                with socket.create_connection(("127.0.0.1", listen["6334"]), timeout=3) as conn:
+                    return conn.makefile().readline().strip() or None
+            except OSError:
+                return None
 
-    try:
-        wait_for(lambda: healthy() == 200 and len(seen("6333")) == 3, "all three nodes in")
-        assert seen("6334") == {f"qdrant-node-{n} grpc" for n in (1, 2, 3)}
-        rest[1].ready.clear()  # node 1 up but not ready: out of both ports (the gRPC port by its REST check)
-        wait_for(lambda: "qdrant-node-1" not in seen("6333"), "node 1 out")
-        assert seen("6334") == {"qdrant-node-2 grpc", "qdrant-node-3 grpc"}
-        rest[2].shutdown(), grpc[2].shutdown()  # node 2 gone
-        rest[2].server_close(), grpc[2].server_close()
-        wait_for(lambda: seen("6333") == {"qdrant-node-3"}, "only node 3 left")
-        assert seen("6334") == {"qdrant-node-3 grpc"} and healthy() == 200
-        rest[1].ready.set()  # node 1 back
-        wait_for(lambda: seen("6333") == {"qdrant-node-1", "qdrant-node-3"}, "node 1 back")
-        rest[1].ready.clear(), rest[3].ready.clear()  # none ready: the container's health check fails
+        def healthy() -> int:
+            try:
+                return httpx.get(f"http://127.0.0.1:{listen['8405']}/healthz", timeout=3).status_code
+            except httpx.HTTPError:
+                return 0
+
+        def seen(tries: int = 12) -> tuple[set[str | None], set[str | None]]:
+            return {through_rest() for _ in range(tries)}, {through_grpc() for _ in range(tries)}
+
+        def nodes(*ns: int) -> tuple[set[str], set[str]]:
+            return {f"node{n}" for n in ns}, {f"node{n} grpc" for n in ns}
+
+        def wait_for(check, what: str, timeout: float = 30.0) -> None:
+            deadline = time.monotonic() + timeout
+            while not check():
+                assert proc.poll() is None, (tmp_path / "haproxy.log").read_text()
+                assert time.monotonic() < deadline, f"{what}: {seen()}"
+                time.sleep(0.2)
+
+        wait_for(lambda: healthy() == 200 and seen() == nodes(1, 2, 3), "all three nodes in, on both ports")
+        # the service's one long-lived gRPC connection, on some node: it is cut when that node is marked down
+        held = socket.create_connection(("127.0.0.1", listen["6334"]), timeout=30)
+        stack.callback(held.close)
+        x = int(held.makefile().readline().split()[0].removeprefix("node"))
+        y, z = (n for n in (1, 2, 3) if n != x)
+        rest[x].ready.clear()  # up but not ready: out of both ports (the gRPC port's check reads /readyz too)
+        wait_for(lambda: seen() == nodes(y, z), f"node {x} out")
+        assert held.recv(1) == b""  # closed by the balancer, not left on the node
+        grpc[y].shutdown(), grpc[y].server_close()  # node y's gRPC port gone, its REST port still ready
+        rest[y].shutdown(), rest[y].server_close()
+        assert None not in seen()[0] | seen()[1]  # refused connections go to another node (redispatch)
+        wait_for(lambda: seen() == nodes(z), f"only node {z} left")
+        assert healthy() == 200
+        rest[x].ready.set()  # node x back
+        wait_for(lambda: seen() == nodes(x, z), f"node {x} back")
+        rest[x].ready.clear(), rest[z].ready.clear()  # none ready: the container's health check fails
         wait_for(lambda: healthy() == 503, "unhealthy with no node in")
-    finally:
-        proc.terminate()
-        proc.wait(10)
-        log.close()
-        for server in (*rest.values(), *grpc.values()):
-            server.shutdown()
-            server.server_close()
 
 
 def test_dockerfile_runs_as_non_root_with_a_grpc_health_check():
