@@ -265,13 +265,13 @@ def window_used(fields: Mapping[str, str], now_ms: int) -> int:
     window_ms = int(float(fields.get("window_ms") or 0))
     ring = fields.get("win_ring")
     if ring is None:  # counted by the older fixed window, not leased since
-        count, start = int(fields.get("win_count") or 0), int(fields.get("win_start") or 0)
+        count, start = int(float(fields.get("win_count") or 0)), int(float(fields.get("win_start") or 0))
         return count if now_ms - start < window_ms else 0
     used = 0
     for part in filter(None, ring.split(",")):
         end, _, count = part.partition(":")
-        if int(end) > now_ms - window_ms:
-            used += int(count)
+        if float(end) > now_ms - window_ms:
+            used += int(float(count))
     return used
 
 
