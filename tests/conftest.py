@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import uuid
 from collections.abc import Iterator
 
@@ -16,6 +17,13 @@ from retrieval.synthetic import clustered_vectors
 # The contract suite runs on every adapter that can be reached here. A real
 # server joins only when QDRANT_URL names one (no skipped placeholder otherwise).
 STORE_KINDS = ["edge", "memory"] + (["server"] if os.environ.get("QDRANT_URL") else [])
+
+
+def free_port() -> int:
+    """A loopback port free at the time of the call."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def make_edge(path: os.PathLike[str] | str, **kw: object) -> EdgeStore:

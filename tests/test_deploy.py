@@ -26,7 +26,7 @@ from embedder.cli import app
 from retrieval import QdrantServerStore, StoreSettings, collection_spec
 from retrieval.errors import InvalidInputError
 from retrieval.migrate import MIGRATION_KEY, migrate
-from tests.conftest import clustered, make_edge
+from tests.conftest import clustered, free_port, make_edge
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE_FILES = ("docker-compose.yml", "docker-compose.cluster.yml")
@@ -276,18 +276,12 @@ def _stand_ins(stack: contextlib.ExitStack) -> tuple[dict[int, Any], dict[int, A
     raise AssertionError("no port free on 127.0.0.2-4 for the stand-in nodes")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_the_load_balancer_fails_over_when_a_node_stops_being_ready_or_goes_away(tmp_path):
     """The committed config, run by haproxy, with its node names pointed at local stand-ins (nodes 1-3 on
     127.0.0.2-4) and its ports renumbered: what the config decides is what is under test."""
     with contextlib.ExitStack() as stack:
         rest, grpc, rest_port, grpc_port = _stand_ins(stack)
-        listen = {"6333": _free_port(), "6334": _free_port(), "8405": _free_port()}
+        listen = {"6333": free_port(), "6334": free_port(), "8405": free_port()}
         text = LB_CONFIG.read_text()
         for port, local in listen.items():
             assert f"bind :{port}\n" in text

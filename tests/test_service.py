@@ -31,7 +31,7 @@ from embedder.client import (
 from embedder.config import ServerSettings
 from embedder.model import Embedder, Item
 from embedder.service.server import SERVICES, BackgroundServer, EmbedstoreServer
-from tests.conftest import make_edge
+from tests.conftest import free_port, make_edge
 
 
 class SlowEmbedder(Embedder):
@@ -48,12 +48,6 @@ def png(color=(200, 30, 30), size=48, mode="RGB") -> bytes:
     buf = io.BytesIO()
     Image.new(mode, (size, size), color).save(buf, format="PNG")
     return buf.getvalue()
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def make_server(tmp_path, embedder, *, load_gate: threading.Event | None = None, **settings) -> EmbedstoreServer:

@@ -3,7 +3,6 @@ over a real Edge store that a real labeling job has written to."""
 
 from __future__ import annotations
 
-import socket
 import threading
 import time
 import urllib.request
@@ -22,21 +21,15 @@ from selenium.webdriver.support.ui import WebDriverWait
 from embedder.ui.app import create_app
 from labeling.config import LabelingConfig
 from labeling.job import run_job
-from tests.conftest import clustered, make_edge
+from tests.conftest import clustered, free_port, make_edge
 
 SCRIPT_TEXT = '<script>window.__pwned = 1</script><b id="injected">bold</b> & "quotes"'
 TOKEN = "s3cret-token"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class _Served:
     def __init__(self, app) -> None:
-        self.port = _free_port()
+        self.port = free_port()
         self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()

@@ -71,10 +71,28 @@ FAILURE_PENALTY_LEASES = 16
 #: by their last millisecond, so changing a key's window re-reads them right.
 WINDOW_BUCKETS = 20
 
+# A key's budget entries in its stats field `<id>:win_ring`: "e:c,e:c,..." (a bucket's last millisecond, its lease
+# count), oldest first. Read and written only through these two functions, which both scripts below include.
+_RING = """
+local function ring_read(stats, id)
+  local es, cs = {}, {}
+  local ring = redis.call('HGET', stats, id .. ':win_ring')
+  for e, c in string.gmatch(ring or '', '(%d+):(%d+)') do es[#es + 1], cs[#cs + 1] = tonumber(e), tonumber(c) end
+  return es, cs, ring
+end
+local function ring_write(stats, id, es, cs)
+  local parts = {}
+  for i = 1, #es do parts[i] = es[i] .. ':' .. cs[i] end
+  redis.call('HSET', stats, id .. ':win_ring', table.concat(parts, ','))
+end
+"""
+
 # KEYS: ready, cooling, stats, secrets. ARGV: now_ms, failure penalty (leases), buckets per budget window.
 # Returns {id, secret, the budget entry that counted the lease (-1: none)} or {false, next_free_ms (-1: no key can
 # ever free up)}.
-_LEASE = """
+_LEASE = (
+    _RING
+    + """
 local ready, cooling, stats, secrets = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local now = tonumber(ARGV[1])
 local due = redis.call('ZRANGEBYSCORE', cooling, '-inf', now)
@@ -100,19 +118,18 @@ while true do
     local window = tonumber(redis.call('HGET', stats, id .. ':window_ms'))
     local width = math.max(1, math.floor(window / tonumber(ARGV[3])))
     local e_now = (math.floor(now / width) + 1) * width - 1
-    local es, cs, sum = {}, {}, 0
-    local ring = redis.call('HGET', stats, id .. ':win_ring')
+    local all_es, all_cs, ring = ring_read(stats, id)
     if not ring then
       -- a key counted by the fixed window of older versions: its count stays counted, as of its last lease
       local count = tonumber(redis.call('HGET', stats, id .. ':win_count') or '0')
       local start = tonumber(redis.call('HGET', stats, id .. ':win_start') or '0')
       local last = tonumber(redis.call('HGET', stats, id .. ':last_used') or '0')
-      if count > 0 and now - start < window then ring = math.max(start, last) .. ':' .. count end
+      if count > 0 and now - start < window then all_es, all_cs = {math.max(start, last)}, {count} end
     end
-    for e, c in string.gmatch(ring or '', '(%d+):(%d+)') do
-      e, c = tonumber(e), tonumber(c)
-      if e > now - window and c > 0 then
-        es[#es + 1], cs[#cs + 1], sum = e, c, sum + c
+    local es, cs, sum = {}, {}, 0
+    for i = 1, #all_es do
+      if all_es[i] > now - window and all_cs[i] > 0 then
+        es[#es + 1], cs[#cs + 1], sum = all_es[i], all_cs[i], sum + all_cs[i]
       end
     end
     if sum >= budget then
@@ -128,9 +145,7 @@ while true do
     else
       es[#es + 1], cs[#cs + 1], counted = e_now, 1, e_now
     end
-    local parts = {}
-    for i = 1, #es do parts[i] = es[i] .. ':' .. cs[i] end
-    redis.call('HSET', stats, id .. ':win_ring', table.concat(parts, ','))
+    ring_write(stats, id, es, cs)
   end
   if ok then
     local cf = tonumber(redis.call('HGET', stats, id .. ':consecutive_failures') or '0')
@@ -145,26 +160,28 @@ local nxt = redis.call('ZRANGE', cooling, 0, 0, 'WITHSCORES')
 if #nxt == 0 then return {false, -1} end
 return {false, tonumber(nxt[2])}
 """
+)
 
 # KEYS: stats. ARGV: id, the budget entry the lease returned. Gives back what a lease of a key that could not be
 # used (not decryptable) counted.
-_REFUND = """
+_REFUND = (
+    _RING
+    + """
 local stats, id = KEYS[1], ARGV[1]
 if tonumber(redis.call('HGET', stats, id .. ':leases') or '0') > 0 then
   redis.call('HINCRBY', stats, id .. ':leases', -1)
 end
-local ring = redis.call('HGET', stats, id .. ':win_ring')
+local es, cs, ring = ring_read(stats, id)
 if ring and tonumber(ARGV[2]) >= 0 then
   -- the lease was counted in the entry ending at ARGV[2] (other workers may have leased since: not the latest)
-  local parts = {}
-  for e, c in string.gmatch(ring, '(%d+):(%d+)') do
-    if tonumber(e) == tonumber(ARGV[2]) and tonumber(c) > 0 then c = tonumber(c) - 1 end
-    parts[#parts + 1] = e .. ':' .. c
+  for i = 1, #es do
+    if es[i] == tonumber(ARGV[2]) and cs[i] > 0 then cs[i] = cs[i] - 1 end
   end
-  redis.call('HSET', stats, id .. ':win_ring', table.concat(parts, ','))
+  ring_write(stats, id, es, cs)
 end
 return 1
 """
+)
 
 # KEYS: ready, cooling, stats. ARGV: id, status, now_ms, until_ms (-1: none given), base_ms, cap_ms, u in [0,1).
 # Returns the key's state after the report, or 'unknown'.
@@ -522,6 +539,7 @@ class KeyPool:
             kid, _, field = k.decode().rpartition(":")
             by_id.setdefault(kid, {})[field] = v.decode()
         out = []
+        now_ms = int(time.time() * 1000)
         for kid, f in sorted(by_id.items()):
             if "state" not in f:
                 continue
@@ -530,7 +548,6 @@ class KeyPool:
                 return int(float(d.get(name, 0) or 0))
 
             cooldown = max(num("cooldown_until"), out_until.get(kid, 0)) if f["state"] == ACTIVE else 0
-            now_ms = int(time.time() * 1000)
             out.append(
                 KeyInfo(
                     key_id=kid,
