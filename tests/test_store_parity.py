@@ -212,7 +212,7 @@ def test_edge_and_qdrant_client_give_the_same_answers(tmp_path: os.PathLike[str]
         if other == "memory"
         else QdrantServerStore(os.environ["QDRANT_URL"], api_key=os.environ.get("QDRANT_API_KEY"))
     )
-    stores: list[VectorStore] = [make_edge(tmp_path / "edge"), client]
+    stores: list[VectorStore] = [make_edge(tmp_path / "edge"), client]  # Edge first: reopened in place
     coll = f"t_parity_{uuid.uuid4().hex[:12]}"
     try:
         for s in stores:
@@ -220,6 +220,10 @@ def test_edge_and_qdrant_client_give_the_same_answers(tmp_path: os.PathLike[str]
             s.create_payload_index(coll, "n", "integer")
         log: list[str] = []
         for step in range(200):
+            if rng.random() < 0.03:  # Edge closed and opened again: what it wrote must be what it reads back
+                stores[0].close()
+                stores[0] = make_edge(tmp_path / "edge")
+                log.append(f"{step}: Edge reopened")
             what, call = _operations(rng, coll)
             log.append(f"{step}: {what}")
             edge, theirs = (_outcome(call, s) for s in stores)
