@@ -36,7 +36,7 @@ class XGBoostParams(BaseModel):
     max_rounds: int = Field(400, ge=1, le=10_000)
     early_stopping_rounds: int = Field(30, ge=1)
     max_bin: int = Field(64, ge=8, le=1024)  # histogram bins per feature: 64 fits ~25% faster than 128 here
-    #: ``None``: aucpr for binary (the article), mlogloss for multiclass.
+    #: ``None``: logloss for binary, mlogloss for multiclass (the article's aucpr: ``"aucpr"``; see learners.py).
     eval_metric: str | None = None
     #: Optional monotone constraints by feature index: {index: +1 | -1}.
     monotone_constraints: dict[int, Literal[-1, 1]] | None = None

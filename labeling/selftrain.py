@@ -8,7 +8,7 @@ Per iteration (at most 10):
 
    * ``holdout`` (a large seed): one chain; a stratified slice ``E`` of the GT is held
      out, never visible to any model, and used only to early-stop, calibrate and
-     measure (the breaker).
+     measure (the breaker). A model early-stops on the held-out rows it does *not* score.
    * ``cv`` (a small seed: the default when the smallest class has < 250 GT examples, or the holdout
      slice would hold < 500 rows in all):
      K stratified folds (``cv_folds``, whatever the thinnest class) and one independent
@@ -531,8 +531,13 @@ class SelfTrainer:
                         n_mix = len(mx)
                         x_tr, y_tr, w_tr = np.vstack([x_tr, mx]), np.vstack([y_tr, my]), np.concatenate([w_tr, mw])
                     ev = ch.eval_rows[ch.eval_half == half]
+                    # Early stopping watches the held-out rows the *other* model scores: a model stopped on the
+                    # rows it then scores chose its round count on their labels (on pure-noise labels its
+                    # held-out log loss beat chance, ln 3, in 10 of 10 seeds), and those scores feed the
+                    # calibration, the gate and the breaker.
+                    stop = ch.eval_rows[ch.eval_half != half]
                     learner = self._learner(c, cfg.seed * 100_003 + it * 101 + ci * 2 + half, it)
-                    learner.fit(x_tr, y_tr, w_tr, eval_set=(feats[ev], y[ev]))
+                    learner.fit(x_tr, y_tr, w_tr, eval_set=(feats[stop], y[stop]))
                     chain_models[-1].append(learner)
                     rounds.append(int(getattr(learner, "best_rounds_", 0) or 0))
                     if chain_c:

@@ -614,14 +614,14 @@ def test_label_cli_in_process(emoji_data, tmp_path):
     assert result.exit_code == 2 and "capped at 10" in flat(result)
 
 
-def test_a_binary_job_uses_soft_labels_and_aucpr(emoji_data, tmp_path):
+def test_a_binary_job_uses_soft_labels_and_log_loss(emoji_data, tmp_path):
     vectors, labels, ids, texts = emoji_data
     keep = [i for i, lab in enumerate(labels) if lab in ("Flags", "Smileys & Emotion")]
     data = (vectors[keep], [labels[i] for i in keep], [ids[i] for i in keep], [texts[i] for i in keep])
     with make_edge(tmp_path / "store") as store:
         load(store, "binary", data, seed_fraction=0.1)
         result = run_job(store, "binary", LabelingConfig(**FAST, truth_field="hidden_label"), runs_dir=tmp_path)
-        assert result.report["config"]["xgboost"]["eval_metric"] is None  # -> aucpr for binary
+        assert result.report["config"]["xgboost"]["eval_metric"] is None  # -> logloss for binary
         final = result.report["final"]
         assert set(final["accepted_by_class"]) == {"Flags", "Smileys & Emotion"}
         assert final["pseudo_precision"] > 0.9 and final["counts"]["accepted"] > 0

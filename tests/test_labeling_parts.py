@@ -273,6 +273,41 @@ class _Degrading:
         return self.inner.predict_proba(x)
 
 
+class _Spy:
+    """A real XGBoost learner that records the rows it early-stopped on and the rows it scored."""
+
+    name = "spy"
+
+    def __init__(self, n_classes: int, seed: int, seen: list) -> None:
+        self.inner = XGBoostLearner(n_classes, XGBoostParams(max_rounds=30), seed=seed)
+        self.n_classes = n_classes
+        self.record = {"stopped_on": set(), "scored": set()}
+        seen.append(self.record)
+
+    def fit(self, x, y, w, eval_set=None):
+        assert eval_set is not None and len(eval_set[1]) > 0
+        self.record["stopped_on"] = {r.tobytes() for r in eval_set[0]}
+        self.inner.fit(x, y, w, eval_set)
+        return self
+
+    def predict_proba(self, x):
+        self.record["scored"] |= {r.tobytes() for r in x}
+        return self.inner.predict_proba(x)
+
+
+@pytest.mark.parametrize("eval_mode", ["cv", "holdout"])
+def test_no_model_scores_a_row_it_early_stopped_on(eval_mode):
+    """Every held-out score feeds the calibration, the gate and the breaker: the model giving it must not have
+    chosen its round count on that row's label (it did: each model early-stopped on the rows it then scored)."""
+    seen: list[dict] = []
+    cfg = LabelingConfig(max_iterations=2, review_count=0, eval_mode=eval_mode, holdout_fraction=0.3)
+    SelfTrainer(cfg, learner_factory=lambda c, s, it: _Spy(c, s, seen)).run(_toy())
+    assert len(seen) >= 4
+    for rec in seen:
+        assert rec["stopped_on"] and rec["scored"]
+        assert not rec["stopped_on"] & rec["scored"]
+
+
 def test_breaker_rolls_back_to_the_best_iteration_on_a_forced_degradation(tmp_path):
     # without the spreading and linear blend, which would (rightly) move its weight off a degrading learner
     # and hide it
