@@ -116,7 +116,19 @@ def run_cmd(
     from labeling.config import LabelingConfig
     from labeling.present import print_report
 
-    fields: dict[str, Any] = json.loads(config.read_text()) if config else {}
+    fields: dict[str, Any] = {}
+    if config is not None:
+        try:
+            fields = json.loads(config.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            _fail(ValueError(f"--config {config}: cannot read it as JSON: {exc}"))
+        if not isinstance(fields, dict):
+            _fail(
+                ValueError(
+                    f"--config {config}: must hold a JSON object of LabelingConfig fields, got a "
+                    f"{type(fields).__name__}"
+                )
+            )
     given = {
         "threshold": threshold,
         "max_iterations": max_iterations,

@@ -612,6 +612,11 @@ def test_label_cli_in_process(emoji_data, tmp_path):
         assert result.exit_code == 0 and all(lab in result.output for lab in labels if lab), result.output
     result = runner.invoke(app, ["label", "run", *common, "--max-iterations", "11"])
     assert result.exit_code == 2 and "capped at 10" in flat(result)
+    for body, says in (("{not json", "cannot read it as JSON"), ("[1, 2]", "must hold a JSON object")):
+        bad = tmp_path / "bad.json"
+        bad.write_text(body)
+        result = runner.invoke(app, ["label", "run", *common, "--config", str(bad)])
+        assert result.exit_code == 2 and says in flat(result), result.output  # a message, not a traceback
 
 
 def test_a_binary_job_uses_soft_labels_and_log_loss(emoji_data, tmp_path):
