@@ -327,7 +327,9 @@ def review_cmd(
 @label_app.command("import")
 def import_cmd(
     file: Annotated[Path, typer.Argument(help="JSONL or CSV with id and label.")],
-    overwrite_human: Annotated[bool, typer.Option(help="Replace different existing human labels.")] = False,
+    overwrite_human: Annotated[
+        bool, typer.Option(help="Replace different existing human labels (and answers of any --source).")
+    ] = False,
     source: Annotated[str, typer.Option(help="label_source to record.")] = "human",
     path: PathOpt = None,
     collection: CollectionOpt = None,

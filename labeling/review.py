@@ -272,13 +272,15 @@ def _submit_checked(
         if old == label:
             unchanged += 1
             continue
-        if old not in (None, "") and old_src == "human" and not overwrite_human:
+        # protected: a human label (a manifest's too), and any answer given through embedstore whatever its
+        # --source (an "expert" answer was replaced by the next import without a word)
+        if old not in (None, "") and (old_src == "human" or is_answer(p)) and not overwrite_human:
             conflicts.append(f"{pid}: {old!r} -> {label!r}")
             continue
         updates.append((pid, {"label": label, "label_source": source, "labeled_at": now}))
     if conflicts:
         raise LabelConflictError(
-            f"{len(conflicts)} answer(s) would overwrite a different human label (nothing was written): "
+            f"{len(conflicts)} answer(s) would overwrite a different label a person gave (nothing was written): "
             f"{conflicts[:10]}; pass --overwrite-human to replace them"
         )
     run_keys = (*PSEUDO_FIELDS, PREV_FIELD)
@@ -303,9 +305,10 @@ LABEL_FIELDS = ("label", "label_source", "labeled_at")
 
 
 def is_answer(payload: dict[str, Any]) -> bool:
-    """Whether the point's label is an answer given through embedstore (label import, the web page,
-    SubmitLabels), which write ``labeled_at``: indexing writes a manifest's labels as ``human`` too, without it."""
-    return payload.get("label_source") == "human" and bool(payload.get("labeled_at"))
+    """Whether the point's label is an answer given through embedstore (label import with any ``--source``, the
+    web page, SubmitLabels), which write ``labeled_at``: indexing writes a manifest's labels as ``human`` too,
+    without it."""
+    return payload.get("label") not in (None, "") and bool(payload.get("labeled_at"))
 
 
 def clear_labels(

@@ -12,7 +12,7 @@ from labeling.config import LabelingConfig, XGBoostParams
 from labeling.errors import JobPreconditionError, ReviewFileError, RunStateError, SeedError
 from labeling.inspect import inspect_neighbours
 from labeling.job import VERSION_KEY, preflight, run_job
-from labeling.review import ClearResult, export_review, import_labels, review_queue, suspicious
+from labeling.review import ClearResult, clear_labels, export_review, import_labels, review_queue, suspicious
 from labeling.runs import (
     ABANDONED,
     APPLIED,
@@ -422,8 +422,16 @@ def test_review_export_and_import_round_trip(labelled, tmp_path):
     clash = tmp_path / "clash.csv"
     wrong = "Flags" if truth[rows[0]["id"]] != "Flags" else "Objects"
     clash.write_text(f"id,label\n{other},{truth[other]}\n{rows[0]['id']},{wrong}\n")
-    with pytest.raises(ReviewFileError, match="overwrite a different human label"):
+    with pytest.raises(ReviewFileError, match="overwrite a different label a person gave"):
         import_labels(store, "emoji", clash)
+    assert not payloads(store, "emoji")[other].get("label")
+    # an answer given under another --source is protected the same way (it was replaced without a word)
+    import_labels(store, "emoji", _file(tmp_path, f"id,label\n{other},{truth[other]}\n"), source="expert")
+    differs = "Flags" if truth[other] != "Flags" else "Objects"
+    with pytest.raises(ReviewFileError, match="overwrite a different label a person gave"):
+        import_labels(store, "emoji", _file(tmp_path, f"id,label\n{other},{differs}\n"))
+    assert payloads(store, "emoji")[other]["label"] == truth[other]
+    clear_labels(store, "emoji", [other])  # and taken back without --any-source, as a human answer is
     assert not payloads(store, "emoji")[other].get("label")
     with pytest.raises(ReviewFileError, match="not in collection"):
         import_labels(store, "emoji", _file(tmp_path, "id,label\nnope,Flags\n"))
@@ -442,7 +450,6 @@ def test_clearing_labels_takes_human_answers_back_and_keeps_seed_labels_unless_a
     from typer.testing import CliRunner
 
     from embedder.cli import app
-    from labeling.review import clear_labels
 
     store = make_edge(tmp_path / "store")
     x, _ = clustered(7, n_clusters=2, seed=4)

@@ -71,7 +71,7 @@ def test_review_queue_and_submitted_labels_become_ground_truth(served):
     view = client.inspect(queue[0].id, k=3)
     assert view.point.state.label == answers[queue[0].id] and view.point.state.label_source == "human"
     other = "Flags" if answers[queue[0].id] != "Flags" else "Objects"
-    with pytest.raises(FailedPrecondition, match="different human label"):
+    with pytest.raises(FailedPrecondition, match="different label a person gave"):
         client.submit_labels({queue[0].id: other, queue[5].id: "Flags"})
     assert client.inspect(queue[5].id, k=1).point.state.label is None  # all-or-nothing
     assert client.submit_labels({queue[0].id: other}, overwrite_human=True) == (1, 0)
