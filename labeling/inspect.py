@@ -21,6 +21,7 @@ status, so a quarantined proposal can be checked against its neighbours too).
 from __future__ import annotations
 
 import math
+import unicodedata
 from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any
@@ -31,9 +32,10 @@ from retrieval.errors import InvalidInputError
 
 
 def spelling_key(label: str) -> str:
-    """What two labels share when they differ only by case or spacing ("Flags", "flags ", "Food  &  Drink"):
-    the model learns such labels as separate classes, though a person almost surely meant one."""
-    return " ".join(label.split()).casefold()
+    """What two labels share when they differ only by case, spacing or Unicode form ("Flags", "flags ",
+    "Food  &  Drink"; "café" written with a combining accent, as macOS and some CSV tools write it; full-width
+    "Ｆｌａｇｓ"): the model learns such labels as separate classes, though a person almost surely meant one."""
+    return " ".join(unicodedata.normalize("NFKC", label).split()).casefold()
 
 
 ACCEPTED = "accepted"

@@ -223,8 +223,8 @@ def run_job(
     for same in (v for v in variants.values() if len(v) > 1):
         # "Flags" and "flags " are two classes to the model: say so, as the user likely meant one
         warnings.append(
-            f"labels {same} differ only by case or spacing and are learned as {len(same)} separate classes; "
-            "relabel them to one spelling if they mean the same class"
+            f"labels {same} differ only by case, spacing or Unicode form and are learned as {len(same)} separate "
+            "classes; relabel them to one spelling if they mean the same class"
         )
     if snap.truth is not None:
         outside = sorted({t for t in snap.truth if t is not None and t not in index})

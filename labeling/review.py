@@ -207,8 +207,8 @@ def label_problem(label: str) -> str | None:
 
 
 def same_class_spelt_otherwise(label: str, known: Iterable[str]) -> str | None:
-    """A known class that differs from ``label`` only by case or spacing ("objects", "Food  &  Drink"): the job
-    would learn it as a class of its own."""
+    """A known class that differs from ``label`` only by case, spacing or Unicode form ("objects",
+    "Food  &  Drink"): the job would learn it as a class of its own."""
     key = spelling_key(label)
     return next((k for k in known if k != label and spelling_key(k) == key), None)
 
@@ -221,10 +221,12 @@ def submit_labels(
     source: str = "human",
     overwrite_human: bool = False,
 ) -> ImportResult:
-    """Write (id, label) answers as ground truth, validated as a whole first."""
+    """Write (id, label) answers as ground truth, validated as a whole first. Labels are stored in Unicode's
+    composed form (NFC): "café" typed with a combining accent is the class "café", not a second one."""
     bad = [i for i, (pid, label) in enumerate(answers) if not pid or not isinstance(label, str) or not label.strip()]
     if bad:
         raise ReviewFileError(f"answers {bad[:10]} have an empty id or label")
+    answers = [(pid, unicodedata.normalize("NFC", label)) for pid, label in answers]
     for pid, label in answers:
         if (why := label_problem(label)) is not None:
             raise ReviewFileError(f"answer for {pid!r}: {why} (nothing was written)")
@@ -240,8 +242,8 @@ def submit_labels(
         first = known.setdefault(spelling_key(label), label)
         if first != label:
             raise ReviewFileError(
-                f"answer for {pid!r}: {label!r} differs from the class {first!r} only by case or spacing; write it "
-                f"as {first!r} (nothing was written)"
+                f"answer for {pid!r}: {label!r} differs from the class {first!r} only by case, spacing or Unicode "
+                f"form; write it as {first!r} (nothing was written)"
             )
     ids = [a[0] for a in answers]
     if len(set(ids)) != len(ids):

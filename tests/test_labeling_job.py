@@ -438,8 +438,16 @@ def test_review_export_and_import_round_trip(labelled, tmp_path):
     with pytest.raises(ReviewFileError, match="invisible or control character"):  # looks like Flags, is not
         import_labels(store, "emoji", _file(tmp_path, f"id,label\n{other},Flags\u200b\n"))
     # a known class spelt another way became a second class (the web page refused it; import did not)
-    with pytest.raises(ReviewFileError, match="'flags' differs from the class 'Flags' only by case or spacing"):
+    with pytest.raises(
+        ReviewFileError, match="'flags' differs from the class 'Flags' only by case, spacing or Unicode form"
+    ):
         import_labels(store, "emoji", _file(tmp_path, f"id,label\n{other},flags \n"))
+    # Unicode forms: full-width letters are a spelling of 'Flags'; a combining accent is stored composed (NFC)
+    with pytest.raises(ReviewFileError, match="differs from the class 'Flags' only by case, spacing or Unicode"):
+        import_labels(store, "emoji", _file(tmp_path, f"id,label\n{other},\uff26\uff4c\uff41\uff47\uff53\n"))
+    import_labels(store, "emoji", _file(tmp_path, f"id,label\n{other},Cafe\u0301\n"))
+    assert payloads(store, "emoji")[other]["label"] == "Caf\u00e9"
+    clear_labels(store, "emoji", [other])
     third = next(pid for pid, p in now.items() if not p.get("label") and pid != other)
     with pytest.raises(ReviewFileError, match="'new thing' differs from the class 'New Thing'"):  # within one file
         import_labels(store, "emoji", _file(tmp_path, f"id,label\n{other},New Thing\n{third},new thing\n"))
@@ -538,7 +546,7 @@ def test_truth_outside_the_seed_classes_and_label_spelling_variants_are_reported
         result = run_job(store, "t", cfg, runs_dir=tmp_path)
         warnings = " ".join(result.report["warnings"])
         assert "holds 1 value(s) that no ground-truth label has" in warnings
-        assert "['Flags', 'flags '] differ only by case or spacing" in warnings
+        assert "['Flags', 'flags '] differ only by case, spacing or Unicode form" in warnings
         final = result.report["final"]
         assert final["truth_outside_classes"] == 5 and 0.0 <= final["pool_macro_f1_vs_truth"] <= 1.0
 

@@ -33,6 +33,7 @@ import mimetypes
 import secrets as secrets_module
 import threading
 import time
+import unicodedata
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -365,7 +366,7 @@ def create_app(
         def back(**outcome: str) -> Response:
             return back_to(point_id, **outcome)
 
-        label = label.strip()
+        label = unicodedata.normalize("NFC", label.strip())  # as submit_labels stores it
         # A typo here is ground truth: it became a class of its own, and the next job refused to start (a class
         # with one example). Known classes pass; a spelling variant of one is refused; a new one must be ticked.
         if (why := label_problem(label)) is not None:
@@ -373,7 +374,9 @@ def create_app(
         known = locked(known_classes)
         if label not in known:
             if (other := same_class_spelt_otherwise(label, known)) is not None:
-                return back(error=f"did you mean {other!r}? {label!r} differs from it only by case or spacing")
+                return back(
+                    error=f"did you mean {other!r}? {label!r} differs from it only by case, spacing or Unicode form"
+                )
             if not new_class:
                 return back(error=f"{label!r} is not one of the {len(known)} classes here; tick 'new class' to add it")
         try:
