@@ -360,6 +360,15 @@ def import_cmd(
     console.print(
         f"wrote {res.written} labels as ground truth ({res.unchanged} already so, {res.skipped_unanswered} unanswered)"
     )
+    thin = {name: n for name, n in res.new_classes.items() if n < 2}
+    if res.new_classes:
+        console.print(f"[yellow]note:[/] new classes: {res.new_classes}")
+    if thin:
+        console.print(
+            f"[yellow]note:[/] {sorted(thin)} {'has' if len(thin) == 1 else 'have'} one label: a labeling job needs "
+            "at least 2 of every class and refuses to run until then (label another, or take it back with "
+            "`embedstore label clear ID`)"
+        )
 
 
 @label_app.command("clear")

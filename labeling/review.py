@@ -20,11 +20,13 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import datetime as _dt
 import json
 import unicodedata
+from collections import Counter
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -172,6 +174,8 @@ class ImportResult:
     written: int
     unchanged: int
     skipped_unanswered: int
+    #: classes the answers introduced, with how many labels each has now: a job needs 2 of every class
+    new_classes: dict[str, int] = field(default_factory=dict)
 
 
 def import_labels(
@@ -187,7 +191,7 @@ def import_labels(
     if not answers:
         raise ReviewFileError(f"{path}: no answered rows (fill in 'label' for the items you reviewed)")
     result = submit_labels(store, collection, answers, source=source, overwrite_human=overwrite_human)
-    return ImportResult(result.written, result.unchanged, unanswered)
+    return ImportResult(result.written, result.unchanged, unanswered, result.new_classes)
 
 
 MAX_LABEL_CHARS = 200
@@ -235,9 +239,10 @@ def submit_labels(
     # a class spelt two ways ("Seven" beside "seven") became two classes, silently: the web page refused it,
     # an import did not. Known classes: ground truth and pseudo-labels (indexed keyword fields), then the file's.
     known: dict[str, str] = {}
-    for field in ("label", "pseudo_label"):
-        for name in store.facet(collection, field, limit=100_000):
+    for key in ("label", "pseudo_label"):
+        for name in store.facet(collection, key, limit=100_000):
             known.setdefault(spelling_key(str(name)), str(name))
+    new_classes = Counter(label for _, label in answers if spelling_key(label) not in known)
     for pid, label in answers:
         first = known.setdefault(spelling_key(label), label)
         if first != label:
@@ -249,7 +254,8 @@ def submit_labels(
     if len(set(ids)) != len(ids):
         raise ReviewFileError("the same id is answered more than once")
     with store.exclusive():  # no job batch or delete lands between the read, the checks and the write
-        return _submit_checked(store, collection, answers, ids, source, overwrite_human)
+        result = _submit_checked(store, collection, answers, ids, source, overwrite_human)
+    return dataclasses.replace(result, new_classes=dict(new_classes))
 
 
 def _submit_checked(

@@ -242,7 +242,8 @@ def check_seed(y: np.ndarray, classes: list[str], config: LabelingConfig) -> lis
         unusable = [classes[i] for i in np.flatnonzero(counts < 2)]
         raise SeedError(
             f"classes {unusable} have fewer than 2 ground-truth examples: they cannot be learned or calibrated, "
-            "even with --allow-sparse-seed; label at least 2 of each"
+            "even with --allow-sparse-seed; label at least 2 of each, or take back a label that started a class "
+            "by mistake (`embedstore label clear ID`)"
         )
     if problems and not config.allow_sparse_seed:
         raise SeedError(

@@ -445,8 +445,8 @@ def test_review_export_and_import_round_trip(labelled, tmp_path):
     # Unicode forms: full-width letters are a spelling of 'Flags'; a combining accent is stored composed (NFC)
     with pytest.raises(ReviewFileError, match="differs from the class 'Flags' only by case, spacing or Unicode"):
         import_labels(store, "emoji", _file(tmp_path, f"id,label\n{other},\uff26\uff4c\uff41\uff47\uff53\n"))
-    import_labels(store, "emoji", _file(tmp_path, f"id,label\n{other},Cafe\u0301\n"))
-    assert payloads(store, "emoji")[other]["label"] == "Caf\u00e9"
+    res = import_labels(store, "emoji", _file(tmp_path, f"id,label\n{other},Cafe\u0301\n"))
+    assert payloads(store, "emoji")[other]["label"] == "Caf\u00e9" and res.new_classes == {"Caf\u00e9": 1}
     clear_labels(store, "emoji", [other])
     third = next(pid for pid, p in now.items() if not p.get("label") and pid != other)
     with pytest.raises(ReviewFileError, match="'new thing' differs from the class 'New Thing'"):  # within one file
@@ -627,6 +627,14 @@ def test_label_cli_in_process(emoji_data, tmp_path):
         assert result.exit_code == 0 and all(lab in result.output for lab in labels if lab), result.output
     result = runner.invoke(app, ["label", "run", *common, "--max-iterations", "11"])
     assert result.exit_code == 2 and "capped at 10" in flat(result)
+    # one answer that starts a class: the import says a job will refuse it, and the job says how to undo it
+    with make_edge(path) as store:
+        unlabelled = next(r.id for r in store.iter_records("items") if not r.payload.get("label"))
+    result = runner.invoke(app, ["label", "import", str(_file(tmp_path, f"id,label\n{unlabelled},Seven\n")), *common])
+    assert result.exit_code == 0 and "['Seven'] has one label" in flat(result), result.output
+    result = runner.invoke(app, ["label", "run", *common, "--allow-sparse-seed", "--no-progress"])
+    assert result.exit_code == 2 and "embedstore label clear ID" in flat(result), result.output
+    assert runner.invoke(app, ["label", "clear", unlabelled, *common]).exit_code == 0
     for body, says in (("{not json", "cannot read it as JSON"), ("[1, 2]", "must hold a JSON object")):
         bad = tmp_path / "bad.json"
         bad.write_text(body)
