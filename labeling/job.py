@@ -38,6 +38,7 @@ from labeling.runs import (
     BatchHook,
     RunRecord,
     apply_run,
+    check_no_live_writer,
     clear_pseudo_state,
     labelled_with_pseudo_state,
     load_registry,
@@ -63,7 +64,8 @@ def preflight(store: VectorStore, collection: str, runs_dir: Path | str) -> None
       would record that state as its ``previous``, and the rollback could never be finished;
     * points embedded with another projection than the collection's (an interrupted ``reindex``): the kNN
       graph and features would mix two incomparable vector spaces (search refuses this state too);
-    * a runs directory that cannot be written: found only after training, the work was lost.
+    * a runs directory that cannot be written: found only after training, the work was lost;
+    * another job writing its labels to the collection now (:func:`labeling.runs.check_no_live_writer`).
     """
     reg = load_registry(store, collection)
     stuck = [r.run_id for r in reg.runs if r.status == ROLLING_BACK]
@@ -72,6 +74,7 @@ def preflight(store: VectorStore, collection: str, runs_dir: Path | str) -> None
             f"the rollback of run {stuck[-1]} was interrupted: part of the collection is back on the run before "
             f"it and part is not. Finish it first (`embedstore label rollback {stuck[-1]}` again), then run a job"
         )
+    check_no_live_writer(store, collection, reg)  # another job writing now: refused before the work, not after
     version = store.collection_metadata(collection).get(VERSION_KEY)
     if isinstance(version, str) and version:
         flt = Filter(must_not=[Match(VERSION_KEY, version), IsEmpty(VERSION_KEY)])

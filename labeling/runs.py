@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import time
 import uuid
 from collections.abc import Callable, Iterable, Sequence
 from collections.abc import Set as AbstractSet
@@ -64,6 +65,16 @@ WRITING, APPLIED, ABANDONED, ROLLING_BACK, ROLLED_BACK = (
 
 BatchHook = Callable[[int], None]
 
+#: A run writing its labels refreshes ``heartbeat_at`` at most every HEARTBEAT_S while it writes; a pending run
+#: whose heartbeat is younger than LIVE_WRITER_S is taken to be writing still, and a second job's write-back is
+#: refused instead of marking it abandoned. (Two jobs at once on a server collection left the points split
+#: between them, both runs recorded as applied, and a rollback that landed on the wrong labels.) A write that
+#: fails or is interrupted in its own process clears its heartbeat, so a rerun takes over at once; only a
+#: process killed outright holds the collection for up to LIVE_WRITER_S. Clocks of the writing machines are
+#: compared, so they should agree to well within a minute (NTP).
+HEARTBEAT_S = 10.0
+LIVE_WRITER_S = 120.0
+
 
 def new_run_id() -> str:
     now = _dt.datetime.now(_dt.UTC).strftime("%Y%m%dT%H%M%S")
@@ -88,6 +99,7 @@ class RunRecord:
     allow_sparse_seed: bool = False
     undo: bool = True  # False once a later run was rolled back onto this one (one level of undo per point)
     summary: dict[str, Any] = field(default_factory=dict)
+    heartbeat_at: str | None = None  # while writing: when it last showed it was alive (see LIVE_WRITER_S)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> RunRecord:
@@ -174,6 +186,52 @@ def _previous_state(payload: dict[str, Any], run_id: str, unapplied: set[str]) -
     return fields or None
 
 
+def _seconds_since(stamp: str | None) -> float | None:
+    if not stamp:
+        return None
+    try:
+        then = _dt.datetime.fromisoformat(stamp)
+    except (TypeError, ValueError):
+        return None
+    if then.tzinfo is None:
+        then = then.replace(tzinfo=_dt.UTC)
+    return (_dt.datetime.now(_dt.UTC) - then).total_seconds()
+
+
+def check_no_live_writer(store: VectorStore, collection: str, reg: Registry | None = None, mine: str = "") -> None:
+    """Raise :class:`RunStateError` when another run is writing its labels to ``collection`` now."""
+    reg = load_registry(store, collection) if reg is None else reg
+    if not reg.pending or reg.pending == mine:
+        return
+    try:
+        other = reg.get(reg.pending)
+    except RunNotFoundError:
+        return
+    age = _seconds_since(other.heartbeat_at)
+    if other.status == WRITING and age is not None and age < LIVE_WRITER_S:
+        raise RunStateError(
+            f"run {other.run_id} is writing its labels to collection {collection!r} now (last heartbeat "
+            f"{max(age, 0):.0f} s ago): two jobs writing at once would mix their labels. Wait for it to finish; if "
+            f"its process was killed, a new job can take over {LIVE_WRITER_S - max(age, 0):.0f} s from now"
+        )
+
+
+def _beat(store: VectorStore, collection: str, run_id: str, alive: bool) -> None:
+    """Refresh (or, ``alive=False``, clear) the run's heartbeat; raise if another run took the collection over."""
+    reg = load_registry(store, collection)
+    rec = reg.get(run_id)
+    if alive and (reg.pending != run_id or rec.status != WRITING):
+        taker = reg.pending or reg.active
+        raise RunStateError(
+            f"run {taker} took collection {collection!r} over while run {run_id} was writing (it judged this run "
+            f"dead: no heartbeat for {LIVE_WRITER_S:.0f} s); this run stops, left abandoned (readers do not see "
+            "its writes). Run the job again once the other has finished"
+        )
+    if reg.pending == run_id:
+        rec.heartbeat_at = utcnow() if alive else None
+        save_registry(store, collection, reg)
+
+
 def apply_run(
     store: VectorStore,
     collection: str,
@@ -188,6 +246,7 @@ def apply_run(
 
     A point whose ``label_field`` was set since the job's snapshot (answered meanwhile) is not written."""
     reg = load_registry(store, collection)
+    check_no_live_writer(store, collection, reg, mine=record.run_id)
     if reg.pending and reg.pending != record.run_id:
         with contextlib.suppress(RunNotFoundError):
             reg.get(reg.pending).status = ABANDONED
@@ -197,13 +256,30 @@ def apply_run(
         reg.runs.append(record)
     rec = reg.get(record.run_id)
     rec.status = WRITING
+    rec.heartbeat_at = utcnow()
     reg.pending = record.run_id
     save_registry(store, collection, reg)
     unapplied = reg.unapplied - {record.run_id}
+    last_beat = time.monotonic()
 
-    with store.bulk_write():  # one optimize at the end (Edge), not one midway as well
-        written = _write_rows(store, collection, record, rows, unapplied, batch_size, on_batch, label_field)
-    store.flush()
+    def batch_done(b: int) -> None:
+        nonlocal last_beat
+        if time.monotonic() - last_beat >= HEARTBEAT_S:
+            _beat(store, collection, record.run_id, alive=True)
+            last_beat = time.monotonic()
+        if on_batch is not None:
+            on_batch(b)
+
+    try:
+        with store.bulk_write():  # one optimize at the end (Edge), not one midway as well
+            written = _write_rows(store, collection, record, rows, unapplied, batch_size, batch_done, label_field)
+        store.flush()
+        _beat(store, collection, record.run_id, alive=True)  # the last look: still ours to commit?
+    except BaseException:
+        # failed or interrupted here, in its own process: not a live writer any more, so a rerun need not wait
+        with contextlib.suppress(Exception):
+            _beat(store, collection, record.run_id, alive=False)
+        raise
     reg = load_registry(store, collection)
     rec = reg.get(record.run_id)
     rec.status = APPLIED
@@ -212,6 +288,7 @@ def apply_run(
     rec.counts = record.counts
     rec.summary = record.summary
     rec.run_dir = record.run_dir
+    rec.heartbeat_at = None
     reg.active = record.run_id
     reg.pending = None
     save_registry(store, collection, reg)
