@@ -186,7 +186,8 @@ def _previous_state(payload: dict[str, Any], run_id: str, unapplied: set[str]) -
     return fields or None
 
 
-def _seconds_since(stamp: str | None) -> float | None:
+def seconds_since(stamp: str | None) -> float | None:
+    """Seconds since an ISO-8601 time written by :func:`utcnow` (None when absent or unreadable)."""
     if not stamp:
         return None
     try:
@@ -207,7 +208,7 @@ def check_no_live_writer(store: VectorStore, collection: str, reg: Registry | No
         other = reg.get(reg.pending)
     except RunNotFoundError:
         return
-    age = _seconds_since(other.heartbeat_at)
+    age = seconds_since(other.heartbeat_at)
     if other.status == WRITING and age is not None and age < LIVE_WRITER_S:
         raise RunStateError(
             f"run {other.run_id} is writing its labels to collection {collection!r} now (last heartbeat "

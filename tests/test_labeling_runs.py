@@ -101,3 +101,28 @@ def test_an_interrupted_writer_lets_the_next_run_take_over_at_once(store):
     assert apply_run(store, "c", second, second_rows, batch_size=5) == N
     reg = load_registry(store, "c")
     assert reg.active == "B" and reg.get("A").status == ABANDONED and seen_labels(store) == {"b"}
+
+
+def test_label_runs_says_whether_a_pending_write_is_live_or_interrupted(tmp_path):
+    from typer.testing import CliRunner
+
+    from embedder.cli import app
+    from tests.conftest import make_edge
+
+    path = tmp_path / "store"
+    with make_edge(path) as edge:
+        edge.create_collection("c")
+        edge.upsert("c", ["p0"], np.ones((1, 512)))
+        record, _ = run("A", "a")
+        reg = load_registry(edge, "c")
+        record.status, record.heartbeat_at, reg.pending = "writing", utcnow(), "A"
+        reg.runs.append(record)
+        save_registry(edge, "c", reg)
+    out = CliRunner().invoke(app, ["label", "runs", "--path", str(path), "-c", "c"], env={"COLUMNS": "200"})
+    assert out.exit_code == 0 and "writing (pending) live" in out.output, out.output
+    with make_edge(path) as edge:
+        reg = load_registry(edge, "c")
+        reg.get("A").heartbeat_at = None
+        save_registry(edge, "c", reg)
+    out = CliRunner().invoke(app, ["label", "runs", "--path", str(path), "-c", "c"], env={"COLUMNS": "200"})
+    assert out.exit_code == 0 and "writing (pending) interrupted" in out.output, out.output
