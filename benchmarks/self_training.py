@@ -73,6 +73,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from benchmarks.machine import fingerprint, machine_info  # noqa: E402
+from labeling.selftrain import LOOP_VERSION  # noqa: E402
 
 DATASETS = ("emoji", "rotten_tomatoes", "mnist", "fashion_mnist", "emoji_subcategory")
 FRACTIONS = (0.02, 0.05, 0.10, 0.20)
@@ -374,6 +375,8 @@ def main() -> None:
                         "vectors": vecs_digest,  # and on which vectors (bit for bit)
                         **({"jitter": args.jitter} if args.jitter else {}),
                         **({"config": variant} if variant and method in OURS else {}),
+                        # which version of the loop (labeling.selftrain.LOOP_VERSION; absent: 1) our methods ran
+                        **({"loop": LOOP_VERSION} if method in OURS else {}),
                     }
                     if method in OURS:
                         tmp = Path(tempfile.mkdtemp(prefix="st-bench-"))
@@ -503,6 +506,13 @@ def _pair_key(row: dict[str, Any]) -> tuple[int, str | None]:
     return row["seed"], row.get("vectors")
 
 
+def _loop_key(row: dict[str, Any]) -> tuple[int, str | None, int]:
+    """:func:`_pair_key` and the loop's version: two runs of our loop (an ablation and the full pipeline) pair
+    only when the same version of the loop produced both (what an ablation removes is measured against the
+    pipeline it was removed from)."""
+    return (*_pair_key(row), int(row.get("loop", 1)))
+
+
 def _paired(ours: list[dict[str, Any]], other: list[dict[str, Any]]) -> dict[str, Any] | None:
     """Ours minus ``other`` in macro-F1, paired by seed: mean, standard error (None below 2 pairs), ahead/level/behind
     (level: equal to the 4th decimal, as the JSON rounds)."""
@@ -584,8 +594,8 @@ def ablation_table(rows: list[dict[str, Any]], fraction: float = 0.05) -> list[s
     here = [r for r in rows if abs(r["seed_fraction"] - fraction) < 1e-9]
     datasets = [d for d in DATASETS if any(r["dataset"] == d and r["method"] in ABLATIONS for r in here)]
 
-    def f1(dataset: str, method: str) -> dict[tuple[int, str | None], float]:
-        return {_pair_key(r): r["macro_f1"] for r in here if (r["dataset"], r["method"]) == (dataset, method)}
+    def f1(dataset: str, method: str) -> dict[tuple[int, str | None, int], float]:
+        return {_loop_key(r): r["macro_f1"] for r in here if (r["dataset"], r["method"]) == (dataset, method)}
 
     lines = [
         f"**Ablations at {fraction:.0%}** (ablation minus `embedstore`, macro-F1 points, mean over the seeds both "
@@ -603,6 +613,20 @@ def ablation_table(rows: list[dict[str, Any]], fraction: float = 0.05) -> list[s
             diff = 100 * np.array([abl[s] - ours[s] for s in sorted(set(ours) & set(abl))])
             cells.append(f"{diff.mean():+.1f} ({(diff > 0).sum()}/{len(diff)}{_paired_t(diff)})" if len(diff) else "-")
         lines.append(f"| {m.removeprefix('embedstore_no_')} | " + " | ".join(cells) + " |")
+    stale = sorted(
+        {
+            d
+            for d in datasets
+            if {int(r.get("loop", 1)) for r in here if r["dataset"] == d and r["method"] in ABLATIONS}
+            - {int(r.get("loop", 1)) for r in here if r["dataset"] == d and r["method"] == "embedstore"}
+        }
+    )
+    if stale:
+        lines += [
+            "",
+            f"Not paired (`-`, or fewer seeds): ablation rows of {', '.join(stale)} ran an older version of the loop "
+            f"than `embedstore`'s rows (`loop` in the rows; now {LOOP_VERSION}); they need a rerun.",
+        ]
     return lines
 
 

@@ -254,6 +254,13 @@ def check_seed(y: np.ndarray, classes: list[str], config: LabelingConfig) -> lis
     return warnings
 
 
+#: The loop's results version: bumped by a change that alters what the loop computes for the same input (not
+#: by refactors, speed-ups or messages). Benchmarks record it per row and compare two runs of the loop (an
+#: ablation against the full pipeline) only within one version. 2: models early-stop on the held-out rows the
+#: other model scores, and binary XGBoost on log loss (f1c0599).
+LOOP_VERSION = 2
+
+
 # -------------------------------------------------------------- evaluation plan
 @dataclass
 class _Chain:
