@@ -613,14 +613,11 @@ def ablation_table(rows: list[dict[str, Any]], fraction: float = 0.05) -> list[s
             diff = 100 * np.array([abl[s] - ours[s] for s in sorted(set(ours) & set(abl))])
             cells.append(f"{diff.mean():+.1f} ({(diff > 0).sum()}/{len(diff)}{_paired_t(diff)})" if len(diff) else "-")
         lines.append(f"| {m.removeprefix('embedstore_no_')} | " + " | ".join(cells) + " |")
-    stale = sorted(
-        {
-            d
-            for d in datasets
-            if {int(r.get("loop", 1)) for r in here if r["dataset"] == d and r["method"] in ABLATIONS}
-            - {int(r.get("loop", 1)) for r in here if r["dataset"] == d and r["method"] == "embedstore"}
-        }
-    )
+
+    def loops(dataset: str, methods: tuple[str, ...]) -> set[int]:
+        return {int(r.get("loop", 1)) for r in here if r["dataset"] == dataset and r["method"] in methods}
+
+    stale = [d for d in datasets if loops(d, ("embedstore",)) and loops(d, ABLATIONS) - loops(d, ("embedstore",))]
     if stale:
         lines += [
             "",

@@ -279,6 +279,13 @@ def test_self_training_ablation_table_pairs_each_ablation_with_ours_by_seed():
     assert "| linear | - | - |" in table and "| mixup | - | +0.0 (0/1) |" in table
     (t,) = [t for t in bench.targets([*moved, row("rf_loop", 0, 0.5), {**row("rf_loop", 1, 0.5), "vectors": "new"}])]
     assert t["vs_best_baseline_paired"]["seeds"] == 1  # seed 1 only: seed 0's rf_loop row ran on the old vectors
+    # after a change to the loop, ablations of the older loop do not pair with the new pipeline (rows without the
+    # field are version 1), and the table names the dataset that needs a rerun
+    fixed = [{**r, "loop": 2} if r["method"] in ("embedstore", "embedstore_no_mixup") else r for r in rows]
+    table = "\n".join(bench.ablation_table(fixed))
+    assert "| linear | - | - |" in table and "| mixup | - | +0.0 (0/1) |" in table
+    assert "ablation rows of mnist ran an older version of the loop" in table  # emoji: no `embedstore` rows
+    assert "older version" not in "\n".join(bench.ablation_table(rows))
 
 
 def test_self_training_targets_compare_only_rows_on_ours_vectors():
