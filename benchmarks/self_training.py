@@ -36,7 +36,8 @@ Methods, all on the same splits and the same 128D embedding prefix:
   on the seed only. ``sklearn_selftraining_xgb`` - scikit-learn's
   ``SelfTrainingClassifier`` around it, threshold 0.8. ``label_spreading`` -
   scikit-learn's ``LabelSpreading`` (kNN, k = 15) over seed + pool.
-  ``oracle`` - XGBoost on the true labels of seed + pool. ``supervised_linear`` -
+  ``oracle`` - the stronger of XGBoost and the logistic regression on the true labels of seed + pool (chosen
+  on a 20% validation slice of them, refitted on all; the row's ``oracle_model`` says which). ``supervised_linear`` -
   logistic regression on the seed only (C chosen by 3-fold CV on the seed,
   class-balanced): not in the issue's list, added because a linear read-out of the
   embedding is the cheapest thing a user could do instead, and it is strong.
@@ -184,26 +185,57 @@ def balanced(y: np.ndarray) -> np.ndarray:
     return (len(y) / (len(counts) * counts))[y]
 
 
+def _balanced_xgb_class() -> type:
+    from xgboost import XGBClassifier
+
+    class BalancedXGB(XGBClassifier):
+        """XGBoost whose every fit weights the classes of the rows it is given equally (for SelfTrainingClassifier,
+        which fits its estimator on a growing labelled set and passes no weights)."""
+
+        def fit(self, X: Any, y: Any, **kw: Any) -> Any:
+            return super().fit(X, y, sample_weight=balanced(np.asarray(y)), **kw)
+
+    return BalancedXGB
+
+
 def run_baseline(method: str, x: np.ndarray, y: np.ndarray, seed_rows, pool_rows, test_rows, c: int, seed: int):
     from sklearn.semi_supervised import LabelSpreading, SelfTrainingClassifier
 
     out: dict[str, Any] = {"pseudo_precision": None, "mean_confidence": None, "coverage": None, "iterations": None}
-    if method in ("supervised_xgb", "oracle"):
-        rows = seed_rows if method == "supervised_xgb" else np.concatenate([seed_rows, pool_rows])
-        model = xgb_model(c, seed).fit(x[rows], y[rows], sample_weight=balanced(y[rows]))
+    if method == "supervised_xgb":
+        model = xgb_model(c, seed).fit(x[seed_rows], y[seed_rows], sample_weight=balanced(y[seed_rows]))
         return model.predict(x[test_rows]), out
     if method == "supervised_linear":
-        from labeling.learners import LinearLearner, choose_linear_c
+        return linear_model(x, y, seed_rows, c, seed).predict_proba(x[test_rows]).argmax(axis=1), out
+    if method == "oracle":
+        # The stronger of XGBoost and the logistic regression on every true label, chosen on a stratified 20% of
+        # seed + pool (never the test split) and refitted on all of it. XGBoost alone was a weak oracle: the
+        # logistic regression beat it by 1.5 (emoji) to 8.4 (subcategories) points (found by a review).
+        from sklearn.model_selection import train_test_split
 
-        ys = y[seed_rows]
-        lin = LinearLearner(c, c=choose_linear_c(x[seed_rows], ys, c, seed=seed))
-        lin.fit(x[seed_rows], np.eye(c, dtype=np.float32)[ys], balanced(ys).astype(np.float32))
-        return lin.predict_proba(x[test_rows]).argmax(axis=1), out
+        rows = np.concatenate([seed_rows, pool_rows])
+        fit_rows, val_rows = train_test_split(rows, test_size=0.2, stratify=y[rows], random_state=seed)
+        scores = {}
+        for name in ("xgboost", "linear"):
+            if name == "xgboost":
+                cand = xgb_model(c, seed).fit(x[fit_rows], y[fit_rows], sample_weight=balanced(y[fit_rows]))
+                pred = cand.predict(x[val_rows])
+            else:
+                pred = linear_model(x, y, fit_rows, c, seed).predict_proba(x[val_rows]).argmax(axis=1)
+            scores[name] = float(np.mean(pred == y[val_rows]))
+        out["oracle_model"] = max(scores, key=lambda k: scores[k])
+        if out["oracle_model"] == "xgboost":
+            model = xgb_model(c, seed).fit(x[rows], y[rows], sample_weight=balanced(y[rows]))
+            return model.predict(x[test_rows]), out
+        return linear_model(x, y, rows, c, seed).predict_proba(x[test_rows]).argmax(axis=1), out
     train = np.concatenate([seed_rows, pool_rows])
     y_semi = np.full(len(train), -1)
     y_semi[: len(seed_rows)] = y[seed_rows]
     if method == "sklearn_selftraining_xgb":
-        model = SelfTrainingClassifier(xgb_model(c, seed), threshold=0.8, max_iter=10).fit(x[train], y_semi)
+        # class-balanced on each fit's labelled rows, like every other method here (without it: 7.3 points lower
+        # on emoji at 5%, found by a review)
+        base = _balanced_xgb_class()(**xgb_model(c, seed).get_params())
+        model = SelfTrainingClassifier(base, threshold=0.8, max_iter=10).fit(x[train], y_semi)
         added = model.labeled_iter_[len(seed_rows) :] > 0
         got = model.transduction_[len(seed_rows) :]
         if added.any():
@@ -212,7 +244,27 @@ def run_baseline(method: str, x: np.ndarray, y: np.ndarray, seed_rows, pool_rows
         out["iterations"] = int(model.n_iter_)
         return model.predict(x[test_rows]), out
     model = LabelSpreading(kernel="knn", n_neighbors=15, max_iter=100).fit(x[train], y_semi)
-    return model.predict(x[test_rows]), out
+    proba = model.predict_proba(x[test_rows])
+    pred = model.predict(x[test_rows])
+    # a test point none of whose 15 neighbours received a label gets a NaN row, which predict() turned into class 0
+    # (5-21 test rows on some seeds, found by a review): it takes its nearest seed point's label instead
+    lost = ~np.isfinite(proba).all(axis=1) | (proba.sum(axis=1) <= 0)
+    if lost.any():
+        nearest = np.argmax(x[test_rows][lost] @ x[seed_rows].T, axis=1)
+        pred[lost] = y[seed_rows][nearest]
+    out["lost_rows"] = int(lost.sum())
+    return pred, out
+
+
+def linear_model(x: np.ndarray, y: np.ndarray, rows: np.ndarray, c: int, seed: int) -> Any:
+    """The logistic regression of ``supervised_linear`` (and of the oracle) on ``rows``: C by 3-fold CV on them,
+    class-balanced."""
+    from labeling.learners import LinearLearner, choose_linear_c
+
+    ys = y[rows]
+    lin = LinearLearner(c, c=choose_linear_c(x[rows], ys, c, seed=seed))
+    lin.fit(x[rows], np.eye(c, dtype=np.float32)[ys], balanced(ys).astype(np.float32))
+    return lin
 
 
 def _commit() -> str | None:
