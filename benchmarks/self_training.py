@@ -218,14 +218,12 @@ def run_baseline(method: str, x: np.ndarray, y: np.ndarray, seed_rows, pool_rows
 
         rows = np.concatenate([seed_rows, pool_rows])
         fit_rows, val_rows = train_test_split(rows, test_size=0.2, stratify=y[rows], random_state=seed)
-        scores = {}
-        for name in ("xgboost", "linear"):
-            if name == "xgboost":
-                cand = xgb_model(c, seed).fit(x[fit_rows], y[fit_rows], sample_weight=balanced(y[fit_rows]))
-                pred = cand.predict(x[val_rows])
-            else:
-                pred = linear_model(x, y, fit_rows, c, seed).predict_proba(x[val_rows]).argmax(axis=1)
-            scores[name] = float(np.mean(pred == y[val_rows]))
+        xgb_val = xgb_model(c, seed).fit(x[fit_rows], y[fit_rows], sample_weight=balanced(y[fit_rows]))
+        lin_val = linear_model(x, y, fit_rows, c, seed)
+        scores = {
+            "xgboost": float(np.mean(xgb_val.predict(x[val_rows]) == y[val_rows])),
+            "linear": float(np.mean(lin_val.predict_proba(x[val_rows]).argmax(axis=1) == y[val_rows])),
+        }
         out["oracle_model"] = max(scores, key=lambda k: scores[k])
         if out["oracle_model"] == "xgboost":
             model = xgb_model(c, seed).fit(x[rows], y[rows], sample_weight=balanced(y[rows]))
@@ -557,15 +555,16 @@ def targets(rows: list[dict[str, Any]], fraction: float = 0.05) -> list[dict[str
                 "vs_oracle": round(ours - f1["oracle"], 4) if f1.get("oracle") is not None else None,
             }
         )
-        t = out[-1]
-        # the four targets, judged here from the figures above (None: no figure to judge)
-        t["met"] = {
-            "over_supervised_xgb_by_2": None if t["vs_supervised"] is None else t["vs_supervised"] >= 0.02,
-            "at_or_above_every_baseline": None if t["vs_best_baseline"] is None else t["vs_best_baseline"] >= 0,
+        # the four targets, judged on the unrounded means (None: no figure to judge); judged on the
+        # rounded figures above, emoji's -0.00003 became -0.0 and passed ">= 0"
+        sup, oracle = f1.get("supervised_xgb"), f1.get("oracle")
+        out[-1]["met"] = {
+            "over_supervised_xgb_by_2": None if sup is None else ours - sup >= 0.02,
+            "at_or_above_every_baseline": None if not baselines else ours >= max(baselines.values()),
             "precision_at_least_confidence": (
                 None if precision is None or confidence is None else precision >= confidence
             ),
-            "within_3_of_oracle": None if t["vs_oracle"] is None else t["vs_oracle"] >= -0.03,
+            "within_3_of_oracle": None if oracle is None else ours - oracle >= -0.03,
         }
     return out
 
