@@ -305,15 +305,22 @@ def run_job(
     elif (unserved := _unserved_classes(outcome, classes)) is not None:
         warnings.append(unserved)
         emit(JobEvent("gate", message=unserved))
-    suspect_seed, checked = (
-        ([], 0) if written_gate["closed"] else _suspect_seed(outcome, y, classes, snap.ids, written_gate["threshold"])
-    )
+    # At the written gate's threshold; when the gate closed, at the configured one: wrong seed labels are one
+    # thing that closes it (held-out "truth" that contradicts confident scores reads as over-confidence), and a
+    # closed gate then hid the very labels that explained it (10% of a seed flipped closed it on some builds)
+    suspect_at = cfg.threshold if written_gate["closed"] else written_gate["threshold"]
+    suspect_seed, checked = _suspect_seed(outcome, y, classes, snap.ids, suspect_at)
     if suspect_seed:
+        standard = (
+            "the configured threshold: the gate closed, and wrong seed labels can be why"
+            if written_gate["closed"]
+            else "the gate's own standard"
+        )
         msg = (
             f"{len(suspect_seed)} ground-truth label(s) of the {checked} checked are contradicted out of fold: models "
-            f"that never saw them give another class a calibrated {written_gate['threshold']:.2f} or more (the "
-            "gate's own standard). A run never changes ground truth: look at them with `embedstore label "
-            "suspicious --seed` (report.json: suspect_seed)"
+            f"that never saw them give another class a calibrated {suspect_at:.2f} or more ({standard}). A run "
+            "never changes ground truth: look at them with `embedstore label suspicious --seed` (report.json: "
+            "suspect_seed)"
         )
         warnings.append(msg)
         emit(JobEvent("gate", message=msg))
