@@ -60,6 +60,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import hashlib
 import json
 import shutil
@@ -188,6 +189,7 @@ def balanced(y: np.ndarray) -> np.ndarray:
     return (len(y) / (len(counts) * counts))[y]
 
 
+@functools.cache
 def _balanced_xgb_class() -> type:
     from xgboost import XGBClassifier
 

@@ -208,7 +208,7 @@ def runs_cmd(
     """List the labeling runs of a collection (newest last) and which is active."""
     import dataclasses
 
-    from labeling.runs import LIVE_WRITER_S, load_registry, seconds_since
+    from labeling.runs import WRITING, load_registry, writing_live
 
     try:
         store, name = _open(path, collection)
@@ -239,10 +239,9 @@ def runs_cmd(
     rows = []
     for r in reg.runs:
         mark = " (active)" if r.run_id == reg.active else (" (pending)" if r.run_id == reg.pending else "")
-        if r.run_id == reg.pending and r.status == "writing":
-            age = seconds_since(r.heartbeat_at)
+        if r.run_id == reg.pending and r.status == WRITING:
             # live: another job is refused; otherwise it crashed and the next job takes over
-            mark += " live" if age is not None and age < LIVE_WRITER_S else " interrupted"
+            mark += " live" if writing_live(r) else " interrupted"
         f1 = r.summary.get("heldout_macro_f1")
         gate = r.summary.get("gate_threshold_written")  # runs from before the field have none
         gate_cell = "closed" if r.summary.get("gate_closed") else ("" if gate is None else f"{gate:.2f}")

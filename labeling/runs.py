@@ -199,6 +199,12 @@ def seconds_since(stamp: str | None) -> float | None:
     return (_dt.datetime.now(_dt.UTC) - then).total_seconds()
 
 
+def writing_live(rec: RunRecord) -> bool:
+    """Whether ``rec`` is a write-back that showed it was alive within LIVE_WRITER_S (another job must wait)."""
+    age = seconds_since(rec.heartbeat_at)
+    return rec.status == WRITING and age is not None and age < LIVE_WRITER_S
+
+
 def check_no_live_writer(store: VectorStore, collection: str, reg: Registry | None = None, mine: str = "") -> None:
     """Raise :class:`RunStateError` when another run is writing its labels to ``collection`` now."""
     reg = load_registry(store, collection) if reg is None else reg
@@ -208,8 +214,8 @@ def check_no_live_writer(store: VectorStore, collection: str, reg: Registry | No
         other = reg.get(reg.pending)
     except RunNotFoundError:
         return
-    age = seconds_since(other.heartbeat_at)
-    if other.status == WRITING and age is not None and age < LIVE_WRITER_S:
+    if writing_live(other):
+        age = seconds_since(other.heartbeat_at) or 0.0
         raise RunStateError(
             f"run {other.run_id} is writing its labels to collection {collection!r} now (last heartbeat "
             f"{max(age, 0):.0f} s ago): two jobs writing at once would mix their labels. Wait for it to finish; if "
