@@ -470,6 +470,7 @@ def main() -> None:
                             mean_confidence=final["mean_accepted_confidence"],
                             coverage=final["coverage"],
                             ece=final["heldout_ece"],
+                            **calibration_fields(result, probs, truth, rest, labels, dataset),
                             iterations=len(result.report["iterations"]),
                         )
                         if method in ("embedstore", "rf_loop"):
@@ -829,6 +830,38 @@ def plots(saved: dict[str, Any], out: Path) -> list[Path]:
         plt.close(fig)
         paths.append(path)
     return paths
+
+
+def calibration_fields(
+    result: Any, test_probs: np.ndarray, test_truth: np.ndarray, rest: np.ndarray, labels: list[str], dataset: str
+) -> dict[str, float | None]:
+    """How well our calibrated probabilities match accuracy where no label was seen: the ``ece`` column is
+    out-of-fold on the seed, so these add the test split and the whole unlabeled pool.
+
+    ``test_ece`` / ``pool_ece``: top-label ECE (10 bins). ``test_gap`` / ``pool_gap``: mean top-label
+    confidence minus accuracy - negative is under-confident, which would make the precision-vs-confidence
+    target easy to meet (the pool's probabilities average several chains' models)."""
+    from labeling.calibration import ece
+
+    out: dict[str, float | None] = {}
+
+    def put(name: str, probs: np.ndarray, truth: np.ndarray) -> None:
+        if len(truth) == 0:
+            out[f"{name}_ece"] = out[f"{name}_gap"] = None
+            return
+        acc = float(np.mean(probs.argmax(axis=1) == truth))
+        out[f"{name}_ece"] = round(ece(probs, truth), 4)
+        out[f"{name}_gap"] = round(float(probs.max(axis=1).mean()) - acc, 4)
+
+    put("test", test_probs, test_truth)
+    outcome = result.outcome
+    row_of_id = {f"{dataset}-{i}": int(i) for i in rest}  # the external ids the benchmark stored
+    pool_items = [row_of_id[result.ids[r]] for r in outcome.pool]
+    class_of = {c: k for k, c in enumerate(result.classes)}
+    pool_truth = np.array([class_of.get(labels[i], -1) for i in pool_items], dtype=int)
+    keep = pool_truth >= 0  # a pool item of a class absent from the seed can never be right: left out of both
+    put("pool", np.asarray(outcome.probs)[keep], pool_truth[keep])
+    return out
 
 
 def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:

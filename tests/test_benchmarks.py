@@ -165,6 +165,8 @@ def test_self_training_benchmark_writes_the_documented_format(tmp_path):
         assert 0.0 <= r["macro_f1"] <= 1.0
     ours = next(r for r in result["rows"] if r["method"] == "embedstore_no_neighbourhood")
     assert ours["iterations"] >= 1 and 0.0 <= ours["coverage"] <= 1.0
+    assert 0.0 <= ours["test_ece"] <= 1.0 and 0.0 <= ours["pool_ece"] <= 1.0
+    assert abs(ours["test_gap"]) <= ours["test_ece"] + 1e-4  # |mean gap| never exceeds the binned ECE
     assert (tmp_path / "self_training_f1.png").stat().st_size > 0 and "targets" in result
     # every row names the environment it ran in; the file keeps that environment's CPU and package versions
     env = result["rows"][0]["env"]
@@ -253,6 +255,28 @@ def test_labeling_classes_benchmark_times_every_fit_as_the_class_count_grows(tmp
     f3, f6 = runs["xgboost", 3]["features"], runs["xgboost", 6]["features"]
     per_class = (f6 - f3) // 3
     assert per_class >= 3 and f6 - f3 == 3 * per_class and f3 - 3 * per_class >= 128
+
+
+def test_self_training_calibration_fields_score_test_and_pool_against_the_hidden_truth():
+    import types
+
+    bench = _bench_module("self_training")
+    labels = ["a", "b", "a", "b", "a", "b"]
+    rest = np.array([0, 1, 2, 3, 5])  # item 4 is in the test split
+    # the job's snapshot order differs from item order: rows map back through the external ids
+    ids = ["ds-5", "ds-0", "ds-3", "ds-1", "ds-2"]
+    outcome = types.SimpleNamespace(
+        pool=np.array([0, 2, 4]),  # items 5, 3, 2: truth b, b, a
+        probs=np.array([[0.4, 0.6], [0.3, 0.7], [0.1, 0.9]]),  # right, right, wrong
+    )
+    result = types.SimpleNamespace(outcome=outcome, ids=ids, classes=["a", "b"])
+    test_probs = np.array([[0.6, 0.4], [0.7, 0.3]])
+    out = bench.calibration_fields(result, test_probs, np.array([0, 0]), rest, labels, "ds")
+    # test: both right at mean confidence 0.65 -> under-confident by 0.35
+    assert out["test_gap"] == pytest.approx(-0.35) and out["test_ece"] == pytest.approx(0.35)
+    # pool: accuracy 2/3 at mean confidence 0.733; bins 0.6 (right), 0.7 (right), 0.9 (wrong)
+    assert out["pool_gap"] == pytest.approx(round(0.7333333 - 2 / 3, 4))
+    assert out["pool_ece"] == pytest.approx(round((0.4 + 0.3 + 0.9) / 3, 4))
 
 
 def test_self_training_ablation_table_pairs_each_ablation_with_ours_by_seed():
