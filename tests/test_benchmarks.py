@@ -279,6 +279,20 @@ def test_self_training_calibration_fields_score_test_and_pool_against_the_hidden
     assert out["pool_ece"] == pytest.approx(round((0.4 + 0.3 + 0.9) / 3, 4))
 
 
+def test_self_training_calibration_table_averages_the_rows_that_record_it():
+    bench = _bench_module("self_training")
+    base = {"dataset": "mnist", "seed_fraction": 0.05, "method": "embedstore", "ece": 0.05}
+    rows = [
+        {**base, "seed": 0, "test_ece": 0.02, "test_gap": -0.02, "pool_ece": 0.04, "pool_gap": -0.04},
+        {**base, "seed": 1, "test_ece": 0.06, "test_gap": 0.01, "pool_ece": None, "pool_gap": None},
+        {**base, "seed": 2},  # an older row without the fields: left out
+        {**base, "seed": 0, "seed_fraction": 0.1, "test_ece": 0.5, "test_gap": 0.5},  # another fraction
+    ]
+    table = bench.calibration_table(rows)
+    assert table[-1] == "| mnist | embedstore | 2 | 0.050 | 0.040 | -0.005 | 0.040 | -0.040 |"
+    assert bench.calibration_table(rows[2:3]) == []
+
+
 def test_self_training_ablation_table_pairs_each_ablation_with_ours_by_seed():
     bench = _bench_module("self_training")
 
