@@ -906,9 +906,9 @@ def calibration_fields(
     row_of_id = {f"{dataset}-{i}": int(i) for i in rest}  # the external ids the benchmark stored
     pool_items = [row_of_id[result.ids[r]] for r in outcome.pool]
     class_of = {c: k for k, c in enumerate(result.classes)}
+    # a pool item of a class the seed lacks (-1) can never be predicted right: it counts as wrong
     pool_truth = np.array([class_of.get(labels[i], -1) for i in pool_items], dtype=int)
-    keep = pool_truth >= 0  # a pool item of a class absent from the seed can never be right: left out of both
-    put("pool", np.asarray(outcome.probs)[keep], pool_truth[keep])
+    put("pool", np.asarray(outcome.probs), pool_truth)
     return out
 
 

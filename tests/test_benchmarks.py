@@ -277,6 +277,10 @@ def test_self_training_calibration_fields_score_test_and_pool_against_the_hidden
     # pool: accuracy 2/3 at mean confidence 0.733; bins 0.6 (right), 0.7 (right), 0.9 (wrong)
     assert out["pool_gap"] == pytest.approx(round(0.7333333 - 2 / 3, 4))
     assert out["pool_ece"] == pytest.approx(round((0.4 + 0.3 + 0.9) / 3, 4))
+    # an item of a class the job never saw (no seed label) counts as wrong, not left out
+    labels[5] = "c"
+    out = bench.calibration_fields(result, test_probs, np.array([0, 0]), rest, labels, "ds")
+    assert out["pool_gap"] == pytest.approx(round(0.7333333 - 1 / 3, 4))
 
 
 def test_self_training_calibration_table_averages_the_rows_that_record_it():
