@@ -108,8 +108,27 @@ def test_bad_requests_get_clear_status_codes(served):
         list(client.run_labeling_job(QUICK, collection="tiny"))
 
 
-def test_one_job_per_collection_and_cancel_frees_it(served):
+def test_one_job_per_collection_and_cancel_frees_it(served, monkeypatch):
+    import threading
+
+    from embedder.service import servicers
+
     _bg, client, server = served
+    # The job thread stops at its next event once cancelled, which can be milliseconds later: a test that polled
+    # for the "stopping" state in between failed on a loaded host (the thread ended between two polls). So the
+    # thread is held at its next event until the test has seen that state.
+    hold, release = threading.Event(), threading.Event()
+    real_run_job = servicers.run_job
+
+    def held_run_job(*args, events, **kwargs):
+        def on_event(e):
+            if hold.is_set():
+                release.wait(60)
+            return events(e)
+
+        return real_run_job(*args, events=on_event, **kwargs)
+
+    monkeypatch.setattr(servicers, "run_job", held_run_job)
     request = labeling_pb2.RunLabelingJobRequest(collection="items")
     from embedder.service.convert import dict_to_struct
 
@@ -120,14 +139,17 @@ def test_one_job_per_collection_and_cancel_frees_it(served):
     with pytest.raises(Aborted, match="already running"):
         list(client.run_labeling_job(QUICK))
     before = load_registry(server.rt.store, "items").active
+    hold.set()
     call.cancel()
     deadline = time.monotonic() + 10
-    while "items" not in server.rt.labeling_stopping and "items" in server.rt.labeling_jobs:
+    while "items" not in server.rt.labeling_stopping:
         time.sleep(0.01)
-        assert time.monotonic() < deadline
-    assert "items" in server.rt.labeling_stopping  # a 10-iteration job is far from done: it is winding down
+        assert time.monotonic() < deadline, "a cancelled job that has not stopped is marked stopping"
+    assert "items" in server.rt.labeling_jobs  # the job thread is still running: the collection is not free yet
     with pytest.raises(Aborted, match="was cancelled and is stopping"):  # said so, not "already running"
         list(client.run_labeling_job(QUICK))
+    hold.clear()
+    release.set()
     deadline = time.monotonic() + 60
     while "items" in server.rt.labeling_jobs and time.monotonic() < deadline:
         time.sleep(0.2)
