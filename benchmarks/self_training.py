@@ -449,7 +449,8 @@ def main() -> None:
                                     {"hidden_label": labels[i], **({"label": labels[i]} if i in seed_set else {})}
                                     for i in rest
                                 ]
-                                store.upsert("items", [f"{dataset}-{i}" for i in rest], vecs[rest], payloads)
+                                item_of_id = {f"{dataset}-{i}": int(i) for i in rest}  # external id -> item
+                                store.upsert("items", list(item_of_id), vecs[rest], payloads)
                                 store.optimize("items")
                                 cfg = LabelingConfig(
                                     truth_field="hidden_label",
@@ -470,7 +471,7 @@ def main() -> None:
                             mean_confidence=final["mean_accepted_confidence"],
                             coverage=final["coverage"],
                             ece=final["heldout_ece"],
-                            **calibration_fields(result, probs, truth, rest, labels, dataset),
+                            **calibration_fields(result, probs, truth, item_of_id, labels),
                             iterations=len(result.report["iterations"]),
                         )
                         if method in ("embedstore", "rf_loop"):
@@ -881,7 +882,7 @@ def plots(saved: dict[str, Any], out: Path) -> list[Path]:
 
 
 def calibration_fields(
-    result: Any, test_probs: np.ndarray, test_truth: np.ndarray, rest: np.ndarray, labels: list[str], dataset: str
+    result: Any, test_probs: np.ndarray, test_truth: np.ndarray, item_of_id: dict[str, int], labels: list[str]
 ) -> dict[str, float | None]:
     """How well our calibrated probabilities match accuracy where no label was seen: the ``ece`` column is
     out-of-fold on the seed, so these add the test split and the whole unlabeled pool.
@@ -903,8 +904,7 @@ def calibration_fields(
 
     put("test", test_probs, test_truth)
     outcome = result.outcome
-    row_of_id = {f"{dataset}-{i}": int(i) for i in rest}  # the external ids the benchmark stored
-    pool_items = [row_of_id[result.ids[r]] for r in outcome.pool]
+    pool_items = [item_of_id[result.ids[r]] for r in outcome.pool]  # the ids the benchmark stored -> items
     class_of = {c: k for k, c in enumerate(result.classes)}
     # a pool item of a class the seed lacks (-1) can never be predicted right: it counts as wrong
     pool_truth = np.array([class_of.get(labels[i], -1) for i in pool_items], dtype=int)

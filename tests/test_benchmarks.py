@@ -262,7 +262,7 @@ def test_self_training_calibration_fields_score_test_and_pool_against_the_hidden
 
     bench = _bench_module("self_training")
     labels = ["a", "b", "a", "b", "a", "b"]
-    rest = np.array([0, 1, 2, 3, 5])  # item 4 is in the test split
+    item_of_id = {f"ds-{i}": i for i in (0, 1, 2, 3, 5)}  # item 4 is in the test split
     # the job's snapshot order differs from item order: rows map back through the external ids
     ids = ["ds-5", "ds-0", "ds-3", "ds-1", "ds-2"]
     outcome = types.SimpleNamespace(
@@ -271,7 +271,7 @@ def test_self_training_calibration_fields_score_test_and_pool_against_the_hidden
     )
     result = types.SimpleNamespace(outcome=outcome, ids=ids, classes=["a", "b"])
     test_probs = np.array([[0.6, 0.4], [0.7, 0.3]])
-    out = bench.calibration_fields(result, test_probs, np.array([0, 0]), rest, labels, "ds")
+    out = bench.calibration_fields(result, test_probs, np.array([0, 0]), item_of_id, labels)
     # test: both right at mean confidence 0.65 -> under-confident by 0.35
     assert out["test_gap"] == pytest.approx(-0.35) and out["test_ece"] == pytest.approx(0.35)
     # pool: accuracy 2/3 at mean confidence 0.733; bins 0.6 (right), 0.7 (right), 0.9 (wrong)
@@ -279,7 +279,7 @@ def test_self_training_calibration_fields_score_test_and_pool_against_the_hidden
     assert out["pool_ece"] == pytest.approx(round((0.4 + 0.3 + 0.9) / 3, 4))
     # an item of a class the job never saw (no seed label) counts as wrong, not left out
     labels[5] = "c"
-    out = bench.calibration_fields(result, test_probs, np.array([0, 0]), rest, labels, "ds")
+    out = bench.calibration_fields(result, test_probs, np.array([0, 0]), item_of_id, labels)
     assert out["pool_gap"] == pytest.approx(round(0.7333333 - 1 / 3, 4))
 
 
