@@ -251,6 +251,18 @@ def check_seed(y: np.ndarray, classes: list[str], config: LabelingConfig) -> lis
             "or pass --allow-sparse-seed to run anyway (the override is recorded in the run)"
         )
     warnings.extend(f"overridden (--allow-sparse-seed): {p}" for p in problems)
+    if thin:
+        # The out-of-fold scores the calibration map is fitted on come from a chain that lacked that row's fold:
+        # with 2 labels in a class it saw one of them, while the written probability averages chains that saw
+        # both. So the map learns scores weaker than the written ones (BENCHMARKS.md, "Calibration where no
+        # label was seen": 31 emoji subcategories, 27 with 2 labels, read 10.7 points under their accuracy on
+        # the pool and 20.4 on unseen items; with >= 10 labels a class, 1-3 points).
+        warnings.append(
+            f"{len(thin)} of {len(classes)} classes have fewer than {config.min_class_examples} ground-truth "
+            "examples: the calibration is fitted on out-of-fold scores of models that saw even fewer of them, so "
+            "the calibrated probabilities read low (measured with 2 labels a class: 10-20 points under their "
+            "accuracy) and the gate accepts conservatively; a few more labels a class make them mean what they say"
+        )
     return warnings
 
 

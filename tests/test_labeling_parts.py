@@ -193,6 +193,11 @@ def test_seed_guard_refuses_a_three_percent_seed_and_the_override_is_recorded():
         check_seed(y, ["a", "b"], LabelingConfig())
     warnings = check_seed(y, ["a", "b"], LabelingConfig(allow_sparse_seed=True))
     assert warnings and "overridden" in warnings[0]
+    assert not any("read low" in w for w in warnings)  # every class has 15 labels: no thin-class warning
+    y[:30] = -1
+    y[:4], y[4:14] = 0, 1  # 4 of "a", 10 of "b": "a" is thin, and its probabilities read low
+    warnings = check_seed(y, ["a", "b"], LabelingConfig(allow_sparse_seed=True))
+    assert any("1 of 2 classes have fewer than 5" in w and "read low" in w for w in warnings), warnings
     y[:30] = 0
     y[0] = 1
     with pytest.raises(SeedError, match="fewer than 2"):
