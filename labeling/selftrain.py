@@ -254,9 +254,9 @@ def check_seed(y: np.ndarray, classes: list[str], config: LabelingConfig) -> lis
     if thin:
         # The out-of-fold scores the calibration map is fitted on come from a chain that lacked that row's fold:
         # with 2 labels in a class it saw one of them, while the written probability averages chains that saw
-        # both. So the map learns scores weaker than the written ones (BENCHMARKS.md, "Calibration where no
-        # label was seen": 31 emoji subcategories, 27 with 2 labels, read 10.7 points under their accuracy on
-        # the pool and 20.4 on unseen items; with >= 10 labels a class, 1-3 points).
+        # both. So the map learns scores weaker than the written ones (BENCHMARKS.md, "Calibration against the
+        # number of labels a class": 31 emoji subcategories, 27 with 2 labels, read 10.7 points under their
+        # accuracy on the pool and 20.4 on unseen items; emoji, 4-16 labels a class, about 5; 20 or more, 1-3).
         warnings.append(
             f"{len(thin)} of {len(classes)} classes have fewer than {config.min_class_examples} ground-truth "
             "examples: the calibration is fitted on out-of-fold scores of models that saw even fewer of them, so "
