@@ -531,39 +531,29 @@ class SelfTrainer:
                 chain_lin.append([])
                 for half in (0, 1):
                     t0 = time.perf_counter()
-                    # this model never trains on the pseudo-labels of the pool half it scores
-                    xs, ys, ws = self._training_set(feats, y_vis, ch, pool, ch.pool_half != half, c, rng)
-                    x_tr, y_tr, w_tr = np.vstack(xs), np.vstack(ys), np.concatenate(ws)
-                    n_pseudo = len(xs[1])
-                    n_mix = 0
-                    if cfg.mixup and n_pseudo > 0:
-                        mx, my, mw = mixup(
-                            xs[1],
-                            ys[1],
-                            ws[1],
-                            x_tr,
-                            y_tr,
-                            w_tr,
-                            alpha=cfg.mixup_alpha,
-                            fraction=cfg.mixup_fraction,
-                            rng=rng,
-                        )
-                        n_mix = len(mx)
-                        x_tr, y_tr, w_tr = np.vstack([x_tr, mx]), np.vstack([y_tr, my]), np.concatenate([w_tr, mw])
                     ev = ch.eval_rows[ch.eval_half == half]
                     # Early stopping watches the held-out rows the *other* model scores: a model stopped on the
                     # rows it then scores chose its round count on their labels (on pure-noise labels its
                     # held-out log loss beat chance, ln 3, in 10 of 10 seeds), and those scores feed the
                     # calibration, the gate and the breaker.
                     stop = ch.eval_rows[ch.eval_half != half]
-                    learner = self._learner(c, cfg.seed * 100_003 + it * 101 + ci * 2 + half, it)
-                    learner.fit(x_tr, y_tr, w_tr, eval_set=(feats[stop], y[stop]))
+                    learner, lin, n_tr, n_pseudo, n_mix = self._fit_half(
+                        feats,
+                        y_vis,
+                        ch,
+                        pool,
+                        half,
+                        c,
+                        rng,
+                        learner=self._learner(c, cfg.seed * 100_003 + it * 101 + ci * 2 + half, it),
+                        eval_set=(feats[stop], y[stop]),
+                        d_prefix=d_prefix,
+                        linear_c=chain_c[ci] if chain_c else None,
+                        warm_from=prev_lin.get((ci, half)),
+                    )
                     chain_models[-1].append(learner)
                     rounds.append(int(getattr(learner, "best_rounds_", 0) or 0))
-                    if chain_c:
-                        # the same rows, weights and Mixup rows, on the prefix columns only (feats starts with x)
-                        lin = LinearLearner(c, c=chain_c[ci], warm_from=prev_lin.get((ci, half)))
-                        lin.fit(x_tr[:, :d_prefix], y_tr, w_tr)
+                    if lin is not None:
                         prev_lin[ci, half] = lin
                         chain_lin[-1].append(lin)
                     secs["fit"] += time.perf_counter() - t0
@@ -578,7 +568,7 @@ class SelfTrainer:
                         eval_spread[ev] += chain_gt_spread[ci][ev] / n_draws
                         pool_spread[mine] = chain_gt_spread[ci][pool[mine]]
                     secs["predict"] += time.perf_counter() - t0
-                    n_rows += len(x_tr)
+                    n_rows += n_tr
                     n_pseudo_rows += n_pseudo
                     n_mix_rows += n_mix
                     self._progress("model", {"iteration": it, "model": 2 * ci + half + 1, "models": 2 * len(chains)})
@@ -730,6 +720,44 @@ class SelfTrainer:
                 linear_models=out.linear_models,
             ),
         )
+
+    def _fit_half(
+        self,
+        feats: np.ndarray,
+        y_vis: np.ndarray,
+        chain: _Chain,
+        pool: np.ndarray,
+        half: int,
+        c: int,
+        rng: np.random.Generator,
+        *,
+        learner: Learner,
+        eval_set: tuple[np.ndarray, np.ndarray] | None,
+        d_prefix: int,
+        linear_c: float | None,
+        warm_from: LinearLearner | None = None,
+    ) -> tuple[Learner, LinearLearner | None, int, int, int]:
+        """Fit one of a chain's two models (and its linear partner): the ground truth the chain may see, the
+        pseudo-labels of the *other* pool half, Mixup rows. Returns (learner, linear, rows, pseudo rows, Mixup rows)."""
+        cfg = self.config
+        # this model never trains on the pseudo-labels of the pool half it scores
+        xs, ys, ws = self._training_set(feats, y_vis, chain, pool, chain.pool_half != half, c, rng)
+        x_tr, y_tr, w_tr = np.vstack(xs), np.vstack(ys), np.concatenate(ws)
+        n_pseudo = len(xs[1])
+        n_mix = 0
+        if cfg.mixup and n_pseudo > 0:
+            mx, my, mw = mixup(
+                xs[1], ys[1], ws[1], x_tr, y_tr, w_tr, alpha=cfg.mixup_alpha, fraction=cfg.mixup_fraction, rng=rng
+            )
+            n_mix = len(mx)
+            x_tr, y_tr, w_tr = np.vstack([x_tr, mx]), np.vstack([y_tr, my]), np.concatenate([w_tr, mw])
+        learner.fit(x_tr, y_tr, w_tr, eval_set=eval_set)
+        lin = None
+        if linear_c is not None:
+            # the same rows, weights and Mixup rows, on the prefix columns only (feats starts with x)
+            lin = LinearLearner(c, c=linear_c, warm_from=warm_from)
+            lin.fit(x_tr[:, :d_prefix], y_tr, w_tr)
+        return learner, lin, len(x_tr), n_pseudo, n_mix
 
     def _training_set(
         self,
