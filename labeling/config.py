@@ -91,6 +91,13 @@ class LabelingConfig(BaseModel):
     #: calibration, the blend, the gate's threshold check and the breaker read) is the mean of its draws;
     #: the pool's written probability averages every chain. Ignored in holdout mode (one chain).
     cv_repeats: int = Field(1, ge=1, le=10)
+    #: Share of a *new* point's probability (``Predictor``, e.g. a test split) that comes from one more chain
+    #: fitted after the loop on *all* the ground truth plus the written accepted labels; the rest averages the
+    #: loop's chains, each of which saw (K-1)/K of the ground truth in cv mode (or 80% in holdout mode). It has
+    #: no held-out rows of its own: it reuses the written iteration's round counts, its C is chosen on the whole
+    #: seed, and the written calibration map is applied to its scores (scikit-learn's
+    #: ``CalibratedClassifierCV(ensemble=False)`` pattern). 0 = off. The pool's written labels never use it.
+    final_refit: float = Field(0.0, ge=0, le=1)
     #: ``auto`` uses out-of-fold scores (cv) when the smallest class has fewer ground-truth examples than this:
     #: below 250, a 20% holdout slice holds < 50 rows of that class, too few to calibrate on or to validate the
     #: gate threshold with, and every model would train without a fifth of an already small seed (measured on
@@ -126,6 +133,9 @@ class LabelingConfig(BaseModel):
     linear: bool = True
     #: Its inverse regularisation strength; None = chosen per chain by 3-fold CV log loss on its visible seed.
     linear_c: float | None = Field(None, gt=0)
+    #: The blend's weights (learner, linear, spreading) are chosen on the held-out ground truth; > 0 bags that
+    #: choice over this many bootstrap resamples of the rows (``labeling.selftrain.choose_blend``); 0 = one arg-min.
+    blend_resamples: int = Field(0, ge=0, le=1000)
 
     # ---- learner
     learner: LearnerName = "xgboost"

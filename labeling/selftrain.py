@@ -58,11 +58,19 @@ from typing import Any
 
 import numpy as np
 
-from labeling.calibration import CalibrationMetrics, CalibrationResult, calibrate, cross_calibrated, log_loss, macro_f1
+from labeling.calibration import (
+    EPS,
+    CalibrationMetrics,
+    CalibrationResult,
+    calibrate,
+    cross_calibrated,
+    log_loss,
+    macro_f1,
+)
 from labeling.config import LabelingConfig
 from labeling.errors import SeedError
 from labeling.gate import ACCEPTED, STATUS_NAMES, GateDecision, StateGate, validated_threshold
-from labeling.learners import Learner, LinearLearner, choose_linear_c, make_learner
+from labeling.learners import Learner, LinearLearner, XGBoostLearner, choose_linear_c, make_learner
 from labeling.mixup import mixup
 from labeling.neighbours import (
     NeighbourGraph,
@@ -142,7 +150,9 @@ class Predictor:
     A new point's neighbourhood features come from its neighbours among the snapshot's
     points, with each chain's labels as that chain saw them; each chain averages its two
     models, the shared calibrator maps the scores, and the chains are averaged - the same
-    path that produced the written pool labels.
+    path that produced the written pool labels. With ``LabelingConfig.final_refit`` > 0 the
+    last chain is one fitted after the loop on all the ground truth (``chain_weights`` gives
+    it that share), which the pool's written labels never used.
     """
 
     models: list[list[Learner]]  # per chain: its two models
@@ -159,6 +169,8 @@ class Predictor:
     #: points; a new point's blend partner (and feature, when ``spread_feature``) is spread from them
     chain_spread: list[np.ndarray] | None = None
     spread_feature: bool = False
+    #: per chain: its share of the output (None: equal shares)
+    chain_weights: list[float] | None = None
 
     def predict_proba(
         self, x: np.ndarray, neighbour_index: np.ndarray | None = None, neighbour_sims: np.ndarray | None = None
@@ -191,8 +203,9 @@ class Predictor:
             if spread is not None:
                 parts.append(spread)
             raw = blended(parts, self.blend) if self.blend is not None else parts[0]
-            out += self.calibrator.transform(raw)
-        return out / len(self.models)
+            share = 1.0 if self.chain_weights is None else self.chain_weights[ci]
+            out += share * self.calibrator.transform(raw)
+        return out / len(self.models) if self.chain_weights is None else out
 
 
 @dataclass
@@ -371,15 +384,34 @@ def blended(parts: Sequence[np.ndarray], weights: Sequence[float]) -> np.ndarray
     return out
 
 
-def choose_blend(parts: Sequence[np.ndarray], y: np.ndarray, *, seed: int = 0) -> tuple[float, ...]:
+def choose_blend(parts: Sequence[np.ndarray], y: np.ndarray, *, seed: int = 0, resamples: int = 0) -> tuple[float, ...]:
     """Weights of ``parts`` (probability matrices for the same held-out rows, e.g. learner, linear model, label
     spreading) in their convex blend: the grid point (step 0.1) whose blend has the lowest cross-validated log
-    loss after temperature scaling on held-out ground truth ``y``. Ties go to the earlier parts."""
+    loss after temperature scaling on held-out ground truth ``y``. Ties go to the earlier parts.
+
+    ``resamples`` > 0 bags the choice: the grid point is chosen again on that many bootstrap resamples of the
+    rows (the per-row losses are computed once) and the chosen weights are averaged. On a few dozen held-out
+    rows the single arg-min jumps between corners of the simplex from one draw of the rows to the next."""
     steps = round(1 / BLEND_STEP)
     grid = [tuple(i / steps for i in ws) for ws in _simplex(len(parts), steps)]
-    losses = [log_loss(cross_calibrated("temperature", blended(parts, ws), y, seed=seed), y) for ws in grid]
-    best = min(losses)
-    return max(ws for ws, loss in zip(grid, losses, strict=True) if loss <= best + 1e-9)
+    if resamples <= 0:
+        losses = [log_loss(cross_calibrated("temperature", blended(parts, ws), y, seed=seed), y) for ws in grid]
+        best = min(losses)
+        return max(ws for ws, loss in zip(grid, losses, strict=True) if loss <= best + 1e-9)
+    rows = np.arange(len(y))
+    per_row = np.array(
+        [
+            -np.log(np.clip(cross_calibrated("temperature", blended(parts, ws), y, seed=seed)[rows, y], EPS, 1.0))
+            for ws in grid
+        ]
+    )  # (grid, rows)
+    rng = np.random.default_rng(seed)
+    total = np.zeros(len(parts))
+    for _ in range(resamples):
+        losses = per_row[:, rng.integers(len(y), size=len(y))].mean(axis=1)
+        tied = np.flatnonzero(losses <= losses.min() + 1e-9)
+        total += np.array(max(grid[i] for i in tied))
+    return tuple(float(w) for w in total / resamples)
 
 
 def paired_f1_se(
@@ -589,7 +621,9 @@ class SelfTrainer:
                 eval_parts.append(eval_spread)
                 pool_parts.append(chain_pool_spread)
             if len(eval_parts) > 1:
-                blend = choose_blend([e[eval_all] for e in eval_parts], y[eval_all], seed=cfg.seed + it)
+                blend = choose_blend(
+                    [e[eval_all] for e in eval_parts], y[eval_all], seed=cfg.seed + it, resamples=cfg.blend_resamples
+                )
                 eval_raw = blended(eval_parts, blend)
                 # each chain blends its own parts (its spread is of the ground truth *it* may see), on the pool
                 # exactly as on its held-out rows: the calibrator is fitted on the very kind of score it maps
@@ -692,6 +726,20 @@ class SelfTrainer:
 
         assert best is not None and last is not None and first_cal is not None
         out = best if tripped else last
+        predictor = Predictor(  # lists of its own: a refit chain is appended to them, not to the snapshot's
+            list(out.models),
+            list(out.votes),
+            out.calibration.calibrator,
+            self.config.neighbourhood_features and data.graph is not None,
+            c,
+            prop,
+            chain_spread=list(chain_gt_spread) or None,
+            spread_feature=bool(chain_spread_feature),
+            blend=out.blend,
+            linear_models=None if out.linear_models is None else list(out.linear_models),
+        )
+        if cfg.final_refit > 0:
+            self._refit_all(predictor, data, pool, out, history[out.iteration - 1].best_rounds, spreading, prop)
         return LabelingOutcome(
             pool=pool,
             decision=out.decision,
@@ -707,19 +755,75 @@ class SelfTrainer:
             calibration=out.calibration,
             first_calibration=first_cal,
             eval_rows=eval_all,
-            predictor=Predictor(
-                out.models,
-                out.votes,
-                out.calibration.calibrator,
-                self.config.neighbourhood_features and data.graph is not None,
-                c,
-                prop,
-                chain_spread=chain_gt_spread or None,
-                spread_feature=bool(chain_spread_feature),
-                blend=out.blend,
-                linear_models=out.linear_models,
-            ),
+            predictor=predictor,
         )
+
+    def _refit_all(
+        self,
+        predictor: Predictor,
+        data: LabelingInput,
+        pool: np.ndarray,
+        out: _Snapshot,
+        rounds: list[int],
+        spreading: Spreading | None,
+        prop: Propagation | None,
+    ) -> None:
+        """Add to ``predictor`` one chain that sees all the ground truth and the written accepted labels
+        (``config.final_refit`` is its share). Its two models split the pool in halves like every chain's."""
+        cfg = self.config
+        c, y = len(data.classes), data.y
+        rng = np.random.default_rng(cfg.seed + 7919)  # its own stream: the loop's draws stay as they were
+        ok = out.decision.status == ACCEPTED
+        chain = _Chain(
+            visible=y >= 0,
+            eval_rows=np.zeros(0, np.int64),
+            eval_half=np.zeros(0, np.int64),
+            pool_half=rng.permutation(np.arange(len(pool)) % 2),
+            acc_label=np.full(len(y), -1, np.int64),
+            acc_conf=np.zeros(len(y), np.float32),
+        )
+        chain.acc_label[pool] = np.where(ok, out.decision.label, -1)
+        chain.acc_conf[pool] = np.where(ok, out.decision.confidence, 0.0)
+        spread = spread_feature = None
+        if spreading is not None:
+            spread = spreading.of_labels(y, c)
+            if cfg.spreading_feature:
+                spread_feature = spreading.cross_fitted(y, c, folds=cfg.cv_folds, rng=rng, full=spread)
+        v = votes(c, y, chain.acc_label, chain.acc_conf, cfg.pseudo_feature_weight)
+        feats = self._features(data, v, prop, spread_feature)
+        linear_c = None
+        if predictor.linear_models is not None:
+            linear_c = cfg.linear_c or choose_linear_c(data.x[y >= 0], y[y >= 0], c, seed=cfg.seed)
+        models, lins = [], []
+        for half in (0, 1):
+            learner = self._learner(c, cfg.seed * 100_003 + 99_991 + half, cfg.max_iterations + 1)
+            if isinstance(learner, XGBoostLearner) and rounds:
+                # no held-out rows to stop on: the written iteration's median round count
+                learner.params = learner.params.model_copy(update={"max_rounds": max(1, int(np.median(rounds)))})
+            learner, lin, *_ = self._fit_half(
+                feats,
+                y,
+                chain,
+                pool,
+                half,
+                c,
+                rng,
+                learner=learner,
+                eval_set=None,
+                d_prefix=data.x.shape[1],
+                linear_c=linear_c,
+            )
+            models.append(learner)
+            if lin is not None:
+                lins.append(lin)
+        k = len(predictor.models)
+        predictor.models.append(models)
+        predictor.votes.append(v)
+        if predictor.linear_models is not None:
+            predictor.linear_models.append(lins)
+        if predictor.chain_spread is not None and spread is not None:
+            predictor.chain_spread.append(spread)
+        predictor.chain_weights = [(1 - cfg.final_refit) / k] * k + [cfg.final_refit]
 
     def _fit_half(
         self,

@@ -250,6 +250,34 @@ def test_new_points_are_scored_by_the_same_blend_with_or_without_the_linear_part
     assert (p.argmax(axis=1) == truth).mean() > 0.8
 
 
+def test_a_final_refit_adds_one_chain_on_all_the_ground_truth_and_leaves_the_pool_alone():
+    data = _toy(600, seed=3)
+    base = {"max_iterations": 2, "review_count": 0, "xgboost": {"max_rounds": 40}}
+    plain = SelfTrainer(LabelingConfig(**base)).run(data)
+    out = SelfTrainer(LabelingConfig(**base, final_refit=0.5)).run(data)
+    # the written pool labels and probabilities do not use it
+    np.testing.assert_array_equal(out.probs, plain.probs)
+    np.testing.assert_array_equal(out.decision.status, plain.decision.status)
+    k = len(plain.predictor.models)
+    assert len(out.predictor.models) == k + 1 and len(out.predictor.linear_models) == k + 1
+    assert out.predictor.chain_weights == pytest.approx([0.5 / k] * k + [0.5])
+    gt = np.flatnonzero(data.y >= 0)
+    v = out.predictor.votes[-1]
+    np.testing.assert_array_equal(v[gt].argmax(axis=1), data.y[gt])  # every ground-truth label, as a vote
+    assert np.allclose(v[gt].max(axis=1), 1.0)
+    rounds = out.iterations[out.chosen_iteration - 1].best_rounds
+    assert [m.best_rounds_ for m in out.predictor.models[-1]] == [int(np.median(rounds))] * 2
+    rows = out.pool[:60]
+    index, sims = data.graph.index[rows], data.graph.sims[rows]
+    p = out.predictor.predict_proba(data.x[rows], index, sims)
+    p_chains = plain.predictor.predict_proba(data.x[rows], index, sims)
+    out.predictor.chain_weights = [0.0] * k + [1.0]
+    p_refit = out.predictor.predict_proba(data.x[rows], index, sims)
+    np.testing.assert_allclose(p, 0.5 * p_chains + 0.5 * p_refit, atol=1e-12)
+    assert np.allclose(p_refit.sum(axis=1), 1.0) and not np.array_equal(p_refit, p_chains)
+    assert (p_refit.argmax(axis=1) == data.truth[rows]).mean() > 0.8
+
+
 def test_the_loop_never_runs_more_than_ten_iterations():
     cfg = LabelingConfig(learner="random_forest", forest={"n_estimators": 15}, stop_change=0.0, breaker=False)
     out = SelfTrainer(cfg).run(_toy())
@@ -484,6 +512,31 @@ def test_blend_weight_follows_whichever_opinion_is_right_on_held_out_truth():
     # three parts (learner, linear model, spreading): the weights sum to 1 and go to the one that is right
     three = choose_blend([noise, right, rng.dirichlet(np.ones(3), 300)], y)
     assert len(three) == 3 and abs(sum(three) - 1) < 1e-9 and three[1] >= 0.9
+
+
+def test_a_bagged_blend_choice_keeps_the_right_part_and_moves_less_between_draws_of_few_rows():
+    rng = np.random.default_rng(1)
+    n = 2000
+    y = rng.integers(0, 2, n)
+
+    def opinion() -> np.ndarray:  # right ~70% of the time, independently of the other opinion
+        hit = np.where(rng.random(n) < 0.7, y, 1 - y)
+        p = np.full((n, 2), 0.35)
+        p[np.arange(n), hit] = 0.65
+        return p
+
+    a, b = opinion(), opinion()
+    noise = rng.dirichlet(np.ones(2), n)
+    bagged = choose_blend([a[:300], noise[:300]], y[:300], resamples=50)
+    assert len(bagged) == 2 and abs(sum(bagged) - 1) < 1e-9 and bagged[0] >= 0.9
+    assert choose_blend([a[:300], noise[:300]], y[:300], resamples=50) == bagged  # seeded: the same answer
+    plain, bag = [], []
+    for start in range(0, 20 * 60, 60):  # 20 disjoint draws of 60 held-out rows: two equally good opinions
+        rows = slice(start, start + 60)
+        plain.append(choose_blend([a[rows], b[rows]], y[rows])[0])
+        bag.append(choose_blend([a[rows], b[rows]], y[rows], resamples=50)[0])
+    assert np.std(bag) < np.std(plain), (plain, bag)
+    assert 0.3 <= np.mean(bag) <= 0.7
 
 
 def test_macro_f1_matches_scikit_learn_including_absent_classes():
