@@ -94,9 +94,10 @@ class LabelingConfig(BaseModel):
     #: Share of a *new* point's probability (``Predictor``, e.g. a test split) that comes from one more chain
     #: fitted after the loop on *all* the ground truth plus the written accepted labels; the rest averages the
     #: loop's chains, each of which saw (K-1)/K of the ground truth in cv mode (or 80% in holdout mode). It has
-    #: no held-out rows of its own: it reuses the written iteration's round counts, its C is chosen on the whole
-    #: seed, and the written calibration map is applied to its scores (scikit-learn's
+    #: no held-out rows of its own: it trains the written iteration's median XGBoost round count, its C is chosen
+    #: on the whole seed, and the written calibration map is applied to its scores (scikit-learn's
     #: ``CalibratedClassifierCV(ensemble=False)`` pattern). 0 = off. The pool's written labels never use it.
+    #: Measured at 0.5 (BENCHMARKS.md, "Two variants"): +0.0 to +1.0 test macro-F1; not yet the default.
     final_refit: float = Field(0.0, ge=0, le=1)
     #: ``auto`` uses out-of-fold scores (cv) when the smallest class has fewer ground-truth examples than this:
     #: below 250, a 20% holdout slice holds < 50 rows of that class, too few to calibrate on or to validate the
