@@ -64,9 +64,14 @@ def brier(probs: np.ndarray, y: np.ndarray) -> float:
     return float(((probs - onehot) ** 2).sum(axis=1).mean())
 
 
-def log_loss(probs: np.ndarray, y: np.ndarray) -> float:
+def row_log_loss(probs: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Each row's log loss, -log p(true class) (p clipped at ``EPS``); ``log_loss`` is their mean."""
     _check(probs, y)
-    return float(-np.log(np.clip(probs[np.arange(len(y)), y], EPS, 1.0)).mean())
+    return -np.log(np.clip(probs[np.arange(len(y)), y], EPS, 1.0))
+
+
+def log_loss(probs: np.ndarray, y: np.ndarray) -> float:
+    return float(row_log_loss(probs, y).mean())
 
 
 def macro_f1(pred: np.ndarray, y: np.ndarray, n_classes: int) -> float:

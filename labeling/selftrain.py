@@ -59,13 +59,12 @@ from typing import Any
 import numpy as np
 
 from labeling.calibration import (
-    EPS,
     CalibrationMetrics,
     CalibrationResult,
     calibrate,
     cross_calibrated,
-    log_loss,
     macro_f1,
+    row_log_loss,
 )
 from labeling.config import LabelingConfig
 from labeling.errors import SeedError
@@ -394,23 +393,20 @@ def choose_blend(parts: Sequence[np.ndarray], y: np.ndarray, *, seed: int = 0, r
     rows the single arg-min jumps between corners of the simplex from one draw of the rows to the next."""
     steps = round(1 / BLEND_STEP)
     grid = [tuple(i / steps for i in ws) for ws in _simplex(len(parts), steps)]
-    if resamples <= 0:
-        losses = [log_loss(cross_calibrated("temperature", blended(parts, ws), y, seed=seed), y) for ws in grid]
+    per_row = np.array(
+        [row_log_loss(cross_calibrated("temperature", blended(parts, ws), y, seed=seed), y) for ws in grid]
+    )
+
+    def lowest(losses: Sequence[float]) -> tuple[float, ...]:  # ties go to the earlier parts
         best = min(losses)
         return max(ws for ws, loss in zip(grid, losses, strict=True) if loss <= best + 1e-9)
-    rows = np.arange(len(y))
-    per_row = np.array(
-        [
-            -np.log(np.clip(cross_calibrated("temperature", blended(parts, ws), y, seed=seed)[rows, y], EPS, 1.0))
-            for ws in grid
-        ]
-    )  # (grid, rows)
+
+    if resamples <= 0:
+        return lowest([float(r.mean()) for r in per_row])  # each exactly log_loss of its blend
     rng = np.random.default_rng(seed)
     total = np.zeros(len(parts))
     for _ in range(resamples):
-        losses = per_row[:, rng.integers(len(y), size=len(y))].mean(axis=1)
-        tied = np.flatnonzero(losses <= losses.min() + 1e-9)
-        total += np.array(max(grid[i] for i in tied))
+        total += lowest(per_row[:, rng.integers(len(y), size=len(y))].mean(axis=1))
     return tuple(float(w) for w in total / resamples)
 
 
