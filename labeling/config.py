@@ -9,7 +9,7 @@ per-class caps, cross-fitted re-scoring, a collapse breaker).
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -97,11 +97,15 @@ class LabelingConfig(BaseModel):
     #: no held-out rows of its own: it trains the written iteration's median XGBoost round count, its C is chosen
     #: on the whole seed, and the written calibration map is applied to its scores (scikit-learn's
     #: ``CalibratedClassifierCV(ensemble=False)`` pattern). 0 = off. The pool's written labels never use it.
-    #: Default 0.5, measured side by side on all five datasets at 5% (BENCHMARKS.md, "final_refit, the
-    #: default"): macro-F1 level within its standard error on six cells and +1.0 on the subcategories (the
-    #: thinnest labels), test probabilities less under-confident on all seven; 0.2, 0.5 and 1.0 were level on
-    #: Rotten Tomatoes at 2%.
-    final_refit: float = Field(0.5, ge=0, le=1)
+    #: ``auto`` (the default) = 0.5 in cv mode and 0 in holdout mode. 0.5 in cv mode was measured side by side on
+    #: all five datasets at 5% (BENCHMARKS.md, "final_refit, the default"): macro-F1 level within its standard
+    #: error on six cells and +1.0 on the subcategories (the thinnest labels), test probabilities less
+    #: under-confident on all seven; 0.2, 0.5 and 1.0 were level on Rotten Tomatoes at 2%. Off in holdout mode
+    #: because nothing measured it there: that mode needs >= 250 labels a class and >= 2,500 in all, where the
+    #: one model already sees 80% of them, and the refit costs about one more iteration's training (estimated
+    #: from the per-iteration seconds of the 100k-point job, 40-61 s, on a job measured at 531 s against its
+    #: 600 s target; not measured with the refit). Set a number to use it in both modes.
+    final_refit: Annotated[float, Field(ge=0, le=1)] | Literal["auto"] = "auto"
     #: ``auto`` uses out-of-fold scores (cv) when the smallest class has fewer ground-truth examples than this:
     #: below 250, a 20% holdout slice holds < 50 rows of that class, too few to calibrate on or to validate the
     #: gate threshold with, and every model would train without a fifth of an already small seed (measured on

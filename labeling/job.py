@@ -349,6 +349,7 @@ def run_job(
         "drift": drift.as_dict(),
         "eval_mode": outcome.eval_mode,
         "models_per_iteration": outcome.n_models,
+        "final_refit": outcome.final_refit,  # the refit chain's share of a new point's probability (0 = none)
         "gate_threshold": outcome.gate_threshold,
         # what the written iteration's gate actually used (raised when held-out truth showed over-confidence)
         "gate_threshold_written": written_gate["threshold"],

@@ -149,9 +149,10 @@ class Predictor:
     A new point's neighbourhood features come from its neighbours among the snapshot's
     points, with each chain's labels as that chain saw them; each chain averages its two
     models, the shared calibrator maps the scores, and the chains are averaged - the same
-    path that produced the written pool labels. With ``LabelingConfig.final_refit`` > 0 the
-    last chain is one fitted after the loop on all the ground truth (``chain_weights`` gives
-    it that share), which the pool's written labels never used.
+    path that produced the written pool labels. When the final refit ran
+    (``LabelingOutcome.final_refit`` > 0), the last chain is one fitted after the loop on all
+    the ground truth (``chain_weights`` gives it that share), which the pool's written labels
+    never used.
     """
 
     models: list[list[Learner]]  # per chain: its two models
@@ -222,6 +223,8 @@ class LabelingOutcome:
     gate_threshold: float
     calibration: CalibrationResult = field(repr=False)
     first_calibration: CalibrationResult = field(repr=False)
+    #: the final refit chain's share of a new point's probability as run (``config.final_refit`` resolved)
+    final_refit: float = 0.0
     predictor: Predictor | None = field(default=None, repr=False)
     #: the ground-truth rows (snapshot rows) ``calibration.oof_calibrated`` scores, in its order: each by models
     #: that never saw its label
@@ -297,6 +300,14 @@ class _Chain:
     acc_label: np.ndarray  # (n,) its accepted pseudo-labels, -1 = none
     acc_conf: np.ndarray  # (n,) their calibrated confidence
     draw: int = 0  # which drawing of the folds it belongs to (cv_repeats): each draw's chains partition the GT
+
+
+def resolved_final_refit(config: LabelingConfig, eval_mode: str) -> float:
+    """The final refit chain's share for a job in ``eval_mode`` (``cv`` or ``holdout``): ``auto`` is 0.5 in cv
+    mode, where it was measured, and 0 in holdout mode (see ``LabelingConfig.final_refit``)."""
+    if config.final_refit == "auto":
+        return 0.5 if eval_mode == "cv" else 0.0
+    return float(config.final_refit)
 
 
 def _chains(
@@ -734,8 +745,9 @@ class SelfTrainer:
             blend=out.blend,
             linear_models=None if out.linear_models is None else list(out.linear_models),
         )
-        if cfg.final_refit > 0:
-            self._refit_all(predictor, data, pool, out, history[out.iteration - 1].best_rounds, spreading, prop)
+        refit = resolved_final_refit(cfg, mode)
+        if refit > 0:
+            self._refit_all(predictor, data, pool, out, history[out.iteration - 1].best_rounds, spreading, prop, refit)
         return LabelingOutcome(
             pool=pool,
             decision=out.decision,
@@ -747,6 +759,7 @@ class SelfTrainer:
             breaker_tripped=tripped,
             eval_mode=mode,
             n_models=2 * len(chains),
+            final_refit=refit,
             gate_threshold=threshold,
             calibration=out.calibration,
             first_calibration=first_cal,
@@ -763,9 +776,10 @@ class SelfTrainer:
         rounds: list[int],
         spreading: Spreading | None,
         prop: Propagation | None,
+        share: float,
     ) -> None:
         """Add to ``predictor`` one chain that sees all the ground truth and the written accepted labels
-        (``config.final_refit`` is its share). Its two models split the pool in halves like every chain's."""
+        (``share`` of a new point's probability). Its two models split the pool in halves like every chain's."""
         cfg = self.config
         c, y = len(data.classes), data.y
         rng = np.random.default_rng(cfg.seed + 7919)  # its own stream: the loop's draws stay as they were
@@ -819,7 +833,7 @@ class SelfTrainer:
             predictor.linear_models.append(lins)
         if predictor.chain_spread is not None and spread is not None:
             predictor.chain_spread.append(spread)
-        predictor.chain_weights = [(1 - cfg.final_refit) / k] * k + [cfg.final_refit]
+        predictor.chain_weights = [(1 - share) / k] * k + [share]
 
     def _fit_half(
         self,

@@ -255,7 +255,7 @@ def test_a_final_refit_adds_one_chain_on_all_the_ground_truth_and_leaves_the_poo
     base = {"max_iterations": 2, "review_count": 0, "xgboost": {"max_rounds": 40}}
     plain = SelfTrainer(LabelingConfig(**base, final_refit=0.0)).run(data)
     out = SelfTrainer(LabelingConfig(**base, final_refit=0.5)).run(data)
-    assert LabelingConfig().final_refit == 0.5  # the default
+    assert out.final_refit == 0.5 and plain.final_refit == 0.0
     # the written pool labels and probabilities do not use it
     np.testing.assert_array_equal(out.probs, plain.probs)
     np.testing.assert_array_equal(out.decision.status, plain.decision.status)
@@ -277,6 +277,25 @@ def test_a_final_refit_adds_one_chain_on_all_the_ground_truth_and_leaves_the_poo
     np.testing.assert_allclose(p, 0.5 * p_chains + 0.5 * p_refit, atol=1e-12)
     assert np.allclose(p_refit.sum(axis=1), 1.0) and not np.array_equal(p_refit, p_chains)
     assert (p_refit.argmax(axis=1) == data.truth[rows]).mean() > 0.8
+
+
+def test_the_final_refit_defaults_to_half_in_cv_mode_and_off_in_holdout_mode():
+    data = _toy(600, seed=3)
+    base = {"max_iterations": 1, "review_count": 0, "xgboost": {"max_rounds": 20}, "holdout_fraction": 0.3}
+    assert LabelingConfig().final_refit == "auto"
+    cv = SelfTrainer(LabelingConfig(**base, eval_mode="cv")).run(data)
+    held = SelfTrainer(LabelingConfig(**base, eval_mode="holdout")).run(data)
+    assert (cv.final_refit, held.final_refit) == (0.5, 0.0)
+    k = len(cv.predictor.models) - 1  # the loop's chains, then the refit's
+    assert k == LabelingConfig().cv_folds and cv.predictor.chain_weights == pytest.approx([0.5 / k] * k + [0.5])
+    assert len(held.predictor.models) == 1 and held.predictor.chain_weights is None
+    # a number applies in either mode
+    forced = SelfTrainer(LabelingConfig(**base, eval_mode="holdout", final_refit=0.3)).run(data)
+    assert forced.final_refit == 0.3 and forced.predictor.chain_weights == pytest.approx([0.7, 0.3])
+    np.testing.assert_array_equal(forced.probs, held.probs)  # the pool's written probabilities never use it
+    for bad in (1.5, -0.1, "half"):
+        with pytest.raises(ValidationError, match="final_refit"):
+            LabelingConfig(final_refit=bad)
 
 
 def test_the_loop_never_runs_more_than_ten_iterations():
@@ -337,7 +356,8 @@ def test_no_model_scores_a_row_it_early_stopped_on(eval_mode):
     cfg = LabelingConfig(max_iterations=2, review_count=0, eval_mode=eval_mode, holdout_fraction=0.3)
     SelfTrainer(cfg, learner_factory=lambda c, s, it: _Spy(c, s, seen)).run(_toy())
     looped = [rec for rec in seen if rec["stopped_on"]]
-    assert len(looped) >= 4 and len(seen) - len(looped) == 2  # the final refit's two models stop on nothing
+    refit = 2 if eval_mode == "cv" else 0  # the final refit (auto: cv mode only) has two models that stop on nothing
+    assert len(looped) >= 4 and len(seen) - len(looped) == refit
     for rec in looped:
         assert rec["scored"] and not rec["stopped_on"] & rec["scored"]
 
