@@ -668,8 +668,7 @@ def markdown(saved: dict[str, Any]) -> str:
             "",
             *calibration_table(rows),
             "",
-            *ablation_table(rows),
-            "",
+            *((*ablation, "") if (ablation := ablation_table(rows)) else ()),
             *provenance(rows),
             "",
             *environment_table(environments),
@@ -717,6 +716,8 @@ def ablation_table(rows: list[dict[str, Any]], fraction: float = 0.05) -> list[s
     """Each ablation minus ``embedstore`` in macro-F1 points, paired by seed (only seeds both ran), per dataset."""
     here = [r for r in rows if abs(r["seed_fraction"] - fraction) < 1e-9]
     datasets = [d for d in DATASETS if any(r["dataset"] == d and r["method"] in ABLATIONS for r in here)]
+    if not datasets:
+        return []  # no ablation rows at this fraction: no table (it had a header and no columns)
 
     def f1(dataset: str, method: str) -> dict[tuple[int, str | None, int], float]:
         return {_loop_key(r): r["macro_f1"] for r in here if (r["dataset"], r["method"]) == (dataset, method)}

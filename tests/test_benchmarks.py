@@ -328,6 +328,9 @@ def test_self_training_ablation_table_pairs_each_ablation_with_ours_by_seed():
     assert "| linear | - | - |" in table and "| mixup | - | +0.0 (0/1) |" in table
     assert "ablation rows of mnist ran an older version of the loop" in table  # emoji: no `embedstore` rows
     assert "older version" not in "\n".join(bench.ablation_table(rows))
+    # a file without ablation rows at 5% has no ablation table (it printed a header with no columns)
+    plain = [r for r in rows if not r["method"].startswith("embedstore_no_") or r["seed_fraction"] != 0.05]
+    assert bench.ablation_table(plain) == [] and "Ablations" not in bench.markdown({"rows": plain})
 
 
 def test_self_training_targets_compare_only_rows_on_ours_vectors():
