@@ -661,19 +661,15 @@ def markdown(saved: dict[str, Any]) -> str:
             f"| {t['dataset']} | {t['embedstore']:.3f} | {signed(t['vs_supervised'])} | "
             f"{signed(t['vs_best_baseline'])} ({t['best_baseline']}) | {paired} | {pc} | {signed(t['vs_oracle'])} |"
         )
-    environments = saved.get("environments", {})
-    return "\n".join(
-        [
-            *lines,
-            "",
-            *calibration_table(rows),
-            "",
-            *((*ablation, "") if (ablation := ablation_table(rows)) else ()),
-            *provenance(rows),
-            "",
-            *environment_table(environments),
-        ]
-    )
+    sections = [
+        lines,
+        calibration_table(rows),
+        ablation_table(rows),
+        provenance(rows),
+        environment_table(saved.get("environments", {})),
+    ]
+    # a section with nothing to show is left out (ablations, calibration, environments can be empty)
+    return "\n\n".join("\n".join(s) for s in sections if s)
 
 
 def calibration_table(rows: list[dict[str, Any]], fraction: float = 0.05) -> list[str]:
