@@ -20,7 +20,12 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import redis
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -32,7 +37,7 @@ from benchmarks.machine import machine_info  # noqa: E402
 class ScanPool:
     """The article's approach, written as fairly as we could: pipelined HGETALLs after each SCAN page."""
 
-    def __init__(self, client, name: str) -> None:
+    def __init__(self, client: redis.Redis, name: str) -> None:
         self.r = client
         self.prefix = f"scan:{name}:key:"
 
@@ -57,7 +62,7 @@ class ScanPool:
         self.r.hset(best, "last_used", now)
         return best
 
-    def _scan(self):
+    def _scan(self) -> Iterator[list[bytes]]:
         cursor = 0
         while True:
             cursor, keys = self.r.scan(cursor, match=self.prefix + "*", count=1000)
@@ -70,7 +75,7 @@ class ScanPool:
         self.r.hincrby(key, "ok", 1)
 
 
-def measure(fn, seconds: float) -> float:
+def measure(fn: Callable[[], object], seconds: float) -> float:
     n = 0
     t0 = time.perf_counter()
     while time.perf_counter() - t0 < seconds:

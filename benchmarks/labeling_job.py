@@ -22,6 +22,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -31,6 +32,9 @@ if str(ROOT) not in sys.path:
 
 from benchmarks.machine import machine_info  # noqa: E402
 
+if TYPE_CHECKING:
+    from retrieval import VectorStore
+
 
 def peak_rss_mb() -> float:
     for line in Path("/proc/self/status").read_text().splitlines():
@@ -39,7 +43,9 @@ def peak_rss_mb() -> float:
     return float("nan")
 
 
-def build(store, name: str, n: int, n_classes: int, seed_fraction: float, seed: int, spread: float) -> dict[str, float]:
+def build(
+    store: VectorStore, name: str, n: int, n_classes: int, seed_fraction: float, seed: int, spread: float
+) -> dict[str, float]:
     from retrieval.synthetic import clustered_vectors
 
     x, cluster = clustered_vectors(n, n_clusters=4 * n_classes, seed=seed, spread=spread)

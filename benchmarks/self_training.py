@@ -203,7 +203,18 @@ def _balanced_xgb_class() -> type:
     return BalancedXGB
 
 
-def run_baseline(method: str, x: np.ndarray, y: np.ndarray, seed_rows, pool_rows, test_rows, c: int, seed: int):
+def run_baseline(
+    method: str,
+    x: np.ndarray,
+    y: np.ndarray,
+    seed_rows: np.ndarray,
+    pool_rows: np.ndarray,
+    test_rows: np.ndarray,
+    c: int,
+    seed: int,
+) -> tuple[np.ndarray, dict[str, Any]]:
+    """Fit baseline ``method`` on the seed (and the unlabelled pool, where it uses one); its test predictions and
+    the row's extra fields (pseudo-label figures, or None where the method has none)."""
     from sklearn.semi_supervised import LabelSpreading, SelfTrainingClassifier
 
     out: dict[str, Any] = {"pseudo_precision": None, "mean_confidence": None, "coverage": None, "iterations": None}

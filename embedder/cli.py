@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import inspect
 import json
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, NoReturn, Optional
 
 import typer
 from rich.console import Console
@@ -14,6 +15,14 @@ from embedder.environment import is_loopback, remote_collection
 from embedder.keys_cli import keys_app
 from embedder.label_cli import label_app
 from retrieval import StoreError, StoreSettings, collection_spec, open_store
+
+if TYPE_CHECKING:  # imported where used: the CLI starts without torch, grpc or redis
+    from embedder.client import Client
+    from embedder.indexing import IndexReport
+    from embedder.ingest.http_source import HttpSourceConfig
+    from embedder.model import Embedder, Item
+    from embedder.projection import ProjectionArtifact
+    from retrieval import VectorStore
 
 app = typer.Typer(help="embedstore: an embedding store for self-correcting pseudo-labeling.", no_args_is_help=True)
 store_app = typer.Typer(help="Inspect and manage the vector store.", no_args_is_help=True)
@@ -35,7 +44,7 @@ def _settings(path: Path | None = None, **overrides: object) -> StoreSettings:
     return StoreSettings.model_validate({**settings.model_dump(), **update}) if update else settings
 
 
-def _fail(exc: Exception) -> None:
+def _fail(exc: Exception) -> NoReturn:
     from embedder.environment import error_text
 
     console.print(f"[red]error:[/] {error_text(exc)}")
@@ -57,7 +66,9 @@ def demo(
         _fail(exc)
 
 
-def _index(store, settings: StoreSettings, embedder, items, skip_bad: bool):
+def _index(
+    store: VectorStore, settings: StoreSettings, embedder: Embedder, items: Sequence[Item], skip_bad: bool
+) -> IndexReport:
     """Embed and upsert ``items`` with a progress bar; a new collection gets the configured shards/replicas."""
     from embedder.indexing import index_items
 
@@ -66,7 +77,7 @@ def _index(store, settings: StoreSettings, embedder, items, skip_bad: bool):
     )
 
 
-def _embedder(require_projection: bool = True):
+def _embedder(require_projection: bool = True) -> Embedder:
     from embedder.config import EmbedderSettings
     from embedder.model import Embedder
     from embedder.projection import ProjectionArtifact
@@ -91,7 +102,7 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _write_projection(artifact, out: Path) -> None:
+def _write_projection(artifact: ProjectionArtifact, out: Path) -> None:
     """Save ``artifact`` to ``out`` whole or not at all: written beside it, then swapped in by renames."""
     import os
     import shutil
@@ -381,7 +392,7 @@ def ingest_cmd(
         console.print(f"[yellow]skipped[/] {item_id}: {why}")
 
 
-def _source_config(source: str):  # -> HttpSourceConfig
+def _source_config(source: str) -> HttpSourceConfig:
     """The HTTP source config file ``source``, every mistake named with the file."""
     from embedder.ingest.http_source import HttpSourceConfig
 
@@ -402,7 +413,7 @@ def _source_config(source: str):  # -> HttpSourceConfig
         raise ValueError(f"source config {source}: {error_text(exc)}") from None
 
 
-def _source_fetcher(source: str):  # -> Callable[[str], bytes]
+def _source_fetcher(source: str) -> Callable[[str], bytes]:
     """GET an image URL the way the ingest of ``source`` did: its retries, and a key from its pool when the
     source's images need one (``image_auth``)."""
     import redis as redis_lib
@@ -428,7 +439,7 @@ TokenOpt = Annotated[
 ]
 
 
-def _client(server: str, token: str | None):
+def _client(server: str, token: str | None) -> Client:
     from embedder.client import Client, tls_from_env
 
     return Client(server, token=token, **tls_from_env())  # EMBEDSTORE_SERVER_CA / _TLS / _TLS_NAME

@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from typing import Annotated, Optional
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Annotated, NoReturn, Optional, TypeVar
 
 import typer
 from rich.console import Console
 from rich.table import Column, Table
 
+if TYPE_CHECKING:  # imported where used: the CLI starts without redis
+    from embedder.ingest.keypool import KeyPool
+
+T = TypeVar("T")
 keys_app = typer.Typer(help="API keys shared through Redis by ingestion workers.", no_args_is_help=True)
 console = Console()
 
@@ -17,7 +22,7 @@ ApiArg = Annotated[str, typer.Argument(help="The API (pool) name, e.g. 'catalog'
 KeyIdArg = Annotated[str, typer.Argument(help="The key's id (k_...), as `keys list` shows it.")]
 
 
-def _pool(api: str):
+def _pool(api: str) -> KeyPool:
     from embedder.ingest import KeyPoolError
     from embedder.ingest.config import KeyPoolSettings
 
@@ -27,14 +32,14 @@ def _pool(api: str):
         _fail(exc)
 
 
-def _fail(exc: Exception) -> None:
+def _fail(exc: Exception) -> NoReturn:
     from embedder.environment import error_text
 
     console.print(f"[red]error:[/] {error_text(exc)}")
     raise typer.Exit(code=2)
 
 
-def _run(fn, *args, **kw):  # type: ignore[no-untyped-def]
+def _run(fn: Callable[..., T], *args: object, **kw: object) -> T:
     from embedder.ingest import KeyPoolError
 
     try:

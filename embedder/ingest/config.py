@@ -10,8 +10,13 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+if TYPE_CHECKING:  # imported where used: settings load without redis
+    from embedder.ingest.keypool import KeyPool
 
 
 class KeyPoolSettings(BaseSettings):
@@ -32,7 +37,8 @@ class KeyPoolSettings(BaseSettings):
             raise ValueError("must be a URL such as redis://localhost:6379/0 (scheme redis://, rediss:// or unix://)")
         return value
 
-    def pool(self, name: str):  # -> KeyPool
+    def pool(self, name: str) -> KeyPool:
+        """The key pool ``name`` in this Redis, with these secret and back-off settings."""
         from embedder.ingest.keypool import KeyPool
 
         return KeyPool(
