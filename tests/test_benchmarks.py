@@ -488,3 +488,88 @@ def test_self_training_config_refuses_a_bad_variant_before_running(config, own_o
     )
     assert done.returncode == 2 and message in done.stderr, done.stderr
     assert not out.exists()
+
+
+def _result_file(rows, *, env="e1", args=None):
+    return {"environments": {env: {"cpus": 2}}, "args": args or {}, "rows": rows, "traces": []}
+
+
+def _st_row(method, seed, f1, *, dataset="emoji", fraction=0.05, vectors="v1", **extra):
+    return {
+        "dataset": dataset,
+        "seed_fraction": fraction,
+        "method": method,
+        "seed": seed,
+        "vectors": vectors,
+        "macro_f1": f1,
+        **extra,
+    }
+
+
+def test_merge_results_keeps_one_copy_of_a_row_and_recomputes_summary_and_targets():
+    merge = _bench_module("merge_results")
+    a = _result_file(
+        [_st_row("embedstore", s, 0.80 + s / 100, commit="aaa", config={"final_refit": 0.5}) for s in range(3)],
+        args={"run": "a"},
+    )
+    a["traces"] = [{"dataset": "emoji", "seed_fraction": 0.05, "method": "embedstore", "seed": 0, "f1": [0.7]}]
+    # the same three measurements run again at another commit without --config, plus a baseline and another dataset
+    b = _result_file(
+        [
+            *(_st_row("embedstore", s, 0.80 + s / 100, commit="bbb", wall_s=9.0) for s in range(3)),
+            *(_st_row("supervised_xgb", s, 0.70) for s in range(3)),
+            _st_row("embedstore", 0, 0.5, dataset="mnist"),
+        ],
+        env="e2",
+        args={"run": "b"},
+    )
+    out = merge.merge([("a.json", a), ("b.json", b)], datasets={"emoji"}, note="two runs")
+    assert len(out["rows"]) == 6 and {r["dataset"] for r in out["rows"]} == {"emoji"}
+    ours = [r for r in out["rows"] if r["method"] == "embedstore"]
+    assert {r["commit"] for r in ours} == {"aaa"}  # the first source's copy
+    assert len(out["traces"]) == 1 and set(out["environments"]) == {"e1", "e2"}
+    assert [m["rows"] for m in out["merged_from"]] == [3, 3] and out["note"] == "two runs"
+    (t,) = out["targets"]
+    assert t["embedstore"] == 0.81 and t["vs_supervised"] == 0.11 and t["met"]["over_supervised_xgb_by_2"]
+    assert {(s["method"], s["runs"]) for s in out["summary"]} == {("embedstore", 3), ("supervised_xgb", 3)}
+
+
+@pytest.mark.parametrize(
+    ("second", "message"),
+    [
+        (_st_row("embedstore", 0, 0.81), r"a\.json and b\.json disagree on 'macro_f1' \(0\.8 vs 0\.81\)"),
+        (_st_row("embedstore", 0, 0.80, vectors="v2"), "disagree on 'vectors'"),
+        (_st_row("embedstore", 0, 0.80, iterations=4), "disagree on 'iterations'"),
+    ],
+)
+def test_merge_results_refuses_two_measurements_under_one_key(second, message):
+    merge = _bench_module("merge_results")
+    a = _result_file([_st_row("embedstore", 0, 0.80)])
+    with pytest.raises(merge.MergeError, match=message):
+        merge.merge([("a.json", a), ("b.json", _result_file([second]))])
+
+
+def test_merge_results_refuses_mixed_vectors_unless_told_and_a_file_of_another_format():
+    merge = _bench_module("merge_results")
+    a = _result_file([_st_row("embedstore", 0, 0.80), _st_row("rf_loop", 0, 0.79, vectors="v2")])
+    with pytest.raises(merge.MergeError, match=r"more than one set of vectors: \{'emoji': \['v1', 'v2'\]\}"):
+        merge.merge([("a.json", a)])
+    assert len(merge.merge([("a.json", a)], allow_mixed_vectors=True)["rows"]) == 2
+    with pytest.raises(merge.MergeError, match=r"search\.json: not a self_training result file"):
+        merge.merge([("search.json", {"n": 10, "rows": None})])
+    with pytest.raises(merge.MergeError, match="no row of the sources matches"):
+        merge.merge([("a.json", a)], methods={"oracle"})
+
+
+def test_merge_results_cli_writes_the_file_whole_or_leaves_the_old_one(tmp_path):
+    a, b, out = tmp_path / "a.json", tmp_path / "b.json", tmp_path / "merged.json"
+    a.write_text(json.dumps(_result_file([_st_row("embedstore", s, 0.8) for s in range(2)])))
+    b.write_text(json.dumps(_result_file([_st_row("embedstore", 0, 0.9)])))
+    out.write_text("old")
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "merge_results.py"), "--out", str(out)]
+    bad = subprocess.run([*cmd, str(a), str(b)], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert bad.returncode != 0 and "disagree on 'macro_f1'" in bad.stderr
+    assert out.read_text() == "old" and [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+    ok = subprocess.run([*cmd, "--fractions", "0.05", str(a)], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert ok.returncode == 0, ok.stderr
+    assert len(json.loads(out.read_text())["rows"]) == 2 and "emoji 5%: 2 rows" in ok.stdout
