@@ -22,15 +22,16 @@ import json
 import os
 import sys
 import tempfile
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from self_training import summarise, targets  # noqa: E402
+from benchmarks.self_training import row_key as key  # noqa: E402
+from benchmarks.self_training import summarise, targets  # noqa: E402
 
 #: the fields a row measured; two copies of one row must agree on all of them
 MEASURED = (
@@ -54,10 +55,6 @@ Key = tuple[str, float, str, int]
 
 class MergeError(ValueError):
     """Sources that cannot be merged (conflicting copies of a row, mixed vectors, a file of another format)."""
-
-
-def key(row: dict[str, Any]) -> Key:
-    return (row["dataset"], float(row["seed_fraction"]), row["method"], int(row["seed"]))
 
 
 def _same(a: Any, b: Any) -> bool:
@@ -183,9 +180,7 @@ def main(argv: list[str] | None = None) -> None:
         json.dump(merged, fh, indent=2)
         fh.write("\n")
     os.replace(tmp, args.out)
-    counts: dict[tuple[str, float], int] = {}
-    for r in merged["rows"]:
-        counts[r["dataset"], r["seed_fraction"]] = counts.get((r["dataset"], r["seed_fraction"]), 0) + 1
+    counts = Counter((r["dataset"], r["seed_fraction"]) for r in merged["rows"])
     for (d, f), n in sorted(counts.items()):
         print(f"{d} {f:.0%}: {n} rows")
     print(f"{len(merged['rows'])} rows, {len(merged['traces'])} traces -> {args.out}")

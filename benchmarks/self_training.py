@@ -281,6 +281,11 @@ def linear_model(x: np.ndarray, y: np.ndarray, rows: np.ndarray, c: int, seed: i
     return lin
 
 
+def row_key(r: dict[str, Any]) -> tuple[str, float, str, int]:
+    """What makes a row (or a trace) one measurement: ``--resume`` skips a saved key, merge_results.py joins on it."""
+    return (r["dataset"], r["seed_fraction"], r["method"], r["seed"])
+
+
 def _commit() -> str | None:
     import subprocess
 
@@ -390,8 +395,7 @@ def main() -> None:
         environments = saved.get("environments", {})
     environments[env] = info
 
-    def key(r: dict[str, Any]) -> tuple[str, float, str, int]:
-        return (r["dataset"], r["seed_fraction"], r["method"], r["seed"])
+    key = row_key
 
     def put(items: list[dict[str, Any]], item: dict[str, Any]) -> None:
         """Append ``item``, or write it in place of the saved one with the same key (``--refresh``)."""
